@@ -1,0 +1,151 @@
+"""Make a small synthetic paired sample for pix2pixCC (EUV image -> magnetogram).
+
+Each pair is a toy full-disk Sun, 64x64 px, disk radius 28 px, centred at
+pixel (31.5, 31.5) (0-based), i.e. CRPIX = 32.5 in 1-based FITS terms.
+
+Orientation convention (also written into every header as a COMMENT):
+    array row index (y, FITS axis 2) increases to solar NORTH (+HPLT),
+    array column index (x, FITS axis 1) increases to solar WEST  (+HPLN).
+So with matplotlib's imshow(origin='lower') north is up and west is right.
+
+Target (MAG-TOY, gauss, signed): line-of-sight magnetogram. Off-disk is 0.
+  * quiet Sun: smoothed mixed-polarity noise, rms ~10 G;
+  * 1-4 bipolar active regions at latitudes 5-35 deg N or S and
+    longitudes within +-60 deg of central meridian.  Each is a pair of
+    Gaussian blobs separated roughly east-west.  Hale's law: the leading
+    (west, +x) polarity is POSITIVE in the north and NEGATIVE in the south.
+    Joy's law: the leading blob sits slightly closer to the equator.
+  * the radial field is projected on the line of sight (times mu = cos of
+    the heliocentric angle) and clipped to +-3000 G.
+Input (EUV-TOY, 304 A, DN/s, strictly positive, clipped to [1, 200]):
+  * dim disk (~12 at centre, ~20 at the limb: limb brightening),
+  * faint corona off-disk (~3 at the limb decaying to 1),
+  * bright plage that follows the smoothed unsigned field, ~ |B|^0.7,
+  * 5 % multiplicative noise.
+The input has no sign information: polarity must be inferred from the
+hemisphere and the bipolar shape of the bright region.
+
+Layout (file names match between Input and Target):
+    <out>/Train/Input/sun_0000.fits ... <out>/Train/Target/sun_0000.fits ...
+    <out>/Test/Input/sun_<n_train>.fits ...  <out>/Test/Target/...
+Every pair i uses its own generator default_rng([SEED, i]), so the output is
+deterministic and rerunning rewrites byte-identical files.
+
+Usage:  python datasets/make_sample.py [--out DIR] [--n_train 32] [--n_test 8]
+"""
+import argparse
+import datetime
+import os
+
+import numpy as np
+from astropy.io import fits
+from scipy.ndimage import gaussian_filter
+
+SEED = 20110101
+N = 64                     # image size (px)
+C = (N - 1) / 2.0          # disk centre, 0-based pixel coordinate
+R = 28.0                   # disk radius (px)
+CDELT = 32.0               # arcsec / px
+B_MAX = 3000.0             # |B| never exceeds this (G)
+T0 = datetime.datetime(2011, 1, 1)
+
+Y, X = np.mgrid[0:N, 0:N].astype(np.float64)
+RHO = np.hypot(X - C, Y - C) / R           # radius in units of R_sun
+ON_DISK = RHO < 1.0
+MU = np.sqrt(np.clip(1.0 - RHO ** 2, 0.0, 1.0))   # cos(heliocentric angle)
+
+
+def blob(x0, y0, sigma):
+    return np.exp(-((X - x0) ** 2 + (Y - y0) ** 2) / (2.0 * sigma ** 2))
+
+
+def active_region(rng):
+    """One bipole (radial field, G) obeying Hale's and Joy's laws."""
+    hemi = rng.choice([-1.0, 1.0])                    # +1 north, -1 south
+    lat = np.radians(hemi * rng.uniform(5.0, 35.0))
+    lon = np.radians(rng.uniform(-60.0, 60.0))
+    xc = C + R * np.cos(lat) * np.sin(lon)            # orthographic projection
+    yc = C + R * np.sin(lat)
+    half = 0.5 * rng.uniform(4.0, 8.0)                # half separation (px)
+    tilt = 0.5 * abs(lat)                             # Joy's law: ~lat/2
+    dx = half * np.cos(tilt) * np.cos(lon)            # E-W gets foreshortened
+    dy = -hemi * half * np.sin(tilt)                  # leader nearer equator
+    b_lead = rng.uniform(500.0, 2500.0)
+    b_trail = b_lead * rng.uniform(0.6, 0.9)          # trailer weaker, wider
+    s_lead = rng.uniform(1.3, 2.0)
+    s_trail = s_lead * rng.uniform(1.1, 1.5)
+    lead = hemi * b_lead * blob(xc + dx, yc + dy, s_lead)     # Hale's law
+    trail = -hemi * b_trail * blob(xc - dx, yc - dy, s_trail)
+    return lead + trail
+
+
+def magnetogram(rng):
+    """Signed line-of-sight field (G); 0 off the disk."""
+    quiet = gaussian_filter(rng.normal(0.0, 1.0, (N, N)), 1.0)
+    b_r = 10.0 * quiet / quiet.std()
+    for _ in range(rng.integers(1, 5)):
+        b_r += active_region(rng)
+    b_los = np.clip(b_r * MU, -B_MAX, B_MAX)          # radial field seen at mu
+    return np.where(ON_DISK, b_los, 0.0)
+
+
+def euv(b_los, rng):
+    """Positive EUV-like brightness (DN/s) that only sees |B|."""
+    disk = 12.0 + 8.0 * (1.0 - MU)                    # limb brightening
+    corona = 1.0 + 2.0 * np.exp(-(RHO - 1.0) * R / 5.0)
+    base = np.where(ON_DISK, disk, corona)
+    plage = 1.3 * gaussian_filter(np.abs(b_los), 1.5) ** 0.7
+    img = (base + plage) * (1.0 + 0.05 * rng.normal(size=(N, N)))
+    return np.clip(img, 1.0, 200.0)
+
+
+def header(i, instrume, bunit, wavelength=None):
+    h = fits.Header()
+    h['TELESCOP'] = 'SYNTHETIC'
+    h['INSTRUME'] = instrume
+    if wavelength is not None:
+        h['WAVELNTH'] = (wavelength, 'angstrom')
+        h['WAVEUNIT'] = 'angstrom'
+    h['DATE-OBS'] = (T0 + datetime.timedelta(days=i)).isoformat()
+    for ax, ctype in ((1, 'HPLN-TAN'), (2, 'HPLT-TAN')):
+        h['CTYPE%d' % ax] = ctype
+        h['CUNIT%d' % ax] = 'arcsec'
+        h['CDELT%d' % ax] = CDELT
+        h['CRPIX%d' % ax] = C + 1.0                   # FITS pixels are 1-based
+        h['CRVAL%d' % ax] = 0.0
+    h['RSUN_OBS'] = (R * CDELT, 'arcsec')
+    h['BUNIT'] = bunit
+    h['COMMENT'] = 'Synthetic pix2pixCC sample made by datasets/make_sample.py'
+    h['COMMENT'] = 'seed %d, pair index %d' % (SEED, i)
+    h['COMMENT'] = 'Row index increases to solar north, column index to west.'
+    return h
+
+
+def write(path, data, hdr):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    fits.PrimaryHDU(data.astype(np.float32), header=hdr).writeto(
+        path, overwrite=True)
+
+
+def main():
+    here = os.path.dirname(os.path.abspath(__file__))
+    p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+    p.add_argument('--out', default=os.path.join(here, 'Sample'))
+    p.add_argument('--n_train', type=int, default=32)
+    p.add_argument('--n_test', type=int, default=8)
+    a = p.parse_args()
+    for i in range(a.n_train + a.n_test):
+        rng = np.random.default_rng([SEED, i])
+        b = magnetogram(rng)
+        img = euv(b, rng)
+        split = 'Train' if i < a.n_train else 'Test'
+        name = 'sun_%04d.fits' % i
+        write(os.path.join(a.out, split, 'Input', name), img,
+              header(i, 'EUV-TOY', 'DN/s', 304))
+        write(os.path.join(a.out, split, 'Target', name), b,
+              header(i, 'MAG-TOY', 'G'))
+    print('wrote %d pairs to %s' % (a.n_train + a.n_test, a.out))
+
+
+if __name__ == '__main__':
+    main()

@@ -1,0 +1,326 @@
+"""Paired-file data pipeline: reading, scaling (and its inverse), augmentation, writing.
+
+Data flow of one file:  read (one reader per format) -> C x H x W float32 -> `Scaling.forward`
+(clean NaN/Inf -> clip -> log10 -> normalise to [-1, 1] at the saturation limits) -> augment
+(training only). Generated data go back through `Scaling.inverse` and one writer per format.
+"""
+import glob
+import os
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from PIL import Image
+from scipy.ndimage import rotate
+from torch.utils.data import Dataset
+
+from pix2pixCC_Options import UserError
+
+# ----------------------------------------------------------------------------------------
+# Reading: each reader returns the array as stored; `to_chw` arranges the channels.
+# ----------------------------------------------------------------------------------------
+
+
+def read_image(path):
+    """PNG/JPEG via Pillow: H x W (grey, 8- or 16-bit) or H x W x C."""
+    with Image.open(path) as image:
+        if image.mode == 'P':  # palette indices are not data; use the colours they stand for
+            image = image.convert('RGBA' if 'transparency' in image.info else 'RGB')
+        return np.asarray(image)
+
+
+def read_tiff(path):
+    """TIFF via tifffile, which keeps float32 and multi-channel data that Pillow cannot."""
+    import tifffile
+    return tifffile.imread(path)
+
+
+def read_npy(path):
+    # allow_pickle=False: an object array in a data file could run code when unpickled.
+    return np.load(path, allow_pickle=False)
+
+
+def read_fits(path):
+    """Data of the first HDU that holds an image (primary or extension, compressed too)."""
+    from astropy.io import fits
+    with fits.open(path, memmap=False) as hdul:
+        for hdu in hdul:
+            if hdu.is_image and hdu.data is not None and hdu.data.size > 0:
+                return np.array(hdu.data)
+    raise UserError(f"{path}: no HDU with image data")
+
+
+def read_fits_header(path):
+    """Header of the HDU that `read_fits` reads the data from."""
+    from astropy.io import fits
+    with fits.open(path, memmap=False) as hdul:
+        for hdu in hdul:
+            if hdu.is_image and hdu.header.get('NAXIS', 0) > 0:
+                return hdu.header.copy()
+    return None
+
+
+READERS = {'png': read_image, 'jpg': read_image, 'jpeg': read_image,
+           'tif': read_tiff, 'tiff': read_tiff, 'npy': read_npy,
+           'fits': read_fits, 'fts': read_fits, 'fit': read_fits}
+# Pillow images are stored H x W x C; arrays (npy, FITS, our TIFFs) are naturally C x H x W.
+CHANNELS_LAST_FORMATS = ('png', 'jpg', 'jpeg')
+
+
+def to_chw(array, channels, path, channels_last=False):
+    """Return `array` as C x H x W with C == `channels`.
+
+    H x W becomes 1 x H x W. A 3-D array is taken as C x H x W unless its channel axis is
+    last (`channels_last`, or when only the last axis equals `channels`).
+    """
+    array = np.squeeze(array) if array.ndim > 3 else array
+    if array.ndim == 2:
+        array = array[None]
+    if array.ndim != 3:
+        raise UserError(f"{path}: expected a 2-D or 3-D array, got shape {array.shape}")
+    first, last = array.shape[0] == channels, array.shape[-1] == channels
+    if last and (channels_last or not first):
+        array = np.moveaxis(array, -1, 0)
+    elif not first:
+        raise UserError(f"{path}: shape {array.shape} has no axis of {channels} channel(s); "
+                        f"set --input_ch/--target_ch to the number of channels in the files")
+    return np.ascontiguousarray(array, dtype=np.float32)
+
+
+def read_array(path, data_format, channels):
+    """Read one file of `data_format` as a float32 C x H x W array."""
+    reader = READERS[data_format]
+    try:
+        array = reader(path)
+    except UserError:
+        raise
+    except Exception as error:  # corrupt, truncated or pickled files: name the file
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise UserError(f"cannot read {path} as {data_format}: {reason}") from None
+    return to_chw(array, channels, path, channels_last=data_format in CHANNELS_LAST_FORMATS)
+
+
+def list_files(directory, data_format, role):
+    """All files of extension `data_format` in `directory`, sorted by name."""
+    if not os.path.isdir(directory):
+        raise UserError(f"{role} directory '{directory}' does not exist")
+    files = sorted(p for p in glob.glob(os.path.join(directory, '*'))
+                   if os.path.isfile(p) and p.lower().endswith('.' + data_format))
+    if not files:
+        present = sorted({os.path.splitext(name)[1] for name in os.listdir(directory)} - {''})
+        hint = f" (extensions present: {', '.join(present)})" if present else ' (it is empty)'
+        raise UserError(f"no .{data_format} files in {role} directory '{directory}'{hint}; "
+                        f"check --data_format_*")
+    return files
+
+
+# ----------------------------------------------------------------------------------------
+# Scaling: one chain for input and target, training and test, with its exact inverse.
+# ----------------------------------------------------------------------------------------
+
+
+@dataclass
+class Scaling:
+    """Map physical values to [-1, 1] at the saturation limits, and back.
+
+    forward: NaN -> 0 (or `lower` with log), +Inf -> `upper`, -Inf -> `lower`; clip;
+    log10 (values <= 0 -> `lower` first); y = (x - mid) / half_range.
+    inverse: x = y * half_range + mid; 10**x; clip; times `save_scale`.
+    """
+    lower: float
+    upper: float
+    clip: bool = False
+    log: bool = False
+    save_scale: float = 1.0
+
+    @classmethod
+    def from_options(cls, opt, side):
+        """`side` is 'input' or 'target'."""
+        return cls(lower=float(getattr(opt, f'saturation_lower_limit_{side}')),
+                   upper=float(getattr(opt, f'saturation_upper_limit_{side}')),
+                   clip=bool(getattr(opt, f'saturation_clip_{side}')),
+                   log=bool(getattr(opt, f'logscale_{side}')),
+                   save_scale=float(getattr(opt, 'save_scale', 1.0)))
+
+    def _limits(self):
+        if self.log:
+            return np.log10(self.lower), np.log10(self.upper)
+        return self.lower, self.upper
+
+    def clean(self, x):
+        """Replace NaN and +-Inf by values the network can take; returns (x, count)."""
+        bad = ~np.isfinite(x)
+        count = int(bad.sum())
+        if count:
+            x = np.where(np.isnan(x), self.lower if self.log else 0.0, x)
+            x = np.where(np.isposinf(x), self.upper, x)
+            x = np.where(np.isneginf(x), self.lower, x).astype(np.float32)
+        return x, count
+
+    def forward(self, x):
+        """Physical values (any shape, float32) -> normalised float32."""
+        x, _ = self.clean(np.asarray(x, dtype=np.float32))
+        if self.clip:
+            x = np.clip(x, self.lower, self.upper)
+        if self.log:
+            x = np.log10(np.where(x <= 0, np.float32(self.lower), x))
+        lo, up = self._limits()
+        return ((x - (up + lo) / 2) / ((up - lo) / 2)).astype(np.float32)
+
+    def inverse(self, y):
+        """Normalised values -> physical values times `save_scale` (float32)."""
+        lo, up = self._limits()
+        x = np.asarray(y, dtype=np.float64) * ((up - lo) / 2) + (up + lo) / 2
+        if self.log:
+            x = 10.0 ** x
+        if self.clip:
+            x = np.clip(x, self.lower, self.upper)
+        return (x * self.save_scale).astype(np.float32)
+
+
+# ----------------------------------------------------------------------------------------
+# Augmentation: the same random draw for an input and its target.
+# ----------------------------------------------------------------------------------------
+
+
+def random_rotation(arrays, max_angle):
+    """Rotate every C x H x W array by one random integer angle in [-max_angle, max_angle]."""
+    if max_angle <= 0:
+        return arrays
+    angle = int(torch.randint(-max_angle, max_angle + 1, (1,)))
+    if angle == 0:  # the reference always interpolates, which blurs data for nothing
+        return arrays
+    return [rotate(a, angle, axes=(1, 2), reshape=False, mode='nearest') for a in arrays]
+
+
+def random_pad_and_crop(arrays, padding):
+    """Pad every C x H x W array by edge replication and crop back at one random offset."""
+    if padding <= 0:
+        return arrays
+    dy, dx = (int(v) for v in torch.randint(0, 2 * padding + 1, (2,)))
+    out = []
+    for a in arrays:
+        h, w = a.shape[1:]
+        padded = np.pad(a, ((0, 0), (padding, padding), (padding, padding)), mode='edge')
+        out.append(padded[:, dy:dy + h, dx:dx + w])
+    return out
+
+
+# ----------------------------------------------------------------------------------------
+# Dataset
+# ----------------------------------------------------------------------------------------
+
+
+class CustomDataset(Dataset):
+    """Paired files: input i pairs with target i (both sorted by name).
+
+    Training items are `(input, target)`, each a float32 tensor (C, H, W) normalised to
+    [-1, 1] at the saturation limits. Test items are `(input, name)` where `name` is the
+    input file name without extension.
+    """
+
+    def __init__(self, opt, split=None):
+        self.opt = opt
+        self.split = split or ('train' if opt.is_train else 'test')
+        self.input_scaling = Scaling.from_options(opt, 'input')
+        self.target_scaling = Scaling.from_options(opt, 'target')
+        if self.split == 'train':
+            self.input_paths = list_files(opt.input_dir_train, opt.data_format_input, 'input')
+            self.target_paths = list_files(opt.target_dir_train, opt.data_format_target, 'target')
+            if len(self.input_paths) != len(self.target_paths):
+                raise UserError(
+                    f"{len(self.input_paths)} input files in '{opt.input_dir_train}' but "
+                    f"{len(self.target_paths)} target files in '{opt.target_dir_train}'; "
+                    f"input i pairs with target i, so the counts must be equal")
+        else:
+            self.input_paths = list_files(opt.input_dir_test, opt.data_format_input, 'input')
+            self.target_paths = None
+
+    def __len__(self):
+        return len(self.input_paths)
+
+    def load_input(self, index):
+        array = read_array(self.input_paths[index], self.opt.data_format_input, self.opt.input_ch)
+        return self.input_scaling.forward(array)
+
+    def load_target(self, index):
+        array = read_array(self.target_paths[index], self.opt.data_format_target,
+                           self.opt.target_ch)
+        return self.target_scaling.forward(array)
+
+    def __getitem__(self, index):
+        if self.split != 'train':
+            name = os.path.splitext(os.path.basename(self.input_paths[index]))[0]
+            return torch.from_numpy(self.load_input(index)), name
+        x, y = self.load_input(index), self.load_target(index)
+        if x.shape[1:] != y.shape[1:]:
+            raise UserError(f"{self.input_paths[index]} is {x.shape[1]}x{x.shape[2]} but its "
+                            f"target {self.target_paths[index]} is {y.shape[1]}x{y.shape[2]}")
+        x, y = random_rotation([x, y], self.opt.max_rotation_angle)
+        x, y = random_pad_and_crop([x, y], self.opt.padding_size)
+        return torch.from_numpy(np.ascontiguousarray(x)), torch.from_numpy(np.ascontiguousarray(y))
+
+
+# ----------------------------------------------------------------------------------------
+# Writing generated data in the target's format and physical units.
+# ----------------------------------------------------------------------------------------
+
+# Cards that describe the input's values or storage, not the generated data's.
+FITS_CARDS_NOT_COPIED = ('SIMPLE', 'XTENSION', 'BITPIX', 'NAXIS', 'EXTEND', 'PCOUNT', 'GCOUNT',
+                         'BSCALE', 'BZERO', 'BLANK', 'CHECKSUM', 'DATASUM', 'BUNIT',
+                         'DATAMIN', 'DATAMAX', 'DATAMEAN', 'DATAMEDN', 'DATARMS', 'DATASKEW',
+                         'DATAKURT', 'DATAVALS', 'MISSVALS', 'EXTNAME')
+
+
+def write_fits(path, data, header=None, history=(), **_):
+    """float32 FITS; `header` (e.g. the input's) is copied except data-shape/value cards."""
+    from astropy.io import fits
+    hdu = fits.PrimaryHDU(data.astype(np.float32))
+    if header is not None:
+        hdu.header.extend(card for card in header.cards
+                          if not card.keyword.startswith('NAXIS')
+                          and card.keyword not in FITS_CARDS_NOT_COPIED)
+    for line in history:
+        hdu.header.add_history(line)
+    hdu.writeto(path, overwrite=True)
+
+
+def write_npy(path, data, **_):
+    np.save(path, data.astype(np.float32))
+
+
+def write_tiff(path, data, **_):
+    import tifffile
+    tifffile.imwrite(path, data.astype(np.float32), photometric='minisblack')
+
+
+def write_image(path, data, upper_limit=255, **_):
+    """Integer PNG/JPEG: rounded and clipped; 16-bit PNG when the data range exceeds 8 bits."""
+    sixteen_bit = upper_limit > 255 and path.lower().endswith('.png')
+    dtype, top = (np.uint16, 65535) if sixteen_bit else (np.uint8, 255)
+    pixels = np.clip(np.rint(data), 0, top).astype(dtype)
+    if pixels.ndim == 3:
+        if sixteen_bit and pixels.shape[0] > 1:
+            raise UserError(f"{path}: Pillow cannot write multi-channel 16-bit PNG; "
+                            f"use --data_format_target tif or npy")
+        pixels = np.moveaxis(pixels, 0, -1)
+        if pixels.shape[-1] == 1:
+            pixels = pixels[..., 0]
+        elif pixels.shape[-1] not in (3, 4):
+            raise UserError(f"{path}: {pixels.shape[-1]} channels cannot be saved as an image; "
+                            f"use --data_format_target tif or npy")
+    Image.fromarray(pixels).save(path)
+
+
+WRITERS = {'png': write_image, 'jpg': write_image, 'jpeg': write_image,
+           'tif': write_tiff, 'tiff': write_tiff, 'npy': write_npy,
+           'fits': write_fits, 'fts': write_fits, 'fit': write_fits}
+
+
+def write_array(path, data, data_format, **kwargs):
+    """Write C x H x W physical data; one channel is written as H x W.
+
+    kwargs: `header`/`history` (FITS), `upper_limit` (PNG bit depth).
+    """
+    data = data[0] if data.ndim == 3 and data.shape[0] == 1 else data
+    WRITERS[data_format](path, data, **kwargs)
