@@ -1,0 +1,192 @@
+"""Shared helpers for the pix2pixCC test suite.
+
+Everything runs on the CPU with tiny networks (TINY) and 32-64 px data written by the tests
+themselves into pytest's tmp_path. Drivers are run either in-process (`main(argv)`) or as
+scripts (`run_script`), always with `--gpu_ids -1`.
+"""
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if REPO not in sys.path:
+    sys.path.insert(0, REPO)
+
+TRAIN_SCRIPT = os.path.join(REPO, 'pix2pixCC_Train.py')
+TEST_SCRIPT = os.path.join(REPO, 'pix2pixCC_Test.py')
+SAMPLE = os.path.join(REPO, 'datasets', 'Sample')
+
+# Small CPU models: one intra-op thread is much faster than several for tensors this small
+# (thread start-up dominates), and keeps the suite's run time predictable on 2-core CI.
+torch.set_num_threads(1)
+SUBPROCESS_ENV = dict(os.environ, OMP_NUM_THREADS='1', MKL_NUM_THREADS='1',
+                      PYTHONDONTWRITEBYTECODE='1')
+
+# A network small enough to train for a few steps in seconds.
+TINY = ['--gpu_ids', '-1', '--n_gf', '8', '--n_df', '8', '--n_downsample', '2',
+        '--n_residual', '1']
+
+# Scaling of the shipped sample: EUV input 1..200 DN/s on a log scale, magnetogram target
+# +-3000 G (clipped).
+SAMPLE_SCALING = ['--logscale_input', 'True', '--saturation_lower_limit_input', '1',
+                  '--saturation_upper_limit_input', '200',
+                  '--saturation_lower_limit_target', '-3000',
+                  '--saturation_upper_limit_target', '3000',
+                  '--saturation_clip_target', 'True']
+
+ALL_FORMATS = ('tif', 'tiff', 'png', 'jpg', 'jpeg', 'npy', 'fits', 'fts', 'fit')
+
+
+def argv_from(**options):
+    """{'n_gf': 8, 'ccc': False} -> ['--n_gf', '8', '--ccc', 'False']."""
+    argv = []
+    for key, value in options.items():
+        argv += [f'--{key}', str(value)]
+    return argv
+
+
+def train_opt(*argv, **options):
+    """Options namespace of TrainOption for TINY + argv + options."""
+    from pix2pixCC_Options import TrainOption
+    return TrainOption().parse(TINY + list(argv) + argv_from(**options))
+
+
+def make_test_opt(*argv, **options):
+    from pix2pixCC_Options import TestOption
+    return TestOption().parse(TINY + list(argv) + argv_from(**options))
+
+
+# ----------------------------------------------------------------------------------------
+# Writing data files the way a user would (not through the package's own writers).
+# ----------------------------------------------------------------------------------------
+
+
+def write_user_file(path, array, fmt, header=None):
+    """Write `array` as a user would for `fmt`.
+
+    Images (png/jpg/jpeg) take H x W or H x W x C integer arrays; npy and FITS take the array
+    as is; tif/tiff take any array (tifffile).
+    """
+    if fmt in ('png', 'jpg', 'jpeg'):
+        from PIL import Image
+        kwargs = {'quality': 95} if fmt in ('jpg', 'jpeg') else {}
+        Image.fromarray(array).save(path, **kwargs)
+    elif fmt in ('tif', 'tiff'):
+        import tifffile
+        photometric = 'rgb' if array.ndim == 3 and array.shape[-1] == 3 and \
+            array.dtype == np.uint8 else 'minisblack'
+        tifffile.imwrite(path, array, photometric=photometric)
+    elif fmt == 'npy':
+        np.save(path, array)
+    elif fmt in ('fits', 'fts', 'fit'):
+        from astropy.io import fits
+        fits.PrimaryHDU(array, header=header).writeto(path, overwrite=True)
+    else:
+        raise ValueError(fmt)
+    return path
+
+
+def smooth_field(rng, size, channels=1, low=0.0, high=1.0):
+    """A smooth random field (C, H, W) in [low, high]: structured, not white noise."""
+    yy, xx = np.mgrid[0:size, 0:size] / size
+    out = []
+    for _ in range(channels):
+        a, b, c, d = rng.uniform(0.5, 3.0, 4)
+        p, q = rng.uniform(0, 2 * np.pi, 2)
+        field = np.sin(2 * np.pi * a * xx + p) * np.cos(2 * np.pi * b * yy + q) + \
+            0.5 * np.sin(2 * np.pi * (c * xx + d * yy))
+        field += 0.1 * rng.standard_normal((size, size))
+        field = (field - field.min()) / (field.max() - field.min())
+        out.append(low + (high - low) * field)
+    return np.stack(out).astype(np.float32)
+
+
+def make_pairs(root, fmt, n=6, size=32, channels=1, target_fmt=None, target_channels=None,
+               seed=0, prefix='img'):
+    """Write n input/target pairs under root/{Input,Target} in format `fmt`.
+
+    Inputs and targets are smooth fields: float32 in [0, 100] for the float formats
+    (npy, fits, tif) and uint8 for png/jpg. Multi-channel arrays are C x H x W except for
+    png/jpg (H x W x C, RGB). Returns (input_dir, target_dir).
+    """
+    target_fmt = target_fmt or fmt
+    target_channels = target_channels or channels
+    rng = np.random.default_rng(seed)
+    input_dir = os.path.join(str(root), 'Input')
+    target_dir = os.path.join(str(root), 'Target')
+    os.makedirs(input_dir, exist_ok=True)
+    os.makedirs(target_dir, exist_ok=True)
+    for i in range(n):
+        for folder, f, ch in ((input_dir, fmt, channels), (target_dir, target_fmt,
+                                                            target_channels)):
+            data = smooth_field(rng, size, ch, 0.0, 100.0)
+            if f in ('png', 'jpg', 'jpeg'):
+                data = np.rint(data * 2.55).astype(np.uint8)
+                data = data[0] if ch == 1 else np.moveaxis(data, 0, -1)
+            elif ch == 1:
+                data = data[0]
+            write_user_file(os.path.join(folder, f'{prefix}_{i:03d}.{f}'), data, f)
+    return input_dir, target_dir
+
+
+def copy_sample(root, n_train=6, n_test=3):
+    """Copy the first few shipped sample FITS pairs; returns (train_in, train_tg, test_in)."""
+    dirs = []
+    for split, role, n in (('Train', 'Input', n_train), ('Train', 'Target', n_train),
+                           ('Test', 'Input', n_test)):
+        source = os.path.join(SAMPLE, split, role)
+        dest = os.path.join(str(root), split, role)
+        os.makedirs(dest, exist_ok=True)
+        for name in sorted(os.listdir(source))[:n]:
+            shutil.copy(os.path.join(source, name), dest)
+        dirs.append(dest)
+    return tuple(dirs)
+
+
+# ----------------------------------------------------------------------------------------
+# Running the drivers
+# ----------------------------------------------------------------------------------------
+
+
+def run_script(script, args, cwd, timeout=300):
+    """Run a driver script as a user would (`python <script> args` in `cwd`)."""
+    return subprocess.run([sys.executable, script] + [str(a) for a in args], cwd=str(cwd),
+                          env=SUBPROCESS_ENV, capture_output=True, text=True, timeout=timeout)
+
+
+def run_train(args, cwd):
+    return run_script(TRAIN_SCRIPT, args, cwd)
+
+
+def run_test(args, cwd):
+    return run_script(TEST_SCRIPT, args, cwd)
+
+
+def assert_ok(proc):
+    assert proc.returncode == 0, f"exit {proc.returncode}\nstdout:\n{proc.stdout[-3000:]}\n" \
+                                 f"stderr:\n{proc.stderr[-3000:]}"
+
+
+def assert_usage_error(proc, *fragments):
+    """Exit status 2, exactly one non-empty line on stderr, no traceback; the line holds
+    every fragment."""
+    assert proc.returncode == 2, f"exit {proc.returncode}\nstdout:\n{proc.stdout[-2000:]}\n" \
+                                 f"stderr:\n{proc.stderr[-3000:]}"
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, f"expected one line on stderr, got:\n{proc.stderr}"
+    assert 'Traceback' not in proc.stderr + proc.stdout
+    for fragment in fragments:
+        assert fragment in lines[0], f"{fragment!r} not in {lines[0]!r}"
+    return lines[0]
+
+
+@pytest.fixture
+def in_tmp(tmp_path, monkeypatch):
+    """Run in-process drivers with tmp_path as the working directory."""
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
