@@ -114,15 +114,54 @@ class BaseOption:
                  'at every save, translate the test inputs (--input_dir_test)')
 
     def parse(self, argv=None):
-        """Parse `argv` (default: the command line) and return the options namespace."""
+        """Parse `argv` (default: the command line) and return the options namespace.
+
+        The names given explicitly on the command line are kept in `self.explicit`.
+        """
         opt = self.parser.parse_args(argv)
+        self.explicit = self.explicit_names(argv)
         opt.is_train = self.is_train
+        self.finish(opt)
+        return opt
+
+    def finish(self, opt):
+        """Validate and set the derived options (eps, output folders)."""
         self.validate(opt)
         opt.eps = 1e-4 if opt.data_type == 16 else 1e-8
         opt.checkpoint_dir = os.path.join('./checkpoints', opt.dataset_name)
         opt.model_dir = os.path.join(opt.checkpoint_dir, 'Model')
         opt.image_dir = os.path.join(opt.checkpoint_dir, 'Image', 'Train' if self.is_train else 'Test')
-        return opt
+
+    def explicit_names(self, argv):
+        """Option names given on the command line (parsed again with every default hidden)."""
+        actions = [a for a in self.parser._actions if a.dest != 'help']
+        defaults = [a.default for a in actions]
+        for action in actions:
+            action.default = argparse.SUPPRESS
+        try:
+            return set(vars(self.parser.parse_args(argv)))
+        finally:
+            for action, default in zip(actions, defaults):
+                action.default = default
+
+    def adopt(self, opt, saved, names, source, log=print):
+        """Take options `names` from `saved` (a dict from a training run) unless they were
+        given explicitly; explicit values win, and a difference is printed."""
+        taken, overridden = [], []
+        for name in names:
+            if name not in saved or saved[name] == getattr(opt, name, None):
+                continue
+            if name in self.explicit:
+                overridden.append(f"--{name} {getattr(opt, name)} (trained with {saved[name]})")
+            else:
+                setattr(opt, name, saved[name])
+                taken.append(f"--{name} {saved[name]}")
+        if taken:
+            log(f"options from {source}: {' '.join(taken)}")
+        if overridden:
+            log(f"note: given on the command line, differing from {source}: "
+                f"{', '.join(overridden)}")
+        self.finish(opt)
 
     def validate(self, opt):
         """Reject option values that cannot work, with a one-line message naming the option."""
@@ -157,6 +196,19 @@ class BaseOption:
         return '\n'.join(f'{key:>32}: {value}' for key, value in sorted(vars(opt).items()))
 
 
+# Options that decide the generator's shape and the data's units: the Test script takes them
+# from the training run unless they are given on its command line.
+NETWORK_OPTIONS = ('input_ch', 'target_ch', 'n_downsample', 'n_residual', 'trans_conv', 'n_gf',
+                   'norm_type', 'padding_type')
+DATA_OPTIONS = ('data_format_input', 'data_format_target', 'logscale_input', 'logscale_target',
+                'saturation_lower_limit_input', 'saturation_upper_limit_input',
+                'saturation_lower_limit_target', 'saturation_upper_limit_target',
+                'saturation_clip_input', 'saturation_clip_target')
+# Options of a training run that a resumed run does not take from the saved run.
+NOT_RESUMED = ('latest_iter', 'gpu_ids', 'is_train', 'eps', 'checkpoint_dir', 'model_dir',
+               'image_dir')
+
+
 class TrainOption(BaseOption):
     is_train = True
 
@@ -171,6 +223,8 @@ class TrainOption(BaseOption):
         p.add_argument('--latest_iter', type=int, default=0,
                        help='resume from Model/<latest_iter>_G.pt and _D.pt')
         self.add_bool('--no_shuffle', False, 'keep the files in name order')
+        self.add_bool('--check_pairing', True,
+                      'stop when input and target file names show a wrong pairing')
         p.add_argument('--seed', type=int, default=None,
                        help='random seed (weights, data order, augmentation); drawn and '
                             'recorded in the options file when not given')

@@ -4,8 +4,10 @@ Data flow of one file:  read (one reader per format) -> C x H x W float32 -> `Sc
 (clean NaN/Inf -> clip -> log10 -> normalise to [-1, 1] at the saturation limits) -> augment
 (training only). Generated data go back through `Scaling.inverse` and one writer per format.
 """
+import datetime
 import glob
 import os
+import re
 from dataclasses import dataclass
 
 import numpy as np
@@ -183,21 +185,24 @@ class Scaling:
 # ----------------------------------------------------------------------------------------
 
 
-def random_rotation(arrays, max_angle):
-    """Rotate every C x H x W array by one random integer angle in [-max_angle, max_angle]."""
+def random_rotation(arrays, max_angle, generator=None):
+    """Rotate every C x H x W array by one random integer angle in [-max_angle, max_angle].
+
+    `generator` (a torch.Generator) makes the draw reproducible; None uses torch's global RNG.
+    """
     if max_angle <= 0:
         return arrays
-    angle = int(torch.randint(-max_angle, max_angle + 1, (1,)))
+    angle = int(torch.randint(-max_angle, max_angle + 1, (1,), generator=generator))
     if angle == 0:  # the reference always interpolates, which blurs data for nothing
         return arrays
     return [rotate(a, angle, axes=(1, 2), reshape=False, mode='nearest') for a in arrays]
 
 
-def random_pad_and_crop(arrays, padding):
+def random_pad_and_crop(arrays, padding, generator=None):
     """Pad every C x H x W array by edge replication and crop back at one random offset."""
     if padding <= 0:
         return arrays
-    dy, dx = (int(v) for v in torch.randint(0, 2 * padding + 1, (2,)))
+    dy, dx = (int(v) for v in torch.randint(0, 2 * padding + 1, (2,), generator=generator))
     out = []
     for a in arrays:
         h, w = a.shape[1:]
@@ -248,7 +253,14 @@ class CustomDataset(Dataset):
                            self.opt.target_ch)
         return self.target_scaling.forward(array)
 
-    def __getitem__(self, index):
+    def __getitem__(self, item):
+        """`item` is an index, or (index, seed) to draw the augmentation from its own seed.
+
+        The training sampler passes seeds derived from (run seed, epoch, position), so the
+        augmentation of every sample is the same in a resumed run and with any number of
+        data-loading workers.
+        """
+        index, seed = item if isinstance(item, tuple) else (item, None)
         if self.split != 'train':
             name = os.path.splitext(os.path.basename(self.input_paths[index]))[0]
             return torch.from_numpy(self.load_input(index)), name
@@ -256,9 +268,122 @@ class CustomDataset(Dataset):
         if x.shape[1:] != y.shape[1:]:
             raise UserError(f"{self.input_paths[index]} is {x.shape[1]}x{x.shape[2]} but its "
                             f"target {self.target_paths[index]} is {y.shape[1]}x{y.shape[2]}")
-        x, y = random_rotation([x, y], self.opt.max_rotation_angle)
-        x, y = random_pad_and_crop([x, y], self.opt.padding_size)
+        generator = torch.Generator().manual_seed(seed) if seed is not None else None
+        x, y = random_rotation([x, y], self.opt.max_rotation_angle, generator)
+        x, y = random_pad_and_crop([x, y], self.opt.padding_size, generator)
         return torch.from_numpy(np.ascontiguousarray(x)), torch.from_numpy(np.ascontiguousarray(y))
+
+
+# ----------------------------------------------------------------------------------------
+# Checks of a whole dataset before training: a bad file fails in seconds, not hours.
+# ----------------------------------------------------------------------------------------
+
+
+class _FileSummaries(Dataset):
+    """Item i: shapes and NaN/Inf counts of pair i, read with the training readers."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, index):
+        d = self.dataset
+        summary = {}
+        for side, paths, fmt, ch in (('input', d.input_paths, d.opt.data_format_input,
+                                      d.opt.input_ch),
+                                     ('target', d.target_paths, d.opt.data_format_target,
+                                      d.opt.target_ch)):
+            if paths is None:
+                continue
+            array = read_array(paths[index], fmt, ch)
+            summary[side] = (array.shape[1:], int(array.size - np.isfinite(array).sum()))
+        return summary
+
+
+def check_dataset(dataset, multiple, n_workers=0, log=print, progress=None):
+    """Read every file once and check what training needs; raise UserError on the first problem.
+
+    Checks: readable, channel count, input/target height and width equal, height and width
+    multiples of `multiple` (the generator's stride). NaN/Inf values are counted and reported
+    once (they are replaced by the scaling). Returns the (height, width) of the first pair.
+    """
+    from torch.utils.data import DataLoader
+    loader = DataLoader(_FileSummaries(dataset), batch_size=None, num_workers=n_workers)
+    if progress is not None:
+        loader = progress(loader)
+    n_nonfinite, files_nonfinite, first_size = 0, [], None
+    for index, summary in enumerate(loader):
+        size, bad = summary['input']
+        if 'target' in summary:
+            target_size, target_bad = summary['target']
+            if target_size != size:
+                raise UserError(f"{dataset.input_paths[index]} is {size[0]}x{size[1]} but its "
+                                f"target {dataset.target_paths[index]} is "
+                                f"{target_size[0]}x{target_size[1]}")
+            bad += target_bad
+        if multiple > 1 and (size[0] % multiple or size[1] % multiple):
+            raise UserError(f"{dataset.input_paths[index]} is {size[0]}x{size[1]}, but the "
+                            f"network needs height and width that are multiples of {multiple} "
+                            f"(2**--n_downsample); crop or pad the data, or lower --n_downsample")
+        if bad:
+            n_nonfinite += bad
+            files_nonfinite.append(dataset.input_paths[index])
+        first_size = first_size or size
+    if n_nonfinite:
+        log(f"warning: {n_nonfinite} NaN/Inf value(s) in {len(files_nonfinite)} pair(s) "
+            f"(first: {files_nonfinite[0]}); NaN becomes 0 (the lower limit with log scale), "
+            f"+Inf the upper and -Inf the lower limit")
+    return first_size
+
+
+# YYYYMMDD, optionally followed by hhmm[ss]; separators - _ : T allowed; a time group must not
+# run into further digits (so the 0304 of '..._0000_0304' is not read as seconds).
+TIMESTAMP = re.compile(r'(\d{4})[-_]?(\d{2})[-_]?(\d{2})'
+                       r'(?:[T_-]?(\d{2})[:_-]?(\d{2})(?:[:_-]?(\d{2})(?!\d))?(?!\d))?')
+
+
+def name_time(path):
+    """The date/time written in a file name (YYYYMMDD[_hhmm[ss]] and similar), or None."""
+    match = TIMESTAMP.search(os.path.basename(path))
+    if not match:
+        return None
+    parts = [int(p) if p else 0 for p in match.groups()]
+    try:
+        return datetime.datetime(*parts)
+    except ValueError:
+        return None
+
+
+def check_pairing(input_paths, target_paths):
+    """Raise UserError when the pairing by sorted name visibly joins the wrong files.
+
+    Input i pairs with target i. When both sides use the same names, pair i must have the same
+    name; when every name holds a date/time, target i must be the target closest in time to
+    input i. Names that share neither tell nothing and pass.
+    """
+    stem = lambda p: os.path.splitext(os.path.basename(p))[0]
+    inputs, targets = [stem(p) for p in input_paths], [stem(p) for p in target_paths]
+    shared = set(inputs) & set(targets)
+    if len(shared) >= len(inputs) / 2:
+        for i, (a, b) in enumerate(zip(inputs, targets)):
+            if a != b:
+                raise UserError(f"pair {i}: input {input_paths[i]} would be paired with target "
+                                f"{target_paths[i]} (files pair by sorted name); a file with the "
+                                f"same name is missing on one side")
+        return
+    input_times = [name_time(p) for p in input_paths]
+    target_times = [name_time(p) for p in target_paths]
+    if None in input_times or None in target_times:
+        return
+    for i, time in enumerate(input_times):
+        nearest = min(range(len(target_times)), key=lambda j: abs(target_times[j] - time))
+        if abs(target_times[nearest] - time) < abs(target_times[i] - time):
+            raise UserError(f"pair {i}: input {input_paths[i]} ({time}) would be paired with "
+                            f"target {target_paths[i]} ({target_times[i]}), but "
+                            f"{target_paths[nearest]} is closer in time; a file is missing on "
+                            f"one side (files pair by sorted name)")
 
 
 # ----------------------------------------------------------------------------------------

@@ -15,10 +15,11 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from pix2pixCC_Networks import Generator
-from pix2pixCC_Options import TestOption, UserError, run_main
+from pix2pixCC_Options import DATA_OPTIONS, NETWORK_OPTIONS, TestOption, UserError, run_main
 from pix2pixCC_Pipeline import CustomDataset, Scaling, read_fits_header, write_array
 from pix2pixCC_Utils import (Precision, atomic_path, checkpoint_path, load_state_dict,
-                             make_dirs, require_checkpoint, saved_steps, select_device)
+                             make_dirs, read_json, require_checkpoint, saved_steps,
+                             select_device)
 
 FITS_FORMATS = ('fits', 'fts', 'fit')
 
@@ -64,7 +65,12 @@ def translate(G, dataset, out_dir, opt, device, iteration, precision=None):
 
 
 def main(argv=None):
-    opt = TestOption().parse(argv)
+    option = TestOption()
+    opt = option.parse(argv)
+    trained = read_json(opt.checkpoint_dir, 'train_options.json')
+    if trained:  # the network shape and the data's units travel with the model
+        option.adopt(opt, trained, NETWORK_OPTIONS + DATA_OPTIONS,
+                     os.path.join(opt.checkpoint_dir, 'train_options.json'))
     device, _ = select_device(opt)
     precision = Precision(opt, device)
     dataset = CustomDataset(opt)

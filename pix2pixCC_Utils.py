@@ -97,6 +97,24 @@ def write_json(path, data):
             json.dump(data, f, indent=2, sort_keys=True)
 
 
+def read_json(folder, name):
+    """The dict in `folder/name`, or None when there is no such file."""
+    path = os.path.join(folder, name)
+    if not os.path.isfile(path):
+        return None
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError) as error:
+        raise UserError(f"cannot read {path}: {error}") from None
+
+
+def options_record(opt):
+    """The options as a JSON-able dict (what train_options.json and the state file hold)."""
+    return {key: value for key, value in vars(opt).items()
+            if isinstance(value, (str, int, float, bool, type(None)))}
+
+
 def make_dirs(*folders):
     for folder in folders:
         try:
@@ -147,32 +165,96 @@ def save_state_dict(module, path):
         torch.save(bare(module).state_dict(), temporary)
 
 
-def load_state_dict(module, path):
-    """Load a plain state_dict into `module`, strictly, with a one-line error on mismatch."""
+def safe_load(path):
+    """torch.load that can never run code: weights_only=True refuses pickled objects."""
     try:
-        # weights_only=True: a checkpoint must never be able to run code when loaded.
-        state = torch.load(path, map_location='cpu', weights_only=True)
+        return torch.load(path, map_location='cpu', weights_only=True)
     except Exception as error:
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise UserError(f"cannot load {path}: {reason}") from None
-    if not isinstance(state, dict):
-        raise UserError(f"{path} is not a state_dict")
+        raise UserError(f"cannot load {path} (only plain tensors and numbers are accepted): "
+                        f"{reason}") from None
+
+
+def generator_options_of(state):
+    """The network options a Generator state_dict was built with (for error messages)."""
+    weights = sorted((int(key.split('.')[1]), key, value.shape) for key, value in state.items()
+                     if key.startswith('model.') and key.endswith('weight') and value.dim() == 4)
+    plain = [shape for _, key, shape in weights if '.block.' not in key]
+    down = [shape for shape in plain if shape[-1] == 5]
+    up = plain[1 + len(down):-1]
+    options = {'n_gf': plain[0][0], 'input_ch': plain[0][1], 'target_ch': plain[-1][0],
+               'n_downsample': len(down),
+               'n_residual': len({key.split('.')[1] for key in state if '.block.' in key}),
+               'norm_type': 'BatchNorm2d' if any(k.endswith('running_mean') for k in state)
+               else 'InstanceNorm2d'}
+    if up:  # ConvTranspose2d weights are (in, out, k, k), Conv2d's (out, in, k, k)
+        options['trans_conv'] = bool(up[0][0] > up[0][1])
+    return options
+
+
+def discriminator_options_of(state):
+    scales = {k.split('.')[0] for k in state if k.startswith('Scale_')}
+    first = state['Scale_0.block_0.0.weight']
+    return {'n_D': len(scales), 'n_df': first.shape[0], 'pair_channels': first.shape[1]}
+
+
+def mismatch_reason(state, module):
+    """Name the options that differ between a checkpoint and `module` built from `opt`."""
+    try:
+        if 'model.1.weight' in state:
+            trained, own = generator_options_of(state), generator_options_of(bare(module).state_dict())
+        else:
+            trained, own = discriminator_options_of(state), discriminator_options_of(
+                bare(module).state_dict())
+    except (KeyError, IndexError):
+        return 'it holds different parameter names'
+    differ = [f"--{k} {trained[k]} (options say {own[k]})" for k in trained
+              if k in own and trained[k] != own[k]]
+    return 'it was trained with ' + ', '.join(differ) if differ else 'its parameters differ'
+
+
+def load_state_dict(module, path):
+    """Load a plain state_dict into `module`, strictly, with a one-line error on mismatch."""
+    state = safe_load(path)
+    if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
+        raise UserError(f"{path} is not a state_dict of tensors")
     state = {key[len('module.'):] if key.startswith('module.') else key: value
              for key, value in state.items()}
     own = bare(module).state_dict()
-    missing = [k for k in own if k not in state]
-    unexpected = [k for k in state if k not in own]
-    mismatched = [k for k in own if k in state and own[k].shape != state[k].shape]
-    if missing or unexpected or mismatched:
-        detail = (f"shape of {mismatched[0]} is {tuple(state[mismatched[0]].shape)} there, "
-                  f"{tuple(own[mismatched[0]].shape)} here" if mismatched else
-                  f"{len(missing)} parameter(s) missing (e.g. {missing[0]})" if missing else
-                  f"{len(unexpected)} unexpected parameter(s) (e.g. {unexpected[0]})")
-        raise UserError(f"{path} does not fit the network built from the options ({detail}); "
-                        f"use the network options it was trained with (--n_gf, --n_df, "
-                        f"--n_downsample, --n_residual, --input_ch, --target_ch, --norm_type, "
-                        f"--trans_conv, --n_D)")
+    if set(own) != set(state) or any(own[k].shape != state[k].shape for k in own):
+        raise UserError(f"{path} does not fit the network built from the options: "
+                        f"{mismatch_reason(state, module)}")
     bare(module).load_state_dict(state, strict=True)
+
+
+def state_path(model_dir, step):
+    return os.path.join(model_dir, f'{step}_state.pt')
+
+
+def newest_complete_step(model_dir):
+    """Newest step with G, D and training state saved; else newest with G and D; else None."""
+    with_networks = [s for s in saved_steps(model_dir, 'G')
+                     if os.path.isfile(checkpoint_path(model_dir, s, 'D'))]
+    complete = [s for s in with_networks if os.path.isfile(state_path(model_dir, s))]
+    return (complete or with_networks or [None])[-1]
+
+
+def rng_states():
+    """The torch, numpy and python RNG states, as plain tensors/lists (weights_only-safe)."""
+    import random
+    kind, keys, position, has_gauss, gauss = np.random.get_state()
+    return {'torch': torch.get_rng_state(), 'numpy': [kind, torch.from_numpy(keys.astype(np.int64)),
+                                                      position, has_gauss, gauss],
+            'python': random.getstate()}
+
+
+def set_rng_states(states):
+    import random
+    torch.set_rng_state(states['torch'])
+    kind, keys, position, has_gauss, gauss = states['numpy']
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), position, has_gauss, gauss))
+    version, internal, gauss_next = states['python']
+    random.setstate((version, tuple(internal), gauss_next))
 
 
 # ----------------------------------------------------------------------------------------
@@ -205,14 +287,16 @@ class Manager:
     """Everything that hangs off the training loop: report lines, previews, checkpoints.
 
     `after_step` is called once per iteration; `finish` saves the last state if it is not
-    saved yet, so no finished run is lost whatever save_freq is.
+    saved yet, so no finished run is lost whatever save_freq is. `training_state()` returns
+    what, beside the two networks, a run needs to resume exactly (optimisers, RNGs, ...).
     """
 
-    def __init__(self, opt, G, D, log=print, validate=None):
+    def __init__(self, opt, G, D, training_state, log=print, validate=None):
         self.opt, self.G, self.D = opt, G, D
+        self.training_state = training_state
         self.log = log
         self.validate = validate
-        self.last_saved = None
+        self.last_saved = opt.latest_iter or None
         self.start_time = time.time()
 
     def after_step(self, epoch, previous_step, current_step, n_samples, batch, terms):
@@ -223,7 +307,7 @@ class Manager:
         if crossed(previous_step, current_step, opt.display_freq):
             self.save_previews(current_step, batch)
         if crossed(previous_step, current_step, opt.save_freq):
-            self.save(current_step)
+            self.save(current_step, epoch)
 
     def report(self, epoch, current_step, n_samples, terms):
         done = (current_step - 1) % n_samples + 1
@@ -237,17 +321,26 @@ class Manager:
             path = os.path.join(self.opt.image_dir, f'{current_step}_{name}.{self.opt.image_mode}')
             save_image(path, to_preview(tensor, self.opt.display_scale))
 
-    def save(self, current_step):
+    def save(self, current_step, epoch):
+        """G, D, then the training state: a step is complete once its state file exists."""
         model_dir = self.opt.model_dir
         save_state_dict(self.G, checkpoint_path(model_dir, current_step, 'G'))
         save_state_dict(self.D, checkpoint_path(model_dir, current_step, 'D'))
+        with atomic_path(state_path(model_dir, current_step)) as temporary:
+            torch.save(dict(self.training_state(), step=current_step, epoch=epoch), temporary)
         self.last_saved = current_step
-        self.log(f"saved {checkpoint_path(model_dir, current_step, 'G')} and _D.pt")
+        self.log(f"saved {checkpoint_path(model_dir, current_step, 'G')}, _D.pt and _state.pt")
         if self.validate is not None:
             self.validate(current_step)
 
-    def finish(self, current_step):
-        if self.last_saved != current_step and current_step > self.opt.latest_iter:
-            self.save(current_step)
+    def last_good(self):
+        if self.last_saved is None:
+            return 'none saved yet'
+        return f"{checkpoint_path(self.opt.model_dir, self.last_saved, 'G')} " \
+               f"(resume with --latest_iter {self.last_saved})"
+
+    def finish(self, current_step, epoch):
+        if self.last_saved != current_step:
+            self.save(current_step, epoch)
         elapsed = datetime.timedelta(seconds=round(time.time() - self.start_time))
         self.log(f"Total time: {elapsed}")
