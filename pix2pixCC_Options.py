@@ -112,6 +112,10 @@ class BaseOption:
                        help='file type of the training previews')
         add_bool('--val_during_train', False,
                  'at every save, translate the test inputs (--input_dir_test)')
+        p.add_argument('--target_dir_test', type=str, default=None,
+                       help='targets of the test inputs: enables the metrics (CC, RMSE, flux)')
+        p.add_argument('--metric_bins', type=int, nargs='+', default=[1, 2, 4, 8],
+                       help='binning factors k (k x k block means) at which metrics are computed')
 
     def parse(self, argv=None):
         """Parse `argv` (default: the command line) and return the options namespace.
@@ -176,6 +180,8 @@ class BaseOption:
                      'report_freq', 'save_freq', 'display_freq'):
             if getattr(opt, name) < 1:
                 fail(f"--{name} must be at least 1, got {getattr(opt, name)}")
+        if min(opt.metric_bins) < 1:
+            fail(f"--metric_bins must be positive integers, got {opt.metric_bins}")
         for name in ('n_downsample', 'n_residual', 'n_CC', 'n_workers', 'padding_size',
                      'max_rotation_angle'):
             if getattr(opt, name) < 0:
@@ -249,6 +255,9 @@ class TestOption(BaseOption):
         p.add_argument('--iteration', type=int, default=-1,
                        help='use Model/<iteration>_G.pt; -1: every saved generator')
         self.add_bool('--no_shuffle', True, 'kept for compatibility; test order is by name')
+        self.add_bool('--save_panels', False,
+                      'with --target_dir_test: a PNG panel input | real | generated | difference '
+                      'per file')
 
 
 def run_main(main_function, argv=None):

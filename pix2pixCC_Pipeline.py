@@ -8,6 +8,7 @@ import datetime
 import glob
 import os
 import re
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -45,11 +46,23 @@ def read_npy(path):
 def read_fits(path):
     """Data of the first HDU that holds an image (primary or extension, compressed too)."""
     from astropy.io import fits
-    with fits.open(path, memmap=False) as hdul:
-        for hdu in hdul:
-            if hdu.is_image and hdu.data is not None and hdu.data.size > 0:
-                return np.array(hdu.data)
-    raise UserError(f"{path}: no HDU with image data")
+    # astropy only warns about a truncated file (then fails on the reshape, or not at all);
+    # non-standard cards also warn, and are common in archives, so only truncation is fatal.
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter('always')
+        try:
+            with fits.open(path, memmap=False) as hdul:
+                for hdu in hdul:
+                    if hdu.is_image and hdu.data is not None and hdu.data.size > 0:
+                        data = np.array(hdu.data)
+                        break
+                else:
+                    raise UserError(f"{path}: no HDU with image data")
+        finally:
+            if any('truncated' in str(w.message) for w in caught):
+                raise UserError(f"{path} is truncated (the file is shorter than its header "
+                                f"says); copy it again")
+    return data
 
 
 def read_fits_header(path):
@@ -230,16 +243,18 @@ class CustomDataset(Dataset):
         self.input_scaling = Scaling.from_options(opt, 'input')
         self.target_scaling = Scaling.from_options(opt, 'target')
         if self.split == 'train':
-            self.input_paths = list_files(opt.input_dir_train, opt.data_format_input, 'input')
-            self.target_paths = list_files(opt.target_dir_train, opt.data_format_target, 'target')
+            input_dir, target_dir = opt.input_dir_train, opt.target_dir_train
+        else:  # test targets are optional: they enable the metrics
+            input_dir, target_dir = opt.input_dir_test, getattr(opt, 'target_dir_test', None)
+        self.input_paths = list_files(input_dir, opt.data_format_input, 'input')
+        self.target_paths = None
+        if target_dir:
+            self.target_paths = list_files(target_dir, opt.data_format_target, 'target')
             if len(self.input_paths) != len(self.target_paths):
                 raise UserError(
-                    f"{len(self.input_paths)} input files in '{opt.input_dir_train}' but "
-                    f"{len(self.target_paths)} target files in '{opt.target_dir_train}'; "
+                    f"{len(self.input_paths)} input files in '{input_dir}' but "
+                    f"{len(self.target_paths)} target files in '{target_dir}'; "
                     f"input i pairs with target i, so the counts must be equal")
-        else:
-            self.input_paths = list_files(opt.input_dir_test, opt.data_format_input, 'input')
-            self.target_paths = None
 
     def __len__(self):
         return len(self.input_paths)
@@ -248,10 +263,13 @@ class CustomDataset(Dataset):
         array = read_array(self.input_paths[index], self.opt.data_format_input, self.opt.input_ch)
         return self.input_scaling.forward(array)
 
+    def read_target(self, index):
+        """Target i in physical units, C x H x W float32, as stored (NaN/Inf kept)."""
+        return read_array(self.target_paths[index], self.opt.data_format_target,
+                          self.opt.target_ch)
+
     def load_target(self, index):
-        array = read_array(self.target_paths[index], self.opt.data_format_target,
-                           self.opt.target_ch)
-        return self.target_scaling.forward(array)
+        return self.target_scaling.forward(self.read_target(index))
 
     def __getitem__(self, item):
         """`item` is an index, or (index, seed) to draw the augmentation from its own seed.

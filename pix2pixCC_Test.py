@@ -9,6 +9,7 @@ import contextlib
 import os
 import sys
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
@@ -16,10 +17,12 @@ from tqdm import tqdm
 
 from pix2pixCC_Networks import Generator
 from pix2pixCC_Options import DATA_OPTIONS, NETWORK_OPTIONS, TestOption, UserError, run_main
-from pix2pixCC_Pipeline import CustomDataset, Scaling, read_fits_header, write_array
-from pix2pixCC_Utils import (Precision, atomic_path, checkpoint_path, load_state_dict,
-                             make_dirs, read_json, require_checkpoint, saved_steps,
-                             select_device)
+from pix2pixCC_Pipeline import (CustomDataset, Scaling, check_pairing, read_fits_header,
+                                write_array)
+from pix2pixCC_Utils import (Precision, atomic_path, checkpoint_path, image_metrics,
+                             load_state_dict, make_dirs, metrics_table, read_json,
+                             require_checkpoint, save_panel, saved_steps, select_device,
+                             summarize, write_csv, write_json)
 
 FITS_FORMATS = ('fits', 'fts', 'fit')
 
@@ -37,12 +40,17 @@ def generate(G, input, n_downsample, precision=None):
     return output[..., :height, :width].float()
 
 
-def translate(G, dataset, out_dir, opt, device, iteration, precision=None):
-    """Run G on every item of a test `dataset` and write `<name>_AI.<fmt>` into `out_dir`."""
+def translate(G, dataset, out_dir, opt, device, iteration, precision=None, panels=False):
+    """Run G on every item of a test `dataset` and write `<name>_AI.<fmt>` into `out_dir`.
+
+    When the dataset has targets, returns one metrics row per file (see `image_metrics`) and,
+    with `panels`, writes `<name>_panel.png`; otherwise returns [].
+    """
     make_dirs(out_dir)
     scaling = Scaling.from_options(opt, 'target')
     copy_header = opt.data_format_input in FITS_FORMATS and opt.data_format_target in FITS_FORMATS
     loader = DataLoader(dataset, batch_size=None, num_workers=opt.n_workers)
+    rows = []
     was_training = G.training
     G.eval()
     with torch.inference_mode():
@@ -61,20 +69,41 @@ def translate(G, dataset, out_dir, opt, device, iteration, precision=None):
                 extra['upper_limit'] = opt.saturation_upper_limit_target
             with atomic_path(path) as temporary:
                 write_array(temporary, data, opt.data_format_target, **extra)
+
+            if dataset.target_paths is not None:
+                real = dataset.read_target(index)
+                generated = data / np.float32(opt.save_scale)  # metrics in the target's units
+                rows.append({'file': name, **image_metrics(real, generated, opt.metric_bins)})
+                if panels:
+                    save_panel(os.path.join(out_dir, f'{name}_panel.png'), input.numpy(), real,
+                               generated, scaling)
     G.train(was_training)
+    return rows
+
+
+def best_iteration(by_iteration, bins, channels):
+    """The iteration with the highest mean CC at the coarsest binning (8x8 by default), of
+    the first channel."""
+    key = f"{'ch0_' if channels > 1 else ''}cc_{max(bins)}x{max(bins)}"
+    best = max(by_iteration, key=lambda row: row[key])
+    return best['iteration'], key, best[key]
 
 
 def main(argv=None):
+    # Options: the network shape and the data's units travel with the model.
     option = TestOption()
     opt = option.parse(argv)
     trained = read_json(opt.checkpoint_dir, 'train_options.json')
-    if trained:  # the network shape and the data's units travel with the model
+    if trained:
         option.adopt(opt, trained, NETWORK_OPTIONS + DATA_OPTIONS,
                      os.path.join(opt.checkpoint_dir, 'train_options.json'))
     device, _ = select_device(opt)
     precision = Precision(opt, device)
-    dataset = CustomDataset(opt)
 
+    # Data and checkpoints
+    dataset = CustomDataset(opt)
+    if dataset.target_paths is not None:
+        check_pairing(dataset.input_paths, dataset.target_paths)
     if opt.iteration == -1:
         iterations = saved_steps(opt.model_dir, 'G')
         if not iterations:
@@ -84,12 +113,27 @@ def main(argv=None):
         require_checkpoint(opt.model_dir, opt.iteration, 'G')
         iterations = [opt.iteration]
 
+    # Translate with every generator asked for; metrics when targets are given.
     G = Generator(opt).to(device)
+    by_iteration = []
     for iteration in iterations:
         load_state_dict(G, checkpoint_path(opt.model_dir, iteration, 'G'))
         out_dir = os.path.join(opt.image_dir, str(iteration))
-        translate(G, dataset, out_dir, opt, device, iteration, precision)
+        rows = translate(G, dataset, out_dir, opt, device, iteration, precision,
+                         panels=opt.save_panels)
         print(f"iteration {iteration}: {len(dataset)} file(s) written to {out_dir}")
+        if rows:
+            summary = summarize(rows)
+            write_csv(os.path.join(out_dir, 'metrics.csv'), rows)
+            write_json(os.path.join(out_dir, 'metrics_summary.json'), summary)
+            print(metrics_table(summary, opt.metric_bins, opt.target_ch))
+            by_iteration.append({'iteration': iteration,
+                                 **{key: value['mean'] for key, value in summary.items()}})
+    if len(by_iteration) > 1:
+        write_csv(os.path.join(opt.image_dir, 'metrics_by_iteration.csv'), by_iteration)
+        iteration, key, value = best_iteration(by_iteration, opt.metric_bins, opt.target_ch)
+        print(f"best iteration by mean {key}: {iteration} ({value:.4f}); all in "
+              f"{os.path.join(opt.image_dir, 'metrics_by_iteration.csv')}")
     return 0
 
 

@@ -8,49 +8,57 @@ import os
 import sys
 
 import torch
-from torch.utils.data import DataLoader, Sampler
+from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
 from pix2pixCC_Networks import Discriminator, Generator, Loss, count_parameters, weights_init
 from pix2pixCC_Options import NOT_RESUMED, BaseOption, TrainOption, UserError, run_main
 from pix2pixCC_Pipeline import CustomDataset, check_dataset, check_pairing
 from pix2pixCC_Test import translate
-from pix2pixCC_Utils import (Manager, Precision, checkpoint_path, load_state_dict, make_dirs,
-                             newest_complete_step, options_record, read_json, require_checkpoint,
-                             rng_states, safe_load, select_device, set_rng_states, set_seed,
-                             state_path, write_json)
+from pix2pixCC_Utils import (Distributed, Manager, Precision, bare, checkpoint_path,
+                             load_state_dict, make_dirs, newest_complete_step, options_record,
+                             read_json, require_checkpoint, rng_states, safe_load,
+                             set_rng_states, set_seed, state_path, summarize, write_csv,
+                             write_json)
 
 
-class EpochSampler(Sampler):
-    """Sample order of one epoch, and a seed for each sample's augmentation.
+class EpochSampler(DistributedSampler):
+    """DistributedSampler that also gives each sample a seed for its augmentation, and can
+    start an epoch part-way (to resume).
 
-    Both are drawn from (run seed, epoch), not from a running RNG, so a resumed run sees the
-    same order and augmentation as an uninterrupted one and can skip the samples already done.
-    Yields (index, seed) items for CustomDataset.
+    The epoch's order and the seeds are drawn from (run seed, epoch), not from a running RNG,
+    so a resumed run sees the same order and augmentation as an uninterrupted one, whatever
+    the number of data-loading workers. Each of `num_replicas` processes takes every
+    `num_replicas`-th item. Yields (index, seed) items for CustomDataset.
     """
 
-    def __init__(self, n_samples, shuffle, seed):
-        self.n_samples, self.shuffle, self.seed = n_samples, shuffle, seed
-        self.epoch, self.start = 1, 0
+    def __init__(self, n_samples, shuffle, seed, num_replicas=1, rank=0):
+        super().__init__(range(n_samples), num_replicas=num_replicas, rank=rank,
+                         shuffle=shuffle, seed=seed)
+        self.start = 0
 
     def set_epoch(self, epoch, start=0):
-        self.epoch, self.start = epoch, start
+        """`start`: samples of this epoch already done (by all processes together)."""
+        super().set_epoch(epoch)
+        self.start = start
 
     def items(self):
+        n = len(self.dataset)
         generator = torch.Generator().manual_seed(self.seed * 100003 + self.epoch)
-        order = (torch.randperm(self.n_samples, generator=generator) if self.shuffle
-                 else torch.arange(self.n_samples))
-        seeds = torch.randint(0, 2**62, (self.n_samples,), generator=generator)
-        return list(zip(order.tolist(), seeds.tolist()))
+        order = torch.randperm(n, generator=generator) if self.shuffle else torch.arange(n)
+        seeds = torch.randint(0, 2**62, (n,), generator=generator)
+        items = list(zip(order.tolist(), seeds.tolist()))[self.start:]
+        items += items[:-len(items) % self.num_replicas or 0]  # equal shares, as DistributedSampler
+        return items[self.rank::self.num_replicas]
 
     def __iter__(self):
-        return iter(self.items()[self.start:])
+        return iter(self.items())
 
     def __len__(self):
-        return self.n_samples - self.start
+        return -(-(len(self.dataset) - self.start) // self.num_replicas)
 
 
-def resume_point(option, opt):
+def resume_point(option, opt, log=print):
     """Resolve --latest_iter (-1: newest complete checkpoint) and take the resumed run's
     options from its training state (or train_options.json); returns the state or None."""
     if opt.latest_iter == 0:
@@ -64,37 +72,58 @@ def resume_point(option, opt):
         if os.path.isfile(state_path(opt.model_dir, step)) else None
     saved = state['options'] if state else read_json(opt.checkpoint_dir, 'train_options.json')
     if saved:
-        option.adopt(opt, saved, [k for k in saved if k not in NOT_RESUMED], f'the run at step {step}')
+        option.adopt(opt, saved, [k for k in saved if k not in NOT_RESUMED],
+                     f'the run at step {step}', log)
     opt.latest_iter = step
     if state is None:
-        print(f"notice: no {state_path(opt.model_dir, step)}; resuming from the weights alone "
-              f"(the optimisers start afresh)")
+        log(f"notice: no {state_path(opt.model_dir, step)}; resuming from the weights alone "
+            f"(the optimisers start afresh)")
     return state
 
 
-def main(argv=None):
-    # Options (a resumed run takes the options it was trained with, unless given again)
-    option = TrainOption()
-    opt = option.parse(argv)
-    state = resume_point(option, opt)
-    if opt.seed is None:
-        opt.seed = int(torch.randint(0, 2**31 - 1, (1,)))
-    set_seed(opt.seed)
-    device, gpu_ids = select_device(opt)
-    precision = Precision(opt, device)
-    make_dirs(opt.model_dir, opt.image_dir)
-
-    # Data: every file is read and checked once before any network is built.
-    dataset = CustomDataset(opt)
+def check_data(dataset, opt, log=print):
+    """Read and check every training pair before any network is built (a bad file fails in
+    seconds, not hours); returns the data's (height, width)."""
     if opt.check_pairing:
         check_pairing(dataset.input_paths, dataset.target_paths)
-    height, width = check_dataset(dataset, 2 ** opt.n_downsample, opt.n_workers,
+    height, width = check_dataset(dataset, 2 ** opt.n_downsample, opt.n_workers, log=log,
                                   progress=lambda it: tqdm(it, desc='checking data', unit='pair',
                                                            disable=None, leave=False))
     if opt.data_size != height:
-        print(f"notice: the data are {height}x{width}; --data_size {opt.data_size} is ignored")
+        log(f"notice: the data are {height}x{width}; --data_size {opt.data_size} is ignored")
+    # Each PatchDiscriminator needs at least 24x24 pixels at its scale, and scale i sees the
+    # pair pooled i times.
+    smallest = min(height, width)
+    for _ in range(opt.n_D - 1):
+        smallest = (smallest + 1) // 2
+    if smallest < 24:
+        raise UserError(f"the data are {height}x{width}, too small for --n_D {opt.n_D}: the "
+                        f"coarsest discriminator scale would see {smallest} px (at least 24 "
+                        f"needed); lower --n_D or use larger images")
+    return height, width
+
+
+def main(argv=None):
+    # Options and devices. A resumed run takes the options it was trained with, unless they
+    # are given again. Under torchrun this is one of several processes; rank 0 writes files.
+    option = TrainOption()
+    opt = option.parse(argv)
+    cluster = Distributed()
+    log = print if cluster.is_main else (lambda *args: None)
+    device, gpu_ids = cluster.setup(opt, log)
+    state = resume_point(option, opt, log)
+    if opt.seed is None:
+        opt.seed = cluster.broadcast(int(torch.randint(0, 2**31 - 1, (1,))))
+    set_seed(opt.seed)
+    precision = Precision(opt, device)
+    cluster.on_main(lambda: make_dirs(opt.model_dir, opt.image_dir))
+
+    # Data
+    dataset = CustomDataset(opt)
+    cluster.on_main(lambda: check_data(dataset, opt, log))
     val_dataset = CustomDataset(opt, split='test') if opt.val_during_train else None
-    sampler = EpochSampler(len(dataset), shuffle=not opt.no_shuffle, seed=opt.seed)
+    sampler = EpochSampler(len(dataset), shuffle=not opt.no_shuffle, seed=opt.seed,
+                           num_replicas=cluster.world_size, rank=cluster.rank)
     loader = DataLoader(dataset, batch_size=opt.batch_size, sampler=sampler,
                         num_workers=opt.n_workers, pin_memory=device.type == 'cuda',
                         persistent_workers=opt.n_workers > 0)
@@ -105,7 +134,7 @@ def main(argv=None):
     if opt.latest_iter > 0:
         load_state_dict(G, checkpoint_path(opt.model_dir, opt.latest_iter, 'G'))
         load_state_dict(D, checkpoint_path(opt.model_dir, opt.latest_iter, 'D'))
-    G, D = G.to(device), D.to(device)
+    G, D = cluster.wrap(G.to(device), device), cluster.wrap(D.to(device), device)
     if len(gpu_ids) > 1:
         G = torch.nn.DataParallel(G, device_ids=gpu_ids)
         D = torch.nn.DataParallel(D, device_ids=gpu_ids)
@@ -113,8 +142,10 @@ def main(argv=None):
     G_optim = torch.optim.Adam(G.parameters(), lr=opt.lr, betas=(opt.beta1, opt.beta2))
     D_optim = torch.optim.Adam(D.parameters(), lr=opt.lr, betas=(opt.beta1, opt.beta2))
     if state is not None:
-        G_optim.load_state_dict(state['G_optim'])
-        D_optim.load_state_dict(state['D_optim'])
+        for optimizer, name in ((G_optim, 'G_optim'), (D_optim, 'D_optim')):
+            optimizer.load_state_dict(state[name])
+            for group in optimizer.param_groups:  # a new --lr/--beta1/--beta2 applies
+                group['lr'], group['betas'] = opt.lr, (opt.beta1, opt.beta2)
         precision.scaler.load_state_dict(state['scaler'])
         set_rng_states(state['rng'])
 
@@ -123,38 +154,49 @@ def main(argv=None):
                 'scaler': precision.scaler.state_dict(), 'rng': rng_states(),
                 'options': options_record(opt)}
 
-    write_json(os.path.join(opt.checkpoint_dir, 'train_options.json'), options_record(opt))
-    print(BaseOption.describe(opt))
-    print(f"Generator: {count_parameters(G):,} parameters; Discriminator: "
-          f"{count_parameters(D):,}; device: {device}; seed: {opt.seed}"
-          f"{'; mixed precision ' + str(precision.dtype) if precision.enabled else ''}")
+    if cluster.is_main:
+        write_json(os.path.join(opt.checkpoint_dir, 'train_options.json'), options_record(opt))
+    log(BaseOption.describe(opt))
+    log(f"Generator: {count_parameters(G):,} parameters; Discriminator: "
+        f"{count_parameters(D):,}; device: {device}; seed: {opt.seed}"
+        f"{'; mixed precision ' + str(precision.dtype) if precision.enabled else ''}")
 
     def validate(step):
-        translate(G, val_dataset, os.path.join(opt.checkpoint_dir, 'Image', 'Test', str(step)),
-                  opt, device, step, precision)
+        """Translate the test inputs; with --target_dir_test, log their mean metrics."""
+        rows = translate(bare(G), val_dataset, os.path.join(opt.checkpoint_dir, 'Image', 'Test',
+                                                            str(step)),
+                         opt, device, step, precision)
+        if rows:
+            means = {key: value['mean'] for key, value in summarize(rows).items()}
+            write_csv(os.path.join(opt.checkpoint_dir, 'val_metrics.csv'),
+                      [{'step': step, **means}], append=True)
 
-    progress = tqdm(total=opt.n_epochs * len(dataset), initial=opt.latest_iter, unit='sample',
-                    disable=None, dynamic_ncols=True)
-    manager = Manager(opt, G, D, training_state, log=progress.write,
+    n_samples = len(dataset)
+    progress = tqdm(total=opt.n_epochs * n_samples, initial=opt.latest_iter, unit='sample',
+                    disable=None if cluster.is_main else True, dynamic_ncols=True)
+    manager = Manager(opt, G, D, training_state, log=progress.write, active=cluster.is_main,
                       validate=validate if opt.val_during_train else None)
 
     # Loop: generate, score D on real and fake, step G (D frozen inside the Loss), step D.
-    # One epoch is one pass over the data; current_step counts samples.
+    # One epoch is one pass over the data; current_step counts samples of all processes.
     current_step = opt.latest_iter
-    n_samples = len(dataset)
     epoch = current_step // n_samples
     for epoch in range(current_step // n_samples + 1, opt.n_epochs + 1):
         sampler.set_epoch(epoch, start=current_step - (epoch - 1) * n_samples)
         for input, target in loader:
             input = input.to(device, non_blocking=True)
             target = target.to(device, non_blocking=True)
+            # The last batches of an epoch may hold fewer samples (or, with several
+            # processes, repeats that even out the shares): count each sample once.
+            next_step = min(current_step + input.shape[0] * cluster.world_size,
+                            epoch * n_samples)
 
             with precision.autocast():
                 loss_D, loss_G, target, fake = criterion(D, G, input, target)
-            if not torch.isfinite(loss_D.detach() + loss_G.detach()):
-                raise UserError(f"the loss is not finite at step {current_step + input.shape[0]} "
-                                f"(D {float(loss_D):.4g}, G {float(loss_G):.4g}); training "
-                                f"stopped before updating the weights; last good checkpoint: "
+            if not cluster.all_finite(loss_D + loss_G):
+                raise UserError(f"the loss is not finite at step {next_step} (D "
+                                f"{float(loss_D):.4g}, G {float(loss_G):.4g}); training stopped "
+                                f"before updating the weights; last good checkpoint: "
                                 f"{manager.last_good()}; a lower --lr may help")
 
             G_optim.zero_grad(set_to_none=True)
@@ -165,12 +207,13 @@ def main(argv=None):
             precision.scaler.step(D_optim)
             precision.scaler.update()
 
-            previous_step, current_step = current_step, current_step + input.shape[0]
-            progress.update(input.shape[0])
+            previous_step, current_step = current_step, next_step
+            progress.update(current_step - previous_step)
             manager.after_step(epoch, previous_step, current_step, n_samples,
                                (input, target, fake), criterion.terms)
     progress.close()
     manager.finish(current_step, epoch)
+    cluster.close()
     return 0
 
 

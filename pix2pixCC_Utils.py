@@ -39,6 +39,85 @@ def select_device(opt, log=print):
     return torch.device(f'cuda:{ids[0]}'), ids
 
 
+class Distributed:
+    """This process's place in a torchrun job (DistributedDataParallel), or a lone process.
+
+    torchrun sets RANK, LOCAL_RANK and WORLD_SIZE. With more than one process, each drives
+    one device: GPU `LOCAL_RANK` with NCCL, or the CPU with Gloo when `--gpu_ids -1` or no
+    CUDA. Only rank 0 (`is_main`) writes files.
+    """
+
+    def __init__(self):
+        self.world_size = int(os.environ.get('WORLD_SIZE', 1))
+        self.rank = int(os.environ.get('RANK', 0))
+        self.local_rank = int(os.environ.get('LOCAL_RANK', 0))
+        self.enabled = self.world_size > 1
+        self.is_main = self.rank == 0
+
+    def setup(self, opt, log=print):
+        """Start the process group; returns (device, gpu_ids) like `select_device`."""
+        if not self.enabled:
+            return select_device(opt, log if self.is_main else (lambda message: None))
+        import torch.distributed as dist
+        use_cuda = opt.gpu_ids != '-1' and torch.cuda.is_available()
+        if use_cuda:
+            torch.cuda.set_device(self.local_rank)
+        dist.init_process_group('nccl' if use_cuda else 'gloo')
+        device = torch.device(f'cuda:{self.local_rank}' if use_cuda else 'cpu')
+        if self.is_main:
+            log(f"distributed: {self.world_size} processes "
+                f"({'NCCL on GPUs' if use_cuda else 'Gloo on CPUs'})")
+        return device, []
+
+    def broadcast(self, value):
+        """Rank 0's `value` on every rank."""
+        if not self.enabled:
+            return value
+        import torch.distributed as dist
+        box = [value]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def on_main(self, function):
+        """Run `function` on rank 0 only; every rank gets its result, or raises its UserError
+        (so a bad dataset stops all processes instead of leaving them waiting)."""
+        result, error = None, None
+        if self.is_main:
+            try:
+                result = function()
+            except UserError as caught:
+                error = str(caught)
+        result, error = self.broadcast((result, error))
+        if error is not None:
+            raise UserError(error)
+        return result
+
+    def all_finite(self, value):
+        """True when `value` (a 0-d tensor) is finite on every rank."""
+        finite = torch.isfinite(value.detach()).float()
+        if self.enabled:
+            import torch.distributed as dist
+            dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+        return bool(finite)
+
+    def wrap(self, module, device):
+        """DistributedDataParallel around `module`; on GPUs BatchNorm becomes SyncBatchNorm
+        (PyTorch has no SyncBatchNorm on the CPU, so there each process keeps its own batch
+        statistics)."""
+        if not self.enabled:
+            return module
+        from torch.nn.parallel import DistributedDataParallel
+        if device.type == 'cuda':
+            module = nn.SyncBatchNorm.convert_sync_batchnorm(module)
+        return DistributedDataParallel(module, device_ids=[device.index] if device.type == 'cuda'
+                                       else None)
+
+    def close(self):
+        if self.enabled:
+            import torch.distributed as dist
+            dist.destroy_process_group()
+
+
 class Precision:
     """float32, or mixed precision for --data_type 16 (weights and optimiser stay float32).
 
@@ -258,6 +337,174 @@ def set_rng_states(states):
 
 
 # ----------------------------------------------------------------------------------------
+# Metrics: the numbers a paper reports (CC after binning, errors, flux)
+# ----------------------------------------------------------------------------------------
+
+
+def bin_mean(x, k):
+    """Mean over non-overlapping k x k blocks of (..., H, W); edges that do not fill a block
+    are dropped."""
+    if k == 1:
+        return x
+    h, w = x.shape[-2] // k * k, x.shape[-1] // k * k
+    x = x[..., :h, :w]
+    return x.reshape(*x.shape[:-2], h // k, k, w // k, k).mean(axis=(-3, -1))
+
+
+def image_metrics(real, fake, bins):
+    """Metrics of one generated map against its target, both C x H x W in physical units.
+
+    For every channel c and binning factor k: Pearson CC, concordance CC (the Inspector's own
+    `correlation`), RMSE and MAE; at full resolution the total unsigned flux sum|x| and the net
+    flux sum(x) of real and generated data. Pixels where the target is not finite are left
+    out. Keys: `cc_8x8`, `rmse_1x1`, `flux_net_real`, ... (prefixed `ch<c>_` for several
+    channels).
+    """
+    from pix2pixCC_Networks import correlation
+    real, fake = np.asarray(real, np.float64), np.asarray(fake, np.float64)
+    row = {}
+    for c in range(real.shape[0]):
+        prefix = f'ch{c}_' if real.shape[0] > 1 else ''
+        for k in bins:
+            r, f = bin_mean(real[c], k), bin_mean(fake[c], k)
+            keep = np.isfinite(r) & np.isfinite(f)
+            r, f = torch.from_numpy(r[keep])[None], torch.from_numpy(f[keep])[None]
+            row[f'{prefix}cc_{k}x{k}'] = float(correlation(r, f, ccc=False, eps=0)[0])
+            row[f'{prefix}ccc_{k}x{k}'] = float(correlation(r, f, ccc=True, eps=0)[0])
+            row[f'{prefix}rmse_{k}x{k}'] = float(torch.sqrt(((r - f) ** 2).mean()))
+            row[f'{prefix}mae_{k}x{k}'] = float((r - f).abs().mean())
+        keep = np.isfinite(real[c]) & np.isfinite(fake[c])
+        r, f = real[c][keep], fake[c][keep]
+        row.update({f'{prefix}flux_unsigned_real': float(np.abs(r).sum()),
+                    f'{prefix}flux_unsigned_fake': float(np.abs(f).sum()),
+                    f'{prefix}flux_net_real': float(r.sum()),
+                    f'{prefix}flux_net_fake': float(f.sum())})
+    return row
+
+
+def summarize(rows):
+    """{metric: {'mean', 'std', 'median'}} over the rows' numeric columns (NaN ignored)."""
+    summary = {}
+    for key in rows[0]:
+        values = np.array([row[key] for row in rows], dtype=object)
+        if not all(isinstance(v, (int, float)) for v in values):
+            continue
+        values = values.astype(np.float64)
+        summary[key] = {'mean': float(np.nanmean(values)), 'std': float(np.nanstd(values)),
+                        'median': float(np.nanmedian(values))}
+    return summary
+
+
+def write_csv(path, rows, append=False):
+    """Write `rows` (dicts with the same keys) as CSV; with `append`, after the rows already
+    there. The whole file is rewritten under a temporary name and renamed, so a process
+    killed mid-write leaves the previous complete file."""
+    import csv
+    existing = []
+    if append and os.path.isfile(path):
+        with open(path, newline='') as f:
+            existing = list(csv.DictReader(f))
+    all_rows = existing + [dict(row) for row in rows]
+    columns = list(dict.fromkeys(key for row in all_rows for key in row))
+    with atomic_path(path) as temporary:
+        with open(temporary, 'w', newline='') as f:
+            writer = csv.DictWriter(f, fieldnames=columns)
+            writer.writeheader()
+            writer.writerows(all_rows)
+
+
+def read_csv(path):
+    import csv
+    if not os.path.isfile(path):
+        return []
+    with open(path, newline='') as f:
+        return list(csv.DictReader(f))
+
+
+def metrics_table(summary, bins, channels=1):
+    """A short text table: mean CC, CCC, RMSE, MAE per binning factor (and channel)."""
+    lines = [f"{'channel':>7} {'bin':>5} {'CC':>7} {'CCC':>7} {'RMSE':>11} {'MAE':>11}"]
+    for c in range(channels):
+        prefix = f'ch{c}_' if channels > 1 else ''
+        for k in bins:
+            mean = lambda name: summary[f'{prefix}{name}_{k}x{k}']['mean']
+            lines.append(f"{c:>7} {f'{k}x{k}':>5} {mean('cc'):7.4f} {mean('ccc'):7.4f} "
+                         f"{mean('rmse'):11.4g} {mean('mae'):11.4g}")
+    return '\n'.join(lines)
+
+
+# ----------------------------------------------------------------------------------------
+# Pictures: comparison panels and the loss curve (matplotlib, no display needed)
+# ----------------------------------------------------------------------------------------
+
+
+def _pyplot():
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def save_panel(path, input, real, generated, target_scaling):
+    """input | real | generated | difference, one row per target channel.
+
+    input: C x H x W normalised (grey, [-1, 1]); real, generated: C x H x W in physical units.
+    Real and generated share one colour scale: for signed data (limits on both sides of 0)
+    diverging around 0 up to the largest |real| value, otherwise the target's saturation
+    limits. The difference has its own symmetric diverging scale.
+    """
+    plt = _pyplot()
+    from matplotlib.colors import LogNorm
+    lo, up = target_scaling.lower, target_scaling.upper
+    if lo < 0 < up:
+        peak = float(np.nanmax(np.abs(real))) if np.isfinite(real).any() else 0.0
+        peak = peak or max(-lo, up)
+        data_style = dict(cmap='RdBu_r', vmin=-peak, vmax=peak)
+    elif target_scaling.log:
+        data_style = dict(cmap='viridis', norm=LogNorm(vmin=lo, vmax=up))
+    else:
+        data_style = dict(cmap='viridis', vmin=lo, vmax=up)
+    difference = generated - real
+    spread = float(np.nanmax(np.abs(difference))) if np.isfinite(difference).any() else 1.0
+    diff_style = dict(cmap='RdBu_r', vmin=-spread or -1, vmax=spread or 1)
+    rows = real.shape[0]
+    figure, axes = plt.subplots(rows, 4, figsize=(13, 3.2 * rows), squeeze=False)
+    for c in range(rows):
+        panels = ((input[min(c, input.shape[0] - 1)], 'input (normalised)',
+                   dict(cmap='gray', vmin=-1, vmax=1)),
+                  (real[c], 'real', data_style), (generated[c], 'generated', data_style),
+                  (difference[c], 'generated - real', diff_style))
+        for axis, (image, title, style) in zip(axes[c], panels):
+            shown = axis.imshow(image, origin='lower', interpolation='nearest', **style)
+            axis.set_title(title + (f' [ch {c}]' if rows > 1 else ''))
+            axis.set_xticks([]), axis.set_yticks([])
+            figure.colorbar(shown, ax=axis, fraction=0.046, pad=0.04)
+    figure.tight_layout()
+    with atomic_path(path) as temporary:
+        figure.savefig(temporary, dpi=80)
+    plt.close(figure)
+
+
+def save_loss_curve(path, rows):
+    """Loss terms of loss_log.csv rows against the step."""
+    if not rows:
+        return
+    plt = _pyplot()
+    steps = [int(row['step']) for row in rows]
+    figure, (losses, cc) = plt.subplots(1, 2, figsize=(12, 4))
+    for name in ('D', 'G', 'G_LSGAN', 'G_FM', 'G_CC'):
+        losses.plot(steps, [float(row[name]) for row in rows], label=name)
+    losses.set_xlabel('step (samples)'), losses.set_ylabel('loss'), losses.set_yscale('log')
+    losses.legend()
+    cc.plot(steps, [float(row['CC']) for row in rows], color='k')
+    cc.set_xlabel('step (samples)'), cc.set_ylabel('CC (training batch, full resolution)')
+    figure.tight_layout()
+    with atomic_path(path) as temporary:
+        figure.savefig(temporary, dpi=80)
+    plt.close(figure)
+
+
+# ----------------------------------------------------------------------------------------
 # Training bookkeeping
 # ----------------------------------------------------------------------------------------
 
@@ -291,35 +538,60 @@ class Manager:
     what, beside the two networks, a run needs to resume exactly (optimisers, RNGs, ...).
     """
 
-    def __init__(self, opt, G, D, training_state, log=print, validate=None):
+    def __init__(self, opt, G, D, training_state, log=print, validate=None, active=True):
+        from pix2pixCC_Pipeline import Scaling
+        self.active = active  # False on every process but the first of a distributed run
         self.opt, self.G, self.D = opt, G, D
         self.training_state = training_state
         self.log = log
         self.validate = validate
         self.last_saved = opt.latest_iter or None
         self.start_time = time.time()
+        self.last_report = (time.time(), opt.latest_iter)
+        self.target_scaling = Scaling.from_options(opt, 'target')
+        self.target_scaling.save_scale = 1.0  # previews show the target's own units
+        self.loss_log = os.path.join(opt.checkpoint_dir, 'loss_log.csv')
+        # A resumed run redoes the steps after its checkpoint: drop their old log lines.
+        rows = read_csv(self.loss_log) if active else []
+        if opt.latest_iter and any(int(row['step']) > opt.latest_iter for row in rows):
+            write_csv(self.loss_log, [r for r in rows if int(r['step']) <= opt.latest_iter])
 
     def after_step(self, epoch, previous_step, current_step, n_samples, batch, terms):
         """batch = (input, target, fake), each (B, C, H, W) normalised."""
         opt = self.opt
+        if not self.active:
+            return
         if crossed(previous_step, current_step, opt.report_freq):
-            self.report(epoch, current_step, n_samples, terms)
+            self.report(epoch, previous_step, current_step, n_samples, terms)
         if crossed(previous_step, current_step, opt.display_freq):
             self.save_previews(current_step, batch)
         if crossed(previous_step, current_step, opt.save_freq):
             self.save(current_step, epoch)
 
-    def report(self, epoch, current_step, n_samples, terms):
+    def report(self, epoch, previous_step, current_step, n_samples, terms):
+        """The report line (as published) and a row of loss_log.csv."""
         done = (current_step - 1) % n_samples + 1
+        terms = {name: float(value) for name, value in terms.items()}
         self.log(f"Epoch: {epoch}/{self.opt.n_epochs} [{100.0 * done / n_samples:5.1f}%] "
-                 f"Current_step: {current_step} D_loss: {float(terms['D']):.4f} "
-                 f"G_loss: {float(terms['G']):.4f}")
+                 f"Current_step: {current_step} D_loss: {terms['D']:.4f} "
+                 f"G_loss: {terms['G']:.4f}")
+        now, batch = time.time(), current_step - previous_step
+        last_time, last_step = self.last_report
+        seconds_per_step = (now - last_time) / max(1, (current_step - last_step) / batch)
+        self.last_report = (now, current_step)
+        write_csv(self.loss_log, [dict(step=current_step, epoch=epoch, **terms,
+                                       seconds_per_step=round(seconds_per_step, 5))],
+                  append=True)
 
     def save_previews(self, current_step, batch):
-        _, target, fake = batch
-        for name, tensor in (('real', target[0]), ('fake', fake[0])):
-            path = os.path.join(self.opt.image_dir, f'{current_step}_{name}.{self.opt.image_mode}')
-            save_image(path, to_preview(tensor, self.opt.display_scale))
+        input, target, fake = (t[0].detach().float().cpu() for t in batch)
+        stem = os.path.join(self.opt.image_dir, str(current_step))
+        for name, tensor in (('real', target), ('fake', fake)):
+            save_image(f'{stem}_{name}.{self.opt.image_mode}',
+                       to_preview(tensor, self.opt.display_scale))
+        save_panel(f'{stem}_panel.png', input.numpy(),
+                   self.target_scaling.inverse(target.numpy()),
+                   self.target_scaling.inverse(fake.numpy()), self.target_scaling)
 
     def save(self, current_step, epoch):
         """G, D, then the training state: a step is complete once its state file exists."""
@@ -330,6 +602,8 @@ class Manager:
             torch.save(dict(self.training_state(), step=current_step, epoch=epoch), temporary)
         self.last_saved = current_step
         self.log(f"saved {checkpoint_path(model_dir, current_step, 'G')}, _D.pt and _state.pt")
+        save_loss_curve(os.path.join(self.opt.checkpoint_dir, 'loss_curve.png'),
+                        read_csv(self.loss_log))
         if self.validate is not None:
             self.validate(current_step)
 
@@ -340,6 +614,8 @@ class Manager:
                f"(resume with --latest_iter {self.last_saved})"
 
     def finish(self, current_step, epoch):
+        if not self.active:
+            return
         if self.last_saved != current_step:
             self.save(current_step, epoch)
         elapsed = datetime.timedelta(seconds=round(time.time() - self.start_time))

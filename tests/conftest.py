@@ -74,7 +74,7 @@ def write_user_file(path, array, fmt, header=None):
     """
     if fmt in ('png', 'jpg', 'jpeg'):
         from PIL import Image
-        kwargs = {'quality': 95} if fmt in ('jpg', 'jpeg') else {}
+        kwargs = {'quality': 95, 'subsampling': 0} if fmt in ('jpg', 'jpeg') else {}
         Image.fromarray(array).save(path, **kwargs)
     elif fmt in ('tif', 'tiff'):
         import tifffile
@@ -91,7 +91,7 @@ def write_user_file(path, array, fmt, header=None):
     return path
 
 
-def smooth_field(rng, size, channels=1, low=0.0, high=1.0):
+def smooth_field(rng, size, channels=1, low=0.0, high=1.0, noise=0.1):
     """A smooth random field (C, H, W) in [low, high]: structured, not white noise."""
     yy, xx = np.mgrid[0:size, 0:size] / size
     out = []
@@ -100,7 +100,7 @@ def smooth_field(rng, size, channels=1, low=0.0, high=1.0):
         p, q = rng.uniform(0, 2 * np.pi, 2)
         field = np.sin(2 * np.pi * a * xx + p) * np.cos(2 * np.pi * b * yy + q) + \
             0.5 * np.sin(2 * np.pi * (c * xx + d * yy))
-        field += 0.1 * rng.standard_normal((size, size))
+        field += noise * rng.standard_normal((size, size))
         field = (field - field.min()) / (field.max() - field.min())
         out.append(low + (high - low) * field)
     return np.stack(out).astype(np.float32)

@@ -1,0 +1,530 @@
+"""Training and test drivers end to end (SPEC sections 6 and 7).
+
+The scripts run as a user runs them (`python /abs/pix2pixCC_Train.py ...` with the working
+directory set to a fresh tmp folder, outputs under ./checkpoints/<dataset_name>/), with a
+tiny network for two epochs on six small files. Each format's run is made once per module
+(module-scoped fixtures) and inspected by several tests.
+"""
+import json
+import math
+import os
+import re
+import shutil
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import tifffile
+import torch
+from astropy.io import fits
+from PIL import Image
+
+import pix2pixCC_Test
+import pix2pixCC_Train
+from conftest import (SAMPLE_SCALING, TINY, assert_ok, assert_usage_error, copy_sample,
+                      make_pairs, make_test_opt, run_test, run_train, train_opt,
+                      write_user_file)
+from pix2pixCC_Networks import Discriminator, Generator
+
+REPORT = re.compile(r'Epoch:\s*(\d+)/(\d+).*?Current_step:\s*(\d+).*?D_loss:\s*(\S+).*?'
+                    r'G_loss:\s*(\S+)')
+
+
+def reports(stdout):
+    """[(epoch, step, D_loss, G_loss)] of the report lines."""
+    out = []
+    for line in stdout.splitlines():
+        if 'Epoch:' in line:
+            match = REPORT.search(line)
+            assert match, line
+            out.append((int(match.group(1)), int(match.group(3)), float(match.group(4)),
+                        float(match.group(5))))
+    return out
+
+
+def steps_in(folder, suffix):
+    return sorted(int(name[:-len(suffix)]) for name in os.listdir(folder)
+                  if name.endswith(suffix) and name[:-len(suffix)].isdigit())
+
+
+def load_generator(opt, path):
+    G = Generator(opt)
+    G.load_state_dict(torch.load(path, map_location='cpu', weights_only=True), strict=True)
+    return G.eval()
+
+
+def run_g(G, x):
+    with torch.no_grad():
+        return G(torch.from_numpy(np.ascontiguousarray(x, np.float32))[None])[0].numpy()
+
+
+FREQS = ['--batch_size', '2', '--n_epochs', '2', '--report_freq', '3', '--save_freq', '5',
+         '--display_freq', '4']
+# 6 files, batch 2, 2 epochs: steps 2, 4, ..., 12. Crossing multiples of 3 -> reports at
+# 4, 6, 10, 12; of 5 -> saves at 6, 10 (+ the final 12); of 4 -> previews at 4, 8, 12.
+EXPECTED_REPORTS = [4, 6, 10, 12]
+EXPECTED_SAVES = [6, 10, 12]
+EXPECTED_PREVIEWS = [4, 8, 12]
+
+
+# ----------------------------------------------------------------------------------------
+# FITS, one channel: the shipped sample (EUV -> magnetogram), two discriminator scales
+# ----------------------------------------------------------------------------------------
+
+@pytest.fixture(scope='module')
+def fits_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp('fits_run')
+    train_in, train_tg, test_in = copy_sample(root / 'data', n_train=6, n_test=3)
+    data_flags = TINY + SAMPLE_SCALING + ['--dataset_name', 'sun', '--data_format_input', 'fits',
+                                          '--data_format_target', 'fits', '--n_D', '2']
+    proc = run_train(data_flags + FREQS + ['--input_dir_train', train_in,
+                                           '--target_dir_train', train_tg, '--no_shuffle',
+                                           '--seed', '1', '--data_size', '64'], cwd=root)
+    assert_ok(proc)
+    test_proc = run_test(data_flags + ['--input_dir_test', test_in], cwd=root)  # iteration -1
+    assert_ok(test_proc)
+    return SimpleNamespace(root=root, proc=proc, test_proc=test_proc, flags=data_flags,
+                           train_in=train_in, train_tg=train_tg, test_in=test_in,
+                           out=root / 'checkpoints' / 'sun')
+
+
+def test_train_writes_checkpoints_when_the_step_crosses_save_freq(fits_run):
+    model = fits_run.out / 'Model'
+    assert steps_in(model, '_G.pt') == EXPECTED_SAVES
+    assert steps_in(model, '_D.pt') == EXPECTED_SAVES
+    assert not [n for n in os.listdir(model) if n.startswith('.tmp')]
+
+
+def test_train_reports_when_the_step_crosses_report_freq(fits_run):
+    lines = reports(fits_run.proc.stdout)
+    assert [step for _, step, _, _ in lines] == EXPECTED_REPORTS
+    assert [epoch for epoch, _, _, _ in lines] == [1, 1, 2, 2]
+    assert all(math.isfinite(d) and math.isfinite(g) and d > 0 and g > 0 for _, _, d, g in lines)
+    assert re.search(r'Total time', fits_run.proc.stdout)
+
+
+def test_train_previews_when_the_step_crosses_display_freq(fits_run):
+    folder = fits_run.out / 'Image' / 'Train'
+    assert steps_in(folder, '_real.png') == EXPECTED_PREVIEWS
+    assert steps_in(folder, '_fake.png') == EXPECTED_PREVIEWS
+    for name in [f'{s}_{kind}.png' for s in EXPECTED_PREVIEWS for kind in ('real', 'fake')]:
+        with Image.open(folder / name) as image:
+            assert image.mode == 'L' and image.size == (64, 64)
+
+
+def test_train_preview_is_the_first_target_of_the_batch(fits_run):
+    # No shuffle: the batch ending at step 4 holds files 2 and 3; its first target is file 2.
+    target_path = sorted(os.path.join(fits_run.train_tg, n) for n in
+                         os.listdir(fits_run.train_tg))[2]
+    target = fits.getdata(target_path).astype(np.float32)
+    normalised = np.clip(target, -3000, 3000) / 3000
+    expected = np.clip((normalised + 1) * 127.5, 0, 255)
+    with Image.open(fits_run.out / 'Image' / 'Train' / '4_real.png') as image:
+        preview = np.asarray(image).astype(np.float64)
+    assert np.abs(preview - expected).max() <= 1.0
+
+
+def test_checkpoints_are_plain_state_dicts(fits_run):
+    opt = train_opt(*fits_run.flags)
+    for step in EXPECTED_SAVES:
+        for kind, network in (('G', Generator(opt)), ('D', Discriminator(opt))):
+            state = torch.load(fits_run.out / 'Model' / f'{step}_{kind}.pt', map_location='cpu',
+                               weights_only=True)
+            assert isinstance(state, dict)
+            assert not any(key.startswith('module.') for key in state)
+            network.load_state_dict(state, strict=True)
+            assert all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point())
+    # Training changed the weights between saves.
+    first = torch.load(fits_run.out / 'Model' / '6_G.pt', weights_only=True)
+    last = torch.load(fits_run.out / 'Model' / '12_G.pt', weights_only=True)
+    assert not torch.equal(first['model.1.weight'], last['model.1.weight'])
+
+
+def test_train_records_its_options(fits_run):
+    with open(fits_run.out / 'train_options.json') as f:
+        options = json.load(f)
+    assert options['dataset_name'] == 'sun' and options['n_gf'] == 8 and options['seed'] == 1
+    assert options['logscale_input'] is True
+
+
+def test_test_runs_every_checkpoint_in_ascending_order(fits_run):
+    test_dir = fits_run.out / 'Image' / 'Test'
+    assert sorted(int(n) for n in os.listdir(test_dir)) == EXPECTED_SAVES
+    order = [int(m) for m in re.findall(r'iteration (\d+)', fits_run.test_proc.stdout)]
+    assert order == sorted(order) and set(order) == set(EXPECTED_SAVES)
+    inputs = sorted(os.listdir(fits_run.test_in))
+    for step in EXPECTED_SAVES:
+        assert sorted(os.listdir(test_dir / str(step))) == \
+            [n.replace('.fits', '_AI.fits') for n in inputs]
+
+
+def test_test_fits_output_values_and_header(fits_run):
+    opt = train_opt(*fits_run.flags)
+    for step in EXPECTED_SAVES:
+        G = load_generator(opt, fits_run.out / 'Model' / f'{step}_G.pt')
+        for name in sorted(os.listdir(fits_run.test_in)):
+            with fits.open(os.path.join(fits_run.test_in, name)) as hdul:
+                data, input_header = hdul[0].data.astype(np.float32), hdul[0].header
+            out_path = fits_run.out / 'Image' / 'Test' / str(step) / name.replace('.fits',
+                                                                                 '_AI.fits')
+            with fits.open(out_path) as hdul:
+                assert len(hdul) == 1
+                out, header = hdul[0].data, hdul[0].header
+            assert header['BITPIX'] == -32 and out.shape == (64, 64)
+            # Header: pointing and time copied, the input's unit not, our provenance added.
+            for key in ('DATE-OBS', 'CTYPE1', 'CRPIX1', 'CDELT1', 'CTYPE2', 'TELESCOP'):
+                assert header[key] == input_header[key], key
+            assert 'BUNIT' not in header
+            history = ' '.join(str(h) for h in header.get('HISTORY', []))
+            assert 'pix2pixCC' in history and 'sun' in history and str(step) in history
+            assert name in history
+            # Values: physical units of the target, recomputed here by hand.
+            x = np.log10(np.where(data <= 0, 1.0, data))
+            x = (x - np.log10(200) / 2) / (np.log10(200) / 2)
+            expected = np.clip(run_g(G, x[None])[0] * 3000, -3000, 3000)
+            assert np.all(np.isfinite(out))
+            assert out.min() >= -3000 and out.max() <= 3000
+            assert np.abs(out - expected).max() <= 1e-4 * max(np.abs(expected).max(), 1.0)
+
+
+def copy_run(run, tmp_path):
+    """A private copy of a run's checkpoints folder, for tests that add or remove files."""
+    shutil.copytree(run.out, tmp_path / 'checkpoints' / 'sun')
+    return tmp_path / 'checkpoints' / 'sun'
+
+
+def test_test_single_iteration(fits_run, tmp_path):
+    out = copy_run(fits_run, tmp_path)
+    shutil.rmtree(out / 'Image' / 'Test')
+    proc = run_test(fits_run.flags + ['--input_dir_test', fits_run.test_in, '--iteration', '10'],
+                    cwd=tmp_path)
+    assert_ok(proc)
+    assert os.listdir(out / 'Image' / 'Test') == ['10']
+    for name in os.listdir(out / 'Image' / 'Test' / '10'):
+        np.testing.assert_array_equal(
+            fits.getdata(out / 'Image' / 'Test' / '10' / name),
+            fits.getdata(fits_run.out / 'Image' / 'Test' / '10' / name))
+
+
+def test_test_missing_iteration_is_a_usage_error(fits_run, tmp_path):
+    copy_run(fits_run, tmp_path)
+    proc = run_test(fits_run.flags + ['--input_dir_test', fits_run.test_in, '--iteration', '999'],
+                    cwd=tmp_path)
+    line = assert_usage_error(proc, '999')
+    assert '6, 10, 12' in line  # lists what there is
+
+
+def resume_from_6(run, tmp_path, *extra):
+    """Copy the run, delete its checkpoints after step 6 and resume from step 6."""
+    out = copy_run(run, tmp_path)
+    originals = {}
+    for name in os.listdir(out / 'Model'):
+        if name.split('_')[0] in ('10', '12'):
+            if name.endswith(('_G.pt', '_D.pt')):
+                originals[name] = torch.load(out / 'Model' / name, weights_only=True)
+            os.remove(out / 'Model' / name)
+    before = (out / 'Model' / '6_G.pt').read_bytes()
+    proc = run_train(run.flags + FREQS + ['--input_dir_train', run.train_in,
+                                          '--target_dir_train', run.train_tg,
+                                          '--latest_iter', '6', *extra], cwd=tmp_path)
+    assert_ok(proc)
+    assert (out / 'Model' / '6_G.pt').read_bytes() == before
+    return out, proc, originals
+
+
+def test_resume_continues_from_the_checkpoint(fits_run, tmp_path):
+    out, proc, originals = resume_from_6(fits_run, tmp_path)
+    assert steps_in(out / 'Model', '_G.pt') == EXPECTED_SAVES
+    assert steps_in(out / 'Model', '_D.pt') == EXPECTED_SAVES
+    lines = reports(proc.stdout)
+    assert [step for _, step, _, _ in lines] == [10, 12]
+    assert all(epoch == 2 for epoch, _, _, _ in lines)
+    # Loaded from step 6, not started afresh: the resumed weights stay close to the
+    # uninterrupted run's (a new initialisation would be far away).
+    resumed = torch.load(out / 'Model' / '12_G.pt', weights_only=True)
+    fresh = Generator(train_opt(*fits_run.flags)).state_dict()
+    for key, value in originals['12_G.pt'].items():
+        distance = float((resumed[key] - value).abs().max())
+        assert distance < 0.01 < float((fresh[key] - value).abs().max()) or \
+            value.numel() < 64, key
+
+
+def test_resume_is_exact(fits_run, tmp_path):
+    """Resuming at step 6 gives the uninterrupted run's weights (same order, augmentation,
+    optimiser state)."""
+    out, _, originals = resume_from_6(fits_run, tmp_path)
+    for name, original in originals.items():
+        resumed = torch.load(out / 'Model' / name, weights_only=True)
+        for key in original:
+            assert torch.equal(resumed[key], original[key]), (name, key)
+
+
+def test_resume_with_a_new_learning_rate_uses_it(fits_run, tmp_path):
+    """An --lr given when resuming is the one used (the options file and the log say so).
+    With --lr 0 the weights must stay those of step 6."""
+    out, proc, _ = resume_from_6(fits_run, tmp_path, '--lr', '0')
+    for step in (10, 12):
+        for kind in ('G', 'D'):
+            resumed = torch.load(out / 'Model' / f'{step}_{kind}.pt', weights_only=True)
+            start = torch.load(out / 'Model' / f'6_{kind}.pt', weights_only=True)
+            for key in start:
+                assert torch.equal(resumed[key], start[key]), (step, kind, key)
+
+
+def test_resume_from_a_missing_step_lists_the_saved_steps(fits_run, tmp_path):
+    copy_run(fits_run, tmp_path)
+    proc = run_train(fits_run.flags + FREQS + ['--input_dir_train', fits_run.train_in,
+                                               '--target_dir_train', fits_run.train_tg,
+                                               '--latest_iter', '7'], cwd=tmp_path)
+    assert_usage_error(proc, '7', '6, 10, 12')
+
+
+# ----------------------------------------------------------------------------------------
+# npy, three channels (C x H x W), with validation during training
+# ----------------------------------------------------------------------------------------
+
+@pytest.fixture(scope='module')
+def npy_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp('npy_run')
+    train_in, train_tg = make_pairs(root / 'train', 'npy', n=6, size=32, channels=3)
+    test_in, _ = make_pairs(root / 'test', 'npy', n=3, size=32, channels=3, seed=9,
+                            prefix='val')
+    flags = TINY + ['--dataset_name', 'rgb', '--data_format_input', 'npy',
+                    '--data_format_target', 'npy', '--input_ch', '3', '--target_ch', '3',
+                    '--saturation_lower_limit_input', '0', '--saturation_upper_limit_input', '100',
+                    '--saturation_lower_limit_target', '0',
+                    '--saturation_upper_limit_target', '100']
+    proc = run_train(flags + FREQS + ['--input_dir_train', train_in, '--target_dir_train',
+                                      train_tg, '--val_during_train', '--input_dir_test', test_in,
+                                      '--data_size', '32'], cwd=root)
+    assert_ok(proc)
+    return SimpleNamespace(root=root, proc=proc, flags=flags, test_in=test_in,
+                           out=root / 'checkpoints' / 'rgb')
+
+
+def test_npy_run_checkpoints_reports_previews(npy_run):
+    assert steps_in(npy_run.out / 'Model', '_G.pt') == EXPECTED_SAVES
+    assert [step for _, step, _, _ in reports(npy_run.proc.stdout)] == EXPECTED_REPORTS
+    for step in EXPECTED_PREVIEWS:
+        with Image.open(npy_run.out / 'Image' / 'Train' / f'{step}_fake.png') as image:
+            assert image.mode == 'RGB' and image.size == (32, 32)
+
+
+def test_val_during_train_writes_test_outputs_at_every_save(npy_run):
+    test_dir = npy_run.out / 'Image' / 'Test'
+    assert sorted(int(n) for n in os.listdir(test_dir)) == EXPECTED_SAVES
+    for step in EXPECTED_SAVES:
+        assert sorted(os.listdir(test_dir / str(step))) == \
+            [f'val_{i:03d}_AI.npy' for i in range(3)]
+
+
+def test_npy_test_output_matches_validation_and_units(npy_run):
+    folder = npy_run.out / 'Image' / 'Test' / '12'
+    validation = {name: np.load(folder / name) for name in os.listdir(folder)}
+    proc = run_test(npy_run.flags + ['--input_dir_test', npy_run.test_in, '--iteration', '12'],
+                    cwd=npy_run.root)
+    assert_ok(proc)
+    opt = train_opt(*npy_run.flags)
+    G = load_generator(opt, npy_run.out / 'Model' / '12_G.pt')
+    for name, during_training in validation.items():
+        out = np.load(folder / name)
+        assert out.dtype == np.float32 and out.shape == (3, 32, 32)
+        np.testing.assert_allclose(out, during_training, rtol=1e-5, atol=1e-4)
+        x = np.load(os.path.join(npy_run.test_in, name.replace('_AI', '')))
+        expected = run_g(G, (x - 50) / 50) * 50 + 50
+        np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-4)
+
+
+# ----------------------------------------------------------------------------------------
+# TIFF float32, batch size that does not divide the data, odd-sized test inputs
+# ----------------------------------------------------------------------------------------
+
+@pytest.fixture(scope='module')
+def tif_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp('tif_run')
+    train_in, train_tg = make_pairs(root / 'train', 'tif', n=6, size=32)
+    flags = TINY + ['--dataset_name', 'tiff', '--data_format_input', 'tif',
+                    '--data_format_target', 'tif',
+                    '--saturation_lower_limit_input', '0', '--saturation_upper_limit_input', '100',
+                    '--saturation_lower_limit_target', '0',
+                    '--saturation_upper_limit_target', '100']
+    # Batch 4 over 6 files: steps 4, 6, 10, 12 (the last batch of each epoch has 2 samples).
+    proc = run_train(flags + ['--input_dir_train', train_in, '--target_dir_train', train_tg,
+                              '--batch_size', '4', '--n_epochs', '2', '--report_freq', '3',
+                              '--save_freq', '5', '--display_freq', '100', '--data_size', '32',
+                              '--max_rotation_angle', '10', '--padding_size', '3'], cwd=root)
+    assert_ok(proc)
+    return SimpleNamespace(root=root, proc=proc, flags=flags, out=root / 'checkpoints' / 'tiff')
+
+
+def test_tif_run_with_uneven_batches(tif_run):
+    assert [step for _, step, _, _ in reports(tif_run.proc.stdout)] == [4, 6, 10, 12]
+    assert steps_in(tif_run.out / 'Model', '_G.pt') == [6, 10, 12]
+    folder = tif_run.out / 'Image' / 'Train'  # display_freq 100 is never crossed
+    assert steps_in(folder, '_real.png') == [] and steps_in(folder, '_fake.png') == []
+
+
+def test_tif_test_keeps_sizes_that_are_not_multiples_of_the_strides(tif_run, tmp_path):
+    test_in = tmp_path / 'odd'
+    os.makedirs(test_in)
+    rng = np.random.default_rng(4)
+    for i, size in enumerate([(30, 30), (30, 30), (27, 41)]):
+        write_user_file(str(test_in / f'odd_{i}.tif'),
+                        rng.uniform(0, 100, size).astype(np.float32), 'tif')
+    proc = run_test(tif_run.flags + ['--input_dir_test', test_in, '--iteration', '12'],
+                    cwd=tif_run.root)
+    assert_ok(proc)
+    folder = tif_run.out / 'Image' / 'Test' / '12'
+    for i, size in enumerate([(30, 30), (30, 30), (27, 41)]):
+        out = tifffile.imread(folder / f'odd_{i}_AI.tif')
+        assert out.dtype == np.float32 and out.shape == size
+        assert np.all(np.isfinite(out)) and out.std() > 0
+
+
+# ----------------------------------------------------------------------------------------
+# PNG, 8 bits
+# ----------------------------------------------------------------------------------------
+
+@pytest.fixture(scope='module')
+def png_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp('png_run')
+    train_in, train_tg = make_pairs(root / 'train', 'png', n=6, size=32)
+    test_in, _ = make_pairs(root / 'test', 'png', n=2, size=32, seed=3, prefix='t')
+    flags = TINY + ['--dataset_name', 'png8', '--data_format_input', 'png',
+                    '--data_format_target', 'png',
+                    '--saturation_lower_limit_input', '0', '--saturation_upper_limit_input', '255',
+                    '--saturation_lower_limit_target', '0',
+                    '--saturation_upper_limit_target', '255', '--saturation_clip_target', 'True']
+    proc = run_train(flags + FREQS + ['--input_dir_train', train_in, '--target_dir_train',
+                                      train_tg, '--data_size', '32'], cwd=root)
+    assert_ok(proc)
+    test_proc = run_test(flags + ['--input_dir_test', test_in, '--iteration', '-1'], cwd=root)
+    assert_ok(test_proc)
+    return SimpleNamespace(root=root, proc=proc, flags=flags, test_in=test_in,
+                           out=root / 'checkpoints' / 'png8')
+
+
+def test_png_run_outputs(png_run):
+    assert steps_in(png_run.out / 'Model', '_G.pt') == EXPECTED_SAVES
+    assert [step for _, step, _, _ in reports(png_run.proc.stdout)] == EXPECTED_REPORTS
+    assert steps_in(png_run.out / 'Image' / 'Train', '_fake.png') == EXPECTED_PREVIEWS
+    opt = train_opt(*png_run.flags)
+    for step in EXPECTED_SAVES:
+        G = load_generator(opt, png_run.out / 'Model' / f'{step}_G.pt')
+        for name in ('t_000', 't_001'):
+            with Image.open(png_run.out / 'Image' / 'Test' / str(step) / f'{name}_AI.png') as im:
+                assert im.mode == 'L' and im.size == (32, 32)
+                out = np.asarray(im)
+            assert out.dtype == np.uint8
+            with Image.open(os.path.join(png_run.test_in, f'{name}.png')) as im:
+                x = np.asarray(im).astype(np.float32) / 127.5 - 1
+            expected = np.clip(np.rint(run_g(G, x[None])[0] * 127.5 + 127.5), 0, 255)
+            assert np.abs(out.astype(float) - expected).max() <= 1
+
+
+# ----------------------------------------------------------------------------------------
+# Every output format, in-process, with a generator of known constant output
+# ----------------------------------------------------------------------------------------
+
+def constant_generator_checkpoint(opt, value, step=3):
+    """Save a generator whose output is `value` everywhere (last conv: weight 0, bias value)."""
+    G = Generator(opt)
+    with torch.no_grad():
+        G.model[-1].weight.zero_()
+        G.model[-1].bias.fill_(value)
+    os.makedirs(opt.model_dir, exist_ok=True)
+    torch.save(G.state_dict(), os.path.join(opt.model_dir, f'{step}_G.pt'))
+
+
+@pytest.mark.parametrize('target_format, limits, log, output, expected, kind', [
+    ('fits', (-3000, 3000), False, 0.5, 1500.0, 'f4'),
+    ('fts', (-3000, 3000), False, -0.25, -750.0, 'f4'),
+    ('fit', (1, 10000), True, 0.5, 1000.0, 'f4'),
+    ('npy', (1, 10000), True, -1.0, 1.0, 'f4'),
+    ('tif', (0, 100), False, 0.5, 75.0, 'f4'),
+    ('tiff', (0, 100), False, 2.0, 150.0, 'f4'),  # unclipped: beyond the limit
+    ('png', (0, 255), False, 0.0, 128.0, 'u1'),   # 127.5 rounded
+    ('png', (0, 4000), False, 0.5, 3000.0, 'u2'),  # 16-bit PNG above 255
+    ('jpg', (0, 255), False, 0.6, 204.0, 'u1'),
+    ('jpeg', (0, 255), False, 2.0, 255.0, 'u1'),  # clipped to the type's range
+])
+def test_every_target_format(in_tmp, target_format, limits, log, output, expected, kind):
+    os.makedirs('inputs')
+    for i in range(2):
+        np.save(f'inputs/in_{i}.npy', np.random.default_rng(i).uniform(0, 1, (32, 32)))
+    flags = ['--dataset_name', 'fmt', '--data_format_input', 'npy',
+             '--data_format_target', target_format, '--saturation_lower_limit_input', '0',
+             '--saturation_upper_limit_input', '1',
+             '--saturation_lower_limit_target', str(limits[0]),
+             '--saturation_upper_limit_target', str(limits[1]),
+             '--logscale_target', str(log), '--input_dir_test', 'inputs', '--n_workers', '0']
+    constant_generator_checkpoint(make_test_opt(*flags), output)
+    assert pix2pixCC_Test.main(TINY + flags + ['--iteration', '3']) == 0
+    for i in range(2):
+        path = f'checkpoints/fmt/Image/Test/3/in_{i}_AI.{target_format}'
+        if target_format in ('fits', 'fts', 'fit'):
+            with fits.open(path) as hdul:
+                data = hdul[0].data
+                assert hdul[0].header['BITPIX'] == -32
+        elif target_format == 'npy':
+            data = np.load(path)
+        elif target_format in ('tif', 'tiff'):
+            data = tifffile.imread(path)
+        else:
+            with Image.open(path) as image:
+                assert image.format == {'png': 'PNG', 'jpg': 'JPEG', 'jpeg': 'JPEG'}[target_format]
+                data = np.asarray(image)
+        assert data.shape == (32, 32)
+        assert data.dtype.kind == kind[0] and data.dtype.itemsize == int(kind[1])
+        np.testing.assert_allclose(data.astype(np.float64), expected, rtol=1e-5)
+
+
+def test_test_uses_save_scale(in_tmp):
+    os.makedirs('inputs')
+    np.save('inputs/a.npy', np.zeros((32, 32), np.float32))
+    flags = ['--dataset_name', 'sc', '--data_format_input', 'npy', '--data_format_target', 'npy',
+             '--saturation_lower_limit_target', '-3000', '--saturation_upper_limit_target', '3000',
+             '--save_scale', '0.001', '--input_dir_test', 'inputs', '--n_workers', '0']
+    constant_generator_checkpoint(make_test_opt(*flags), 0.5)
+    assert pix2pixCC_Test.main(TINY + flags + ['--iteration', '3']) == 0
+    np.testing.assert_allclose(np.load('checkpoints/sc/Image/Test/3/a_AI.npy'), 1.5, rtol=1e-5)
+
+
+def test_test_copies_no_header_when_the_input_is_not_fits(in_tmp):
+    os.makedirs('inputs')
+    np.save('inputs/a.npy', np.zeros((32, 32), np.float32))
+    flags = ['--dataset_name', 'nh', '--data_format_input', 'npy', '--data_format_target',
+             'fits', '--input_dir_test', 'inputs', '--n_workers', '0']
+    constant_generator_checkpoint(make_test_opt(*flags), 0.25)
+    assert pix2pixCC_Test.main(TINY + flags + ['--iteration', '3']) == 0
+    with fits.open('checkpoints/nh/Image/Test/3/a_AI.fits') as hdul:
+        np.testing.assert_allclose(hdul[0].data, 0.25)
+
+
+# ----------------------------------------------------------------------------------------
+# Mixed precision on the CPU (bfloat16 autocast), in-process
+# ----------------------------------------------------------------------------------------
+
+def test_mixed_precision_training_on_cpu(in_tmp, capsys):
+    train_in, train_tg = make_pairs(in_tmp / 'data', 'npy', n=2, size=32)
+    flags = ['--dataset_name', 'mp', '--data_format_input', 'npy', '--data_format_target', 'npy',
+             '--saturation_lower_limit_input', '0', '--saturation_upper_limit_input', '100',
+             '--saturation_lower_limit_target', '0', '--saturation_upper_limit_target', '100',
+             '--data_type', '16', '--n_workers', '0', '--data_size', '32']
+    assert pix2pixCC_Train.main(TINY + flags + ['--input_dir_train', train_in,
+                                                '--target_dir_train', train_tg,
+                                                '--n_epochs', '2', '--report_freq', '1',
+                                                '--save_freq', '2']) == 0
+    stdout = capsys.readouterr().out
+    lines = reports(stdout)
+    assert [step for _, step, _, _ in lines] == [1, 2, 3, 4]
+    assert all(math.isfinite(d) and math.isfinite(g) for _, _, d, g in lines)
+    for step in (2, 4):
+        for kind in ('G', 'D'):
+            state = torch.load(f'checkpoints/mp/Model/{step}_{kind}.pt', weights_only=True)
+            for key, value in state.items():
+                assert value.dtype == torch.float32 and torch.isfinite(value).all(), key
+    assert pix2pixCC_Test.main(TINY + flags + ['--input_dir_test', train_in,
+                                               '--iteration', '4']) == 0
+    out = np.load('checkpoints/mp/Image/Test/4/img_000_AI.npy')
+    assert out.dtype == np.float32 and out.shape == (32, 32) and np.all(np.isfinite(out))

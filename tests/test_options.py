@@ -1,0 +1,248 @@
+"""Options (SPEC section 2): names, defaults, boolean parsing, derived values, validation."""
+import os
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+from scipy.stats import pearsonr
+
+from conftest import TINY, assert_usage_error, run_train, train_opt
+from pix2pixCC_Networks import Generator, Loss, Discriminator
+import pix2pixCC_Options
+from pix2pixCC_Options import TrainOption, UserError, run_main, str2bool
+
+# Not imported by its own name: pytest would try to collect a class named Test*.
+TEST_OPTION = pix2pixCC_Options.TestOption
+
+BASE_DEFAULTS = {
+    'gpu_ids': '0', 'dataset_name': 'pix2pixCC',
+    'data_format_input': 'tif', 'data_format_target': 'tif',
+    'input_ch': 1, 'target_ch': 1, 'data_size': 1024,
+    'logscale_input': False, 'logscale_target': False,
+    'saturation_lower_limit_input': -1, 'saturation_upper_limit_input': 1,
+    'saturation_lower_limit_target': -1, 'saturation_upper_limit_target': 1,
+    'saturation_clip_input': False, 'saturation_clip_target': False,
+    'batch_size': 1, 'n_downsample': 4, 'n_residual': 9, 'trans_conv': True,
+    'n_D': 1, 'n_CC': 4, 'n_gf': 64, 'n_df': 64, 'data_type': 32, 'n_workers': 1,
+    'norm_type': 'InstanceNorm2d', 'padding_type': 'replication', 'padding_size': 0,
+    'max_rotation_angle': 0, 'report_freq': 100, 'save_freq': 10000, 'display_freq': 100,
+    'save_scale': 1, 'display_scale': 1, 'image_mode': 'png', 'val_during_train': False,
+}
+TRAIN_DEFAULTS = {
+    'input_dir_train': './datasets/Train/Input', 'target_dir_train': './datasets/Train/Target',
+    'n_epochs': 150, 'latest_iter': 0, 'no_shuffle': False, 'lambda_LSGAN': 2.0,
+    'lambda_FM': 10.0, 'lambda_CC': 5.0, 'ch_balance': 1, 'ccc': True, 'beta1': 0.5,
+    'beta2': 0.999, 'lr': 0.0002,
+}
+TEST_DEFAULTS = {'input_dir_test': './datasets/Test/Input', 'iteration': -1,
+                 'no_shuffle': True}
+
+BOOLEAN_OPTIONS = ['logscale_input', 'logscale_target', 'saturation_clip_input',
+                   'saturation_clip_target', 'trans_conv', 'val_during_train']
+
+
+# ----------------------------------------------------------------------------------------
+# Defaults
+# ----------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize('option_class, own_defaults', [(TrainOption, TRAIN_DEFAULTS),
+                                                         (TEST_OPTION, TEST_DEFAULTS)])
+def test_every_default_matches_spec(option_class, own_defaults):
+    opt = option_class().parse([])
+    expected = {**BASE_DEFAULTS, **own_defaults}
+    def differs(got, want):
+        if isinstance(want, (bool, str)):
+            return type(got) is not type(want) or got != want
+        return isinstance(got, (bool, str)) or got != want
+    wrong = {name: (getattr(opt, name, '<missing>'), value) for name, value in expected.items()
+             if differs(getattr(opt, name, '<missing>'), value)}
+    assert not wrong, f"(got, expected): {wrong}"
+    # Booleans are real booleans, not strings.
+    for name in BOOLEAN_OPTIONS:
+        assert isinstance(getattr(opt, name), bool)
+
+
+def test_train_only_and_test_only_options_are_separate():
+    train, test = TrainOption().parse([]), TEST_OPTION().parse([])
+    assert train.is_train is True and test.is_train is False
+    assert not hasattr(test, 'lambda_CC') and not hasattr(test, 'n_epochs')
+    assert not hasattr(train, 'iteration')
+
+
+@pytest.mark.parametrize('option_class', [TrainOption, TEST_OPTION])
+def test_parse_has_no_side_effects(option_class, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    option_class().parse(['--dataset_name', 'nothing_here'])
+    assert os.listdir(tmp_path) == []
+
+
+# ----------------------------------------------------------------------------------------
+# Booleans ([fix]: the reference's type=bool makes 'False' true)
+# ----------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize('text, value', [
+    ('True', True), ('False', False), ('true', True), ('false', False), ('1', True),
+    ('0', False), ('yes', True), ('no', False), ('TRUE', True), ('FALSE', False)])
+@pytest.mark.parametrize('name', BOOLEAN_OPTIONS)
+def test_boolean_spellings(name, text, value):
+    opt = TrainOption().parse([f'--{name}', text] +
+                              (['--saturation_lower_limit_input', '1',
+                                '--saturation_upper_limit_input', '2'] if name == 'logscale_input'
+                               else []) +
+                              (['--saturation_lower_limit_target', '1',
+                                '--saturation_upper_limit_target', '2']
+                               if name == 'logscale_target' else []))
+    assert getattr(opt, name) is value
+
+
+@pytest.mark.parametrize('name, option_class', [('ccc', TrainOption), ('no_shuffle', TrainOption),
+                                                ('no_shuffle', TEST_OPTION)])
+@pytest.mark.parametrize('text, value', [('False', False), ('True', True), ('0', False),
+                                         ('yes', True)])
+def test_train_and_test_booleans(name, option_class, text, value):
+    assert getattr(option_class().parse([f'--{name}', text]), name) is value
+
+
+def test_bare_boolean_flag_means_true():
+    opt = TrainOption().parse(['--logscale_input', '--saturation_lower_limit_input', '1',
+                               '--saturation_upper_limit_input', '10', '--saturation_clip_target',
+                               '--val_during_train', '--no_shuffle'])
+    assert opt.logscale_input is True and opt.saturation_clip_target is True
+    assert opt.val_during_train is True and opt.no_shuffle is True
+    # A bare flag followed by another option does not swallow that option.
+    opt = TrainOption().parse(['--trans_conv', '--n_gf', '8'])
+    assert opt.trans_conv is True and opt.n_gf == 8
+
+
+@pytest.mark.parametrize('text', ['maybe', 'Flase', '2', 'none', ''])
+def test_bad_boolean_is_a_usage_error(text, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        TrainOption().parse(['--trans_conv', text])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1, err
+    assert '--trans_conv' in lines[0]
+
+
+def test_str2bool():
+    assert str2bool(True) is True and str2bool(False) is False
+    assert str2bool(' Yes ') is True and str2bool('N') is False
+    with pytest.raises(Exception):
+        str2bool('perhaps')
+
+
+def test_bad_boolean_on_the_command_line_exits_2_with_one_line(tmp_path):
+    proc = run_train(TINY + ['--logscale_input', 'perhaps'], cwd=tmp_path)
+    assert_usage_error(proc, '--logscale_input', 'perhaps')
+    assert not os.path.exists(tmp_path / 'checkpoints')
+
+
+def test_trans_conv_false_builds_bilinear_upsampling():
+    G = Generator(train_opt('--trans_conv', 'False'))
+    kinds = [type(m) for m in G.modules()]
+    assert nn.UpsamplingBilinear2d in kinds
+    assert nn.ConvTranspose2d not in kinds
+    assert kinds.count(nn.UpsamplingBilinear2d) == 2  # n_downsample 2
+    G = Generator(train_opt('--trans_conv', 'True'))
+    kinds = [type(m) for m in G.modules()]
+    assert nn.ConvTranspose2d in kinds and nn.UpsamplingBilinear2d not in kinds
+
+
+@pytest.mark.parametrize('ccc', ['False', 'True'])
+def test_ccc_false_gives_pearson(ccc):
+    torch.manual_seed(0)
+    opt = train_opt('--ccc', ccc, '--n_CC', '1')
+    G, D = Generator(opt), Discriminator(opt)
+    input = torch.randn(1, 1, 32, 32)
+    target = input * 0.5 + 0.3 * torch.randn(1, 1, 32, 32) + 0.4
+    criterion = Loss(opt)
+    _, _, _, fake = criterion(D, G, input, target)
+    t = target.double().flatten().numpy()
+    f = fake.detach().double().flatten().numpy()
+    rho = pearsonr(t, f)[0]
+    ccc_value = 2 * np.cov(t, f, bias=True)[0, 1] / (t.var() + f.var() + (t.mean() - f.mean()) ** 2)
+    expected = rho if ccc == 'False' else ccc_value
+    other = ccc_value if ccc == 'False' else rho
+    assert abs(rho - ccc_value) > 1e-3  # the two measures differ for these data
+    assert float(criterion.terms['CC']) == pytest.approx(expected, abs=2e-5)
+    assert float(criterion.terms['CC']) != pytest.approx(other, abs=1e-4)
+
+
+# ----------------------------------------------------------------------------------------
+# Derived values and validation
+# ----------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize('data_type, eps', [('16', 1e-4), ('32', 1e-8)])
+@pytest.mark.parametrize('option_class', [TrainOption, TEST_OPTION])
+def test_eps_follows_data_type(option_class, data_type, eps):
+    opt = option_class().parse(['--data_type', data_type])
+    assert opt.data_type == int(data_type)
+    assert opt.eps == eps
+
+
+def test_data_type_other_than_16_or_32_is_rejected():
+    with pytest.raises(SystemExit) as exit_info:
+        TrainOption().parse(['--data_type', '8'])
+    assert exit_info.value.code == 2
+
+
+@pytest.mark.parametrize('option_class, subdir', [(TrainOption, 'Train'), (TEST_OPTION, 'Test')])
+def test_output_folders(option_class, subdir):
+    opt = option_class().parse(['--dataset_name', 'EUV2Mag'])
+    assert os.path.normpath(opt.model_dir) == os.path.normpath('./checkpoints/EUV2Mag/Model')
+    assert os.path.normpath(opt.image_dir) == \
+        os.path.normpath(f'./checkpoints/EUV2Mag/Image/{subdir}')
+
+
+@pytest.mark.parametrize('argv, fragment', [
+    (['--saturation_lower_limit_input', '5', '--saturation_upper_limit_input', '5'],
+     '--saturation_lower_limit_input'),
+    (['--saturation_lower_limit_target', '3', '--saturation_upper_limit_target', '-3'],
+     '--saturation_lower_limit_target'),
+    (['--logscale_input', 'True'], '--logscale_input'),  # default lower limit -1
+    (['--logscale_target', 'True', '--saturation_lower_limit_target', '0'], '--logscale_target'),
+    (['--logscale_input', '--saturation_lower_limit_input', '-5',
+      '--saturation_upper_limit_input', '100'], '--logscale_input'),
+])
+def test_invalid_limits_are_usage_errors(argv, fragment, capsys):
+    for option_class in (TrainOption, TEST_OPTION):
+        with pytest.raises(SystemExit) as exit_info:
+            option_class().parse(argv)
+        assert exit_info.value.code == 2
+        err = capsys.readouterr().err
+        lines = [line for line in err.splitlines() if line.strip()]
+        assert len(lines) == 1 and fragment in lines[0], err
+
+
+def test_valid_log_limits_are_accepted():
+    opt = TrainOption().parse(['--logscale_input', 'True', '--saturation_lower_limit_input', '1',
+                               '--saturation_upper_limit_input', '200'])
+    assert opt.logscale_input is True
+    assert (opt.saturation_lower_limit_input, opt.saturation_upper_limit_input) == (1, 200)
+
+
+def test_formats_are_case_insensitive_and_checked(capsys):
+    opt = TrainOption().parse(['--data_format_input', 'FITS', '--data_format_target', 'Npy'])
+    assert (opt.data_format_input, opt.data_format_target) == ('fits', 'npy')
+    with pytest.raises(SystemExit) as exit_info:
+        TrainOption().parse(['--data_format_input', 'gif'])
+    assert exit_info.value.code == 2
+
+
+def test_run_main_turns_user_error_into_one_line_and_status_2(capsys):
+    def failing(argv):
+        raise UserError('something the user must fix')
+    assert run_main(failing, []) == 2
+    err = capsys.readouterr().err
+    assert err.count('\n') == 1 and 'something the user must fix' in err
+
+    def wrapped(argv):  # as re-raised from a DataLoader worker: message on the last line
+        raise UserError('Caught UserError in DataLoader worker process 0.\nTraceback (most '
+                        'recent call last):\n  File "x"\nUserError: bad file x.fits')
+    assert run_main(wrapped, []) == 2
+    err = capsys.readouterr().err
+    assert err.count('\n') == 1 and 'bad file x.fits' in err and 'Traceback' not in err
+
+    assert run_main(lambda argv: 0, []) == 0

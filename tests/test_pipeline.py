@@ -1,0 +1,577 @@
+"""Data pipeline (SPEC section 3 and the writers of section 7): reading every format, channel
+layouts, scaling and its inverse, augmentation, the paired Dataset, and writing."""
+import os
+
+import numpy as np
+import pytest
+import torch
+from astropy.io import fits
+from PIL import Image
+
+from conftest import ALL_FORMATS, smooth_field, train_opt, make_test_opt, write_user_file
+from pix2pixCC_Options import UserError
+from pix2pixCC_Pipeline import (CustomDataset, Scaling, list_files, random_pad_and_crop,
+                                random_rotation, read_array, to_chw, write_array)
+
+H, W = 24, 40  # not square, so a transposed read shows
+
+
+def field(channels, low=0.0, high=100.0, seed=0, size=None, noise=0.1):
+    """Smooth random data (C, H, W) in [low, high]; (C, size, size) when size is given."""
+    rng = np.random.default_rng(seed)
+    if size is not None:
+        return smooth_field(rng, size, channels, low, high, noise)
+    return smooth_field(rng, max(H, W), channels, low, high, noise)[:, :H, :W]
+
+
+# ----------------------------------------------------------------------------------------
+# Reading: every extension, 1 and 3 channels
+# ----------------------------------------------------------------------------------------
+
+def user_data(fmt, channels):
+    """(array as the user writes it, expected C x H x W float32 read back, exact?)."""
+    data = field(channels, noise=0.0 if fmt in ('jpg', 'jpeg') else 0.1)
+    if fmt in ('png', 'jpg', 'jpeg'):
+        pixels = np.rint(data * 2.55).astype(np.uint8)
+        stored = pixels[0] if channels == 1 else np.moveaxis(pixels, 0, -1)  # RGB H x W x C
+        return stored, pixels.astype(np.float32), fmt == 'png'
+    stored = data[0] if channels == 1 else data  # arrays: C x H x W
+    return stored, data, True
+
+
+@pytest.mark.parametrize('channels', [1, 3])
+@pytest.mark.parametrize('fmt', ALL_FORMATS)
+def test_read_every_format(tmp_path, fmt, channels):
+    stored, expected, exact = user_data(fmt, channels)
+    path = write_user_file(str(tmp_path / f'x.{fmt}'), stored, fmt)
+    array = read_array(path, fmt, channels)
+    assert array.dtype == np.float32
+    assert array.shape == (channels, H, W)
+    if exact:
+        np.testing.assert_array_equal(array, expected)
+    else:  # JPEG is lossy, but close for smooth data
+        difference = np.abs(array - expected)
+        assert difference.mean() < 2.0 and difference.max() < 20, (difference.mean(),
+                                                                   difference.max())
+    if channels == 3:  # channels stay distinct and in order
+        for c in range(3):
+            assert np.corrcoef(array[c].ravel(), expected[c].ravel())[0, 1] > 0.98
+
+
+@pytest.mark.parametrize('fmt', ['png', 'tif'])
+def test_sixteen_bit_images_keep_values_above_255(tmp_path, fmt):
+    pixels = (field(1, 0, 60000)[0]).astype(np.uint16)
+    assert pixels.max() > 255
+    path = write_user_file(str(tmp_path / f'x.{fmt}'), pixels, fmt)
+    array = read_array(path, fmt, 1)
+    np.testing.assert_array_equal(array[0], pixels.astype(np.float32))
+
+
+def test_rgb_tiff_written_channels_last(tmp_path):
+    pixels = np.moveaxis(np.rint(field(3) * 2.55).astype(np.uint8), 0, -1)
+    path = write_user_file(str(tmp_path / 'rgb.tif'), pixels, 'tif')
+    array = read_array(path, 'tif', 3)
+    np.testing.assert_array_equal(array, np.moveaxis(pixels, -1, 0).astype(np.float32))
+
+
+def test_npy_channels_last_is_accepted(tmp_path):
+    data = field(3)
+    path = str(tmp_path / 'hwc.npy')
+    np.save(path, np.moveaxis(data, 0, -1))  # H x W x C
+    np.testing.assert_array_equal(read_array(path, 'npy', 3), data)
+
+
+def test_float64_and_integer_npy_become_float32(tmp_path):
+    for dtype in (np.float64, np.int16):
+        path = str(tmp_path / f'{np.dtype(dtype).name}.npy')
+        np.save(path, field(1)[0].astype(dtype))
+        array = read_array(path, 'npy', 1)
+        assert array.dtype == np.float32 and array.shape == (1, H, W)
+        np.testing.assert_array_equal(array[0], field(1)[0].astype(dtype).astype(np.float32))
+
+
+def test_fits_image_in_an_extension(tmp_path):
+    data = field(1)[0]
+    path = str(tmp_path / 'ext.fits')
+    fits.HDUList([fits.PrimaryHDU(), fits.ImageHDU(data)]).writeto(path)
+    np.testing.assert_array_equal(read_array(path, 'fits', 1)[0], data)
+
+
+def test_fits_scaled_integers_are_read_in_physical_units(tmp_path):
+    values = np.arange(H * W, dtype=np.int16).reshape(H, W)
+    hdu = fits.PrimaryHDU(values)
+    hdu.header['BSCALE'] = 0.5
+    hdu.header['BZERO'] = 100.0
+    path = str(tmp_path / 'scaled.fits')
+    hdu.writeto(path)
+    np.testing.assert_allclose(read_array(path, 'fits', 1)[0], values * 0.5 + 100.0)
+
+
+@pytest.mark.parametrize('fmt', ALL_FORMATS)
+def test_channel_count_mismatch_is_a_user_error(tmp_path, fmt):
+    stored, _, _ = user_data(fmt, 3)
+    path = write_user_file(str(tmp_path / f'x.{fmt}'), stored, fmt)
+    with pytest.raises(UserError) as error:
+        read_array(path, fmt, 1)
+    assert 'x.' + fmt in str(error.value)
+    stored, _, _ = user_data(fmt, 1)
+    path = write_user_file(str(tmp_path / f'y.{fmt}'), stored, fmt)
+    with pytest.raises(UserError):
+        read_array(path, fmt, 3)
+
+
+@pytest.mark.parametrize('fmt', ['fits', 'npy', 'png', 'tif'])
+@pytest.mark.filterwarnings('ignore:File may have been truncated')
+def test_corrupt_file_is_a_user_error_naming_the_file(tmp_path, fmt):
+    stored, _, _ = user_data(fmt, 1)
+    path = write_user_file(str(tmp_path / f'x.{fmt}'), stored, fmt)
+    with open(path, 'rb') as f:
+        content = f.read()
+    with open(path, 'wb') as f:
+        f.write(content[:len(content) // 3])
+    with pytest.raises(UserError) as error:
+        read_array(path, fmt, 1)
+    assert 'x.' + fmt in str(error.value)
+    assert '\n' not in str(error.value)
+
+
+def test_to_chw_layouts():
+    data = field(3)
+    np.testing.assert_array_equal(to_chw(data, 3, 'p'), data)
+    np.testing.assert_array_equal(to_chw(np.moveaxis(data, 0, -1), 3, 'p'), data)
+    np.testing.assert_array_equal(to_chw(data[0], 1, 'p'), data[:1])
+    np.testing.assert_array_equal(to_chw(data[None], 3, 'p'), data)  # 1 x C x H x W
+    with pytest.raises(UserError):
+        to_chw(data, 2, 'p')
+    with pytest.raises(UserError):
+        to_chw(np.zeros(5, np.float32), 1, 'p')
+
+
+# ----------------------------------------------------------------------------------------
+# list_files
+# ----------------------------------------------------------------------------------------
+
+def test_list_files_sorted_by_name_and_filtered_by_extension(tmp_path):
+    for name in ['b.fits', 'a.fits', 'c.fits', 'z.fts', 'notes.txt']:
+        (tmp_path / name).write_bytes(b'')
+    os.mkdir(tmp_path / 'folder.fits')
+    files = list_files(str(tmp_path), 'fits', 'input')
+    assert [os.path.basename(p) for p in files] == ['a.fits', 'b.fits', 'c.fits']
+
+
+def test_list_files_errors(tmp_path):
+    with pytest.raises(UserError) as error:
+        list_files(str(tmp_path / 'missing'), 'fits', 'input')
+    assert 'missing' in str(error.value)
+    (tmp_path / 'a.npy').write_bytes(b'')
+    (tmp_path / 'b.png').write_bytes(b'')
+    with pytest.raises(UserError) as error:
+        list_files(str(tmp_path), 'fits', 'target')
+    message = str(error.value)
+    assert '.npy' in message and '.png' in message and 'target' in message
+
+
+# ----------------------------------------------------------------------------------------
+# Scaling
+# ----------------------------------------------------------------------------------------
+
+SCALINGS = [  # lower, upper, log
+    (-3000.0, 3000.0, False),
+    (-1.0, 1.0, False),
+    (0.0, 255.0, False),
+    (1.0, 200.0, True),
+    (0.5, 1e4, True),
+]
+
+
+@pytest.mark.parametrize('channels', [1, 3])
+@pytest.mark.parametrize('clip', [False, True])
+@pytest.mark.parametrize('lower, upper, log', SCALINGS)
+def test_forward_then_inverse_is_identity_inside_the_limits(lower, upper, log, clip, channels):
+    rng = np.random.default_rng(1)
+    if log:
+        x = 10 ** rng.uniform(np.log10(lower), np.log10(upper), (channels, 16, 16))
+    else:
+        x = rng.uniform(lower, upper, (channels, 16, 16))
+    x = x.astype(np.float32)
+    x.flat[0], x.flat[1] = lower, upper  # the limits themselves
+    scaling = Scaling(lower, upper, clip=clip, log=log)
+    y = scaling.forward(x)
+    assert y.dtype == np.float32 and y.shape == x.shape
+    assert y.min() >= -1 - 1e-6 and y.max() <= 1 + 1e-6
+    assert y.flat[0] == pytest.approx(-1, abs=1e-6) and y.flat[1] == pytest.approx(1, abs=1e-6)
+    back = scaling.inverse(y)
+    assert back.dtype == np.float32 and back.shape == x.shape
+    np.testing.assert_allclose(back, x, rtol=1e-5, atol=1e-6 * max(abs(lower), abs(upper)))
+
+
+def test_forward_formula_linear_and_log():
+    x = np.array([[-3000, -1500, 0, 750, 3000]], np.float32)
+    np.testing.assert_allclose(Scaling(-3000, 3000).forward(x), [[-1, -0.5, 0, 0.25, 1]],
+                               atol=1e-7)
+    x = np.array([[1, 10, 100, 1000]], np.float32)  # log limits 1..1000 -> 0..3
+    np.testing.assert_allclose(Scaling(1, 1000, log=True).forward(x), [[-1, -1 / 3, 1 / 3, 1]],
+                               atol=1e-6)
+    # Values outside the limits extrapolate without clip (log10 first, then normalise).
+    np.testing.assert_allclose(Scaling(1, 100, log=True).forward(np.float32([[1e4]])), [[3]],
+                               atol=1e-6)
+    np.testing.assert_allclose(Scaling(0, 10).forward(np.float32([[20]])), [[3]], atol=1e-6)
+
+
+def test_save_scale_multiplies_the_inverse():
+    y = np.linspace(-1, 1, 9, dtype=np.float32)
+    np.testing.assert_allclose(Scaling(-3000, 3000, save_scale=2.5).inverse(y),
+                               2.5 * 3000 * y, rtol=1e-6)
+    np.testing.assert_allclose(Scaling(1, 100, log=True, save_scale=0.1).inverse(y),
+                               0.1 * 10 ** (1 + y), rtol=1e-5)
+
+
+@pytest.mark.parametrize('log', [False, True])
+def test_non_finite_values(log):
+    lower, upper = (1.0, 200.0) if log else (-50.0, 150.0)
+    scaling = Scaling(lower, upper, log=log)
+    x = np.array([np.nan, np.inf, -np.inf, 20.0], np.float32)
+    y = scaling.forward(x)
+    assert np.all(np.isfinite(y))
+    nan_becomes = lower if log else 0.0
+    expected = scaling.forward(np.array([nan_becomes, upper, lower, 20.0], np.float32))
+    np.testing.assert_allclose(y, expected, atol=1e-7)
+    assert y[1] == pytest.approx(1) and y[2] == pytest.approx(-1)
+    if log:
+        assert y[0] == pytest.approx(-1)
+    else:
+        assert y[0] == pytest.approx((0 - 50.0) / 100.0)
+
+
+def test_clip():
+    x = np.array([-5000, -3000, 0, 2999, 3000, 8000], np.float32)
+    y = Scaling(-3000, 3000, clip=True).forward(x)
+    np.testing.assert_allclose(y, [-1, -1, 0, 2999 / 3000, 1, 1], atol=1e-6)
+    unclipped = Scaling(-3000, 3000, clip=False).forward(x)
+    assert unclipped[0] < -1 and unclipped[-1] > 1
+    # The inverse clips too when the flag is set.
+    back = Scaling(-3000, 3000, clip=True).inverse(np.float32([-1.5, 0.5, 1.5]))
+    np.testing.assert_allclose(back, [-3000, 1500, 3000], rtol=1e-6)
+    back = Scaling(1, 100, clip=True, log=True).inverse(np.float32([-3, 3]))
+    np.testing.assert_allclose(back, [1, 100], rtol=1e-6)
+
+
+def test_log_of_non_positive_values_becomes_the_lower_limit():
+    scaling = Scaling(1, 200, log=True)
+    y = scaling.forward(np.array([0, -5, -1e-3, 1], np.float32))
+    assert np.all(np.isfinite(y))
+    np.testing.assert_allclose(y, -1, atol=1e-7)
+    # Between 0 and the lower limit (no clip) values extrapolate below -1, finite.
+    y = scaling.forward(np.array([0.1], np.float32))
+    assert np.isfinite(y[0]) and y[0] < -1
+
+
+def test_scaling_from_options():
+    opt = train_opt('--logscale_input', 'True', '--saturation_lower_limit_input', '1',
+                    '--saturation_upper_limit_input', '200', '--saturation_clip_input', 'True',
+                    '--saturation_lower_limit_target', '-3000',
+                    '--saturation_upper_limit_target', '3000', '--save_scale', '2')
+    s_in, s_tg = Scaling.from_options(opt, 'input'), Scaling.from_options(opt, 'target')
+    assert (s_in.lower, s_in.upper, s_in.clip, s_in.log) == (1, 200, True, True)
+    assert (s_tg.lower, s_tg.upper, s_tg.clip, s_tg.log) == (-3000, 3000, False, False)
+    assert s_tg.save_scale == 2
+
+
+# ----------------------------------------------------------------------------------------
+# Augmentation
+# ----------------------------------------------------------------------------------------
+
+def write_pair_dirs(root, inputs, targets, fmt='npy'):
+    for name, arrays in (('Input', inputs), ('Target', targets)):
+        os.makedirs(root / name, exist_ok=True)
+        for i, a in enumerate(arrays):
+            write_user_file(str(root / name / f'f{i:02d}.{fmt}'), a, fmt)
+    return str(root / 'Input'), str(root / 'Target')
+
+
+def dataset_for(input_dir, target_dir, *argv, **options):
+    opt = train_opt('--data_format_input', 'npy', '--data_format_target', 'npy',
+                    '--input_dir_train', input_dir, '--target_dir_train', target_dir,
+                    *argv, **options)
+    return CustomDataset(opt)
+
+
+def test_augmentation_keeps_identical_input_and_target_identical(tmp_path):
+    data = [field(1, seed=s, size=32)[0] for s in range(3)]
+    dataset = dataset_for(*write_pair_dirs(tmp_path, data, data),
+                          '--max_rotation_angle', '20', '--padding_size', '5')
+    changed = 0
+    for seed in range(12):
+        torch.manual_seed(seed)
+        index = seed % 3
+        x, y = dataset[index]
+        assert x.shape == y.shape == (1, 32, 32)
+        assert torch.equal(x, y), f"seed {seed}: input and target augmented differently"
+        changed += not np.array_equal(x.numpy(), dataset.load_input(index))
+    assert changed >= 8  # the augmentation really acts
+
+
+def test_augmentation_keeps_a_linear_relation(tmp_path):
+    # target = 3 * input - 7 with limits mapped the same way -> equal normalised data.
+    inputs = [field(1, seed=s, size=32)[0] for s in range(2)]
+    targets = [3 * a - 7 for a in inputs]
+    dataset = dataset_for(*write_pair_dirs(tmp_path, inputs, targets),
+                          '--max_rotation_angle', '20', '--padding_size', '5',
+                          saturation_lower_limit_input=0, saturation_upper_limit_input=100,
+                          saturation_lower_limit_target=-7, saturation_upper_limit_target=293)
+    for seed in range(8):
+        torch.manual_seed(seed)
+        x, y = dataset[seed % 2]
+        np.testing.assert_allclose(x.numpy(), y.numpy(), atol=2e-5)
+
+
+def test_augmentation_aligns_channels_of_different_counts(tmp_path):
+    inputs = [field(3, seed=s, size=32) for s in range(2)]
+    targets = [a[1] for a in inputs]  # target = the input's middle channel
+    dataset = dataset_for(*write_pair_dirs(tmp_path, inputs, targets), '--input_ch', '3',
+                          '--max_rotation_angle', '30', '--padding_size', '4')
+    for seed in range(6):
+        torch.manual_seed(seed)
+        x, y = dataset[seed % 2]
+        assert x.shape == (3, 32, 32) and y.shape == (1, 32, 32)
+        assert torch.equal(x[1:2], y)
+
+
+def rotated_candidates(a, max_angle):
+    from scipy.ndimage import rotate
+    return {angle: rotate(a, angle, reshape=False, mode='nearest')
+            for angle in range(-max_angle, max_angle + 1)}
+
+
+def test_rotation_acts_on_spatial_axes_only():
+    # Channel c lies in [100c, 100c + 10]: a rotation that mixed channels would show.
+    base = field(3, 0, 10, size=32)
+    data = base + np.array([0, 100, 200], np.float32)[:, None, None]
+    max_angle = 25
+    rotated_any = False
+    for seed in range(6):
+        torch.manual_seed(seed)
+        (out,) = random_rotation([data], max_angle)
+        assert out.shape == data.shape
+        for c in range(3):
+            assert 100 * c - 1 <= out[c].min() and out[c].max() <= 100 * c + 11
+        # Each channel is its own 2-D rotation by one common integer angle in range.
+        matches = [angle for angle, rotated in rotated_candidates(data[0], max_angle).items()
+                   if np.allclose(out[0], rotated, atol=1e-4)]
+        assert matches, "channel 0 is not a rotation of itself by an integer angle in range"
+        angle = matches[0]
+        for c in (1, 2):
+            np.testing.assert_allclose(out[c], rotated_candidates(data[c], abs(angle))[angle],
+                                       atol=1e-3)
+        rotated_any |= angle != 0
+    assert rotated_any
+
+
+def test_rotation_by_zero_is_bit_exact():
+    data = [field(2, seed=4, size=32), field(1, seed=5, size=32)]
+    assert random_rotation(data, 0)[0] is data[0]
+    # With max angle 1, the draws are -1, 0, 1; a 0 draw must leave the data untouched
+    # (no spline interpolation), the others must change it.
+    outcomes = set()
+    for seed in range(40):
+        torch.manual_seed(seed)
+        out = random_rotation(data, 1)
+        same = [np.array_equal(o, d) for o, d in zip(out, data)]
+        assert same[0] == same[1]
+        outcomes.add(same[0])
+    assert outcomes == {True, False}
+
+
+def test_pad_and_crop_is_a_shifted_window_of_the_edge_padded_data():
+    data = field(2, seed=7, size=32)
+    target = data[:1] * 2
+    padding = 5
+    padded = np.pad(data, ((0, 0), (padding, padding), (padding, padding)), mode='edge')
+    offsets = set()
+    for seed in range(15):
+        torch.manual_seed(seed)
+        out, out_target = random_pad_and_crop([data, target], padding)
+        assert out.shape == data.shape and out_target.shape == target.shape
+        found = [(dy, dx) for dy in range(2 * padding + 1) for dx in range(2 * padding + 1)
+                 if np.array_equal(out, padded[:, dy:dy + 32, dx:dx + 32])]
+        assert found
+        np.testing.assert_array_equal(out_target, out[:1] * 2)  # same window for the target
+        offsets.add(found[0])
+    assert len(offsets) > 3
+    assert random_pad_and_crop([data], 0)[0] is data
+
+
+def test_no_augmentation_returns_the_scaled_files_unchanged(tmp_path):
+    inputs = [field(1, seed=s, size=32)[0] for s in range(2)]
+    targets = [field(1, seed=s + 10, size=32)[0] for s in range(2)]
+    dataset = dataset_for(*write_pair_dirs(tmp_path, inputs, targets),
+                          saturation_lower_limit_input=0, saturation_upper_limit_input=100,
+                          saturation_lower_limit_target=0, saturation_upper_limit_target=50)
+    for i in range(2):
+        x, y = dataset[i]
+        assert x.dtype == torch.float32 and y.dtype == torch.float32
+        np.testing.assert_array_equal(x.numpy()[0], (inputs[i] - 50) / 50)
+        np.testing.assert_allclose(y.numpy()[0], (targets[i] - 25) / 25, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------------------
+# Dataset
+# ----------------------------------------------------------------------------------------
+
+def test_dataset_pairs_by_sorted_name_and_uses_each_side_format(tmp_path):
+    # Input npy, target FITS: each side is read with its own format ([fix]).
+    os.makedirs(tmp_path / 'in')
+    os.makedirs(tmp_path / 'tg')
+    for i in (2, 0, 1):
+        np.save(tmp_path / 'in' / f'p{i}.npy', np.full((32, 32), i, np.float32))
+        fits.writeto(tmp_path / 'tg' / f'q{i}.fits', np.full((32, 32), 10 * i, np.float32))
+    opt = train_opt('--data_format_input', 'npy', '--data_format_target', 'fits',
+                    '--input_dir_train', str(tmp_path / 'in'),
+                    '--target_dir_train', str(tmp_path / 'tg'),
+                    saturation_lower_limit_input=0, saturation_upper_limit_input=2,
+                    saturation_lower_limit_target=0, saturation_upper_limit_target=20)
+    dataset = CustomDataset(opt)
+    assert len(dataset) == 3
+    for i in range(3):
+        x, y = dataset[i]
+        assert float(x.mean()) == pytest.approx(i - 1) and float(y.mean()) == pytest.approx(i - 1)
+
+
+def test_dataset_counts_must_match(tmp_path):
+    inputs = [field(1, seed=s, size=32)[0] for s in range(3)]
+    input_dir, target_dir = write_pair_dirs(tmp_path, inputs, inputs[:2])
+    with pytest.raises(UserError) as error:
+        dataset_for(input_dir, target_dir)
+    assert '3' in str(error.value) and '2' in str(error.value)
+
+
+def test_dataset_sizes_must_match(tmp_path):
+    input_dir, target_dir = write_pair_dirs(tmp_path, [field(1, size=32)[0]],
+                                            [field(1, size=64)[0]])
+    with pytest.raises(UserError):
+        dataset_for(input_dir, target_dir)[0]
+
+
+def test_test_split_returns_input_and_name(tmp_path):
+    os.makedirs(tmp_path / 'test')
+    for name in ('b_2', 'a_1'):
+        np.save(tmp_path / 'test' / f'{name}.npy', np.ones((3, 32, 32), np.float32))
+    opt = make_test_opt('--input_ch', '3', '--data_format_input', 'npy', '--input_dir_test',
+                        str(tmp_path / 'test'), saturation_lower_limit_input=0,
+                        saturation_upper_limit_input=4)
+    dataset = CustomDataset(opt)
+    items = [dataset[i] for i in range(len(dataset))]
+    assert [name for _, name in items] == ['a_1', 'b_2']
+    x = items[0][0]
+    assert isinstance(x, torch.Tensor) and x.shape == (3, 32, 32)
+    assert torch.allclose(x, torch.full_like(x, -0.5))
+
+
+# ----------------------------------------------------------------------------------------
+# Writing
+# ----------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize('channels', [1, 3])
+@pytest.mark.parametrize('fmt', ['fits', 'fts', 'fit', 'npy', 'tif', 'tiff'])
+def test_write_float_formats_round_trip_exactly(tmp_path, fmt, channels):
+    data = field(channels, -3000, 3000).astype(np.float64) + 1e-9  # float64 in, float32 out
+    path = str(tmp_path / f'out.{fmt}')
+    write_array(path, data, fmt)
+    expected = data.astype(np.float32)
+    if fmt == 'npy':
+        stored = np.load(path)
+    elif fmt in ('tif', 'tiff'):
+        import tifffile
+        stored = tifffile.imread(path)
+    else:
+        with fits.open(path) as hdul:
+            stored = hdul[0].data
+            assert hdul[0].header['BITPIX'] == -32
+            assert hdul[0].header['NAXIS'] == (2 if channels == 1 else 3)
+    assert stored.dtype.kind == 'f' and stored.dtype.itemsize == 4
+    assert stored.shape == ((H, W) if channels == 1 else (3, H, W))
+    np.testing.assert_array_equal(stored, expected[0] if channels == 1 else expected)
+    np.testing.assert_array_equal(read_array(path, fmt, channels), expected)
+
+
+def test_write_png_8_bit_rounds_and_clips(tmp_path):
+    data = np.array([[[-5.0, 0.4, 3.5, 3.6, 254.6, 300.0]]])
+    path = str(tmp_path / 'out.png')
+    write_array(path, data, 'png', upper_limit=255)
+    with Image.open(path) as image:
+        assert image.mode == 'L'
+        pixels = np.asarray(image)
+    assert pixels.dtype == np.uint8
+    np.testing.assert_array_equal(pixels, [[0, 0, 4, 4, 255, 255]])
+
+
+def test_write_png_16_bit_when_upper_limit_exceeds_255(tmp_path):
+    data = np.array([[[-3.0, 256.4, 1000.5, 4000.0, 70000.0]]])
+    path = str(tmp_path / 'out.png')
+    write_array(path, data, 'png', upper_limit=4000)
+    with Image.open(path) as image:
+        assert image.mode.startswith('I')
+        pixels = np.asarray(image)
+    np.testing.assert_array_equal(pixels.astype(np.int64), [[0, 256, 1000, 4000, 65535]])
+    np.testing.assert_array_equal(read_array(path, 'png', 1)[0], [[0, 256, 1000, 4000, 65535]])
+
+
+@pytest.mark.parametrize('fmt', ['png', 'jpg', 'jpeg'])
+def test_write_three_channel_image(tmp_path, fmt):
+    data = field(3, 0, 255, noise=0.0)
+    path = str(tmp_path / f'out.{fmt}')
+    write_array(path, data, fmt, upper_limit=255)
+    with Image.open(path) as image:
+        assert image.mode == 'RGB' and image.size == (W, H)
+    back = read_array(path, fmt, 3)
+    if fmt == 'png':
+        np.testing.assert_array_equal(back, np.rint(data))
+    else:  # lossy: close on average, channels in order
+        assert np.abs(back - data).mean() < 5
+        for c in range(3):
+            assert np.corrcoef(back[c].ravel(), data[c].ravel())[0, 1] > 0.95
+
+
+def test_jpeg_is_8_bit_even_with_a_large_upper_limit(tmp_path):
+    path = str(tmp_path / 'out.jpg')
+    write_array(path, np.full((1, H, W), 4000.0), 'jpg', upper_limit=4000)
+    with Image.open(path) as image:
+        assert image.mode == 'L'
+        assert np.asarray(image).max() == 255
+
+
+def test_write_fits_copies_the_header_but_not_value_cards(tmp_path):
+    header = fits.Header()
+    for key, value in [('TELESCOP', 'SYNTHETIC'), ('DATE-OBS', '2011-01-01T00:00:00'),
+                       ('CTYPE1', 'HPLN-TAN'), ('CRPIX1', 32.5), ('CDELT1', 0.6),
+                       ('CTYPE2', 'HPLT-TAN'), ('CRPIX2', 12.5), ('BUNIT', 'DN/s'),
+                       ('DATAMIN', 1.0), ('DATAMAX', 200.0)]:
+        header[key] = value
+    header.add_history('calibrated by the instrument team')
+    source = str(tmp_path / 'in.fits')
+    fits.PrimaryHDU(np.ones((64, 64), np.int16), header=header).writeto(source)
+    with fits.open(source) as hdul:
+        input_header = hdul[0].header.copy()
+    data = field(1, -3000, 3000)
+    path = str(tmp_path / 'out.fits')
+    write_array(path, data, 'fits', header=input_header,
+                history=['pix2pixCC: generated from in.fits', 'pix2pixCC: iteration=7'])
+    with fits.open(path) as hdul:
+        assert len(hdul) == 1
+        out = hdul[0].header
+        np.testing.assert_array_equal(hdul[0].data, data[0])
+    assert out['BITPIX'] == -32
+    assert (out['NAXIS'], out['NAXIS1'], out['NAXIS2']) == (2, W, H)
+    for key in ('TELESCOP', 'DATE-OBS', 'CTYPE1', 'CRPIX1', 'CDELT1', 'CTYPE2', 'CRPIX2'):
+        assert out[key] == header[key], key
+    for key in ('BUNIT', 'DATAMIN', 'DATAMAX', 'BSCALE', 'BZERO'):
+        assert key not in out, key
+    history = [str(h) for h in out['HISTORY']]
+    assert 'calibrated by the instrument team' in history
+    assert 'pix2pixCC: generated from in.fits' in history and 'pix2pixCC: iteration=7' in history
+    assert list(out.keys()).count('SIMPLE') == 1
+
+
+def test_write_three_channel_sixteen_bit_png_is_a_user_error(tmp_path):
+    with pytest.raises(UserError):
+        write_array(str(tmp_path / 'x.png'), np.ones((3, 8, 8)) * 1000, 'png', upper_limit=4000)
