@@ -19,14 +19,19 @@ from pix2pixCC_Options import UserError
 # ----------------------------------------------------------------------------------------
 
 
+def cpu_requested(opt):
+    """--gpu_ids -1 (any negative index) asks for the CPU."""
+    return any(int(i) < 0 for i in opt.gpu_ids.split(','))
+
+
 def select_device(opt, log=print):
     """The device the options ask for, or the CPU with a notice when CUDA is absent.
 
     Returns (device, gpu_ids); gpu_ids is empty on the CPU.
     """
-    ids = [int(i) for i in opt.gpu_ids.split(',')]
-    if any(i < 0 for i in ids):
+    if cpu_requested(opt):
         return torch.device('cpu'), []
+    ids = [int(i) for i in opt.gpu_ids.split(',')]
     if not torch.cuda.is_available():
         log(f"notice: --gpu_ids {opt.gpu_ids} asks for a GPU but CUDA is not available; "
             f"running on the CPU (--gpu_ids -1 silences this)")
@@ -57,16 +62,15 @@ class Distributed:
     def setup(self, opt, log=print):
         """Start the process group; returns (device, gpu_ids) like `select_device`."""
         if not self.enabled:
-            return select_device(opt, log if self.is_main else (lambda message: None))
+            return select_device(opt, log)
         import torch.distributed as dist
-        use_cuda = opt.gpu_ids != '-1' and torch.cuda.is_available()
+        use_cuda = not cpu_requested(opt) and torch.cuda.is_available()
         if use_cuda:
             torch.cuda.set_device(self.local_rank)
         dist.init_process_group('nccl' if use_cuda else 'gloo')
         device = torch.device(f'cuda:{self.local_rank}' if use_cuda else 'cpu')
-        if self.is_main:
-            log(f"distributed: {self.world_size} processes "
-                f"({'NCCL on GPUs' if use_cuda else 'Gloo on CPUs'})")
+        log(f"distributed: {self.world_size} processes "
+            f"({'NCCL on GPUs' if use_cuda else 'Gloo on CPUs'})")
         return device, []
 
     def broadcast(self, value):
