@@ -396,12 +396,14 @@ def check_pairing(input_paths, target_paths):
     if None in input_times or None in target_times:
         return
     for i, time in enumerate(input_times):
-        nearest = min(range(len(target_times)), key=lambda j: abs(target_times[j] - time))
-        if abs(target_times[nearest] - time) < abs(target_times[i] - time):
+        offset = abs(target_times[i] - time)
+        rivals = [j for j in range(len(target_times))
+                  if j != i and abs(target_times[j] - time) <= offset]
+        if offset and rivals:  # another target is as close or closer: the pairing is a guess
             raise UserError(f"pair {i}: input {input_paths[i]} ({time}) would be paired with "
                             f"target {target_paths[i]} ({target_times[i]}), but "
-                            f"{target_paths[nearest]} is closer in time; a file is missing on "
-                            f"one side (files pair by sorted name)")
+                            f"{target_paths[rivals[0]]} is as close in time; a file is missing "
+                            f"on one side (files pair by sorted name)")
 
 
 # ----------------------------------------------------------------------------------------

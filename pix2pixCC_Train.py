@@ -17,7 +17,7 @@ from pix2pixCC_Pipeline import CustomDataset, check_dataset, check_pairing
 from pix2pixCC_Test import translate
 from pix2pixCC_Utils import (Distributed, Manager, Precision, bare, checkpoint_path,
                              load_state_dict, make_dirs, newest_complete_step, options_record,
-                             read_json, require_checkpoint, rng_states, safe_load,
+                             read_json, require_checkpoint, rng_states, safe_load, saved_steps,
                              set_rng_states, set_seed, state_path, summarize, write_csv,
                              write_json)
 
@@ -121,6 +121,11 @@ def main(argv=None):
     # Data
     dataset = CustomDataset(opt)
     cluster.on_main(lambda: check_data(dataset, opt, log))
+    if opt.latest_iter == 0 and saved_steps(opt.model_dir, 'G'):
+        steps = saved_steps(opt.model_dir, 'G')
+        raise UserError(f"{opt.model_dir} already holds checkpoints (steps {steps[0]}..{steps[-1]}) "
+                        f"that a new run would overwrite; resume with --latest_iter -1, choose "
+                        f"another --dataset_name, or move them away")
     val_dataset = CustomDataset(opt, split='test') if opt.val_during_train else None
     sampler = EpochSampler(len(dataset), shuffle=not opt.no_shuffle, seed=opt.seed,
                            num_replicas=cluster.world_size, rank=cluster.rank)
@@ -195,7 +200,8 @@ def main(argv=None):
                 loss_D, loss_G, target, fake = criterion(D, G, input, target)
             if not cluster.all_finite(loss_D + loss_G):
                 raise UserError(f"the loss is not finite at step {next_step} (D "
-                                f"{float(loss_D):.4g}, G {float(loss_G):.4g}); training stopped "
+                                f"{float(loss_D.detach()):.4g}, G {float(loss_G.detach()):.4g}); "
+                                f"training stopped "
                                 f"before updating the weights; last good checkpoint: "
                                 f"{manager.last_good()}; a lower --lr may help")
 
@@ -210,7 +216,7 @@ def main(argv=None):
             previous_step, current_step = current_step, next_step
             progress.update(current_step - previous_step)
             manager.after_step(epoch, previous_step, current_step, n_samples,
-                               (input, target, fake), criterion.terms)
+                               (input, target, fake), cluster.mean(criterion.terms))
     progress.close()
     manager.finish(current_step, epoch)
     cluster.close()

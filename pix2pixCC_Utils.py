@@ -96,6 +96,15 @@ class Distributed:
             raise UserError(error)
         return result
 
+    def mean(self, terms):
+        """{name: 0-d tensor} averaged over all processes (the loss of the global batch)."""
+        if not self.enabled:
+            return terms
+        import torch.distributed as dist
+        values = torch.stack([value.float() for value in terms.values()])
+        dist.all_reduce(values)
+        return dict(zip(terms, values / self.world_size))
+
     def all_finite(self, value):
         """True when `value` (a 0-d tensor) is finite on every rank."""
         finite = torch.isfinite(value.detach()).float()
@@ -555,10 +564,12 @@ class Manager:
         self.target_scaling = Scaling.from_options(opt, 'target')
         self.target_scaling.save_scale = 1.0  # previews show the target's own units
         self.loss_log = os.path.join(opt.checkpoint_dir, 'loss_log.csv')
-        # A resumed run redoes the steps after its checkpoint: drop their old log lines.
-        rows = read_csv(self.loss_log) if active else []
-        if opt.latest_iter and any(int(row['step']) > opt.latest_iter for row in rows):
-            write_csv(self.loss_log, [r for r in rows if int(r['step']) <= opt.latest_iter])
+        # A run redoes the steps after the one it starts from: drop their old log rows (all
+        # of them for a new run), so no step is logged twice.
+        for log_path in (self.loss_log, os.path.join(opt.checkpoint_dir, 'val_metrics.csv')):
+            rows = read_csv(log_path) if active else []
+            if any(int(row['step']) > opt.latest_iter for row in rows):
+                write_csv(log_path, [r for r in rows if int(r['step']) <= opt.latest_iter])
 
     def after_step(self, epoch, previous_step, current_step, n_samples, batch, terms):
         """batch = (input, target, fake), each (B, C, H, W) normalised."""

@@ -12,6 +12,7 @@ to ./checkpoints/ablation_CC5 and ./checkpoints/ablation_CC0. About 10 minutes o
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -34,6 +35,8 @@ def run(script, args):
 
 
 def train_and_evaluate(name, lambda_CC, n_epochs, seed):
+    # The runs are this script's own: start them afresh (Train refuses to overwrite).
+    shutil.rmtree(os.path.join(ROOT, 'checkpoints', name), ignore_errors=True)
     start = time.time()
     run('pix2pixCC_Train.py', ['--dataset_name', name, '--lambda_CC', str(lambda_CC),
                                '--input_dir_train', os.path.join(SAMPLE, 'Train', 'Input'),

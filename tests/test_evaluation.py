@@ -1,0 +1,438 @@
+"""Evaluation: the metrics (CC/CCC after binning, RMSE, MAE, flux), the Test script's metric
+files and table, the training log, panels and loss curve, validation metrics during training,
+and the CC ablation script's command line.
+
+Reference values are computed here independently (numpy block means, scipy's Pearson, the
+closed-form Lin CCC with population moments), never with the package's own metric code.
+"""
+import csv
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from scipy import stats
+
+import pix2pixCC_Networks
+from conftest import (REPO, SUBPROCESS_ENV, TINY, assert_ok, make_pairs, run_test, run_train,
+                      train_opt)
+from pix2pixCC_Networks import Loss
+from pix2pixCC_Utils import bin_mean, image_metrics
+
+BINS = [1, 2, 4, 8]
+PER_BIN = ('cc', 'ccc', 'rmse', 'mae')
+FLUX = ['flux_unsigned_real', 'flux_unsigned_fake', 'flux_net_real', 'flux_net_fake']
+
+
+def metric_columns(bins, prefix=''):
+    return [f'{prefix}{name}_{k}x{k}' for k in bins for name in PER_BIN] + \
+        [prefix + name for name in FLUX]
+
+
+# ----------------------------------------------------------------------------------------
+# Independent reference implementation
+# ----------------------------------------------------------------------------------------
+
+def block_mean(x, k):
+    """Mean over non-overlapping k x k blocks of a 2-D array; ragged edges dropped."""
+    h, w = x.shape[0] // k, x.shape[1] // k
+    return x[:h * k, :w * k].reshape(h, k, w, k).mean(axis=(1, 3))
+
+
+def lin_ccc(r, f):
+    mr, mf = r.mean(), f.mean()
+    covariance = ((r - mr) * (f - mf)).mean()
+    return 2 * covariance / (r.var() + f.var() + (mr - mf) ** 2)
+
+
+def expected_metrics(real, fake, bins):
+    """real, fake: 2-D float64 arrays (real may hold NaN/Inf, left out)."""
+    out = {}
+    for k in bins:
+        r, f = block_mean(real, k), block_mean(fake, k)
+        keep = np.isfinite(r) & np.isfinite(f)
+        r, f = r[keep], f[keep]
+        out[f'cc_{k}x{k}'] = stats.pearsonr(r, f)[0]
+        out[f'ccc_{k}x{k}'] = lin_ccc(r, f)
+        out[f'rmse_{k}x{k}'] = np.sqrt(np.mean((r - f) ** 2))
+        out[f'mae_{k}x{k}'] = np.mean(np.abs(r - f))
+    keep = np.isfinite(real) & np.isfinite(fake)
+    out.update(flux_unsigned_real=np.abs(real[keep]).sum(),
+               flux_unsigned_fake=np.abs(fake[keep]).sum(),
+               flux_net_real=real[keep].sum(), flux_net_fake=fake[keep].sum())
+    return out
+
+
+def assert_metrics_close(got, expected, rtol=1e-6, atol=1e-9):
+    for key, value in expected.items():
+        assert got[key] == pytest.approx(value, rel=rtol, abs=atol), key
+
+
+@pytest.fixture
+def pair():
+    rng = np.random.default_rng(3)
+    real = rng.normal(5.0, 2.0, (1, 50, 50))  # 50 is not a multiple of 4 or 8
+    fake = 0.6 * real + rng.normal(1.0, 1.5, real.shape)
+    return real, fake
+
+
+# ----------------------------------------------------------------------------------------
+# 1. image_metrics and bin_mean
+# ----------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize('shape, k', [((8, 8), 2), ((10, 11), 3), ((2, 50, 50), 8), ((7, 7), 1)])
+def test_bin_mean_is_the_mean_over_k_by_k_blocks(shape, k):
+    x = np.random.default_rng(1).normal(size=shape)
+    flat = x.reshape(-1, *shape[-2:])
+    expected = np.stack([block_mean(channel, k) for channel in flat]).reshape(
+        *shape[:-2], shape[-2] // k, shape[-1] // k)
+    np.testing.assert_allclose(bin_mean(x, k), expected, rtol=1e-12, atol=1e-12)
+
+
+def test_perfect_prediction(pair):
+    real, _ = pair
+    row = image_metrics(real, real.copy(), BINS)
+    for k in BINS:
+        assert row[f'cc_{k}x{k}'] == pytest.approx(1, abs=1e-9)
+        assert row[f'ccc_{k}x{k}'] == pytest.approx(1, abs=1e-9)
+        assert row[f'rmse_{k}x{k}'] == pytest.approx(0, abs=1e-9)
+        assert row[f'mae_{k}x{k}'] == pytest.approx(0, abs=1e-9)
+    assert row['flux_net_real'] == pytest.approx(row['flux_net_fake'])
+
+
+def test_sign_flipped_prediction(pair):
+    real, _ = pair
+    row = image_metrics(real, -real, BINS)
+    for k in BINS:
+        assert row[f'cc_{k}x{k}'] == pytest.approx(-1, abs=1e-9)
+        assert row[f'ccc_{k}x{k}'] < 0
+    assert row['flux_net_fake'] == pytest.approx(-row['flux_net_real'])
+    assert row['flux_unsigned_fake'] == pytest.approx(row['flux_unsigned_real'])
+
+
+def test_metrics_equal_scipy_and_closed_form_ccc(pair):
+    real, fake = pair
+    row = image_metrics(real, fake, BINS)
+    assert list(row) == metric_columns(BINS)
+    assert all(isinstance(value, float) for value in row.values())
+    assert_metrics_close(row, expected_metrics(real[0], fake[0], BINS))
+    # The data are not perfectly correlated and the means differ: CCC < CC.
+    assert row['ccc_1x1'] < row['cc_1x1'] < 1
+
+
+def test_several_channels_are_prefixed_and_independent(pair):
+    real, fake = pair
+    real2 = np.concatenate([real, 3 - real])
+    fake2 = np.concatenate([fake, 2 * real + 1])
+    row = image_metrics(real2, fake2, [1, 4])
+    assert list(row) == metric_columns([1, 4], 'ch0_') + metric_columns([1, 4], 'ch1_')
+    for c in range(2):
+        single = image_metrics(real2[c:c + 1], fake2[c:c + 1], [1, 4])
+        for key, value in single.items():
+            assert row[f'ch{c}_{key}'] == pytest.approx(value, rel=1e-12)
+    assert row['ch1_cc_1x1'] == pytest.approx(-1)
+
+
+def test_non_finite_target_pixels_are_left_out(pair):
+    real, fake = pair
+    real = real.copy()
+    real[0, 3, 5], real[0, 20, 21], real[0, 40, 2] = np.nan, np.inf, -np.inf
+    row = image_metrics(real, fake, BINS)
+    assert all(np.isfinite(value) for value in row.values()), row
+    assert_metrics_close(row, expected_metrics(real[0], fake[0], BINS))
+    # Left out, not replaced: the same as the metrics of the finite pixels alone.
+    keep = np.isfinite(real[0])
+    assert row['cc_1x1'] == pytest.approx(stats.pearsonr(real[0][keep], fake[0][keep])[0])
+
+
+# ----------------------------------------------------------------------------------------
+# 2. The Inspector and the metric are the same correlation
+# ----------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize('ccc', [True, False])
+def test_inspector_loss_is_one_minus_the_metric(ccc):
+    torch.manual_seed(0)
+    target = torch.rand(1, 1, 32, 32) * 2 - 1
+    fake = 0.5 * target + 0.3 * torch.randn(1, 1, 32, 32) + 0.2
+    opt = train_opt('--n_CC', '1', '--lambda_CC', '1', '--ccc', str(ccc))
+    loss, cc = Loss(opt).inspector(target, fake)
+    row = image_metrics(target[0].numpy(), fake[0].numpy(), [1])
+    metric = row['ccc_1x1' if ccc else 'cc_1x1']
+    assert float(loss) == pytest.approx(1 - metric, abs=1e-5)
+    assert float(cc) == pytest.approx(metric, abs=1e-5)
+
+
+def test_metrics_call_the_inspectors_correlation(pair, monkeypatch):
+    """README: the CCC of the metrics is "the same function the Inspector uses"."""
+    calls = []
+    original = pix2pixCC_Networks.correlation
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs.get('ccc', True))
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(pix2pixCC_Networks, 'correlation', spy)
+    real, fake = pair
+    image_metrics(real, fake, [1, 2])
+    assert True in calls and False in calls
+
+
+# ----------------------------------------------------------------------------------------
+# A training run with validation metrics, evaluated by the Test script
+# ----------------------------------------------------------------------------------------
+
+DATA = ['--data_format_input', 'npy', '--data_format_target', 'npy', '--data_size', '32',
+        '--saturation_lower_limit_input', '0', '--saturation_upper_limit_input', '100',
+        '--saturation_lower_limit_target', '0', '--saturation_upper_limit_target', '100']
+# 6 files, batch 1, 2 epochs: reports at 2, 4, ..., 12; previews at 3, 6, 9, 12; saves at 4,
+# 8 and 12.
+FREQS = ['--n_epochs', '2', '--report_freq', '2', '--display_freq', '3', '--save_freq', '4']
+REPORTS, PREVIEWS, SAVES = [2, 4, 6, 8, 10, 12], [3, 6, 9, 12], [4, 8, 12]
+LOG_COLUMNS = ['step', 'epoch', 'D', 'G', 'G_LSGAN', 'G_FM', 'G_CC', 'CC', 'seconds_per_step']
+
+
+def read_rows(path):
+    with open(path, newline='') as f:
+        reader = csv.DictReader(f)
+        return reader.fieldnames, list(reader)
+
+
+@pytest.fixture(scope='module')
+def run(tmp_path_factory):
+    root = tmp_path_factory.mktemp('eval_run')
+    train_in, train_tg = make_pairs(root / 'train', 'npy', n=6, size=32)
+    test_in, test_tg = make_pairs(root / 'test', 'npy', n=3, size=32, seed=9, prefix='val')
+    y = np.load(os.path.join(test_tg, 'val_001.npy'))
+    y[2, 3], y[17, 30], y[31, 0] = np.nan, np.inf, np.nan  # left out of the metrics
+    np.save(os.path.join(test_tg, 'val_001.npy'), y)
+    proc = run_train(TINY + DATA + FREQS + [
+        '--dataset_name', 'ev', '--seed', '1', '--n_workers', '0',
+        '--input_dir_train', train_in, '--target_dir_train', train_tg,
+        '--val_during_train', '--input_dir_test', test_in, '--target_dir_test', test_tg],
+        cwd=root)
+    assert_ok(proc)
+    out = root / 'checkpoints' / 'ev'
+    return dict(root=root, out=out, proc=proc, test_in=test_in, test_tg=test_tg,
+                train_in=train_in, train_tg=train_tg)
+
+
+def fresh_copy(run, dest):
+    """The trained models and options only, in a new working folder."""
+    out = dest / 'checkpoints' / 'ev'
+    shutil.copytree(run['out'] / 'Model', out / 'Model')
+    shutil.copy(run['out'] / 'train_options.json', out)
+    return out
+
+
+@pytest.fixture(scope='module')
+def evaluated(run, tmp_path_factory):
+    """Test with targets on every saved generator, with panels and --save_scale 2."""
+    root = tmp_path_factory.mktemp('evaluated')
+    out = fresh_copy(run, root)
+    proc = run_test(['--gpu_ids', '-1', '--dataset_name', 'ev', '--iteration', '-1',
+                     '--input_dir_test', run['test_in'], '--target_dir_test', run['test_tg'],
+                     '--save_panels', '--save_scale', '2'], cwd=root)
+    assert_ok(proc)
+    return dict(run, root=root, out=out, proc=proc, test_dir=out / 'Image' / 'Test')
+
+
+# ----------------------------------------------------------------------------------------
+# 3. The Test script's metrics
+# ----------------------------------------------------------------------------------------
+
+def test_metrics_csv_has_one_row_per_file_and_the_documented_columns(evaluated):
+    for step in SAVES:
+        columns, rows = read_rows(evaluated['test_dir'] / str(step) / 'metrics.csv')
+        assert columns == ['file'] + metric_columns(BINS)
+        assert [row['file'] for row in rows] == ['val_000', 'val_001', 'val_002']
+        for row in rows:
+            assert all(np.isfinite(float(row[key])) for key in columns[1:]), row
+
+
+def test_summary_holds_mean_std_median_of_each_column(evaluated):
+    for step in SAVES:
+        folder = evaluated['test_dir'] / str(step)
+        _, rows = read_rows(folder / 'metrics.csv')
+        with open(folder / 'metrics_summary.json') as f:
+            summary = json.load(f)
+        assert sorted(summary) == sorted(metric_columns(BINS))
+        for key, entry in summary.items():
+            values = np.array([float(row[key]) for row in rows])
+            assert entry['mean'] == pytest.approx(values.mean(), rel=1e-9, abs=1e-12)
+            assert entry['median'] == pytest.approx(np.median(values), rel=1e-9, abs=1e-12)
+            assert entry['std'] == pytest.approx(values.std(), rel=1e-6, abs=1e-12) or \
+                entry['std'] == pytest.approx(values.std(ddof=1), rel=1e-6, abs=1e-12)
+
+
+def test_metrics_are_those_of_the_written_outputs_in_the_targets_units(evaluated):
+    """Recomputed here from the written file (divided by --save_scale 2) and the raw target,
+    which holds NaN/Inf pixels."""
+    folder = evaluated['test_dir'] / '12'
+    _, rows = read_rows(folder / 'metrics.csv')
+    row = {key: float(value) for key, value in rows[1].items() if key != 'file'}
+    written = np.load(folder / 'val_001_AI.npy').astype(np.float64)
+    real = np.load(os.path.join(evaluated['test_tg'], 'val_001.npy')).astype(np.float64)
+    assert np.isnan(real).sum() == 2
+    assert_metrics_close(row, expected_metrics(real, written / 2, BINS), rtol=1e-5, atol=1e-6)
+
+
+def test_the_table_is_printed(evaluated):
+    stdout = evaluated['proc'].stdout
+    with open(evaluated['test_dir'] / '12' / 'metrics_summary.json') as f:
+        summary = json.load(f)
+    assert re.search(r'CC\s+CCC\s+RMSE\s+MAE', stdout), stdout
+    rows = re.findall(r'^\s*0\s+8x8\s+(\S+)\s+(\S+)', stdout, re.MULTILINE)
+    assert len(rows) == len(SAVES)  # one table per iteration
+    assert float(rows[-1][0]) == pytest.approx(summary['cc_8x8']['mean'], abs=1e-4)
+    assert float(rows[-1][1]) == pytest.approx(summary['ccc_8x8']['mean'], abs=1e-4)
+    for k in BINS:
+        assert re.search(rf'^\s*0\s+{k}x{k}\s', stdout, re.MULTILINE)
+
+
+def test_metrics_by_iteration_and_the_best_one(evaluated):
+    columns, rows = read_rows(evaluated['test_dir'] / 'metrics_by_iteration.csv')
+    assert columns[0] == 'iteration' and set(metric_columns(BINS)) <= set(columns)
+    assert [int(row['iteration']) for row in rows] == SAVES
+    for row in rows:
+        with open(evaluated['test_dir'] / row['iteration'] / 'metrics_summary.json') as f:
+            summary = json.load(f)
+        assert float(row['cc_8x8']) == pytest.approx(summary['cc_8x8']['mean'], rel=1e-9)
+    best = max(rows, key=lambda row: float(row['cc_8x8']))['iteration']
+    line = [line for line in evaluated['proc'].stdout.splitlines() if 'best' in line.lower()]
+    assert len(line) == 1 and 'cc_8x8' in line[0], line
+    assert re.search(rf'\b{best}\b', line[0].split('cc_8x8', 1)[1].split('(')[0]), line[0]
+
+
+def test_panels_are_pngs_wider_than_high(evaluated):
+    for step in SAVES:
+        for name in ('val_000', 'val_001', 'val_002'):
+            path = evaluated['test_dir'] / str(step) / f'{name}_panel.png'
+            with Image.open(path) as image:
+                assert image.format == 'PNG'
+                image.verify()
+            with Image.open(path) as image:
+                width, height = image.size
+                assert width > height > 0
+
+
+def test_metric_bins_choose_the_columns_and_no_targets_no_metrics(run, tmp_path):
+    out = fresh_copy(run, tmp_path)
+    base = ['--gpu_ids', '-1', '--dataset_name', 'ev', '--iteration', '12', '--input_dir_test',
+            run['test_in']]
+    proc = run_test(base, cwd=tmp_path)
+    assert_ok(proc)
+    folder = out / 'Image' / 'Test' / '12'
+    assert sorted(os.listdir(folder)) == [f'val_{i:03d}_AI.npy' for i in range(3)]
+    proc = run_test(base + ['--target_dir_test', run['test_tg'], '--metric_bins', '1', '4'],
+                    cwd=tmp_path)
+    assert_ok(proc)
+    columns, rows = read_rows(folder / 'metrics.csv')
+    assert columns == ['file'] + metric_columns([1, 4])
+    assert len(rows) == 3
+    with open(folder / 'metrics_summary.json') as f:
+        assert sorted(json.load(f)) == sorted(metric_columns([1, 4]))
+    assert re.search(r'^\s*0\s+4x4\s', proc.stdout, re.MULTILINE)
+    assert not re.search(r'^\s*0\s+8x8\s', proc.stdout, re.MULTILINE)
+    assert not os.path.exists(out / 'Image' / 'Test' / 'metrics_by_iteration.csv')
+
+
+# ----------------------------------------------------------------------------------------
+# 4. What training writes
+# ----------------------------------------------------------------------------------------
+
+def test_loss_log_has_one_row_per_report(run):
+    columns, rows = read_rows(run['out'] / 'loss_log.csv')
+    assert columns == LOG_COLUMNS
+    assert [int(row['step']) for row in rows] == REPORTS
+    assert [int(row['epoch']) for row in rows] == [1, 1, 1, 2, 2, 2]
+    reported = re.findall(r'Current_step:\s*(\d+)\s+D_loss:\s*(\S+)\s+G_loss:\s*(\S+)',
+                          run['proc'].stdout)
+    assert [int(step) for step, _, _ in reported] == REPORTS
+    for row, (_, d, g) in zip(rows, reported):
+        values = {key: float(row[key]) for key in LOG_COLUMNS}
+        assert all(np.isfinite(v) for v in values.values())
+        assert values['G'] == pytest.approx(values['G_LSGAN'] + values['G_FM'] + values['G_CC'],
+                                            rel=1e-5)
+        assert values['D'] == pytest.approx(float(d), abs=1e-4)
+        assert values['G'] == pytest.approx(float(g), abs=1e-4)
+        assert -1 <= values['CC'] <= 1 and values['seconds_per_step'] >= 0
+        # lambda_CC / n_CC * sum over 4 scales of (1 - CC_i): the full-resolution term is
+        # 5/4 (1 - CC) and every term lies in [0, 2].
+        assert 1.25 * (1 - values['CC']) - 1e-4 <= values['G_CC'] <= 10 + 1e-4
+
+
+def test_loss_curve_and_training_panels(run):
+    with Image.open(run['out'] / 'loss_curve.png') as image:
+        assert image.format == 'PNG'
+        image.verify()
+    folder = run['out'] / 'Image' / 'Train'
+    for step in PREVIEWS:
+        for kind in ('real', 'fake'):
+            assert os.path.isfile(folder / f'{step}_{kind}.png')
+        with Image.open(folder / f'{step}_panel.png') as image:
+            assert image.format == 'PNG' and image.size[0] > image.size[1]
+    panels = sorted(int(name.split('_')[0]) for name in os.listdir(folder)
+                    if name.endswith('_panel.png'))
+    assert panels == PREVIEWS
+
+
+def test_validation_metrics_at_every_save(run, evaluated):
+    columns, rows = read_rows(run['out'] / 'val_metrics.csv')
+    assert columns[0] == 'step' and set(metric_columns(BINS)) <= set(columns)
+    assert [int(row['step']) for row in rows] == SAVES
+    # The same numbers as the Test script on the same generator (without --save_scale's
+    # effect: metrics are in the target's units).
+    for row in rows:
+        with open(evaluated['test_dir'] / row['step'] / 'metrics_summary.json') as f:
+            summary = json.load(f)
+        for key in ('cc_1x1', 'ccc_8x8', 'rmse_2x2', 'flux_net_fake'):
+            assert float(row[key]) == pytest.approx(summary[key]['mean'], rel=1e-4, abs=1e-6), \
+                (row['step'], key)
+
+
+@pytest.fixture(scope='module')
+def resumed(run, tmp_path_factory):
+    """The run resumed from step 4 (its steps 8 and 12 done again)."""
+    root = tmp_path_factory.mktemp('resumed')
+    shutil.copytree(run['out'], root / 'checkpoints' / 'ev')
+    for step in (8, 12):
+        for kind in ('G', 'D', 'state'):
+            os.remove(root / 'checkpoints' / 'ev' / 'Model' / f'{step}_{kind}.pt')
+    proc = run_train(['--gpu_ids', '-1', '--dataset_name', 'ev', '--latest_iter', '4',
+                      '--n_epochs', '2'], cwd=root)
+    assert_ok(proc)
+    return root / 'checkpoints' / 'ev'
+
+
+def test_resumed_loss_log_has_no_repeated_steps(run, resumed):
+    _, rows = read_rows(resumed / 'loss_log.csv')
+    assert [int(row['step']) for row in rows] == REPORTS
+    _, original = read_rows(run['out'] / 'loss_log.csv')
+    for new, old in zip(rows, original):  # exact resume: the same losses
+        for key in ('D', 'G', 'CC'):
+            assert float(new[key]) == pytest.approx(float(old[key]), rel=1e-5), (new, old)
+
+
+def test_resumed_validation_metrics_have_no_repeated_steps(resumed):
+    _, rows = read_rows(resumed / 'val_metrics.csv')
+    assert [int(row['step']) for row in rows] == SAVES
+
+
+# ----------------------------------------------------------------------------------------
+# 5. The ablation script
+# ----------------------------------------------------------------------------------------
+
+def test_cc_ablation_help(tmp_path):
+    script = os.path.join(REPO, 'experiments', 'cc_ablation.py')
+    assert os.path.isfile(script)
+    proc = subprocess.run([sys.executable, script, '--help'], cwd=str(tmp_path),
+                          env=SUBPROCESS_ENV, capture_output=True, text=True, timeout=60)
+    assert_ok(proc)
+    assert 'usage' in proc.stdout.lower() and '--n_epochs' in proc.stdout
+    assert os.listdir(tmp_path) == []  # --help trains nothing
