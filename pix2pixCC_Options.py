@@ -90,6 +90,11 @@ class BaseOption:
         p.add_argument('--n_df', type=int, default=64, help='discriminator base width')
         p.add_argument('--data_type', type=int, default=32, choices=(16, 32),
                        help='32: float32; 16: mixed precision')
+        p.add_argument('--amp_dtype', type=lower_str, default='auto',
+                       choices=('auto', 'bfloat16', 'float16'),
+                       help='with --data_type 16: bfloat16 where supported (auto), or force one')
+        add_bool('--compile', False, 'torch.compile the networks (faster steps after a '
+                                     'slow first one)')
         p.add_argument('--n_workers', type=int, default=1, help='data-loading processes')
         p.add_argument('--norm_type', type=str, default='InstanceNorm2d',
                        choices=('InstanceNorm2d', 'BatchNorm2d'))

@@ -20,9 +20,9 @@ from pix2pixCC_Options import DATA_OPTIONS, NETWORK_OPTIONS, TestOption, UserErr
 from pix2pixCC_Pipeline import (CustomDataset, Scaling, check_pairing, read_fits_header,
                                 write_array)
 from pix2pixCC_Utils import (Precision, atomic_path, checkpoint_path, image_metrics,
-                             load_state_dict, make_dirs, metrics_table, read_json,
-                             require_checkpoint, save_panel, saved_steps, select_device,
-                             summarize, write_csv, write_json)
+                             load_state_dict, make_dirs, memory_format, metrics_table,
+                             prepare_network, read_json, require_checkpoint, save_panel,
+                             saved_steps, select_device, summarize, write_csv, write_json)
 
 FITS_FORMATS = ('fits', 'fts', 'fit')
 
@@ -56,7 +56,8 @@ def translate(G, dataset, out_dir, opt, device, iteration, precision=None, panel
     with torch.inference_mode():
         for index, (input, name) in enumerate(tqdm(loader, desc=f'iteration {iteration}',
                                                    unit='file', disable=None, leave=False)):
-            output = generate(G, input[None].to(device), opt.n_downsample, precision)
+            batch = input[None].to(device, memory_format=memory_format(device))
+            output = generate(G, batch, opt.n_downsample, precision)
             data = scaling.inverse(output[0].cpu().numpy())
             path = os.path.join(out_dir, f'{name}_AI.{opt.data_format_target}')
             extra = {}
@@ -114,7 +115,7 @@ def main(argv=None):
         iterations = [opt.iteration]
 
     # Translate with every generator asked for; metrics when targets are given.
-    G = Generator(opt).to(device)
+    G = prepare_network(Generator(opt), opt, device)
     by_iteration = []
     for iteration in iterations:
         load_state_dict(G, checkpoint_path(opt.model_dir, iteration, 'G'))

@@ -16,10 +16,10 @@ from pix2pixCC_Options import NOT_RESUMED, BaseOption, TrainOption, UserError, r
 from pix2pixCC_Pipeline import CustomDataset, check_dataset, check_pairing
 from pix2pixCC_Test import translate
 from pix2pixCC_Utils import (Distributed, Manager, Precision, bare, checkpoint_path,
-                             load_state_dict, make_dirs, newest_complete_step, options_record,
-                             read_json, require_checkpoint, rng_states, safe_load, saved_steps,
-                             set_rng_states, set_seed, state_path, summarize, write_csv,
-                             write_json)
+                             load_state_dict, make_dirs, memory_format, newest_complete_step,
+                             options_record, prepare_network, read_json, require_checkpoint,
+                             rng_states, safe_load, saved_steps, set_rng_states, set_seed,
+                             state_path, summarize, write_csv, write_json)
 
 
 class EpochSampler(DistributedSampler):
@@ -139,10 +139,12 @@ def main(argv=None):
     if opt.latest_iter > 0:
         load_state_dict(G, checkpoint_path(opt.model_dir, opt.latest_iter, 'G'))
         load_state_dict(D, checkpoint_path(opt.model_dir, opt.latest_iter, 'D'))
-    G, D = cluster.wrap(G.to(device), device), cluster.wrap(D.to(device), device)
-    if len(gpu_ids) > 1:
-        G = torch.nn.DataParallel(G, device_ids=gpu_ids)
-        D = torch.nn.DataParallel(D, device_ids=gpu_ids)
+
+    def wrap(module):  # one process per device under torchrun; else DataParallel for 0,1,...
+        module = cluster.wrap(module, device)
+        return torch.nn.DataParallel(module, device_ids=gpu_ids) if len(gpu_ids) > 1 else module
+
+    G, D = prepare_network(G, opt, device, wrap), prepare_network(D, opt, device, wrap)
     criterion = Loss(opt)
     G_optim = torch.optim.Adam(G.parameters(), lr=opt.lr, betas=(opt.beta1, opt.beta2))
     D_optim = torch.optim.Adam(D.parameters(), lr=opt.lr, betas=(opt.beta1, opt.beta2))
@@ -189,8 +191,8 @@ def main(argv=None):
     for epoch in range(current_step // n_samples + 1, opt.n_epochs + 1):
         sampler.set_epoch(epoch, start=current_step - (epoch - 1) * n_samples)
         for input, target in loader:
-            input = input.to(device, non_blocking=True)
-            target = target.to(device, non_blocking=True)
+            input = input.to(device, non_blocking=True, memory_format=memory_format(device))
+            target = target.to(device, non_blocking=True, memory_format=memory_format(device))
             # The last batches of an epoch may hold fewer samples (or, with several
             # processes, repeats that even out the shares): count each sample once.
             next_step = min(current_step + input.shape[0] * cluster.world_size,

@@ -134,19 +134,49 @@ class Distributed:
 class Precision:
     """float32, or mixed precision for --data_type 16 (weights and optimiser stay float32).
 
-    CUDA autocasts to float16 with a GradScaler against underflow; the CPU to bfloat16, whose
-    exponent range needs no scaler.
+    Mixed precision autocasts to bfloat16 on the CPU and on GPUs that support it (its
+    exponent range needs no loss scaling), and otherwise to float16 with a GradScaler against
+    gradient underflow. `--amp_dtype float16|bfloat16` overrides the choice.
     """
 
     def __init__(self, opt, device):
         self.device_type = device.type
         self.enabled = opt.data_type == 16
-        self.dtype = torch.float16 if device.type == 'cuda' else torch.bfloat16
-        self.scaler = torch.amp.GradScaler(device.type,
-                                           enabled=self.enabled and device.type == 'cuda')
+        choice = getattr(opt, 'amp_dtype', 'auto')
+        if choice == 'auto':
+            choice = 'bfloat16' if device.type == 'cpu' or torch.cuda.is_bf16_supported() \
+                else 'float16'
+        self.dtype = getattr(torch, choice)
+        self.scaler = torch.amp.GradScaler(device.type, enabled=self.enabled and
+                                           self.dtype == torch.float16 and device.type == 'cuda')
 
     def autocast(self):
         return torch.autocast(self.device_type, dtype=self.dtype, enabled=self.enabled)
+
+
+def prepare_network(module, opt, device, wrap=None):
+    """Move a network to `device` for fast execution: on GPUs, cuDNN's autotuner and the
+    channels-last layout (what tensor cores want); then `wrap` (e.g. DistributedDataParallel);
+    with --compile, torch.compile around the whole."""
+    module = module.to(device)
+    if device.type == 'cuda':
+        torch.backends.cudnn.benchmark = True  # training sizes are fixed: tune once
+        module = module.to(memory_format=torch.channels_last)
+    if wrap is not None:
+        module = wrap(module)
+    if getattr(opt, 'compile', False):
+        # torch.compile's meta kernel for the backward of replication padding has wrong
+        # strides (torch 2.13, CPU): leave those layers to eager mode.
+        for layer in module.modules():
+            if isinstance(layer, nn.ReplicationPad2d):
+                layer.forward = torch.compiler.disable(layer.forward)
+        module = torch.compile(module)
+    return module
+
+
+def memory_format(device):
+    """The layout inputs should have on `device` (matching `prepare_network`)."""
+    return torch.channels_last if device.type == 'cuda' else torch.contiguous_format
 
 
 def set_seed(seed):
@@ -223,8 +253,11 @@ def make_dirs(*folders):
 
 
 def bare(module):
-    """The module inside a DataParallel/DistributedDataParallel wrapper."""
-    return module.module if hasattr(module, 'module') else module
+    """The module inside DataParallel/DistributedDataParallel and torch.compile wrappers
+    (whose state_dict keys would carry `module.` / `_orig_mod.` prefixes)."""
+    while hasattr(module, 'module') or hasattr(module, '_orig_mod'):
+        module = getattr(module, 'module', None) or module._orig_mod
+    return module
 
 
 def checkpoint_path(model_dir, step, kind):
