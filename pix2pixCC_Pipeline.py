@@ -163,14 +163,21 @@ class Scaling:
         return self.lower, self.upper
 
     def clean(self, x):
-        """Replace NaN and +-Inf by values the network can take; returns (x, count)."""
-        bad = ~np.isfinite(x)
-        count = int(bad.sum())
-        if count:
-            x = np.where(np.isnan(x), self.lower if self.log else 0.0, x)
-            x = np.where(np.isposinf(x), self.upper, x)
-            x = np.where(np.isneginf(x), self.lower, x).astype(np.float32)
-        return x, count
+        """Replace NaN and +-Inf by values the network can take; returns (x, count).
+
+        `x` is returned as is when all is finite; otherwise a float32 copy in which only the
+        non-finite entries were visited (solar images often hold a few NaN pixels).
+        """
+        finite = np.isfinite(x)
+        if finite.all():
+            return x, 0
+        out = np.array(x, dtype=np.float32, order='C')  # flat indices follow `finite`
+        index = np.flatnonzero(~finite)
+        values = out.reshape(-1)[index]
+        values = np.where(np.isnan(values), self.lower if self.log else 0.0, values)
+        values = np.where(np.isposinf(values), self.upper, values)
+        out.reshape(-1)[index] = np.where(np.isneginf(values), self.lower, values)
+        return out, len(index)
 
     def forward(self, x):
         """Physical values (any shape, float32) -> normalised float32."""
@@ -180,7 +187,10 @@ class Scaling:
         if self.log:
             x = np.log10(np.where(x <= 0, np.float32(self.lower), x))
         lo, up = self._limits()
-        return ((x - (up + lo) / 2) / ((up - lo) / 2)).astype(np.float32)
+        # (x - mid) / half_range: the arithmetic (and dtype) of that expression, in one array
+        y = np.subtract(x, (up + lo) / 2)
+        np.divide(y, (up - lo) / 2, out=y)
+        return y.astype(np.float32, copy=False)
 
     def inverse(self, y):
         """Normalised values -> physical values times `save_scale` (float32)."""
