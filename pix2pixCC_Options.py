@@ -188,8 +188,8 @@ class BaseOption:
         if min(opt.metric_bins) < 1:
             fail(f"--metric_bins must be positive integers, got {opt.metric_bins}")
         for name in ('n_downsample', 'n_residual', 'n_CC', 'n_workers', 'padding_size',
-                     'max_rotation_angle'):
-            if getattr(opt, name) < 0:
+                     'max_rotation_angle', 'n_epochs_decay', 'keep_states'):
+            if getattr(opt, name, 0) < 0:  # (some are training options only)
                 fail(f"--{name} must not be negative, got {getattr(opt, name)}")
         for side in ('input', 'target'):
             lower = getattr(opt, f'saturation_lower_limit_{side}')
@@ -230,7 +230,15 @@ class TrainOption(BaseOption):
         p.add_argument('--target_dir_train', type=str, default='./datasets/Train/Target')
         p.add_argument('--input_dir_test', type=str, default='./datasets/Test/Input',
                        help='inputs translated at every save with --val_during_train')
-        p.add_argument('--n_epochs', type=int, default=150)
+        p.add_argument('--n_epochs', type=int, default=150,
+                       help='epochs at the constant --lr')
+        p.add_argument('--n_epochs_decay', type=int, default=0,
+                       help='epochs after --n_epochs in which the lr falls linearly towards 0')
+        p.add_argument('--keep_states', type=int, default=1,
+                       help='keep the training state (<step>_state.pt, to resume) of the K '
+                            'newest checkpoints; 0: all')
+        self.add_bool('--tensorboard', False,
+                      'write TensorBoard event files under checkpoints/<dataset_name>/tensorboard/')
         p.add_argument('--latest_iter', type=int, default=0,
                        help='resume from Model/<latest_iter>_G.pt and _D.pt')
         self.add_bool('--no_shuffle', False, 'keep the files in name order')

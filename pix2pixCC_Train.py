@@ -58,6 +58,42 @@ class EpochSampler(DistributedSampler):
         return -(-(len(self.dataset) - self.start) // self.num_replicas)
 
 
+def make_optimizer(parameters, opt):
+    """Adam with the options' lr and betas; the fused kernel where this torch has it.
+
+    The fused kernel updates every weight in one pass (CUDA; the CPU from torch 2.4),
+    cutting the optimiser from a quarter of a CPU step to a fourteenth (BENCHMARKS.md).
+    """
+    parameters, betas = list(parameters), (opt.beta1, opt.beta2)
+    try:
+        return torch.optim.Adam(parameters, lr=opt.lr, betas=betas, fused=True)
+    except RuntimeError:
+        return torch.optim.Adam(parameters, lr=opt.lr, betas=betas)
+
+
+def train_step(criterion, G, D, G_optim, D_optim, precision, input, target, check=None):
+    """One step of the algorithm: generate, score D on real and fake, step G (D is frozen
+    inside the Loss, so only G gets gradients), then step D (fake was detached).
+
+    input, target: (B, C, H, W) normalised. `check(loss_D, loss_G)` runs before any weight
+    changes and may raise. Returns (loss_D, loss_G, target, fake).
+    """
+    with precision.autocast():
+        loss_D, loss_G, target, fake = criterion(D, G, input, target)
+    if check is not None:
+        check(loss_D, loss_G)
+    precision.scaler.scale(loss_G).backward()
+    precision.scaler.step(G_optim)
+    precision.scaler.scale(loss_D).backward()
+    precision.scaler.step(D_optim)
+    precision.scaler.update()
+    # Free the gradients now rather than before the next backward: they are not held
+    # through checkpointing, validation and the next forward pass (lower peak memory).
+    G_optim.zero_grad(set_to_none=True)
+    D_optim.zero_grad(set_to_none=True)
+    return loss_D, loss_G, target, fake
+
+
 def resume_point(option, opt, log=print):
     """Resolve --latest_iter (-1: newest complete checkpoint) and take the resumed run's
     options from its training state (or train_options.json); returns the state or None."""
@@ -147,16 +183,7 @@ def main(argv=None):
     G, D = prepare_network(G, opt, device, wrap), prepare_network(D, opt, device, wrap)
     criterion = Loss(opt)
 
-    def adam(parameters):
-        # The fused kernel updates every weight in one pass (CUDA; the CPU from torch 2.4),
-        # cutting the optimiser from a quarter of a CPU step to a fourteenth (BENCHMARKS.md).
-        parameters, betas = list(parameters), (opt.beta1, opt.beta2)
-        try:
-            return torch.optim.Adam(parameters, lr=opt.lr, betas=betas, fused=True)
-        except RuntimeError:
-            return torch.optim.Adam(parameters, lr=opt.lr, betas=betas)
-
-    G_optim, D_optim = adam(G.parameters()), adam(D.parameters())
+    G_optim, D_optim = make_optimizer(G.parameters(), opt), make_optimizer(D.parameters(), opt)
     if state is not None:
         for optimizer, name in ((G_optim, 'G_optim'), (D_optim, 'D_optim')):
             optimizer.load_state_dict(state[name])
@@ -207,24 +234,16 @@ def main(argv=None):
             next_step = min(current_step + input.shape[0] * cluster.world_size,
                             epoch * n_samples)
 
-            with precision.autocast():
-                loss_D, loss_G, target, fake = criterion(D, G, input, target)
-            if not cluster.all_finite(loss_D + loss_G):
-                raise UserError(f"the loss is not finite at step {next_step} (D "
-                                f"{float(loss_D.detach()):.4g}, G {float(loss_G.detach()):.4g}); "
-                                f"training stopped before updating the weights; last good "
-                                f"checkpoint: {manager.last_good()}; a lower --lr may help")
+            def check_finite(loss_D, loss_G):
+                if not cluster.all_finite(loss_D + loss_G):
+                    raise UserError(f"the loss is not finite at step {next_step} (D "
+                                    f"{float(loss_D.detach()):.4g}, G "
+                                    f"{float(loss_G.detach()):.4g}); training stopped before "
+                                    f"updating the weights; last good checkpoint: "
+                                    f"{manager.last_good()}; a lower --lr may help")
 
-            precision.scaler.scale(loss_G).backward()  # D is frozen: only G gets gradients
-            precision.scaler.step(G_optim)
-            precision.scaler.scale(loss_D).backward()  # fake was detached: only D does
-            precision.scaler.step(D_optim)
-            precision.scaler.update()
-            # Free the gradients now rather than before the next backward: they are not held
-            # through checkpointing, validation and the next forward pass (lower peak memory).
-            G_optim.zero_grad(set_to_none=True)
-            D_optim.zero_grad(set_to_none=True)
-
+            loss_D, loss_G, target, fake = train_step(criterion, G, D, G_optim, D_optim,
+                                                      precision, input, target, check_finite)
             previous_step, current_step = current_step, next_step
             progress.update(current_step - previous_step)
             manager.after_step(epoch, previous_step, current_step, n_samples,
