@@ -15,8 +15,10 @@ DATA_FORMATS = ('tif', 'tiff', 'png', 'jpg', 'jpeg', 'npy', 'fits', 'fts', 'fit'
 class UserError(Exception):
     """A problem the user must fix (bad option, bad data file, missing checkpoint).
 
-    The drivers print it as one line and exit with status 2, without a traceback.
+    The drivers print it as one line and exit with status 2 (or `exit_status`), without a
+    traceback.
     """
+    exit_status = 2
 
 
 def str2bool(value):
@@ -283,4 +285,7 @@ def run_main(main_function, argv=None):
         message = str(error).strip().splitlines()[-1] if str(error).strip() else 'error'
         message = message.split('UserError: ', 1)[-1]
         print(f"{os.path.basename(sys.argv[0])}: error: {message}", file=sys.stderr)
-        return 2
+        return error.exit_status
+    except KeyboardInterrupt:  # Ctrl-C outside training (e.g. in the Test script)
+        print(f"{os.path.basename(sys.argv[0])}: interrupted (SIGINT)", file=sys.stderr)
+        return 130

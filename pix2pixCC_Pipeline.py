@@ -330,6 +330,16 @@ class _FileSummaries(Dataset):
         return summary
 
 
+def ignore_stop_signals(worker_id=None):
+    """worker_init_fn of DataLoaders: loading workers leave stop signals to the main process
+    (Ctrl-C and SLURM's SIGTERM reach the whole process group; a worker that died of them
+    would end the run with a DataLoader error instead of a clean stop)."""
+    import signal
+    for name in ('SIGINT', 'SIGTERM', 'SIGUSR1'):
+        if hasattr(signal, name):
+            signal.signal(getattr(signal, name), signal.SIG_IGN)
+
+
 def check_dataset(dataset, multiple, n_workers=0, log=print, progress=None):
     """Read every file once and check what training needs; raise UserError on the first problem.
 
@@ -338,7 +348,8 @@ def check_dataset(dataset, multiple, n_workers=0, log=print, progress=None):
     once (they are replaced by the scaling). Returns the (height, width) of the first pair.
     """
     from torch.utils.data import DataLoader
-    loader = DataLoader(_FileSummaries(dataset), batch_size=None, num_workers=n_workers)
+    loader = DataLoader(_FileSummaries(dataset), batch_size=None, num_workers=n_workers,
+                        worker_init_fn=ignore_stop_signals)
     if progress is not None:
         loader = progress(loader)
     n_nonfinite, files_nonfinite, first_size = 0, [], None

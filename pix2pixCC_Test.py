@@ -17,8 +17,8 @@ from tqdm import tqdm
 
 from pix2pixCC_Networks import Generator
 from pix2pixCC_Options import DATA_OPTIONS, NETWORK_OPTIONS, TestOption, UserError, run_main
-from pix2pixCC_Pipeline import (CustomDataset, Scaling, check_pairing, read_fits_header,
-                                write_array)
+from pix2pixCC_Pipeline import (CustomDataset, Scaling, check_pairing, ignore_stop_signals,
+                                read_fits_header, write_array)
 from pix2pixCC_Utils import (Precision, atomic_path, checkpoint_path, image_metrics,
                              load_state_dict, make_dirs, memory_format, metrics_table,
                              prepare_network, read_json, require_checkpoint, save_panel,
@@ -49,7 +49,8 @@ def translate(G, dataset, out_dir, opt, device, iteration, precision=None, panel
     make_dirs(out_dir)
     scaling = Scaling.from_options(opt, 'target')
     copy_header = opt.data_format_input in FITS_FORMATS and opt.data_format_target in FITS_FORMATS
-    loader = DataLoader(dataset, batch_size=None, num_workers=opt.n_workers)
+    loader = DataLoader(dataset, batch_size=None, num_workers=opt.n_workers,
+                        worker_init_fn=ignore_stop_signals)
     rows = []
     was_training = G.training
     G.eval()

@@ -4,6 +4,7 @@
 
 writes ./checkpoints/<dataset_name>/{Model/<step>_G.pt, <step>_D.pt, Image/Train/...}.
 """
+import contextlib
 import os
 import sys
 
@@ -13,13 +14,16 @@ from tqdm import tqdm
 
 from pix2pixCC_Networks import Discriminator, Generator, Loss, count_parameters, weights_init
 from pix2pixCC_Options import NOT_RESUMED, BaseOption, TrainOption, UserError, run_main
-from pix2pixCC_Pipeline import CustomDataset, check_dataset, check_pairing
+from pix2pixCC_Pipeline import (CustomDataset, check_dataset, check_pairing,
+                                ignore_stop_signals)
 from pix2pixCC_Test import translate
-from pix2pixCC_Utils import (Distributed, Manager, Precision, bare, checkpoint_path,
+from pix2pixCC_Utils import (Distributed, GracefulStop, Manager, Precision, RunLock, WriteError,
+                             bare, checkpoint_path, learning_rate,
                              load_state_dict, make_dirs, memory_format, newest_complete_step,
                              options_record, prepare_network, read_json, require_checkpoint,
-                             rng_states, safe_load, saved_steps, set_rng_states, set_seed,
-                             state_path, summarize, write_csv, write_json)
+                             require_tensorboard, rng_states, safe_load, saved_steps,
+                             set_rng_states, set_seed, signal_name, state_path, summarize,
+                             write_csv, write_json)
 
 
 class EpochSampler(DistributedSampler):
@@ -139,14 +143,46 @@ def check_data(dataset, opt, log=print):
     return height, width
 
 
+class Aborted(UserError):
+    """A second Ctrl-C while a stop was pending: exit at once, status 130."""
+    exit_status = 130
+
+
+def resume_advice(model_dir):
+    """Where a stopped or failed run can be taken up again, for its last line."""
+    step = newest_complete_step(model_dir)
+    if step is None:
+        return 'no checkpoint was saved yet'
+    return (f"the newest complete checkpoint, {checkpoint_path(model_dir, step, 'G')} "
+            f"(step {step}), is intact; resume with --latest_iter -1")
+
+
 def main(argv=None):
-    # Options and devices. A resumed run takes the options it was trained with, unless they
-    # are given again. Under torchrun this is one of several processes; rank 0 writes files.
     option = TrainOption()
     opt = option.parse(argv)
+    if opt.tensorboard:
+        require_tensorboard()
+    # Under torchrun this is one of several processes; rank 0 holds the run folder's lock
+    # and writes files. A stop signal before the first step exits at once; from the first
+    # step on it ends the run after the step in progress, with a checkpoint.
     cluster = Distributed()
     log = print if cluster.is_main else (lambda *args: None)
-    device, gpu_ids = cluster.setup(opt, log)
+    with GracefulStop() as stop, contextlib.ExitStack() as cleanup:
+        device, gpu_ids = cluster.setup(opt, log)
+        cleanup.callback(cluster.close)
+        lock = RunLock(opt.checkpoint_dir)
+        cleanup.callback(lock.release)
+        cluster.on_main(lambda: lock.acquire())
+        try:
+            return train(option, opt, cluster, device, gpu_ids, stop, log)
+        except WriteError as error:
+            raise UserError(f"{error}; {resume_advice(opt.model_dir)} once there is room"
+                            ) from None
+
+
+def train(option, opt, cluster, device, gpu_ids, stop, log):
+    # Options. A resumed run takes the options it was trained with, unless they are given
+    # again.
     state = resume_point(option, opt, log)
     if opt.seed is None:
         opt.seed = cluster.broadcast(int(torch.randint(0, 2**31 - 1, (1,))))
@@ -167,7 +203,11 @@ def main(argv=None):
                            num_replicas=cluster.world_size, rank=cluster.rank)
     loader = DataLoader(dataset, batch_size=opt.batch_size, sampler=sampler,
                         num_workers=opt.n_workers, pin_memory=device.type == 'cuda',
-                        persistent_workers=opt.n_workers > 0)
+                        worker_init_fn=ignore_stop_signals)
+    # Workers are not persistent: each epoch's end (or a stop) shuts them down with the
+    # epoch's iterator. They ignore stop signals, so none may outlive the run, where
+    # Python's exit would wait for them.
+
 
     # Networks and optimisers
     G = Generator(opt).apply(weights_init)
@@ -182,13 +222,12 @@ def main(argv=None):
 
     G, D = prepare_network(G, opt, device, wrap), prepare_network(D, opt, device, wrap)
     criterion = Loss(opt)
-
     G_optim, D_optim = make_optimizer(G.parameters(), opt), make_optimizer(D.parameters(), opt)
     if state is not None:
         for optimizer, name in ((G_optim, 'G_optim'), (D_optim, 'D_optim')):
             optimizer.load_state_dict(state[name])
-            for group in optimizer.param_groups:  # a new --lr/--beta1/--beta2 applies
-                group['lr'], group['betas'] = opt.lr, (opt.beta1, opt.beta2)
+            for group in optimizer.param_groups:  # a new --beta1/--beta2 applies (and --lr,
+                group['betas'] = (opt.beta1, opt.beta2)  # through the schedule below)
         precision.scaler.load_state_dict(state['scaler'])
         set_rng_states(state['rng'])
 
@@ -205,52 +244,80 @@ def main(argv=None):
         f"{'; mixed precision ' + str(precision.dtype) if precision.enabled else ''}")
 
     def validate(step):
-        """Translate the test inputs; with --target_dir_test, log their mean metrics."""
+        """Translate the test inputs; with --target_dir_test, log their mean metrics (and
+        return them)."""
         rows = translate(bare(G), val_dataset, os.path.join(opt.checkpoint_dir, 'Image', 'Test',
                                                             str(step)),
                          opt, device, step, precision)
-        if rows:
-            means = {key: value['mean'] for key, value in summarize(rows).items()}
-            write_csv(os.path.join(opt.checkpoint_dir, 'val_metrics.csv'),
-                      [{'step': step, **means}], append=True)
+        if not rows:
+            return None
+        means = {key: value['mean'] for key, value in summarize(rows).items()}
+        write_csv(os.path.join(opt.checkpoint_dir, 'val_metrics.csv'),
+                  [{'step': step, **means}], append=True)
+        return means
 
     n_samples = len(dataset)
-    progress = tqdm(total=opt.n_epochs * n_samples, initial=opt.latest_iter, unit='sample',
+    n_epochs = opt.n_epochs + opt.n_epochs_decay
+    progress = tqdm(total=n_epochs * n_samples, initial=opt.latest_iter, unit='sample',
                     disable=None if cluster.is_main else True, dynamic_ncols=True)
     manager = Manager(opt, G, D, training_state, log=progress.write, active=cluster.is_main,
-                      validate=validate if opt.val_during_train else None)
+                      validate=validate if opt.val_during_train else None, resumed=state)
 
-    # Loop: generate, score D on real and fake, step G (D frozen inside the Loss), step D.
-    # One epoch is one pass over the data; current_step counts samples of all processes.
+    # Loop: generate, score D on real and fake, step G (D frozen), step D. One epoch is one
+    # pass over the data; current_step counts samples of all processes. From here on a stop
+    # signal takes effect after the step in progress (every process stops at the same step).
     current_step = opt.latest_iter
     epoch = current_step // n_samples
-    for epoch in range(current_step // n_samples + 1, opt.n_epochs + 1):
-        sampler.set_epoch(epoch, start=current_step - (epoch - 1) * n_samples)
-        for input, target in loader:
-            input = input.to(device, non_blocking=True, memory_format=memory_format(device))
-            target = target.to(device, non_blocking=True, memory_format=memory_format(device))
-            # The last batches of an epoch may hold fewer samples (or, with several
-            # processes, repeats that even out the shares): count each sample once.
-            next_step = min(current_step + input.shape[0] * cluster.world_size,
-                            epoch * n_samples)
+    stop_signal = 0
+    stop.deferring = True
+    try:
+        for epoch in range(current_step // n_samples + 1, n_epochs + 1):
+            lr = learning_rate(opt, epoch)
+            for optimizer in (G_optim, D_optim):
+                for group in optimizer.param_groups:
+                    group['lr'] = lr
+            sampler.set_epoch(epoch, start=current_step - (epoch - 1) * n_samples)
+            for input, target in loader:
+                input = input.to(device, non_blocking=True, memory_format=memory_format(device))
+                target = target.to(device, non_blocking=True,
+                                   memory_format=memory_format(device))
+                # The last batches of an epoch may hold fewer samples (or, with several
+                # processes, repeats that even out the shares): count each sample once.
+                next_step = min(current_step + input.shape[0] * cluster.world_size,
+                                epoch * n_samples)
 
-            def check_finite(loss_D, loss_G):
-                if not cluster.all_finite(loss_D + loss_G):
-                    raise UserError(f"the loss is not finite at step {next_step} (D "
-                                    f"{float(loss_D.detach()):.4g}, G "
-                                    f"{float(loss_G.detach()):.4g}); training stopped before "
-                                    f"updating the weights; last good checkpoint: "
-                                    f"{manager.last_good()}; a lower --lr may help")
+                def check_finite(loss_D, loss_G):
+                    if not cluster.all_finite(loss_D + loss_G):
+                        raise UserError(f"the loss is not finite at step {next_step} (D "
+                                        f"{float(loss_D.detach()):.4g}, G "
+                                        f"{float(loss_G.detach()):.4g}); training stopped "
+                                        f"before updating the weights; last good checkpoint: "
+                                        f"{manager.last_good()}; a lower --lr may help")
 
-            loss_D, loss_G, target, fake = train_step(criterion, G, D, G_optim, D_optim,
-                                                      precision, input, target, check_finite)
-            previous_step, current_step = current_step, next_step
-            progress.update(current_step - previous_step)
-            manager.after_step(epoch, previous_step, current_step, n_samples,
-                               (input, target, fake), cluster.mean(criterion.terms))
-    progress.close()
-    manager.finish(current_step, epoch)
-    cluster.close()
+                loss_D, loss_G, target, fake = train_step(criterion, G, D, G_optim, D_optim,
+                                                          precision, input, target,
+                                                          check_finite)
+                previous_step, current_step = current_step, next_step
+                progress.update(current_step - previous_step)
+                manager.after_step(epoch, previous_step, current_step, n_samples,
+                                   (input, target, fake), cluster.mean(criterion.terms), lr)
+                stop_signal = cluster.max(stop.signum or 0)
+                if stop_signal:
+                    break
+            if stop_signal:
+                break
+        progress.close()
+        manager.finish(current_step, epoch, n_samples)
+    except KeyboardInterrupt:
+        raise Aborted(f"aborted by a second SIGINT after step {current_step}; "
+                      f"{resume_advice(opt.model_dir)}") from None
+    finally:
+        manager.close()
+    if stop_signal:
+        cluster.barrier()  # the others wait until rank 0 has saved, then all exit together
+        log(f"stopped by {signal_name(stop_signal)} at step {current_step}; resume with "
+            f"--latest_iter -1")
+        return 128 + stop_signal
     return 0
 
 

@@ -90,11 +90,30 @@ class Distributed:
             try:
                 result = function()
             except UserError as caught:
-                error = str(caught)
+                if not self.enabled:
+                    raise
+                error = (str(caught), caught.exit_status)
         result, error = self.broadcast((result, error))
         if error is not None:
-            raise UserError(error)
+            failure = UserError(error[0])
+            failure.exit_status = error[1]
+            raise failure
         return result
+
+    def max(self, value):
+        """The largest of the ranks' integer `value`s (e.g. whether any rank was signalled)."""
+        if not self.enabled:
+            return value
+        import torch.distributed as dist
+        box = torch.tensor([value], dtype=torch.int64,
+                           device='cuda' if dist.get_backend() == 'nccl' else 'cpu')
+        dist.all_reduce(box, op=dist.ReduceOp.MAX)
+        return int(box)
+
+    def barrier(self):
+        if self.enabled:
+            import torch.distributed as dist
+            dist.barrier()
 
     def mean(self, terms):
         """{name: 0-d tensor} averaged over all processes (the loss of the global batch)."""
@@ -191,21 +210,72 @@ def set_seed(seed):
 # ----------------------------------------------------------------------------------------
 
 
+class WriteError(UserError):
+    """A file could not be written (no space, quota, I/O or permission error)."""
+
+    def __init__(self, path, error):
+        reason = error.strerror or str(error) if isinstance(error, OSError) else str(error)
+        super().__init__(f"cannot write {path}: {reason}")
+        self.path = path
+
+
 @contextlib.contextmanager
 def atomic_path(path):
     """Yield a temporary path next to `path`; rename it to `path` only if the block succeeds.
 
-    A process killed mid-write leaves a hidden `.tmp-*` file, never a truncated `path`.
-    The temporary name keeps the extension, so writers that infer the format still work.
+    A process killed mid-write leaves a hidden `.tmp-*` file, never a truncated `path`; a
+    failed write removes the temporary and raises WriteError (an OSError such as a full disk
+    becomes one line for the user). The temporary name keeps the extension, so writers that
+    infer the format still work.
     """
     folder, name = os.path.split(path)
     temporary = os.path.join(folder, f'.tmp-{os.getpid()}-{name}')
     try:
         yield temporary
         os.replace(temporary, path)
+    except OSError as error:
+        raise WriteError(path, error) from None
     finally:
-        if os.path.exists(temporary):
+        with contextlib.suppress(OSError):
             os.remove(temporary)
+
+
+class _RecordingFile:
+    """A file whose write errors are remembered: torch.save swallows the OSError of a full
+    disk and raises a RuntimeError about stream positions instead."""
+
+    def __init__(self, file):
+        self.file, self.error = file, None
+
+    def write(self, data):
+        try:
+            return self.file.write(data)
+        except OSError as error:
+            self.error = error
+            raise
+
+    def flush(self):
+        self.file.flush()
+
+    def tell(self):
+        return self.file.tell()
+
+
+def save_torch(data, path):
+    """torch.save `data` to `path` atomically and durably (flushed to the disk before the
+    rename, so a crashed node never leaves a short file under the final name); a write
+    failure raises WriteError with the operating system's reason."""
+    with atomic_path(path) as temporary:
+        with open(temporary, 'wb') as file:
+            recording = _RecordingFile(file)
+            try:
+                torch.save(data, recording)
+            except RuntimeError:
+                if recording.error is not None:
+                    raise recording.error from None
+                raise
+            file.flush()
+            os.fsync(file.fileno())
 
 
 def save_image(path, pixels):
@@ -286,8 +356,7 @@ def require_checkpoint(model_dir, step, kind):
 
 
 def save_state_dict(module, path):
-    with atomic_path(path) as temporary:
-        torch.save(bare(module).state_dict(), temporary)
+    save_torch(bare(module).state_dict(), path)
 
 
 def safe_load(path):
@@ -380,6 +449,130 @@ def set_rng_states(states):
     np.random.set_state((kind, keys.numpy().astype(np.uint32), position, has_gauss, gauss))
     version, internal, gauss_next = states['python']
     random.setstate((version, tuple(internal), gauss_next))
+
+
+# ----------------------------------------------------------------------------------------
+# Long runs: one run per folder, stopping on a signal, the learning-rate schedule
+# ----------------------------------------------------------------------------------------
+
+
+class RunLock:
+    """An operating-system lock on a run folder, so two training runs never write into one.
+
+    `flock` is released by the kernel when the holding process ends in any way (SIGKILL
+    included), so a killed run leaves no stale lock behind. The file keeps who holds it, for
+    the message the second run prints. Systems without fcntl (Windows) run unlocked.
+    """
+
+    def __init__(self, folder):
+        self.path = os.path.join(folder, 'train.lock')
+        self.file = None
+
+    def acquire(self):
+        try:
+            import fcntl
+        except ImportError:
+            return
+        make_dirs(os.path.dirname(self.path))
+        try:
+            file = open(self.path, 'a+')
+        except OSError as error:
+            raise UserError(f"cannot create {self.path}: {error.strerror}") from None
+        try:
+            fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            file.seek(0)
+            holder = file.read().strip() or 'a process that has not written its name yet'
+            file.close()
+            raise UserError(f"another training run is using {os.path.dirname(self.path)} "
+                            f"({holder}); wait for it to end or stop it, or choose another "
+                            f"--dataset_name") from None
+        import socket
+        file.seek(0)
+        file.truncate()
+        started = datetime.datetime.now().astimezone().isoformat(timespec='seconds')
+        file.write(f"process {os.getpid()} on host {socket.gethostname()}, started {started}\n")
+        file.flush()
+        self.file = file
+
+    def release(self):
+        if self.file is not None:
+            self.file.close()  # closing the file releases the lock
+            self.file = None
+
+
+class StopRequested(UserError):
+    """A stop signal arrived before training began: nothing to save, exit 128 + signal."""
+
+    def __init__(self, signum):
+        super().__init__(f"stopped by {signal_name(signum)} before the first training step; "
+                         f"nothing was saved")
+        self.exit_status = 128 + signum
+
+
+def signal_name(signum):
+    import signal
+    return signal.Signals(signum).name
+
+
+class GracefulStop:
+    """SIGTERM, SIGINT and SIGUSR1 end training after the step in progress, not at once.
+
+    Schedulers (SLURM, PBS) send SIGTERM (or a chosen signal such as SIGUSR1) some time before
+    they kill a job, and Ctrl-C sends SIGINT: the driver finishes the step, saves a
+    checkpoint and exits with 128 + the signal number. Before `deferring` is set (data
+    checks, building the networks) a signal stops at once with StopRequested. A SIGINT while
+    a stop is pending raises KeyboardInterrupt: a second Ctrl-C aborts at once.
+    """
+
+    def __init__(self):
+        import signal
+        self.signals = [signal.SIGTERM, signal.SIGINT] + \
+            ([signal.SIGUSR1] if hasattr(signal, 'SIGUSR1') else [])
+        self.signum = None
+        self.deferring = False
+        self.previous = {}
+
+    def __enter__(self):
+        import signal
+        try:
+            for signum in self.signals:
+                self.previous[signum] = signal.signal(signum, self.handle)
+        except ValueError:  # not the main thread (e.g. called from a worker thread)
+            self.previous = {}
+        return self
+
+    def __exit__(self, *exc):
+        import signal
+        for signum, handler in self.previous.items():
+            signal.signal(signum, handler)
+
+    def handle(self, signum, frame):
+        import signal
+        if not self.deferring:
+            raise StopRequested(signum)
+        if self.signum is not None:
+            if signum == signal.SIGINT:
+                raise KeyboardInterrupt
+            return
+        self.signum = signum
+        # os.write, not print: a handler may run while print holds the stream's buffer.
+        os.write(2, f"\n{signal_name(signum)} received: stopping after the step in progress "
+                    f"and saving a checkpoint (Ctrl-C again aborts at once)\n".encode())
+
+    @property
+    def requested(self):
+        return self.signum is not None
+
+
+def learning_rate(opt, epoch):
+    """The lr of `epoch` (counted from 1): --lr for the first --n_epochs epochs, then falling
+    linearly over --n_epochs_decay more epochs, lr * (1 - (epoch - n_epochs) / (decay + 1))
+    (junyanz's pix2pix rule, so the last epoch still trains with a small positive lr)."""
+    decay = getattr(opt, 'n_epochs_decay', 0)
+    if epoch <= opt.n_epochs or decay == 0:
+        return opt.lr
+    return opt.lr * (1.0 - (epoch - opt.n_epochs) / (decay + 1))
 
 
 # ----------------------------------------------------------------------------------------
@@ -577,14 +770,19 @@ def to_preview(tensor, display_scale=1.0):
 
 
 class Manager:
-    """Everything that hangs off the training loop: report lines, previews, checkpoints.
+    """Everything that hangs off the training loop: report lines and the loss log, previews,
+    checkpoints, TensorBoard.
 
-    `after_step` is called once per iteration; `finish` saves the last state if it is not
-    saved yet, so no finished run is lost whatever save_freq is. `training_state()` returns
-    what, beside the two networks, a run needs to resume exactly (optimisers, RNGs, ...).
+    `after_step` is called once per iteration; `finish` logs and saves what is not logged or
+    saved yet, so no finished or stopped run is lost whatever report_freq and save_freq are.
+    `training_state()` returns what, beside the two networks, a run needs to resume exactly
+    (optimisers, RNGs, ...); `resumed` is the state a resumed run started from.
     """
 
-    def __init__(self, opt, G, D, training_state, log=print, validate=None, active=True):
+    TERMS = ('D', 'G', 'G_LSGAN', 'G_FM', 'G_CC', 'CC')
+
+    def __init__(self, opt, G, D, training_state, log=print, validate=None, active=True,
+                 resumed=None):
         from pix2pixCC_Pipeline import Scaling
         self.active = active  # False on every process but the first of a distributed run
         self.opt, self.G, self.D = opt, G, D
@@ -594,42 +792,74 @@ class Manager:
         self.last_saved = opt.latest_iter or None
         self.start_time = time.time()
         self.last_report = (time.time(), opt.latest_iter)
+        self.last_lr = opt.lr
+        self.iterations = 0  # since the last report, for the time per step
+        # Loss terms summed over the samples since the last report (each row of the log is
+        # their mean, not one batch's noise); carried in the training state, so a resumed run
+        # writes the rows an uninterrupted one would.
+        sums = (resumed or {}).get('loss_sums') or {}
+        self.loss_sums = {name: float(value) for name, value in sums.items()}
+        self.loss_samples = int((resumed or {}).get('loss_samples', 0))
         self.target_scaling = Scaling.from_options(opt, 'target')
         self.target_scaling.save_scale = 1.0  # previews show the target's own units
         self.loss_log = os.path.join(opt.checkpoint_dir, 'loss_log.csv')
+        self.tensorboard = None
+        if not active:
+            return
         # A run redoes the steps after the one it starts from: drop their old log rows (all
         # of them for a new run), so no step is logged twice.
         for log_path in (self.loss_log, os.path.join(opt.checkpoint_dir, 'val_metrics.csv')):
-            rows = read_csv(log_path) if active else []
+            rows = read_csv(log_path)
             if any(int(row['step']) > opt.latest_iter for row in rows):
                 write_csv(log_path, [r for r in rows if int(r['step']) <= opt.latest_iter])
+        if getattr(opt, 'tensorboard', False):
+            self.tensorboard = tensorboard_writer(opt)
 
-    def after_step(self, epoch, previous_step, current_step, n_samples, batch, terms):
-        """batch = (input, target, fake), each (B, C, H, W) normalised."""
+    def after_step(self, epoch, previous_step, current_step, n_samples, batch, terms, lr=None):
+        """batch = (input, target, fake), each (B, C, H, W) normalised; terms: {name: 0-d
+        tensor}, the means over the step's samples; lr: the learning rate of the step."""
         opt = self.opt
         if not self.active:
             return
+        samples = current_step - previous_step
+        for name, value in terms.items():
+            # Kept as tensors until a report: converting now would stall a GPU every step.
+            self.loss_sums[name] = self.loss_sums.get(name, 0.0) + value.detach() * samples
+        self.loss_samples += samples
+        self.iterations += 1
+        self.last_lr = opt.lr if lr is None else lr
         if crossed(previous_step, current_step, opt.report_freq):
-            self.report(epoch, previous_step, current_step, n_samples, terms)
+            self.report(epoch, current_step, n_samples)
         if crossed(previous_step, current_step, opt.display_freq):
             self.save_previews(current_step, batch)
         if crossed(previous_step, current_step, opt.save_freq):
             self.save(current_step, epoch)
 
-    def report(self, epoch, previous_step, current_step, n_samples, terms):
-        """The report line (as published) and a row of loss_log.csv."""
+    def report(self, epoch, current_step, n_samples):
+        """The report line (as published, plus how many samples its means cover) and a row
+        of loss_log.csv."""
+        if not self.loss_samples:
+            return
         done = (current_step - 1) % n_samples + 1
-        terms = {name: float(value) for name, value in terms.items()}
-        self.log(f"Epoch: {epoch}/{self.opt.n_epochs} [{100.0 * done / n_samples:5.1f}%] "
+        n = self.loss_samples
+        terms = {name: float(total) / n for name, total in self.loss_sums.items()}
+        self.loss_sums, self.loss_samples = {}, 0
+        total_epochs = self.opt.n_epochs + getattr(self.opt, 'n_epochs_decay', 0)
+        self.log(f"Epoch: {epoch}/{total_epochs} [{100.0 * done / n_samples:5.1f}%] "
                  f"Current_step: {current_step} D_loss: {terms['D']:.4f} "
-                 f"G_loss: {terms['G']:.4f}")
-        now, batch = time.time(), current_step - previous_step
-        last_time, last_step = self.last_report
-        seconds_per_step = (now - last_time) / max(1, (current_step - last_step) / batch)
-        self.last_report = (now, current_step)
+                 f"G_loss: {terms['G']:.4f} (means of {n} sample{'s' if n > 1 else ''})")
+        now = time.time()
+        seconds_per_step = (now - self.last_report[0]) / max(1, self.iterations)
+        self.last_report, self.iterations = (now, current_step), 0
         write_csv(self.loss_log, [dict(step=current_step, epoch=epoch, **terms,
+                                       lr=self.last_lr, samples=n,
                                        seconds_per_step=round(seconds_per_step, 5))],
                   append=True)
+        if self.tensorboard is not None:
+            for name, value in terms.items():
+                self.tensorboard.add_scalar(f'loss/{name}' if name != 'CC' else 'train/CC',
+                                            value, current_step)
+            self.tensorboard.add_scalar('train/lr', self.last_lr, current_step)
 
     def save_previews(self, current_step, batch):
         input, target, fake = (t[0].detach().float().cpu() for t in batch)
@@ -640,20 +870,59 @@ class Manager:
         save_panel(f'{stem}_panel.png', input.numpy(),
                    self.target_scaling.inverse(target.numpy()),
                    self.target_scaling.inverse(fake.numpy()), self.target_scaling)
+        if self.tensorboard is not None:
+            with Image.open(f'{stem}_panel.png') as panel:
+                self.tensorboard.add_image('panel', np.asarray(panel.convert('RGB')),
+                                           current_step, dataformats='HWC')
 
     def save(self, current_step, epoch):
-        """G, D, then the training state: a step is complete once its state file exists."""
+        """G, D, then the training state: a step is complete once its state file exists.
+
+        Training states older than the --keep_states newest are deleted only after this one
+        is complete. A failed write removes what this save wrote (so a full disk gets back
+        the space) and names the newest complete checkpoint, which is untouched.
+        """
         model_dir = self.opt.model_dir
-        save_state_dict(self.G, checkpoint_path(model_dir, current_step, 'G'))
-        save_state_dict(self.D, checkpoint_path(model_dir, current_step, 'D'))
-        with atomic_path(state_path(model_dir, current_step)) as temporary:
-            torch.save(dict(self.training_state(), step=current_step, epoch=epoch), temporary)
+        written = []
+        try:
+            for kind, module in (('G', self.G), ('D', self.D)):
+                save_state_dict(module, checkpoint_path(model_dir, current_step, kind))
+                written.append(checkpoint_path(model_dir, current_step, kind))
+            state = dict(self.training_state(), step=current_step, epoch=epoch,
+                         loss_sums={k: float(v) for k, v in self.loss_sums.items()},
+                         loss_samples=self.loss_samples)
+            save_torch(state, state_path(model_dir, current_step))
+        except WriteError:
+            if current_step != self.last_saved:
+                for path in written:
+                    with contextlib.suppress(OSError):
+                        os.remove(path)
+            raise
         self.last_saved = current_step
         self.log(f"saved {checkpoint_path(model_dir, current_step, 'G')}, _D.pt and _state.pt")
+        self.prune_states(current_step)
         save_loss_curve(os.path.join(self.opt.checkpoint_dir, 'loss_curve.png'),
                         read_csv(self.loss_log))
         if self.validate is not None:
-            self.validate(current_step)
+            means = self.validate(current_step)
+            if means and self.tensorboard is not None:
+                for name, value in means.items():
+                    self.tensorboard.add_scalar(f'validation/{name}', value, current_step)
+
+    def prune_states(self, current_step):
+        """Keep the training states of the --keep_states newest complete steps up to
+        `current_step` (0: all). Steps after it belong to a run this one replaces and are
+        left alone."""
+        keep = getattr(self.opt, 'keep_states', 0)
+        if keep <= 0:
+            return
+        model_dir = self.opt.model_dir
+        steps = [s for s in saved_steps(model_dir, 'G') if s <= current_step and
+                 os.path.isfile(checkpoint_path(model_dir, s, 'D')) and
+                 os.path.isfile(state_path(model_dir, s))]
+        for step in steps[:-keep]:
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(state_path(model_dir, step))
 
     def last_good(self):
         if self.last_saved is None:
@@ -661,10 +930,44 @@ class Manager:
         return f"{checkpoint_path(self.opt.model_dir, self.last_saved, 'G')} " \
                f"(resume with --latest_iter {self.last_saved})"
 
-    def finish(self, current_step, epoch):
+    def finish(self, current_step, epoch, n_samples):
+        """Log the samples since the last report, save the step reached unless saved, and
+        draw the loss curve, however short the run."""
         if not self.active:
             return
+        self.report(epoch, current_step, n_samples)
         if self.last_saved != current_step:
             self.save(current_step, epoch)
+        else:
+            save_loss_curve(os.path.join(self.opt.checkpoint_dir, 'loss_curve.png'),
+                            read_csv(self.loss_log))
+        self.close()
         elapsed = datetime.timedelta(seconds=round(time.time() - self.start_time))
         self.log(f"Total time: {elapsed}")
+
+    def close(self):
+        if self.tensorboard is not None:
+            self.tensorboard.close()
+            self.tensorboard = None
+
+
+def tensorboard_writer(opt):
+    """A SummaryWriter under checkpoints/<dataset_name>/tensorboard/. A resumed run purges
+    the events after its starting step, so no step is drawn twice; the options go in as text
+    at the step the run starts from."""
+    from torch.utils.tensorboard import SummaryWriter
+    start = opt.latest_iter
+    writer = SummaryWriter(os.path.join(opt.checkpoint_dir, 'tensorboard'),
+                           purge_step=start + 1 if start else None)
+    table = '\n'.join(f'| {key} | {value} |' for key, value in sorted(options_record(opt).items()))
+    writer.add_text('options', '| option | value |\n|---|---|\n' + table, start)
+    return writer
+
+
+def require_tensorboard():
+    """Fail before training, not at the first report, when --tensorboard cannot work."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter  # noqa: F401
+    except ImportError:
+        raise UserError("--tensorboard needs the tensorboard package: pip install tensorboard "
+                        "(or leave out --tensorboard)") from None

@@ -1,0 +1,521 @@
+"""Long runs on shared clusters (SPEC §8): stop on a signal with a checkpoint and resume to
+the uninterrupted weights, one run per folder, write failures as one line, training states
+kept to the newest, the learning-rate decay, TensorBoard.
+
+Real training processes (`python pix2pixCC_Train.py`) with the TINY network on six 32x32 npy
+pairs; signals are sent once the run has reported a given step.
+"""
+import csv
+import errno
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+import pix2pixCC_Train
+import pix2pixCC_Utils
+from conftest import (SUBPROCESS_ENV, TINY, TRAIN_SCRIPT, assert_ok, assert_usage_error,
+                      make_pairs, run_test, run_train)
+from pix2pixCC_Options import run_main
+
+DATA = ['--data_format_input', 'npy', '--data_format_target', 'npy', '--data_size', '32',
+        '--saturation_lower_limit_input', '0', '--saturation_upper_limit_input', '100',
+        '--saturation_lower_limit_target', '0', '--saturation_upper_limit_target', '100']
+# Six pairs, batch 1: one epoch at the full lr, then two decaying ones (18 steps); saves at
+# 4, 8, 12, 16 and the final 18.
+RUN = TINY + DATA + ['--max_rotation_angle', '10', '--padding_size', '4', '--seed', '7',
+                     '--n_workers', '0', '--save_freq', '4', '--report_freq', '1',
+                     '--display_freq', '1000', '--n_epochs', '1', '--n_epochs_decay', '2']
+FINAL = 18
+REPORT = re.compile(r'Current_step:\s*(\d+)')
+
+
+def run_dir(root):
+    return os.path.join(str(root), 'checkpoints', 'pix2pixCC')
+
+
+def model_dir(root):
+    return os.path.join(run_dir(root), 'Model')
+
+
+def model_files(root):
+    return sorted(os.listdir(model_dir(root)))
+
+
+def load(path):
+    return torch.load(path, map_location='cpu', weights_only=True)
+
+
+def assert_identical_weights(path_a, path_b):
+    a, b = load(path_a), load(path_b)
+    assert set(a) == set(b)
+    for key in a:
+        assert torch.equal(a[key], b[key]), f"{key} differs"
+
+
+def log_rows(root):
+    with open(os.path.join(run_dir(root), 'loss_log.csv'), newline='') as f:
+        return list(csv.DictReader(f))
+
+
+class Training:
+    """A training process whose output is read line by line (to signal it at a given step)."""
+
+    def __init__(self, args, cwd, command=None):
+        command = command or [sys.executable, TRAIN_SCRIPT]
+        self.proc = subprocess.Popen(command + [str(a) for a in args], cwd=str(cwd),
+                                     env=dict(SUBPROCESS_ENV, PYTHONUNBUFFERED='1'),
+                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                     text=True, bufsize=1)
+        self.lines = []
+
+    def wait_for(self, pattern, timeout=120):
+        """Read output until a line matches `pattern`; returns the match."""
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            line = self.proc.stdout.readline()
+            if not line:
+                break
+            self.lines.append(line)
+            match = re.search(pattern, line)
+            if match:
+                return match
+        self.kill()
+        raise AssertionError(f"no line matching {pattern!r}:\n{''.join(self.lines)[-3000:]}")
+
+    def finish(self, timeout=120):
+        out, _ = self.proc.communicate(timeout=timeout)
+        self.lines.append(out)
+        return self.proc.returncode, ''.join(self.lines)
+
+    def kill(self):
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+
+@pytest.fixture(scope='module')
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp('data')
+    input_dir, target_dir = make_pairs(root, 'npy', n=6, size=32)
+    return ['--input_dir_train', input_dir, '--target_dir_train', target_dir]
+
+
+@pytest.fixture(scope='module')
+def full_run(tmp_path_factory, data):
+    """The uninterrupted run, every training state kept."""
+    root = tmp_path_factory.mktemp('full_run')
+    assert_ok(run_train(RUN + data + ['--keep_states', '0'], cwd=root))
+    return root
+
+
+# ----------------------------------------------------------------------------------------
+# 1. Graceful stop
+# ----------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize('signum', [signal.SIGTERM, signal.SIGINT, signal.SIGUSR1])
+def test_a_signal_saves_the_step_reached_and_the_resume_is_exact(signum, full_run, data,
+                                                                 tmp_path):
+    """Signalled mid-epoch during the lr decay: a complete checkpoint of the step reached, one
+    line, exit 128 + signal; `--latest_iter -1` then gives the uninterrupted run's weights."""
+    run = Training(RUN + data, tmp_path)
+    run.wait_for(r'Current_step: 9 ')  # epoch 2 (decaying), not a save step
+    run.proc.send_signal(signum)
+    code, out = run.finish()
+    name = signal.Signals(signum).name
+    assert code == 128 + signum, out[-3000:]
+    stopped = re.search(rf'stopped by {name} at step (\d+); resume with --latest_iter -1', out)
+    assert stopped, out[-3000:]
+    step = int(stopped.group(1))
+    assert 9 <= step < FINAL
+    for kind in ('G', 'D', 'state'):
+        assert f'{step}_{kind}.pt' in model_files(tmp_path)
+    assert load(os.path.join(model_dir(tmp_path), f'{step}_state.pt'))['step'] == step
+    assert not [n for n in os.listdir(model_dir(tmp_path)) if n.startswith('.tmp-')]
+    assert 'Traceback' not in out
+
+    resumed = run_train(['--gpu_ids', '-1', '--latest_iter', '-1'], cwd=tmp_path)
+    assert_ok(resumed)
+    assert int(REPORT.findall(resumed.stdout)[0]) == step + 1
+    for name in (f'{FINAL}_G.pt', f'{FINAL}_D.pt'):
+        assert_identical_weights(os.path.join(model_dir(tmp_path), name),
+                                 os.path.join(model_dir(full_run), name))
+    assert [int(r['step']) for r in log_rows(tmp_path)] == list(range(1, FINAL + 1))
+
+
+def test_a_sigkill_during_the_decay_resumes_to_the_uninterrupted_weights(full_run, data,
+                                                                        tmp_path):
+    run = Training(RUN + data, tmp_path)
+    run.wait_for(r'Current_step: 13 ')
+    run.kill()
+    assert run.proc.returncode == -signal.SIGKILL
+    newest = pix2pixCC_Utils.newest_complete_step(model_dir(tmp_path))
+    assert newest in (12, 16)  # the last save before the kill, during the decay
+    resumed = run_train(['--gpu_ids', '-1', '--latest_iter', '-1'], cwd=tmp_path)
+    assert_ok(resumed)  # the lock of the killed run does not block
+    assert int(REPORT.findall(resumed.stdout)[0]) == newest + 1
+    assert_identical_weights(os.path.join(model_dir(tmp_path), f'{FINAL}_G.pt'),
+                             os.path.join(model_dir(full_run), f'{FINAL}_G.pt'))
+
+
+def test_a_second_sigint_aborts_at_once_and_leaves_complete_files(data, tmp_path,
+                                                                  monkeypatch, capfd):
+    """Ctrl-C at step 6, and Ctrl-C again while the stop's checkpoint is being written: exit
+    130 at once, one line; the step-4 checkpoint is whole and nothing of step 6 remains."""
+    monkeypatch.chdir(tmp_path)
+    step, save = pix2pixCC_Train.train_step, pix2pixCC_Utils.save_state_dict
+    calls = []
+
+    def step_then_interrupt(*args, **kwargs):
+        calls.append(1)
+        result = step(*args, **kwargs)
+        if len(calls) == 6:
+            os.kill(os.getpid(), signal.SIGINT)
+        return result
+
+    def interrupt_the_stop_save(module, path):
+        if path.endswith('6_G.pt'):
+            os.kill(os.getpid(), signal.SIGINT)
+        return save(module, path)
+
+    monkeypatch.setattr(pix2pixCC_Train, 'train_step', step_then_interrupt)
+    monkeypatch.setattr(pix2pixCC_Utils, 'save_state_dict', interrupt_the_stop_save)
+    assert run_main(pix2pixCC_Train.main, RUN + data + ['--n_epochs', '100']) == 130
+    lines = [line for line in capfd.readouterr().err.splitlines() if line.strip()]
+    assert lines[-1].endswith('aborted by a second SIGINT after step 6; the newest complete '
+                              'checkpoint, ./checkpoints/pix2pixCC/Model/4_G.pt (step 4), is '
+                              'intact; resume with --latest_iter -1'), lines
+    assert 'SIGINT received' in lines[0] and len(lines) == 2, lines
+    folder = model_dir(tmp_path)
+    assert sorted(os.listdir(folder)) == ['4_D.pt', '4_G.pt', '4_state.pt']
+    for name in os.listdir(folder):
+        load(os.path.join(folder, name))
+
+
+def test_a_signal_before_the_first_step_exits_cleanly(tmp_path, data, monkeypatch, capsys):
+    """SIGTERM while the data are being checked: exit 143, one line, nothing saved."""
+    monkeypatch.chdir(tmp_path)
+    checked = pix2pixCC_Train.check_data
+
+    def check_then_signal(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)
+        return checked(*args, **kwargs)
+
+    monkeypatch.setattr(pix2pixCC_Train, 'check_data', check_then_signal)
+    previous = signal.getsignal(signal.SIGTERM)
+    assert run_main(pix2pixCC_Train.main, RUN + data) == 143
+    err = capsys.readouterr().err
+    assert 'stopped by SIGTERM before the first training step; nothing was saved' in err
+    assert not os.listdir(model_dir(tmp_path))
+    assert signal.getsignal(signal.SIGTERM) is previous  # the handlers are given back
+
+
+def torchrun_command():
+    return [sys.executable, '-m', 'torch.distributed.run', '--standalone',
+            '--nproc_per_node=2', TRAIN_SCRIPT]
+
+
+def parent_pid(pid):
+    with open(f'/proc/{pid}/stat') as f:
+        return int(f.read().rsplit(')', 1)[1].split()[1])
+
+
+def rank_pid(torchrun_pid, rank):
+    """The pid of the torchrun worker process with RANK=`rank` (a child of torchrun's)."""
+    for name in filter(str.isdigit, os.listdir('/proc')):
+        try:
+            if parent_pid(name) != torchrun_pid:
+                continue
+            with open(f'/proc/{name}/environ', 'rb') as f:
+                if f'RANK={rank}'.encode() in f.read().split(b'\0'):
+                    return int(name)
+        except OSError:
+            continue
+    raise AssertionError(f'no rank {rank} among the children of {torchrun_pid}')
+
+
+@pytest.mark.skipif(not sys.platform.startswith('linux'), reason='reads /proc (Linux only)')
+def test_under_torchrun_a_signal_to_one_process_stops_every_process_at_one_step(data,
+                                                                                tmp_path):
+    """SIGTERM to rank 1 only: both processes stop at the same step, rank 0 saves it, and
+    the resumed run gives the weights of an uninterrupted one."""
+    args = RUN + data + ['--n_epochs_decay', '0']
+    uninterrupted = tmp_path / 'uninterrupted'
+    uninterrupted.mkdir()
+    proc = subprocess.run(torchrun_command() + args + ['--n_epochs', '6'],
+                          cwd=str(uninterrupted), env=SUBPROCESS_ENV, capture_output=True,
+                          text=True, timeout=300)
+    assert_ok(proc)
+
+    run = Training(args + ['--n_epochs', '6'], tmp_path, torchrun_command())
+    run.wait_for(r'Current_step: 8 ')
+    os.kill(rank_pid(run.proc.pid, 1), signal.SIGTERM)
+    code, out = run.finish()
+    assert code != 0, out[-3000:]
+    stopped = re.search(r'stopped by SIGTERM at step (\d+)', out)
+    assert stopped, out[-3000:]
+    step = int(stopped.group(1))
+    assert step < 36 and step % 2 == 0, out[-3000:]
+    assert load(os.path.join(model_dir(tmp_path), f'{step}_state.pt'))['step'] == step
+    proc = subprocess.run(torchrun_command() + ['--gpu_ids', '-1', '--latest_iter', '-1'],
+                          cwd=str(tmp_path), env=SUBPROCESS_ENV, capture_output=True,
+                          text=True, timeout=300)
+    assert_ok(proc)
+    assert_identical_weights(os.path.join(model_dir(tmp_path), '36_G.pt'),
+                             os.path.join(model_dir(uninterrupted), '36_G.pt'))
+
+
+# ----------------------------------------------------------------------------------------
+# 2. One run per folder
+# ----------------------------------------------------------------------------------------
+
+def test_a_second_run_in_the_same_folder_is_refused_while_the_first_runs(data, tmp_path):
+    first = Training(RUN + data + ['--n_epochs', '100', '--n_epochs_decay', '0'], tmp_path)
+    try:
+        first.wait_for(r'saved .*/4_G\.pt')
+        started = time.time()
+        second = run_train(RUN + data, cwd=tmp_path)
+        line = assert_usage_error(second, 'another training run is using',
+                                  f'process {first.proc.pid} on host', 'started',
+                                  '--dataset_name')
+        assert time.time() - started < 30, line
+        resumed = run_train(RUN + data + ['--latest_iter', '-1'], cwd=tmp_path)
+        assert_usage_error(resumed, f'process {first.proc.pid}')
+        # The Test script only reads checkpoints: never blocked.
+        test_in = data[1]
+        assert_ok(run_test(TINY + DATA + ['--input_dir_test', test_in, '--iteration', '4'],
+                           cwd=tmp_path))
+        first.wait_for(r'Current_step: 14 ')
+        first.proc.send_signal(signal.SIGTERM)
+        code, out = first.finish()
+        assert code == 143, out[-3000:]
+    finally:
+        first.kill()
+    steps = [int(r['step']) for r in log_rows(tmp_path)]
+    assert steps == list(range(1, steps[-1] + 1))  # the first run's log, each step once
+
+
+# ----------------------------------------------------------------------------------------
+# 3. Write failures
+# ----------------------------------------------------------------------------------------
+
+def mount_tmpfs(folder, size):
+    os.makedirs(folder, exist_ok=True)
+    try:
+        done = subprocess.run(['mount', '-t', 'tmpfs', '-o', f'size={size}', 'tmpfs',
+                               str(folder)], capture_output=True)
+    except OSError:
+        return False
+    return done.returncode == 0
+
+
+def test_a_full_disk_gives_one_line_and_keeps_the_earlier_checkpoint(data, tmp_path,
+                                                                     monkeypatch, capsys):
+    """A real small filesystem where one can be mounted (root), otherwise ENOSPC injected
+    into the third checkpoint's write."""
+    checkpoints = tmp_path / 'checkpoints'
+    mounted = mount_tmpfs(checkpoints, '1300k')
+    try:
+        if mounted:
+            proc = run_train(RUN + data + ['--n_epochs', '20', '--n_epochs_decay', '0'],
+                             cwd=tmp_path)
+            code, err = proc.returncode, proc.stderr
+        else:
+            monkeypatch.chdir(tmp_path)
+            real_save = torch.save
+
+            def fill_disk(data_, file, *args, **kwargs):
+                if len(pix2pixCC_Utils.saved_steps(model_dir(tmp_path), 'G')) >= 2:
+                    file.write(b'\0' * 1000)
+                    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+                return real_save(data_, file, *args, **kwargs)
+
+            monkeypatch.setattr(torch, 'save', fill_disk)
+            code = run_main(pix2pixCC_Train.main,
+                            RUN + data + ['--n_epochs', '20', '--n_epochs_decay', '0'])
+            err = capsys.readouterr().err
+        lines = [line for line in err.splitlines() if line.strip()]
+        assert code == 2 and len(lines) == 1, err
+        assert 'Traceback' not in err
+        match = re.search(r'cannot write (\S+): No space left on device; the newest complete '
+                          r'checkpoint, (\S+)_G\.pt \(step (\d+)\), is intact; resume with '
+                          r'--latest_iter -1', lines[0])
+        assert match, lines[0]
+        step = int(match.group(3))
+        folder = model_dir(tmp_path)
+        names = os.listdir(folder)
+        assert not [n for n in names if n.startswith('.tmp-')], names
+        for kind in ('G', 'D', 'state'):
+            load(os.path.join(folder, f'{step}_{kind}.pt'))
+        for name in names:
+            load(os.path.join(folder, name))  # nothing truncated under a final name
+    finally:
+        if mounted:
+            subprocess.run(['umount', str(checkpoints)])
+
+
+@pytest.mark.parametrize('target, code', [
+    ('_state.pt', errno.EDQUOT), ('_G.pt', errno.EIO), ('loss_log.csv', errno.ENOSPC),
+    ('_real.png', errno.EACCES)])
+def test_write_errors_name_the_file_and_the_checkpoint(target, code, data, tmp_path,
+                                                       monkeypatch, capsys):
+    """Checkpoints, logs and images: the file, the operating system's reason, the newest
+    complete checkpoint; exit 2, no temporary left behind."""
+    monkeypatch.chdir(tmp_path)
+    real_replace = os.replace
+
+    def failing_replace(source, destination):
+        if destination.endswith(target) and \
+                os.path.isfile(os.path.join(model_dir(tmp_path), '4_state.pt')):
+            raise OSError(code, os.strerror(code))
+        return real_replace(source, destination)
+
+    monkeypatch.setattr(os, 'replace', failing_replace)
+    assert run_main(pix2pixCC_Train.main, RUN + data + ['--display_freq', '1']) == 2
+    line = capsys.readouterr().err.strip()
+    assert '\n' not in line
+    assert "cannot write ./checkpoints/pix2pixCC/" in line and target in line, line
+    assert os.strerror(code) in line, line
+    assert 'the newest complete checkpoint, ./checkpoints/pix2pixCC/Model/4_G.pt (step 4), ' \
+           'is intact; resume with --latest_iter -1' in line, line
+    for folder, _, names in os.walk(run_dir(tmp_path)):
+        assert not [n for n in names if n.startswith('.tmp-')], (folder, names)
+
+
+# ----------------------------------------------------------------------------------------
+# 4. Disk use
+# ----------------------------------------------------------------------------------------
+
+def state_files(root):
+    return sorted(int(n.split('_')[0]) for n in model_files(root) if n.endswith('_state.pt'))
+
+
+def test_only_the_newest_training_state_is_kept_and_older_steps_still_resume(full_run,
+                                                                             data, tmp_path):
+    assert_ok(run_train(RUN + data, cwd=tmp_path))
+    assert state_files(tmp_path) == [FINAL]
+    for step in (4, 8, 12, 16, FINAL):  # every network checkpoint stays
+        assert {f'{step}_G.pt', f'{step}_D.pt'} <= set(model_files(tmp_path))
+    assert state_files(full_run) == [4, 8, 12, 16, FINAL]  # --keep_states 0: all
+
+    # A step whose state was deleted resumes from its weights, with a notice.
+    resumed = run_train(['--gpu_ids', '-1', '--latest_iter', '8', '--n_epochs_decay', '3'],
+                        cwd=tmp_path)
+    assert_ok(resumed)
+    assert 'notice: no ./checkpoints/pix2pixCC/Model/8_state.pt; resuming from the weights ' \
+           'alone' in resumed.stdout
+    assert int(REPORT.findall(resumed.stdout)[0]) == 9
+    assert state_files(tmp_path) == [24]
+
+
+def test_keep_states_keeps_the_k_newest(data, tmp_path):
+    assert_ok(run_train(RUN + data + ['--keep_states', '2'], cwd=tmp_path))
+    assert state_files(tmp_path) == [16, FINAL]
+
+
+# ----------------------------------------------------------------------------------------
+# 5. Learning-rate decay
+# ----------------------------------------------------------------------------------------
+
+def test_the_lr_of_every_epoch_follows_the_linear_decay(full_run):
+    """--n_epochs 1 --n_epochs_decay 2: epoch e uses lr * (1 - (e - 1) / 3)."""
+    lr = 2e-4
+    expected = {1: lr, 2: lr * (1 - 1 / 3), 3: lr * (1 - 2 / 3)}
+    for row in log_rows(full_run):
+        assert float(row['lr']) == pytest.approx(expected[int(row['epoch'])], rel=1e-12)
+    for step, epoch in ((4, 1), (8, 2), (16, 3)):
+        state = load(os.path.join(model_dir(full_run), f'{step}_state.pt'))
+        assert state['epoch'] == epoch
+        for name in ('G_optim', 'D_optim'):
+            assert state[name]['param_groups'][0]['lr'] == pytest.approx(expected[epoch])
+
+
+def test_a_new_schedule_given_on_resume_applies_from_the_resumed_epoch(full_run, tmp_path):
+    shutil.copytree(run_dir(full_run), run_dir(tmp_path))
+    proc = run_train(['--gpu_ids', '-1', '--latest_iter', '12', '--lr', '0.001',
+                      '--n_epochs_decay', '4'], cwd=tmp_path)
+    assert_ok(proc)
+    rows = log_rows(tmp_path)
+    assert [int(r['step']) for r in rows] == list(range(1, 6 * 5 + 1))
+    for row in rows:
+        epoch = int(row['epoch'])
+        expected = 2e-4 * (1 - (epoch - 1) / 3) if epoch <= 2 else 1e-3 * (1 - (epoch - 1) / 5)
+        assert float(row['lr']) == pytest.approx(expected, rel=1e-12), row
+    assert 'Epoch: 5/5' in proc.stdout
+
+
+def test_log_rows_are_means_since_the_last_report_and_a_short_run_logs_at_the_end(
+        data, tmp_path):
+    proc = run_train(TINY + DATA + data + ['--n_workers', '0', '--report_freq', '4',
+                                           '--n_epochs', '1', '--save_freq', '100'],
+                     cwd=tmp_path)
+    assert_ok(proc)
+    rows = log_rows(tmp_path)
+    assert [(int(r['step']), int(r['samples'])) for r in rows] == [(4, 4), (6, 2)]
+    assert '(means of 4 samples)' in proc.stdout
+    assert os.path.isfile(os.path.join(run_dir(tmp_path), 'loss_curve.png'))
+
+    shorter = tmp_path / 'shorter'
+    shorter.mkdir()
+    assert_ok(run_train(TINY + DATA + data + ['--n_workers', '0', '--n_epochs', '1'],
+                        cwd=shorter))  # report_freq 100 > 6 samples
+    assert [int(r['step']) for r in log_rows(shorter)] == [6]
+    assert os.path.isfile(os.path.join(run_dir(shorter), 'loss_curve.png'))
+
+
+# ----------------------------------------------------------------------------------------
+# 6. TensorBoard
+# ----------------------------------------------------------------------------------------
+
+def read_events(root):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    events = EventAccumulator(os.path.join(run_dir(root), 'tensorboard'),
+                              size_guidance={'scalars': 0, 'images': 0, 'tensors': 0})
+    events.Reload()
+    return events
+
+
+def test_tensorboard_holds_losses_lr_panels_validation_and_options(data, tmp_path):
+    pytest.importorskip('tensorboard', reason='tensorboard is an optional dependency')
+    input_dir, target_dir = data[1], data[3]
+    args = RUN + data + ['--tensorboard', '--display_freq', '6', '--val_during_train',
+                         '--input_dir_test', input_dir, '--target_dir_test', target_dir]
+    run = Training(args, tmp_path)
+    run.wait_for(r'Current_step: 10 ')
+    run.proc.send_signal(signal.SIGTERM)
+    code, out = run.finish()
+    assert code == 143, out[-3000:]
+    assert_ok(run_train(['--gpu_ids', '-1', '--latest_iter', '-1'], cwd=tmp_path))
+
+    events = read_events(tmp_path)
+    tags = events.Tags()
+    for name in ('loss/D', 'loss/G', 'loss/G_LSGAN', 'loss/G_FM', 'loss/G_CC', 'train/CC',
+                 'train/lr', 'validation/cc_1x1', 'validation/rmse_8x8'):
+        assert name in tags['scalars'], (name, tags['scalars'])
+    assert 'panel' in tags['images']
+    assert any('options' in tag for tag in tags['tensors']), tags
+    # The resumed run continues the curves: every step once, in order.
+    steps = [event.step for event in events.Scalars('loss/G')]
+    assert steps == list(range(1, FINAL + 1))
+    lrs = {event.step: event.value for event in events.Scalars('train/lr')}
+    assert lrs[1] == pytest.approx(2e-4) and lrs[FINAL] == pytest.approx(2e-4 / 3, rel=1e-6)
+    assert [e.step for e in events.Scalars('validation/cc_1x1')] == [4, 8, 10, 12, 16, FINAL]
+
+
+def test_tensorboard_asked_for_but_not_installed_is_one_line(data, tmp_path):
+    code = ("import sys; sys.modules['tensorboard'] = None; "
+            "sys.argv[0] = 'pix2pixCC_Train.py'; "
+            f"sys.path.insert(0, {os.path.dirname(TRAIN_SCRIPT)!r}); "
+            "import pix2pixCC_Train as t; from pix2pixCC_Options import run_main; "
+            "sys.exit(run_main(t.main))")
+    proc = subprocess.run([sys.executable, '-c', code, *RUN, *data, '--tensorboard'],
+                          cwd=str(tmp_path), env=SUBPROCESS_ENV, capture_output=True,
+                          text=True, timeout=120)
+    assert_usage_error(proc, '--tensorboard', 'pip install tensorboard')
+    assert not os.path.exists(os.path.join(run_dir(tmp_path), 'Model'))
