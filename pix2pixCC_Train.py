@@ -170,20 +170,20 @@ def main(argv=None):
     with GracefulStop() as stop, contextlib.ExitStack() as cleanup:
         device, gpu_ids = cluster.setup(opt, log)
         cleanup.callback(cluster.close)
+        # A resumed run takes the options it was trained with, unless they are given again
+        # (read before the lock: a run with nothing to resume creates no folder).
+        state = resume_point(option, opt, log)
         lock = RunLock(opt.checkpoint_dir)
         cleanup.callback(lock.release)
         cluster.on_main(lambda: lock.acquire())
         try:
-            return train(option, opt, cluster, device, gpu_ids, stop, log)
+            return train(opt, state, cluster, device, gpu_ids, stop, log)
         except WriteError as error:
             raise UserError(f"{error}; {resume_advice(opt.model_dir)} once there is room"
                             ) from None
 
 
-def train(option, opt, cluster, device, gpu_ids, stop, log):
-    # Options. A resumed run takes the options it was trained with, unless they are given
-    # again.
-    state = resume_point(option, opt, log)
+def train(opt, state, cluster, device, gpu_ids, stop, log):
     if opt.seed is None:
         opt.seed = cluster.broadcast(int(torch.randint(0, 2**31 - 1, (1,))))
     set_seed(opt.seed)

@@ -21,6 +21,7 @@ DATA = ['--data_format_input', 'npy', '--data_format_target', 'npy', '--data_siz
         '--saturation_lower_limit_input', '0', '--saturation_upper_limit_input', '100',
         '--saturation_lower_limit_target', '0', '--saturation_upper_limit_target', '100',
         '--n_D', '1', '--no_shuffle', '--seed', '3', '--report_freq', '4', '--save_freq', '8',
+        '--keep_states', '0',
         '--display_freq', '1000']
 N_PAIRS = 16
 WEIGHT_TOLERANCE = 1e-5

@@ -59,7 +59,7 @@ def run_g(G, x):
 
 
 FREQS = ['--batch_size', '2', '--n_epochs', '2', '--report_freq', '3', '--save_freq', '5',
-         '--display_freq', '4']
+         '--display_freq', '4', '--keep_states', '0']
 # 6 files, batch 2, 2 epochs: steps 2, 4, ..., 12. Crossing multiples of 3 -> reports at
 # 4, 6, 10, 12; of 5 -> saves at 6, 10 (+ the final 12); of 4 -> previews at 4, 8, 12.
 EXPECTED_REPORTS = [4, 6, 10, 12]

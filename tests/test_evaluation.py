@@ -192,9 +192,11 @@ DATA = ['--data_format_input', 'npy', '--data_format_target', 'npy', '--data_siz
         '--saturation_lower_limit_target', '0', '--saturation_upper_limit_target', '100']
 # 6 files, batch 1, 2 epochs: reports at 2, 4, ..., 12; previews at 3, 6, 9, 12; saves at 4,
 # 8 and 12.
-FREQS = ['--n_epochs', '2', '--report_freq', '2', '--display_freq', '3', '--save_freq', '4']
+FREQS = ['--n_epochs', '2', '--report_freq', '2', '--display_freq', '3', '--save_freq', '4',
+         '--keep_states', '0']
 REPORTS, PREVIEWS, SAVES = [2, 4, 6, 8, 10, 12], [3, 6, 9, 12], [4, 8, 12]
-LOG_COLUMNS = ['step', 'epoch', 'D', 'G', 'G_LSGAN', 'G_FM', 'G_CC', 'CC', 'seconds_per_step']
+LOG_COLUMNS = ['step', 'epoch', 'D', 'G', 'G_LSGAN', 'G_FM', 'G_CC', 'CC', 'lr', 'samples',
+               'seconds_per_step']
 
 
 def read_rows(path):

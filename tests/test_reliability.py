@@ -34,7 +34,8 @@ DATA = ['--data_format_input', 'npy', '--data_format_target', 'npy', '--data_siz
 AUGMENT = ['--max_rotation_angle', '10', '--padding_size', '4']
 # Batch 1 over 6 files, 2 epochs: saves at 4, 8 (mid-epoch 2) and the final 12.
 RUN = TINY + DATA + AUGMENT + ['--seed', '5', '--n_workers', '0', '--save_freq', '4',
-                               '--report_freq', '1', '--display_freq', '1000']
+                               '--report_freq', '1', '--display_freq', '1000',
+                               '--keep_states', '0']
 REPORT = re.compile(r'Current_step:\s*(\d+)')
 
 
@@ -66,12 +67,15 @@ def copy_run(source_root, dest_root, name='pix2pixCC'):
 
 
 def snapshot(folder, with_dirs=False):
-    """{relative path: (content, mtime_ns)} of every file (and folder) under `folder`."""
+    """{relative path: (content, mtime_ns)} of every file (and folder) under `folder`, but
+    the lock file, which names whichever training run started last."""
     out = {}
     for path, dirnames, filenames in os.walk(str(folder)):
         if with_dirs:
             out[os.path.relpath(path, str(folder)) + '/'] = (None, os.stat(path).st_mtime_ns)
         for name in filenames:
+            if name == 'train.lock':
+                continue
             full = os.path.join(path, name)
             with open(full, 'rb') as f:
                 out[os.path.relpath(full, str(folder))] = (f.read(), os.stat(full).st_mtime_ns)
@@ -713,15 +717,14 @@ def test_an_interrupted_checkpoint_save_keeps_the_previous_checkpoint(tmp_path, 
     before = open(path, 'rb').read()
 
     def dies_half_way(obj, f, *args, **kwargs):
-        with open(f, 'wb') as out:
-            out.write(before[:len(before) // 2])
-        raise OSError('No space left on device')
+        f.write(before[:len(before) // 2])
+        raise OSError(28, 'No space left on device')
 
     monkeypatch.setattr(pix2pixCC_Utils.torch, 'save', dies_half_way)
     with torch.no_grad():
         for p in G.parameters():
             p.add_(1.0)
-    with pytest.raises(OSError):
+    with pytest.raises(pix2pixCC_Utils.WriteError, match='4_G.pt: No space left on device'):
         pix2pixCC_Utils.save_state_dict(G, path)
     monkeypatch.undo()
     assert open(path, 'rb').read() == before
