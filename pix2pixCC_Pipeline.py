@@ -370,32 +370,34 @@ OUTSIDE_SHARE_WARNING = 0.2
 def scaling_warnings(values, dataset):
     """Lines that warn about limits that do not fit the data; [] when the scaling looks right.
 
-    `values`: {'input': totals, 'target': totals} of `value_summary` over every file.
+    `values`: {'input': totals, 'target': totals} of `value_summary` over every file. A side
+    warns when more than OUTSIDE_SHARE_WARNING of its finite values lie outside its limits.
+    The folders look swapped when, besides, each side's values lie (all but that share)
+    within the *other* side's limits: a magnetogram in the input folder fits the target's
+    +-3000 G, and the EUV images in the target folder fit the input's 1..200.
     """
     scalings = {'input': dataset.input_scaling, 'target': dataset.target_scaling}
 
     def limits(side):
         return f"[{scalings[side].lower:g}, {scalings[side].upper:g}]"
 
-    def only_fits_the_other(side):  # every value outside its own limits, inside the other's
-        v = values.get(side)
-        return v is not None and v['finite'] > 0 and v['outside'] == v['finite'] == \
-            v['inside_other']
+    def observed(side):
+        return f"{values[side]['min']:.4g} to {values[side]['max']:.4g}"
 
-    if only_fits_the_other('input') and only_fits_the_other('target'):
-        return [(f"warning: the input and target folders look swapped: every input value lies "
-                 f"within the target limits {limits('target')} and every target value within "
-                 f"the input limits {limits('input')}; check --input_dir_train and "
-                 f"--target_dir_train")]
-    lines = []
-    for side, v in values.items():
-        if v['finite'] and v['outside'] > OUTSIDE_SHARE_WARNING * v['finite']:
-            lines.append(
-                f"warning: {100 * v['outside'] / v['finite']:.0f}% of the {side} values lie "
-                f"outside the saturation limits {limits(side)} (observed range {v['min']:.4g} "
-                f"to {v['max']:.4g}); set --saturation_lower_limit_{side} and "
-                f"--saturation_upper_limit_{side} to the range that matters")
-    return lines
+    warned = [side for side, v in values.items()
+              if v['finite'] and v['outside'] > OUTSIDE_SHARE_WARNING * v['finite']]
+    if warned and len(values) == 2 and all(
+            v['finite'] and v['inside_other'] >= (1 - OUTSIDE_SHARE_WARNING) * v['finite']
+            for v in values.values()):
+        return [(f"warning: the input and target folders look swapped: the input values "
+                 f"({observed('input')}) fit the target limits {limits('target')} and the "
+                 f"target values ({observed('target')}) the input limits {limits('input')}; "
+                 f"check --input_dir_train and --target_dir_train")]
+    return [(f"warning: {100 * values[side]['outside'] / values[side]['finite']:.0f}% of the "
+             f"{side} values lie outside the saturation limits {limits(side)} (observed range "
+             f"{observed(side)}); set --saturation_lower_limit_{side} and "
+             f"--saturation_upper_limit_{side} to the range that matters")
+            for side in warned]
 
 
 def check_dataset(dataset, multiple, n_workers=0, log=print, progress=None):

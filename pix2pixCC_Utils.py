@@ -548,6 +548,8 @@ def save_panel(path, input, real, generated, target_scaling, unit=None, data_for
     """
     plt = _pyplot()
     from matplotlib.colors import LogNorm
+
+    from pix2pixCC_Pipeline import FITS_FORMATS
     lo, up = target_scaling.lower, target_scaling.upper
     if lo < 0 < up:
         peak = float(np.nanmax(np.abs(real))) if np.isfinite(real).any() else 0.0
@@ -599,8 +601,13 @@ def save_panel(path, input, real, generated, target_scaling, unit=None, data_for
         heading += f' (input channels 0-{shown - 1} of {input.shape[0]} shown)'
     figure.suptitle(heading)
     figure.tight_layout()
+    # The title and units also go into the PNG's text chunks, for scripts that sort panels.
+    row_0 = 'bottom' if data_format in FITS_FORMATS else 'top'
+    description = (f"input normalised [-1, 1]; real, generated and difference in {unit_label}; "
+                   f"row 0 of the files at the {row_0}")
     with atomic_path(path) as temporary:
-        figure.savefig(temporary, dpi=80)
+        figure.savefig(temporary, dpi=80, format='png',
+                       metadata={'Title': heading, 'Description': description})
     plt.close(figure)
 
 
