@@ -39,6 +39,19 @@ def generate(G, input, n_downsample, precision=None):
     return output[..., :height, :width].float()
 
 
+def output_header(opt, input_path, iteration):
+    """FITS header of the file generated from `input_path`: the input's geometry and time
+    (FITS inputs), the training targets' identity cards and unit, and the provenance."""
+    history = [f'pix2pixCC: generated from {os.path.basename(input_path)}',
+               f'pix2pixCC: run {opt.dataset_name}, iteration {iteration}']
+    if opt.save_scale != 1:  # BUNIT no longer holds exactly
+        history.append(f'pix2pixCC: values multiplied by --save_scale {opt.save_scale:g}')
+    input_header = read_fits_header(input_path) if opt.data_format_input in FITS_FORMATS \
+        else None
+    return generated_header(input_header, getattr(opt, 'target_header', None) or {},
+                            data_unit(opt), history)
+
+
 def translate(G, dataset, out_dir, opt, device, iteration, precision=None, panels=False):
     """Run G on every item of a test `dataset` and write `<name>_AI.<fmt>` into `out_dir`.
 
@@ -61,15 +74,7 @@ def translate(G, dataset, out_dir, opt, device, iteration, precision=None, panel
             path = os.path.join(out_dir, f'{name}_AI.{opt.data_format_target}')
             extra = {}
             if opt.data_format_target in FITS_FORMATS:
-                input_path = dataset.input_paths[index]
-                extra['header'] = generated_header(
-                    read_fits_header(input_path) if opt.data_format_input in FITS_FORMATS
-                    else None,
-                    getattr(opt, 'target_header', None) or {}, unit,
-                    [f'pix2pixCC: generated from {os.path.basename(input_path)}',
-                     f'pix2pixCC: run {opt.dataset_name}, iteration {iteration}'] +
-                    ([f'pix2pixCC: values multiplied by --save_scale {opt.save_scale:g}']
-                     if opt.save_scale != 1 else []))
+                extra['header'] = output_header(opt, dataset.input_paths[index], iteration)
             elif opt.data_format_target in ('png', 'jpg', 'jpeg'):
                 extra['upper_limit'] = opt.saturation_upper_limit_target
             with atomic_path(path) as temporary:
