@@ -49,80 +49,171 @@ class OneLineErrorParser(argparse.ArgumentParser):
 
 
 class BaseOption:
-    """Options shared by training and test (network shape, data format and scaling)."""
+    """Options shared by training and test (network shape, data format and scaling).
+
+    Every option belongs to one argument group of the --help text and has a one-line help
+    (ArgumentDefaultsHelpFormatter prints a default only where there is help).
+    """
+
+    is_train = True
+    # Titles of the --help sections, in order; `add` names one of them.
+    GROUPS = ('data', 'network', 'augmentation', 'checking', 'training hyper-parameters',
+              'logging and saving', 'test')
 
     def __init__(self):
         p = OneLineErrorParser(formatter_class=argparse.ArgumentDefaultsHelpFormatter)
         self.parser = p
+        self.groups = {title: p.add_argument_group(title) for title in self.GROUPS}
+        add = self.add
 
-        def add_bool(name, default, help):
+        add('data', '--data_format_input', type=lower_str, default='tif', choices=DATA_FORMATS,
+            help='format of the input files (tif/tiff, jpg/jpeg and fits/fts/fit each also '
+                 'list their family\'s other extensions)')
+        add('data', '--data_format_target', type=lower_str, default='tif', choices=DATA_FORMATS,
+            help='format of the target files, and of the generated files')
+        add('data', '--input_ch', type=int, default=1, help='channels of each input file')
+        add('data', '--target_ch', type=int, default=1, help='channels of each target file')
+        add('data', '--data_size', type=int, default=1024,
+            help='height/width of the data (informational; the files decide)')
+        add('data', '--logscale_input', boolean=True, default=False,
+            help='take log10 of the input before normalising')
+        add('data', '--logscale_target', boolean=True, default=False,
+            help='take log10 of the target before normalising')
+        add('data', '--saturation_lower_limit_input', type=float, default=-1,
+            help='input value mapped to -1')
+        add('data', '--saturation_upper_limit_input', type=float, default=1,
+            help='input value mapped to +1')
+        add('data', '--saturation_lower_limit_target', type=float, default=-1,
+            help='target value mapped to -1')
+        add('data', '--saturation_upper_limit_target', type=float, default=1,
+            help='target value mapped to +1')
+        add('data', '--saturation_clip_input', boolean=True, default=False,
+            help='clip the input to its limits')
+        add('data', '--saturation_clip_target', boolean=True, default=False,
+            help='clip the target to its limits (the Test inverse clips too)')
+        add('data', '--target_unit', type=str, default=None,
+            help="physical unit of the targets, e.g. G: BUNIT of generated FITS files and "
+                 "the panels' label (None: BUNIT of the first FITS target)")
+        add('data', '--n_workers', type=int, default=1, help='data-loading processes')
+
+        add('network', '--gpu_ids', type=str, default='0',
+            help="GPU index, '-1' for the CPU, '0,1' for several GPUs")
+        add('network', '--n_downsample', type=int, default=4,
+            help='stride-2 convolutions of the generator')
+        add('network', '--n_residual', type=int, default=9,
+            help='residual blocks of the generator')
+        add('network', '--trans_conv', boolean=True, default=True,
+            help='transposed convolutions (False: bilinear upsampling)')
+        add('network', '--n_gf', type=int, default=64, help='generator base width')
+        add('network', '--norm_type', type=str, default='InstanceNorm2d',
+            choices=('InstanceNorm2d', 'BatchNorm2d'), help='normalisation of the generator')
+        add('network', '--padding_type', type=lower_str, default='replication',
+            choices=('reflection', 'replication', 'zero'), help='padding of the generator')
+        add('network', '--n_D', type=int, default=1, training=True,
+            help='number of discriminator scales')
+        add('network', '--n_df', type=int, default=64, training=True,
+            help='discriminator base width')
+        add('network', '--n_CC', type=int, default=4, training=True,
+            help='number of Inspector (CC) scales')
+        add('network', '--data_type', type=int, default=32, choices=(16, 32),
+            help='32: float32; 16: mixed precision')
+        add('network', '--amp_dtype', type=lower_str, default='auto',
+            choices=('auto', 'bfloat16', 'float16'),
+            help='with --data_type 16: bfloat16 where supported (auto), or force one')
+        add('network', '--compile', boolean=True, default=False,
+            help='torch.compile the networks (faster steps after a slow first one)')
+
+        add('augmentation', '--padding_size', type=int, default=0, training=True,
+            help='pad by edge replication and crop back at a random offset')
+        add('augmentation', '--max_rotation_angle', type=int, default=0, training=True,
+            help='rotate by a random integer angle in degrees')
+
+        add('checking', '--val_during_train', boolean=True, default=False, training=True,
+            help='at every save, translate the test inputs (--input_dir_test)')
+        add('checking', '--target_dir_test', type=str, default=None,
+            help='targets of the test inputs: enables the metrics (CC, RMSE, flux)')
+        add('checking', '--metric_bins', type=int, nargs='+', default=[1, 2, 4, 8],
+            help='binning factors k (k x k block means) at which metrics are computed')
+
+        add('training hyper-parameters', '--batch_size', type=int, default=1, training=True,
+            help='samples per iteration')
+
+        add('logging and saving', '--dataset_name', type=str, default='pix2pixCC',
+            help='name of the run: outputs go to ./checkpoints/<dataset_name>/')
+        add('logging and saving', '--save_scale', type=float, default=1,
+            help='generated data are multiplied by this when saved')
+        add('logging and saving', '--report_freq', type=int, default=100, training=True,
+            help='samples between report lines')
+        add('logging and saving', '--save_freq', type=int, default=10000, training=True,
+            help='samples between checkpoints')
+        add('logging and saving', '--display_freq', type=int, default=100, training=True,
+            help='samples between preview images')
+        add('logging and saving', '--display_scale', type=float, default=1, training=True,
+            help='brightness factor of the preview images')
+        add('logging and saving', '--image_mode', type=lower_str, default='png', training=True,
+            choices=('png', 'jpg', 'jpeg', 'tif', 'tiff', 'bmp'),
+            help='file type of the preview images')
+
+    def add(self, group, name, help, boolean=False, training=False, train_option=False,
+            **kwargs):
+        """Add option `name` to the --help section `group`.
+
+        boolean: parsed by `str2bool`; a bare `--flag` means True. training: the option only
+        matters in training, so the Test script's --help leaves it out (it still parses, so
+        a training command line run with the Test script works). train_option: declared by
+        TrainOption; in TestOption it is also absent from the options unless given.
+        """
+        if boolean:
             # nargs='?' lets a bare `--flag` mean True while `--flag False` means False.
-            p.add_argument(name, type=str2bool, nargs='?', const=True, default=default,
-                           metavar='BOOL', help=help)
-        self.add_bool = add_bool
+            kwargs.update(type=str2bool, nargs='?', const=True, metavar='BOOL')
+        if not self.is_train and (training or train_option):
+            help = argparse.SUPPRESS
+            if train_option:
+                kwargs['default'] = argparse.SUPPRESS
+        self.groups[group].add_argument(name, help=help, **kwargs)
 
-        p.add_argument('--gpu_ids', type=str, default='0',
-                       help="GPU index, '-1' for the CPU, '0,1' for several GPUs")
-        p.add_argument('--dataset_name', type=str, default='pix2pixCC',
-                       help='outputs go to ./checkpoints/<dataset_name>/')
-        p.add_argument('--data_format_input', type=lower_str, default='tif', choices=DATA_FORMATS)
-        p.add_argument('--data_format_target', type=lower_str, default='tif', choices=DATA_FORMATS)
+    def add_training_options(self):
+        """The options of TrainOption (in TestOption: parsed, hidden, ignored)."""
+        def add(group, name, **kwargs):
+            self.add(group, name, train_option=True, **kwargs)
 
-        p.add_argument('--input_ch', type=int, default=1)
-        p.add_argument('--target_ch', type=int, default=1)
-        p.add_argument('--data_size', type=int, default=1024,
-                       help='height/width of the data (informational; the files decide)')
-
-        add_bool('--logscale_input', False, 'take log10 of the input before normalising')
-        add_bool('--logscale_target', False, 'take log10 of the target before normalising')
-        p.add_argument('--saturation_lower_limit_input', type=float, default=-1)
-        p.add_argument('--saturation_upper_limit_input', type=float, default=1)
-        p.add_argument('--saturation_lower_limit_target', type=float, default=-1)
-        p.add_argument('--saturation_upper_limit_target', type=float, default=1)
-        add_bool('--saturation_clip_input', False, 'clip the input to its limits')
-        add_bool('--saturation_clip_target', False, 'clip the target to its limits')
-
-        p.add_argument('--batch_size', type=int, default=1)
-        p.add_argument('--n_downsample', type=int, default=4)
-        p.add_argument('--n_residual', type=int, default=9)
-        add_bool('--trans_conv', True, 'transposed convolutions (False: bilinear upsampling)')
-        p.add_argument('--n_D', type=int, default=1, help='number of discriminator scales')
-        p.add_argument('--n_CC', type=int, default=4, help='number of Inspector (CC) scales')
-        p.add_argument('--n_gf', type=int, default=64, help='generator base width')
-        p.add_argument('--n_df', type=int, default=64, help='discriminator base width')
-        p.add_argument('--data_type', type=int, default=32, choices=(16, 32),
-                       help='32: float32; 16: mixed precision')
-        p.add_argument('--amp_dtype', type=lower_str, default='auto',
-                       choices=('auto', 'bfloat16', 'float16'),
-                       help='with --data_type 16: bfloat16 where supported (auto), or force one')
-        add_bool('--compile', False, 'torch.compile the networks (faster steps after a '
-                                     'slow first one)')
-        p.add_argument('--n_workers', type=int, default=1, help='data-loading processes')
-        p.add_argument('--norm_type', type=str, default='InstanceNorm2d',
-                       choices=('InstanceNorm2d', 'BatchNorm2d'))
-        p.add_argument('--padding_type', type=lower_str, default='replication',
-                       choices=('reflection', 'replication', 'zero'))
-        p.add_argument('--padding_size', type=int, default=0,
-                       help='augmentation: pad by edge replication and crop back at random')
-        p.add_argument('--max_rotation_angle', type=int, default=0,
-                       help='augmentation: rotate by a random integer angle in degrees')
-
-        p.add_argument('--report_freq', type=int, default=100, help='in samples')
-        p.add_argument('--save_freq', type=int, default=10000, help='in samples')
-        p.add_argument('--display_freq', type=int, default=100, help='in samples')
-        p.add_argument('--save_scale', type=float, default=1,
-                       help='generated data are multiplied by this when saved')
-        p.add_argument('--display_scale', type=float, default=1,
-                       help='brightness factor of the PNG previews')
-        p.add_argument('--image_mode', type=lower_str, default='png',
-                       choices=('png', 'jpg', 'jpeg', 'tif', 'tiff', 'bmp'),
-                       help='file type of the training previews')
-        add_bool('--val_during_train', False,
-                 'at every save, translate the test inputs (--input_dir_test)')
-        p.add_argument('--target_dir_test', type=str, default=None,
-                       help='targets of the test inputs: enables the metrics (CC, RMSE, flux)')
-        p.add_argument('--metric_bins', type=int, nargs='+', default=[1, 2, 4, 8],
-                       help='binning factors k (k x k block means) at which metrics are computed')
+        add('data', '--input_dir_train', type=str, default='./datasets/Train/Input',
+            help='folder of the training inputs')
+        add('data', '--target_dir_train', type=str, default='./datasets/Train/Target',
+            help='folder of the training targets (input i pairs with target i by sorted name)')
+        add('checking', '--check_pairing', boolean=True, default=True,
+            help='stop when input and target file names show a wrong pairing')
+        add('training hyper-parameters', '--n_epochs', type=int, default=150,
+            help='epochs at the constant --lr')
+        add('training hyper-parameters', '--n_epochs_decay', type=int, default=0,
+            help='epochs after --n_epochs in which the lr falls linearly towards 0')
+        add('training hyper-parameters', '--lr', type=float, default=0.0002,
+            help='Adam learning rate')
+        add('training hyper-parameters', '--beta1', type=float, default=0.5, help='Adam beta1')
+        add('training hyper-parameters', '--beta2', type=float, default=0.999, help='Adam beta2')
+        add('training hyper-parameters', '--lambda_LSGAN', type=float, default=2.0,
+            help='weight of the adversarial (LSGAN) loss')
+        add('training hyper-parameters', '--lambda_FM', type=float, default=10.0,
+            help='weight of the feature-matching loss')
+        add('training hyper-parameters', '--lambda_CC', type=float, default=5.0,
+            help='weight of the Inspector (1 - CC) loss')
+        add('training hyper-parameters', '--ch_balance', type=float, default=1,
+            help='channel balance of the discriminator input (<= 0: plain pair)')
+        add('training hyper-parameters', '--ccc', boolean=True, default=True,
+            help='concordance CC (False: Pearson CC)')
+        add('training hyper-parameters', '--seed', type=int, default=None,
+            help='random seed (weights, data order, augmentation); drawn and recorded in '
+                 'the options file when not given')
+        add('training hyper-parameters', '--latest_iter', type=int, default=0,
+            help='resume from Model/<latest_iter>_G.pt, _D.pt and _state.pt; -1: the newest '
+                 'complete checkpoint; 0: a new run')
+        add('training hyper-parameters', '--keep_states', type=int, default=1,
+            help='keep the training state (<step>_state.pt, to resume) of the K newest '
+                 'checkpoints; 0: all')
+        add('training hyper-parameters', '--tensorboard', boolean=True, default=False,
+            help='write TensorBoard event files under checkpoints/<dataset_name>/tensorboard/')
+        add('logging and saving', '--verbose', boolean=True, default=False,
+            help='print every option at start-up (train_options.json always holds them)')
 
     def parse(self, argv=None):
         """Parse `argv` (default: the command line) and return the options namespace.
@@ -216,10 +307,11 @@ NETWORK_OPTIONS = ('input_ch', 'target_ch', 'n_downsample', 'n_residual', 'trans
 DATA_OPTIONS = ('data_format_input', 'data_format_target', 'logscale_input', 'logscale_target',
                 'saturation_lower_limit_input', 'saturation_upper_limit_input',
                 'saturation_lower_limit_target', 'saturation_upper_limit_target',
-                'saturation_clip_input', 'saturation_clip_target')
+                'saturation_clip_input', 'saturation_clip_target', 'target_unit')
 # Options of a training run that a resumed run does not take from the saved run.
+# target_header is read from the targets again at every start.
 NOT_RESUMED = ('latest_iter', 'gpu_ids', 'is_train', 'eps', 'checkpoint_dir', 'model_dir',
-               'image_dir')
+               'image_dir', 'verbose', 'target_header')
 
 
 class TrainOption(BaseOption):
@@ -227,37 +319,11 @@ class TrainOption(BaseOption):
 
     def __init__(self):
         super().__init__()
-        p = self.parser
-        p.add_argument('--input_dir_train', type=str, default='./datasets/Train/Input')
-        p.add_argument('--target_dir_train', type=str, default='./datasets/Train/Target')
-        p.add_argument('--input_dir_test', type=str, default='./datasets/Test/Input',
-                       help='inputs translated at every save with --val_during_train')
-        p.add_argument('--n_epochs', type=int, default=150,
-                       help='epochs at the constant --lr')
-        p.add_argument('--n_epochs_decay', type=int, default=0,
-                       help='epochs after --n_epochs in which the lr falls linearly towards 0')
-        p.add_argument('--keep_states', type=int, default=1,
-                       help='keep the training state (<step>_state.pt, to resume) of the K '
-                            'newest checkpoints; 0: all')
-        self.add_bool('--tensorboard', False,
-                      'write TensorBoard event files under checkpoints/<dataset_name>/tensorboard/')
-        p.add_argument('--latest_iter', type=int, default=0,
-                       help='resume from Model/<latest_iter>_G.pt and _D.pt')
-        self.add_bool('--no_shuffle', False, 'keep the files in name order')
-        self.add_bool('--check_pairing', True,
-                      'stop when input and target file names show a wrong pairing')
-        p.add_argument('--seed', type=int, default=None,
-                       help='random seed (weights, data order, augmentation); drawn and '
-                            'recorded in the options file when not given')
-        p.add_argument('--lambda_LSGAN', type=float, default=2.0)
-        p.add_argument('--lambda_FM', type=float, default=10.0)
-        p.add_argument('--lambda_CC', type=float, default=5.0)
-        p.add_argument('--ch_balance', type=float, default=1,
-                       help='channel balance of the discriminator input (<= 0: plain pair)')
-        self.add_bool('--ccc', True, 'concordance CC (False: Pearson CC)')
-        p.add_argument('--beta1', type=float, default=0.5)
-        p.add_argument('--beta2', type=float, default=0.999)
-        p.add_argument('--lr', type=float, default=0.0002)
+        self.add_training_options()
+        self.add('checking', '--input_dir_test', type=str, default='./datasets/Test/Input',
+                 help='inputs translated at every save with --val_during_train')
+        self.add('training hyper-parameters', '--no_shuffle', boolean=True, default=False,
+                 help='keep the files in name order')
 
 
 class TestOption(BaseOption):
@@ -265,14 +331,22 @@ class TestOption(BaseOption):
 
     def __init__(self):
         super().__init__()
-        p = self.parser
-        p.add_argument('--input_dir_test', type=str, default='./datasets/Test/Input')
-        p.add_argument('--iteration', type=int, default=-1,
-                       help='use Model/<iteration>_G.pt; -1: every saved generator')
-        self.add_bool('--no_shuffle', True, 'kept for compatibility; test order is by name')
-        self.add_bool('--save_panels', False,
-                      'with --target_dir_test: a PNG panel input | real | generated | difference '
-                      'per file')
+        self.add_training_options()
+        self.add('test', '--input_dir_test', type=str, default='./datasets/Test/Input',
+                 help='inputs to translate')
+        self.add('test', '--iteration', type=int, default=-1,
+                 help='use Model/<iteration>_G.pt; -1: every saved generator, in order')
+        self.add('test', '--save_panels', boolean=True, default=False,
+                 help='with --target_dir_test: a PNG panel input | real | generated | '
+                      'difference per file')
+        self.add('test', '--no_shuffle', boolean=True, default=True, training=True,
+                 help='kept for compatibility; test order is by name')
+
+    def ignored(self):
+        """Training options given on the command line (they have no effect here)."""
+        training = {a.dest for a in self.parser._actions if a.default is argparse.SUPPRESS
+                    and a.dest != 'help'}
+        return sorted(self.explicit & training)
 
 
 def run_main(main_function, argv=None):

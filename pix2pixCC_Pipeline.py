@@ -115,17 +115,27 @@ def read_array(path, data_format, channels):
     return to_chw(array, channels, path, channels_last=data_format in CHANNELS_LAST_FORMATS)
 
 
+# Extensions that name the same kind of file: `--data_format_input tif` also lists .tiff files.
+FORMAT_FAMILIES = (('tif', 'tiff'), ('jpg', 'jpeg'), ('fits', 'fts', 'fit'))
+
+
+def extensions_of(data_format):
+    """The extensions listed for `data_format`: its family's, or itself alone."""
+    return next((family for family in FORMAT_FAMILIES if data_format in family), (data_format,))
+
+
 def list_files(directory, data_format, role):
-    """All files of extension `data_format` in `directory`, sorted by name."""
+    """All files in `directory` with an extension of `data_format`'s family, sorted by name."""
     if not os.path.isdir(directory):
         raise UserError(f"{role} directory '{directory}' does not exist")
+    extensions = tuple('.' + ext for ext in extensions_of(data_format))
     files = sorted(p for p in glob.glob(os.path.join(directory, '*'))
-                   if os.path.isfile(p) and p.lower().endswith('.' + data_format))
+                   if os.path.isfile(p) and p.lower().endswith(extensions))
     if not files:
         present = sorted({os.path.splitext(name)[1] for name in os.listdir(directory)} - {''})
         hint = f" (extensions present: {', '.join(present)})" if present else ' (it is empty)'
-        raise UserError(f"no .{data_format} files in {role} directory '{directory}'{hint}; "
-                        f"check --data_format_*")
+        raise UserError(f"no {'/'.join(extensions)} files in {role} directory '{directory}'"
+                        f"{hint}; check --data_format_*")
     return files
 
 
@@ -307,8 +317,28 @@ class CustomDataset(Dataset):
 # ----------------------------------------------------------------------------------------
 
 
+NO_VALUES = {'finite': 0, 'outside': 0, 'inside_other': 0, 'min': np.inf, 'max': -np.inf}
+
+
+def value_summary(array, own, other):
+    """Counts that tell whether `array`'s values suit its scaling `own` (see `check_dataset`).
+
+    Returns {'finite', 'outside' (finite values beyond own's limits), 'inside_other'
+    (finite values within `other`'s limits, the other side's scaling), 'min', 'max'}.
+    """
+    values = array[np.isfinite(array)]
+    if values.size == 0:
+        return dict(NO_VALUES)
+    return {'finite': int(values.size),
+            'outside': int(np.count_nonzero((values < own.lower) | (values > own.upper))),
+            'inside_other': int(np.count_nonzero((values >= other.lower) &
+                                                 (values <= other.upper))),
+            'min': float(values.min()), 'max': float(values.max())}
+
+
 class _FileSummaries(Dataset):
-    """Item i: shapes and NaN/Inf counts of pair i, read with the training readers."""
+    """Item i: for each side of pair i, its (height, width), its NaN/Inf count and its
+    `value_summary`, read with the training readers."""
 
     def __init__(self, dataset):
         self.dataset = dataset
@@ -319,14 +349,16 @@ class _FileSummaries(Dataset):
     def __getitem__(self, index):
         d = self.dataset
         summary = {}
-        for side, paths, fmt, ch in (('input', d.input_paths, d.opt.data_format_input,
-                                      d.opt.input_ch),
-                                     ('target', d.target_paths, d.opt.data_format_target,
-                                      d.opt.target_ch)):
+        for side, paths, fmt, ch, own, other in (
+                ('input', d.input_paths, d.opt.data_format_input, d.opt.input_ch,
+                 d.input_scaling, d.target_scaling),
+                ('target', d.target_paths, d.opt.data_format_target, d.opt.target_ch,
+                 d.target_scaling, d.input_scaling)):
             if paths is None:
                 continue
             array = read_array(paths[index], fmt, ch)
-            summary[side] = (array.shape[1:], int(array.size - np.isfinite(array).sum()))
+            summary[side] = (array.shape[1:], int(array.size - np.isfinite(array).sum()),
+                             value_summary(array, own, other))
         return summary
 
 
@@ -340,12 +372,52 @@ def ignore_stop_signals(worker_id=None):
             signal.signal(getattr(signal, name), signal.SIG_IGN)
 
 
+# Share of a side's finite values beyond its saturation limits above which the limits are
+# probably not those of the data (a few saturated pixels are normal; most are not).
+OUTSIDE_SHARE_WARNING = 0.2
+
+
+def scaling_warnings(values, dataset):
+    """Lines that warn about limits that do not fit the data; [] when the scaling looks right.
+
+    `values`: {'input': totals, 'target': totals} of `value_summary` over every file. A side
+    warns when more than OUTSIDE_SHARE_WARNING of its finite values lie outside its limits.
+    The folders look swapped when, besides, each side's values lie (all but that share)
+    within the *other* side's limits: a magnetogram in the input folder fits the target's
+    +-3000 G, and the EUV images in the target folder fit the input's 1..200.
+    """
+    scalings = {'input': dataset.input_scaling, 'target': dataset.target_scaling}
+
+    def limits(side):
+        return f"[{scalings[side].lower:g}, {scalings[side].upper:g}]"
+
+    def observed(side):
+        return f"{values[side]['min']:.4g} to {values[side]['max']:.4g}"
+
+    warned = [side for side, v in values.items()
+              if v['finite'] and v['outside'] > OUTSIDE_SHARE_WARNING * v['finite']]
+    if warned and len(values) == 2 and all(
+            v['finite'] and v['inside_other'] >= (1 - OUTSIDE_SHARE_WARNING) * v['finite']
+            for v in values.values()):
+        return [(f"warning: the input and target folders look swapped: the input values "
+                 f"({observed('input')}) fit the target limits {limits('target')} and the "
+                 f"target values ({observed('target')}) the input limits {limits('input')}; "
+                 f"check --input_dir_train and --target_dir_train")]
+    return [(f"warning: {100 * values[side]['outside'] / values[side]['finite']:.0f}% of the "
+             f"{side} values lie outside the saturation limits {limits(side)} (observed range "
+             f"{observed(side)}); set --saturation_lower_limit_{side} and "
+             f"--saturation_upper_limit_{side} to the range that matters")
+            for side in warned]
+
+
 def check_dataset(dataset, multiple, n_workers=0, log=print, progress=None):
     """Read every file once and check what training needs; raise UserError on the first problem.
 
     Checks: readable, channel count, input/target height and width equal, height and width
     multiples of `multiple` (the generator's stride). NaN/Inf values are counted and reported
-    once (they are replaced by the scaling). Returns the (height, width) of the first pair.
+    once (they are replaced by the scaling). Limits that do not fit the data (a large share
+    of values outside them, or folders that look swapped) are warned about in one line each
+    (`scaling_warnings`). Returns the (height, width) of the first pair.
     """
     from torch.utils.data import DataLoader
     loader = DataLoader(_FileSummaries(dataset), batch_size=None, num_workers=n_workers,
@@ -353,10 +425,11 @@ def check_dataset(dataset, multiple, n_workers=0, log=print, progress=None):
     if progress is not None:
         loader = progress(loader)
     n_nonfinite, files_nonfinite, first_size = 0, [], None
+    totals = {}
     for index, summary in enumerate(loader):
-        size, bad = summary['input']
+        size, bad, _ = summary['input']
         if 'target' in summary:
-            target_size, target_bad = summary['target']
+            target_size, target_bad, _ = summary['target']
             if target_size != size:
                 raise UserError(f"{dataset.input_paths[index]} is {size[0]}x{size[1]} but its "
                                 f"target {dataset.target_paths[index]} is "
@@ -369,11 +442,19 @@ def check_dataset(dataset, multiple, n_workers=0, log=print, progress=None):
         if bad:
             n_nonfinite += bad
             files_nonfinite.append(dataset.input_paths[index])
+        for side, (_, _, values) in summary.items():
+            total = totals.setdefault(side, dict(NO_VALUES))
+            for key in ('finite', 'outside', 'inside_other'):
+                total[key] += values[key]
+            total['min'], total['max'] = min(total['min'], values['min']), \
+                max(total['max'], values['max'])
         first_size = first_size or size
     if n_nonfinite:
         log(f"warning: {n_nonfinite} NaN/Inf value(s) in {len(files_nonfinite)} pair(s) "
             f"(first: {files_nonfinite[0]}); NaN becomes 0 (the lower limit with log scale), "
             f"+Inf the upper and -Inf the lower limit")
+    for line in scaling_warnings(totals, dataset):
+        log(line)
     return first_size
 
 
@@ -433,13 +514,61 @@ def check_pairing(input_paths, target_paths):
 
 # Cards that describe the input's values or storage, not the generated data's.
 FITS_CARDS_NOT_COPIED = ('SIMPLE', 'XTENSION', 'BITPIX', 'NAXIS', 'EXTEND', 'PCOUNT', 'GCOUNT',
-                         'BSCALE', 'BZERO', 'BLANK', 'CHECKSUM', 'DATASUM', 'BUNIT',
+                         'BSCALE', 'BZERO', 'BLANK', 'CHECKSUM', 'DATASUM',
                          'DATAMIN', 'DATAMAX', 'DATAMEAN', 'DATAMEDN', 'DATARMS', 'DATASKEW',
                          'DATAKURT', 'DATAVALS', 'MISSVALS', 'EXTNAME')
+# Cards that say what the data are (quantity, unit, instrument, passband). A generated map is
+# the targets' kind of data seen with the input's geometry and time, so these come from the
+# training targets and never from the input (an EUV input's WAVELNTH on a magnetogram is
+# wrong). ORIGIN is set to pix2pixCC.
+FITS_IDENTITY_CARDS = ('BUNIT', 'BTYPE', 'TELESCOP', 'INSTRUME', 'DETECTOR', 'OBSRVTRY',
+                       'CONTENT', 'WAVELNTH', 'WAVEUNIT', 'WAVE_STR', 'WAVEMIN', 'WAVEMAX',
+                       'FILTER')
+FITS_FORMATS = FORMAT_FAMILIES[2]
+
+
+def target_identity(path, data_format):
+    """{card: value} of the FITS_IDENTITY_CARDS in the target file `path` ({} for formats
+    other than FITS): what training records (as `target_header`) for the Test's headers."""
+    if data_format not in FITS_FORMATS:
+        return {}
+    header = read_fits_header(path) or {}
+    return {key: header[key] for key in FITS_IDENTITY_CARDS
+            if key in header and isinstance(header[key], (str, int, float, bool))}
+
+
+def data_unit(opt):
+    """The targets' physical unit: --target_unit, else the BUNIT recorded from the targets,
+    else None."""
+    return getattr(opt, 'target_unit', None) or \
+        (getattr(opt, 'target_header', None) or {}).get('BUNIT') or None
+
+
+def generated_header(input_header, identity, unit, history):
+    """Header of a generated FITS file.
+
+    input_header: the input's header (geometry, time, observer) or None; its identity cards
+    and ORIGIN are dropped. identity: the targets' identity cards ({} when they have none).
+    unit: BUNIT (None: the targets' own, if any). history: HISTORY lines.
+    """
+    from astropy.io import fits
+    header = fits.Header()
+    if input_header is not None:
+        header.extend(card for card in input_header.cards
+                      if card.keyword not in FITS_IDENTITY_CARDS + ('ORIGIN',))
+    for key, value in identity.items():
+        header[key] = value
+    if unit:
+        header['BUNIT'] = unit
+    header['ORIGIN'] = ('pix2pixCC', 'generated by pix2pixCC (Jeong et al. 2022)')
+    for line in history:
+        header.add_history(line)
+    return header
 
 
 def write_fits(path, data, header=None, history=(), **_):
-    """float32 FITS; `header` (e.g. the input's) is copied except data-shape/value cards."""
+    """float32 FITS; `header` (e.g. from `generated_header`) is copied except the
+    data-shape/value cards."""
     from astropy.io import fits
     hdu = fits.PrimaryHDU(data.astype(np.float32))
     if header is not None:

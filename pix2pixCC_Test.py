@@ -6,6 +6,7 @@ writes ./checkpoints/<dataset_name>/Image/Test/<iteration>/<name>_AI.<data_forma
 in the target's physical units.
 """
 import contextlib
+import difflib
 import os
 import sys
 
@@ -17,14 +18,13 @@ from tqdm import tqdm
 
 from pix2pixCC_Networks import Generator
 from pix2pixCC_Options import DATA_OPTIONS, NETWORK_OPTIONS, TestOption, UserError, run_main
-from pix2pixCC_Pipeline import (CustomDataset, Scaling, check_pairing, ignore_stop_signals,
-                                read_fits_header, write_array)
+from pix2pixCC_Pipeline import (FITS_FORMATS, CustomDataset, Scaling, check_pairing, data_unit,
+                                generated_header, ignore_stop_signals, read_fits_header,
+                                write_array)
 from pix2pixCC_Utils import (Precision, atomic_path, checkpoint_path, image_metrics,
                              load_state_dict, make_dirs, memory_format, metrics_table,
                              prepare_network, read_json, require_checkpoint, save_panel,
                              saved_steps, select_device, summarize, write_csv, write_json)
-
-FITS_FORMATS = ('fits', 'fts', 'fit')
 
 
 def generate(G, input, n_downsample, precision=None):
@@ -40,6 +40,19 @@ def generate(G, input, n_downsample, precision=None):
     return output[..., :height, :width].float()
 
 
+def output_header(opt, input_path, iteration):
+    """FITS header of the file generated from `input_path`: the input's geometry and time
+    (FITS inputs), the training targets' identity cards and unit, and the provenance."""
+    history = [f'pix2pixCC: generated from {os.path.basename(input_path)}',
+               f'pix2pixCC: run {opt.dataset_name}, iteration {iteration}']
+    if opt.save_scale != 1:  # BUNIT no longer holds exactly
+        history.append(f'pix2pixCC: values multiplied by --save_scale {opt.save_scale:g}')
+    input_header = read_fits_header(input_path) if opt.data_format_input in FITS_FORMATS \
+        else None
+    return generated_header(input_header, getattr(opt, 'target_header', None) or {},
+                            data_unit(opt), history)
+
+
 def translate(G, dataset, out_dir, opt, device, iteration, precision=None, panels=False):
     """Run G on every item of a test `dataset` and write `<name>_AI.<fmt>` into `out_dir`.
 
@@ -48,7 +61,7 @@ def translate(G, dataset, out_dir, opt, device, iteration, precision=None, panel
     """
     make_dirs(out_dir)
     scaling = Scaling.from_options(opt, 'target')
-    copy_header = opt.data_format_input in FITS_FORMATS and opt.data_format_target in FITS_FORMATS
+    unit = data_unit(opt)
     loader = DataLoader(dataset, batch_size=None, num_workers=opt.n_workers,
                         worker_init_fn=ignore_stop_signals)
     rows = []
@@ -62,11 +75,8 @@ def translate(G, dataset, out_dir, opt, device, iteration, precision=None, panel
             data = scaling.inverse(output[0].cpu().numpy())
             path = os.path.join(out_dir, f'{name}_AI.{opt.data_format_target}')
             extra = {}
-            if copy_header:
-                extra['header'] = read_fits_header(dataset.input_paths[index])
-                extra['history'] = [
-                    f'pix2pixCC: generated from {os.path.basename(dataset.input_paths[index])}',
-                    f'pix2pixCC: dataset_name={opt.dataset_name} iteration={iteration}']
+            if opt.data_format_target in FITS_FORMATS:
+                extra['header'] = output_header(opt, dataset.input_paths[index], iteration)
             elif opt.data_format_target in ('png', 'jpg', 'jpeg'):
                 extra['upper_limit'] = opt.saturation_upper_limit_target
             with atomic_path(path) as temporary:
@@ -78,7 +88,9 @@ def translate(G, dataset, out_dir, opt, device, iteration, precision=None, panel
                 rows.append({'file': name, **image_metrics(real, generated, opt.metric_bins)})
                 if panels:
                     save_panel(os.path.join(out_dir, f'{name}_panel.png'), input.numpy(), real,
-                               generated, scaling)
+                               generated, scaling, unit=unit, data_format=opt.data_format_target,
+                               title=f'{os.path.basename(dataset.input_paths[index])}, '
+                                     f'iteration {iteration}')
     G.train(was_training)
     return rows
 
@@ -91,14 +103,38 @@ def best_iteration(by_iteration, bins, channels):
     return best['iteration'], key, best[key]
 
 
+def require_run(opt):
+    """Raise UserError when ./checkpoints/<dataset_name> does not exist, naming the runs that
+    do (without it, a typo in --dataset_name would surface later as a puzzling data or
+    checkpoint error)."""
+    if os.path.isdir(opt.checkpoint_dir):
+        return
+    root = os.path.dirname(opt.checkpoint_dir)
+    if not os.path.isdir(root):
+        raise UserError(f"no run '{opt.dataset_name}': there is no {root} folder here; run the "
+                        f"Test script from the folder you trained in")
+    runs = sorted(name for name in os.listdir(root) if os.path.isdir(os.path.join(root, name)))
+    close = difflib.get_close_matches(opt.dataset_name, runs, n=1)
+    raise UserError(f"no run '{opt.dataset_name}' in {root}"
+                    f"{f' (did you mean {close[0]!r}?)' if close else ''}; runs there: "
+                    f"{', '.join(runs) if runs else 'none'}; check --dataset_name")
+
+
 def main(argv=None):
     # Options: the network shape and the data's units travel with the model.
     option = TestOption()
     opt = option.parse(argv)
+    require_run(opt)
+    if option.ignored():
+        print(f"note: training options have no effect here: "
+              f"{' '.join('--' + name for name in option.ignored())}")
     trained = read_json(opt.checkpoint_dir, 'train_options.json')
     if trained:
         option.adopt(opt, trained, NETWORK_OPTIONS + DATA_OPTIONS,
                      os.path.join(opt.checkpoint_dir, 'train_options.json'))
+    # The targets' FITS identity cards (unit, instrument, ...) for generated headers; None
+    # when unknown (a run without train_options.json).
+    opt.target_header = (trained or {}).get('target_header')
     device, _ = select_device(opt)
     precision = Precision(opt, device)
 
@@ -128,7 +164,7 @@ def main(argv=None):
             summary = summarize(rows)
             write_csv(os.path.join(out_dir, 'metrics.csv'), rows)
             write_json(os.path.join(out_dir, 'metrics_summary.json'), summary)
-            print(metrics_table(summary, opt.metric_bins, opt.target_ch))
+            print(metrics_table(summary, opt.metric_bins, opt.target_ch, data_unit(opt)))
             by_iteration.append({'iteration': iteration,
                                  **{key: value['mean'] for key, value in summary.items()}})
     if len(by_iteration) > 1:

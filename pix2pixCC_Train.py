@@ -14,8 +14,8 @@ from tqdm import tqdm
 
 from pix2pixCC_Networks import Discriminator, Generator, Loss, count_parameters, weights_init
 from pix2pixCC_Options import NOT_RESUMED, BaseOption, TrainOption, UserError, run_main
-from pix2pixCC_Pipeline import (CustomDataset, check_dataset, check_pairing,
-                                ignore_stop_signals)
+from pix2pixCC_Pipeline import (CustomDataset, check_dataset, check_pairing, data_unit,
+                                ignore_stop_signals, target_identity)
 from pix2pixCC_Test import translate
 from pix2pixCC_Utils import (Distributed, GracefulStop, Manager, Precision, RunLock, WriteError,
                              bare, checkpoint_path, learning_rate,
@@ -157,6 +157,25 @@ def resume_advice(model_dir):
             f"(step {step}), is intact; resume with --latest_iter -1")
 
 
+def start_up_summary(opt, dataset, size, G, D, device, precision):
+    """The few lines that matter when a run starts (--verbose adds every option)."""
+    unit = data_unit(opt)
+    run = f"resuming from step {opt.latest_iter}" if opt.latest_iter else "new run"
+    run_line = (f"run: {opt.checkpoint_dir} ({run}; every option in "
+                f"{os.path.join(opt.checkpoint_dir, 'train_options.json')})")
+    data_line = (f"data: {len(dataset)} pairs of {size[0]}x{size[1]} px ({opt.data_format_input} "
+                 f"-> {opt.data_format_target}, {opt.input_ch} -> {opt.target_ch} channel(s)"
+                 f"{f', target unit {unit}' if unit else ''}) from {opt.input_dir_train} and "
+                 f"{opt.target_dir_train}")
+    network_line = (f"network: generator {count_parameters(G):,} parameters, discriminator "
+                    f"{count_parameters(D):,}")
+    device_line = (f"device: {device}"
+                   f"{'; mixed precision ' + str(precision.dtype)[6:] if precision.enabled else ''}"
+                   f"; seed: {opt.seed}")
+    lines = (run_line, data_line, network_line, device_line)
+    return '\n'.join(lines)
+
+
 def main(argv=None):
     option = TrainOption()
     opt = option.parse(argv)
@@ -190,9 +209,11 @@ def train(opt, state, cluster, device, gpu_ids, stop, log):
     precision = Precision(opt, device)
     cluster.on_main(lambda: make_dirs(opt.model_dir, opt.image_dir))
 
-    # Data
+    # Data. The first target's FITS identity cards (unit, instrument, ...) go into the
+    # options, and so into train_options.json, for the headers the Test script writes.
     dataset = CustomDataset(opt)
-    cluster.on_main(lambda: check_data(dataset, opt, log))
+    opt.target_header = target_identity(dataset.target_paths[0], opt.data_format_target)
+    height, width = cluster.on_main(lambda: check_data(dataset, opt, log))
     if opt.latest_iter == 0 and saved_steps(opt.model_dir, 'G'):
         steps = saved_steps(opt.model_dir, 'G')
         raise UserError(f"{opt.model_dir} already holds checkpoints (steps {steps[0]}..{steps[-1]}) "
@@ -201,13 +222,12 @@ def train(opt, state, cluster, device, gpu_ids, stop, log):
     val_dataset = CustomDataset(opt, split='test') if opt.val_during_train else None
     sampler = EpochSampler(len(dataset), shuffle=not opt.no_shuffle, seed=opt.seed,
                            num_replicas=cluster.world_size, rank=cluster.rank)
-    loader = DataLoader(dataset, batch_size=opt.batch_size, sampler=sampler,
-                        num_workers=opt.n_workers, pin_memory=device.type == 'cuda',
-                        worker_init_fn=ignore_stop_signals)
     # Workers are not persistent: each epoch's end (or a stop) shuts them down with the
     # epoch's iterator. They ignore stop signals, so none may outlive the run, where
     # Python's exit would wait for them.
-
+    loader = DataLoader(dataset, batch_size=opt.batch_size, sampler=sampler,
+                        num_workers=opt.n_workers, pin_memory=device.type == 'cuda',
+                        worker_init_fn=ignore_stop_signals)
 
     # Networks and optimisers
     G = Generator(opt).apply(weights_init)
@@ -238,10 +258,9 @@ def train(opt, state, cluster, device, gpu_ids, stop, log):
 
     if cluster.is_main:
         write_json(os.path.join(opt.checkpoint_dir, 'train_options.json'), options_record(opt))
-    log(BaseOption.describe(opt))
-    log(f"Generator: {count_parameters(G):,} parameters; Discriminator: "
-        f"{count_parameters(D):,}; device: {device}; seed: {opt.seed}"
-        f"{'; mixed precision ' + str(precision.dtype) if precision.enabled else ''}")
+    if opt.verbose:
+        log(BaseOption.describe(opt))
+    log(start_up_summary(opt, dataset, (height, width), G, D, device, precision))
 
     def validate(step):
         """Translate the test inputs; with --target_dir_test, log their mean metrics (and

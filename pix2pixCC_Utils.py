@@ -302,9 +302,18 @@ def read_json(folder, name):
 
 
 def options_record(opt):
-    """The options as a JSON-able dict (what train_options.json and the state file hold)."""
-    return {key: value for key, value in vars(opt).items()
-            if isinstance(value, (str, int, float, bool, type(None)))}
+    """The options as a JSON-able dict (what train_options.json and the state file hold):
+    scalars, and lists and dicts of scalars (--metric_bins, the targets' FITS cards)."""
+    scalar = (str, int, float, bool, type(None))
+
+    def plain(value):
+        if isinstance(value, (list, tuple)):
+            return all(isinstance(v, scalar) for v in value)
+        if isinstance(value, dict):
+            return all(isinstance(k, str) and isinstance(v, scalar) for k, v in value.items())
+        return isinstance(value, scalar)
+    return {key: list(value) if isinstance(value, tuple) else value
+            for key, value in vars(opt).items() if plain(value)}
 
 
 def make_dirs(*folders):
@@ -660,15 +669,28 @@ def read_csv(path):
         return list(csv.DictReader(f))
 
 
-def metrics_table(summary, bins, channels=1):
-    """A short text table: mean CC, CCC, RMSE, MAE per binning factor (and channel)."""
-    lines = [f"{'channel':>7} {'bin':>5} {'CC':>7} {'CCC':>7} {'RMSE':>11} {'MAE':>11}"]
+def metrics_table(summary, bins, channels=1, unit=None):
+    """Two short text tables of the means: CC, CCC, RMSE, MAE per binning factor (and
+    channel), then the unsigned and net flux of real and generated data per channel. A line
+    under each header gives the units (`unit`, e.g. 'G'; flux is a sum over pixels)."""
+    unit = unit or 'target units'
+    lines = [f"{'channel':>7} {'bin':>5} {'CC':>7} {'CCC':>7} {'RMSE':>11} {'MAE':>11}",
+             f"{'':>29} {f'[{unit}]':>11} {f'[{unit}]':>11}"]
     for c in range(channels):
         prefix = f'ch{c}_' if channels > 1 else ''
         for k in bins:
             mean = lambda name: summary[f'{prefix}{name}_{k}x{k}']['mean']
             lines.append(f"{c:>7} {f'{k}x{k}':>5} {mean('cc'):7.4f} {mean('ccc'):7.4f} "
                          f"{mean('rmse'):11.4g} {mean('mae'):11.4g}")
+    flux = f'[{unit} px]'
+    lines += ['', f"{'channel':>7} {'unsigned flux':^27} {'net flux':^27}",
+              f"{'':>7} {'real':>13} {'generated':>13} {'real':>13} {'generated':>13}",
+              f"{'':>7} {flux:>13} {flux:>13} {flux:>13} {flux:>13}"]
+    for c in range(channels):
+        prefix = f'ch{c}_' if channels > 1 else ''
+        values = [summary[f'{prefix}flux_{kind}']['mean'] for kind in
+                  ('unsigned_real', 'unsigned_fake', 'net_real', 'net_fake')]
+        lines.append(f"{c:>7} " + ' '.join(f'{v:13.5g}' for v in values))
     return '\n'.join(lines)
 
 
@@ -684,16 +706,43 @@ def _pyplot():
     return plt
 
 
-def save_panel(path, input, real, generated, target_scaling):
-    """input | real | generated | difference, one row per target channel.
+# Input channels a panel shows at most (a 20-channel input would make it unreadable); the
+# title says which are shown.
+PANEL_INPUT_CHANNELS = 6
 
-    input: C x H x W normalised (grey, [-1, 1]); real, generated: C x H x W in physical units.
-    Real and generated share one colour scale: for signed data (limits on both sides of 0)
-    diverging around 0 up to the largest |real| value, otherwise the target's saturation
-    limits. The difference has its own symmetric diverging scale.
+
+def as_drawn(image, data_format):
+    """The H x W `image` of a `data_format` file with its rows in the order a panel draws them,
+    top to bottom. FITS puts row 0 at the bottom (y grows upwards, as in its WCS); images
+    (png/jpg/tif) and npy put row 0 at the top, as the `<step>_real.png` previews do."""
+    from pix2pixCC_Pipeline import FITS_FORMATS
+    return image[::-1] if data_format in FITS_FORMATS else image
+
+
+def pearson(real, generated):
+    """Pearson CC of two arrays over the pixels finite in both (NaN when undefined)."""
+    keep = np.isfinite(real) & np.isfinite(generated)
+    r, g = real[keep].astype(np.float64), generated[keep].astype(np.float64)
+    if r.size < 2 or r.std() == 0 or g.std() == 0:
+        return float('nan')
+    return float(np.corrcoef(r, g)[0, 1])
+
+
+def save_panel(path, input, real, generated, target_scaling, unit=None, data_format='npy',
+               title=''):
+    """input channel(s) | real | generated | difference, one row per target channel.
+
+    input: C x H x W normalised (grey, [-1, 1]); real, generated: C x H x W in physical units
+    (`unit`, e.g. 'G'; None when unknown). Images are drawn in the orientation of
+    `data_format` files (see `as_drawn`). Real and generated share one colour scale: for
+    signed data (limits on both sides of 0) diverging around 0 up to the largest |real|
+    value, otherwise the target's saturation limits. The difference has its own symmetric
+    diverging scale. The figure's title is `title` and the CC of each target channel.
     """
     plt = _pyplot()
     from matplotlib.colors import LogNorm
+
+    from pix2pixCC_Pipeline import FITS_FORMATS
     lo, up = target_scaling.lower, target_scaling.upper
     if lo < 0 < up:
         peak = float(np.nanmax(np.abs(real))) if np.isfinite(real).any() else 0.0
@@ -706,21 +755,52 @@ def save_panel(path, input, real, generated, target_scaling):
     difference = generated - real
     spread = float(np.nanmax(np.abs(difference))) if np.isfinite(difference).any() else 1.0
     diff_style = dict(cmap='RdBu_r', vmin=-spread or -1, vmax=spread or 1)
+    unit_label = unit or 'target units'
+
+    # Input channels fill the first columns, down the rows then across (3 EUV channels and
+    # one magnetogram: three input columns in one row).
     rows = real.shape[0]
-    figure, axes = plt.subplots(rows, 4, figsize=(13, 3.2 * rows), squeeze=False)
+    shown = min(input.shape[0], PANEL_INPUT_CHANNELS)
+    input_columns = -(-shown // rows)
+    ccs = [pearson(real[c], generated[c]) for c in range(rows)]
+    figure, axes = plt.subplots(rows, input_columns + 3,
+                                figsize=(3.3 * (input_columns + 3), 3.2 * rows + 0.5),
+                                squeeze=False)
     for c in range(rows):
-        panels = ((input[min(c, input.shape[0] - 1)], 'input (normalised)',
-                   dict(cmap='gray', vmin=-1, vmax=1)),
-                  (real[c], 'real', data_style), (generated[c], 'generated', data_style),
-                  (difference[c], 'generated - real', diff_style))
-        for axis, (image, title, style) in zip(axes[c], panels):
-            shown = axis.imshow(image, origin='lower', interpolation='nearest', **style)
-            axis.set_title(title + (f' [ch {c}]' if rows > 1 else ''))
+        cells = []
+        for j in range(input_columns):
+            channel = j * rows + c
+            cells.append((input[channel], f'input ch {channel}' if input.shape[0] > 1
+                          else 'input', dict(cmap='gray', vmin=-1, vmax=1), 'normalised')
+                         if channel < shown else None)
+        suffix = f' ch {c}' if rows > 1 else ''
+        cells += [(real[c], 'real' + suffix, data_style, unit_label),
+                  (generated[c], f'generated{suffix} (CC {ccs[c]:.3f})', data_style,
+                   unit_label),
+                  (difference[c], 'generated - real', diff_style, unit_label)]
+        for axis, cell in zip(axes[c], cells):
+            if cell is None:
+                axis.axis('off')
+                continue
+            image, name, style, label = cell
+            drawn = axis.imshow(as_drawn(image, data_format), origin='upper',
+                                interpolation='nearest', **style)
+            axis.set_title(name, fontsize=10)
             axis.set_xticks([]), axis.set_yticks([])
-            figure.colorbar(shown, ax=axis, fraction=0.046, pad=0.04)
+            figure.colorbar(drawn, ax=axis, fraction=0.046, pad=0.04).set_label(label)
+    heading = f"{title}: " if title else ''
+    heading += 'CC ' + ', '.join(f'{cc:.3f}' for cc in ccs)
+    if shown < input.shape[0]:
+        heading += f' (input channels 0-{shown - 1} of {input.shape[0]} shown)'
+    figure.suptitle(heading)
     figure.tight_layout()
+    # The title and units also go into the PNG's text chunks, for scripts that sort panels.
+    row_0 = 'bottom' if data_format in FITS_FORMATS else 'top'
+    description = (f"input normalised [-1, 1]; real, generated and difference in {unit_label}; "
+                   f"row 0 of the files at the {row_0}")
     with atomic_path(path) as temporary:
-        figure.savefig(temporary, dpi=80)
+        figure.savefig(temporary, dpi=80, format='png',
+                       metadata={'Title': heading, 'Description': description})
     plt.close(figure)
 
 
@@ -862,6 +942,7 @@ class Manager:
             self.tensorboard.add_scalar('train/lr', self.last_lr, current_step)
 
     def save_previews(self, current_step, batch):
+        from pix2pixCC_Pipeline import data_unit
         input, target, fake = (t[0].detach().float().cpu() for t in batch)
         stem = os.path.join(self.opt.image_dir, str(current_step))
         for name, tensor in (('real', target), ('fake', fake)):
@@ -869,7 +950,9 @@ class Manager:
                        to_preview(tensor, self.opt.display_scale))
         save_panel(f'{stem}_panel.png', input.numpy(),
                    self.target_scaling.inverse(target.numpy()),
-                   self.target_scaling.inverse(fake.numpy()), self.target_scaling)
+                   self.target_scaling.inverse(fake.numpy()), self.target_scaling,
+                   unit=data_unit(self.opt), data_format=self.opt.data_format_target,
+                   title=f'training step {current_step} (first sample of the batch)')
         if self.tensorboard is not None:
             with Image.open(f'{stem}_panel.png') as panel:
                 self.tensorboard.add_image('panel', np.asarray(panel.convert('RGB')),

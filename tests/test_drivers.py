@@ -171,10 +171,12 @@ def test_test_fits_output_values_and_header(fits_run):
                 assert len(hdul) == 1
                 out, header = hdul[0].data, hdul[0].header
             assert header['BITPIX'] == -32 and out.shape == (64, 64)
-            # Header: pointing and time copied, the input's unit not, our provenance added.
-            for key in ('DATE-OBS', 'CTYPE1', 'CRPIX1', 'CDELT1', 'CTYPE2', 'TELESCOP'):
+            # Header: pointing and time copied; unit and instrument those of the training
+            # targets (gauss, the toy magnetograph), not the EUV input's; provenance added.
+            for key in ('DATE-OBS', 'CTYPE1', 'CRPIX1', 'CDELT1', 'CTYPE2'):
                 assert header[key] == input_header[key], key
-            assert 'BUNIT' not in header
+            assert (header['BUNIT'], header['INSTRUME']) == ('G', 'MAG-TOY')
+            assert 'WAVELNTH' not in header and header['ORIGIN'] == 'pix2pixCC'
             history = ' '.join(str(h) for h in header.get('HISTORY', []))
             assert 'pix2pixCC' in history and 'sun' in history and str(step) in history
             assert name in history

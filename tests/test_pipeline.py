@@ -10,8 +10,9 @@ from PIL import Image
 
 from conftest import ALL_FORMATS, smooth_field, train_opt, make_test_opt, write_user_file
 from pix2pixCC_Options import UserError
-from pix2pixCC_Pipeline import (CustomDataset, Scaling, list_files, random_pad_and_crop,
-                                random_rotation, read_array, to_chw, write_array)
+from pix2pixCC_Pipeline import (CustomDataset, Scaling, generated_header, list_files,
+                                random_pad_and_crop, random_rotation, read_array, to_chw,
+                                write_array)
 
 H, W = 24, 40  # not square, so a transposed read shows
 
@@ -152,11 +153,13 @@ def test_to_chw_layouts():
 # ----------------------------------------------------------------------------------------
 
 def test_list_files_sorted_by_name_and_filtered_by_extension(tmp_path):
-    for name in ['b.fits', 'a.fits', 'c.fits', 'z.fts', 'notes.txt']:
+    # fits, fts and fit are one family: each lists all three.
+    for name in ['b.fits', 'a.fits', 'c.fits', 'z.fts', 'notes.txt', 'y.npy']:
         (tmp_path / name).write_bytes(b'')
     os.mkdir(tmp_path / 'folder.fits')
     files = list_files(str(tmp_path), 'fits', 'input')
-    assert [os.path.basename(p) for p in files] == ['a.fits', 'b.fits', 'c.fits']
+    assert [os.path.basename(p) for p in files] == ['a.fits', 'b.fits', 'c.fits', 'z.fts']
+    assert [os.path.basename(p) for p in list_files(str(tmp_path), 'npy', 'input')] == ['y.npy']
 
 
 def test_list_files_errors(tmp_path):
@@ -545,6 +548,7 @@ def test_write_fits_copies_the_header_but_not_value_cards(tmp_path):
     for key, value in [('TELESCOP', 'SYNTHETIC'), ('DATE-OBS', '2011-01-01T00:00:00'),
                        ('CTYPE1', 'HPLN-TAN'), ('CRPIX1', 32.5), ('CDELT1', 0.6),
                        ('CTYPE2', 'HPLT-TAN'), ('CRPIX2', 12.5), ('BUNIT', 'DN/s'),
+                       ('INSTRUME', 'AIA'), ('WAVELNTH', 304), ('ORIGIN', 'JSOC'),
                        ('DATAMIN', 1.0), ('DATAMAX', 200.0)]:
         header[key] = value
     header.add_history('calibrated by the instrument team')
@@ -554,17 +558,22 @@ def test_write_fits_copies_the_header_but_not_value_cards(tmp_path):
         input_header = hdul[0].header.copy()
     data = field(1, -3000, 3000)
     path = str(tmp_path / 'out.fits')
-    write_array(path, data, 'fits', header=input_header,
-                history=['pix2pixCC: generated from in.fits', 'pix2pixCC: iteration=7'])
+    # The generated map: the input's geometry and time, the targets' identity (a magnetograph
+    # that has no WAVELNTH), a unit.
+    out_header = generated_header(input_header, {'INSTRUME': 'HMI', 'TELESCOP': 'SDO/HMI'}, 'G',
+                                  ['pix2pixCC: generated from in.fits', 'pix2pixCC: iteration=7'])
+    write_array(path, data, 'fits', header=out_header)
     with fits.open(path) as hdul:
         assert len(hdul) == 1
         out = hdul[0].header
         np.testing.assert_array_equal(hdul[0].data, data[0])
     assert out['BITPIX'] == -32
     assert (out['NAXIS'], out['NAXIS1'], out['NAXIS2']) == (2, W, H)
-    for key in ('TELESCOP', 'DATE-OBS', 'CTYPE1', 'CRPIX1', 'CDELT1', 'CTYPE2', 'CRPIX2'):
+    for key in ('DATE-OBS', 'CTYPE1', 'CRPIX1', 'CDELT1', 'CTYPE2', 'CRPIX2'):
         assert out[key] == header[key], key
-    for key in ('BUNIT', 'DATAMIN', 'DATAMAX', 'BSCALE', 'BZERO'):
+    assert (out['INSTRUME'], out['TELESCOP'], out['BUNIT']) == ('HMI', 'SDO/HMI', 'G')
+    assert out['ORIGIN'] == 'pix2pixCC'
+    for key in ('WAVELNTH', 'DATAMIN', 'DATAMAX', 'BSCALE', 'BZERO'):
         assert key not in out, key
     history = [str(h) for h in out['HISTORY']]
     assert 'calibrated by the instrument team' in history

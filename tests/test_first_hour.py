@@ -1,0 +1,310 @@
+"""What a user meets in the first hour (issue 12): where a generated FITS file's cards come
+from, the scaling check before training, the --help text, errors that name the real cause,
+extension families, and panels and tables that carry units and read the right way up."""
+import json
+import os
+import re
+
+import numpy as np
+import pytest
+from astropy.io import fits
+from PIL import Image
+
+import pix2pixCC_Test
+import pix2pixCC_Train
+from conftest import (SAMPLE_SCALING, TEST_SCRIPT, TINY, TRAIN_SCRIPT, assert_ok,
+                      assert_usage_error, copy_sample, make_pairs, run_script, run_test,
+                      train_opt, write_user_file)
+import pix2pixCC_Options
+from pix2pixCC_Options import TrainOption
+from pix2pixCC_Pipeline import CustomDataset, Scaling, check_dataset
+from pix2pixCC_Utils import metrics_table, save_panel
+
+NPY = ['--data_format_input', 'npy', '--data_format_target', 'npy', '--n_workers', '0',
+       '--data_size', '32', '--saturation_lower_limit_input', '0',
+       '--saturation_upper_limit_input', '100', '--saturation_lower_limit_target', '0',
+       '--saturation_upper_limit_target', '100']
+
+
+def panel_text(path):
+    """The Title and Description text chunks of a panel PNG."""
+    with Image.open(path) as image:
+        return image.text.get('Title', ''), image.text.get('Description', '')
+
+
+# ----------------------------------------------------------------------------------------
+# 2. FITS provenance: geometry and time from the input, identity from the targets
+# ----------------------------------------------------------------------------------------
+
+def test_generated_fits_keeps_the_inputs_geometry_and_takes_the_targets_identity(in_tmp,
+                                                                                 capsys):
+    train_in, train_tg, test_in = copy_sample(in_tmp / 'data', n_train=2, n_test=1)
+    flags = TINY + SAMPLE_SCALING + ['--dataset_name', 'sun', '--data_format_input', 'fits',
+                                     '--data_format_target', 'fits', '--n_workers', '0']
+    assert pix2pixCC_Train.main(flags + ['--input_dir_train', train_in, '--target_dir_train',
+                                         train_tg, '--n_epochs', '1', '--seed', '1',
+                                         '--data_size', '64']) == 0
+    stdout = capsys.readouterr().out
+    # The sample is well scaled with these limits: no scaling warning. Start-up is a few
+    # lines, not every option.
+    assert 'warning' not in stdout.lower()
+    assert 'data: 2 pairs of 64x64 px' in stdout and 'target unit G' in stdout
+    assert re.search(r'^run: .*sun', stdout, re.MULTILINE)
+    assert re.search(r'^network: generator [\d,]+ parameters', stdout, re.MULTILINE)
+    assert 'device: cpu' in stdout and 'seed: 1' in stdout
+    assert 'lambda_LSGAN' not in stdout
+    with open('checkpoints/sun/train_options.json') as f:
+        recorded = json.load(f)['target_header']
+    assert recorded == {'BUNIT': 'G', 'INSTRUME': 'MAG-TOY', 'TELESCOP': 'SYNTHETIC'}
+
+    assert pix2pixCC_Test.main(['--gpu_ids', '-1', '--dataset_name', 'sun', '--n_workers', '0',
+                                '--input_dir_test', test_in, '--iteration', '2']) == 0
+    name = sorted(os.listdir(test_in))[0]
+    input_header = fits.getheader(os.path.join(test_in, name))
+    assert input_header['WAVELNTH'] == 304 and input_header['BUNIT'] == 'DN/s'
+    header = fits.getheader(f"checkpoints/sun/Image/Test/2/{name.replace('.fits', '_AI.fits')}")
+    for key in ('CRPIX1', 'CTYPE1', 'CDELT1', 'CRPIX2', 'CTYPE2', 'DATE-OBS', 'RSUN_OBS'):
+        assert header[key] == input_header[key], key
+    assert (header['BUNIT'], header['INSTRUME'], header['TELESCOP']) == ('G', 'MAG-TOY',
+                                                                         'SYNTHETIC')
+    assert 'WAVELNTH' not in header and 'WAVEUNIT' not in header
+    assert header['ORIGIN'] == 'pix2pixCC'
+    history = ' '.join(str(line) for line in header['HISTORY'])
+    assert name in history and 'sun' in history and 'iteration 2' in history
+
+
+def test_target_unit_labels_npy_targets(in_tmp, capsys):
+    """npy targets have no BUNIT: --target_unit gives it to FITS outputs, panels and tables."""
+    train_in, train_tg = make_pairs(in_tmp / 'data', 'npy', n=2, size=32)
+    flags = TINY + NPY + ['--dataset_name', 'units', '--target_unit', 'G']
+    assert pix2pixCC_Train.main(flags + ['--input_dir_train', train_in, '--target_dir_train',
+                                         train_tg, '--n_epochs', '1', '--display_freq', '2',
+                                         '--verbose']) == 0
+    stdout = capsys.readouterr().out
+    assert 'lambda_LSGAN' in stdout  # --verbose: every option
+    with open('checkpoints/units/train_options.json') as f:
+        options = json.load(f)
+    assert options['target_unit'] == 'G' and options['target_header'] == {}
+    title, description = panel_text('checkpoints/units/Image/Train/2_panel.png')
+    assert 'step 2' in title and 'CC' in title
+    assert 'in G' in description and 'row 0 of the files at the top' in description
+
+    # Written as FITS: BUNIT from --target_unit, no instrument (the targets had none).
+    assert pix2pixCC_Test.main(['--gpu_ids', '-1', '--dataset_name', 'units', '--n_workers',
+                                '0', '--input_dir_test', train_in, '--iteration', '2',
+                                '--data_format_target', 'fits']) == 0
+    header = fits.getheader('checkpoints/units/Image/Test/2/img_000_AI.fits')
+    assert header['BUNIT'] == 'G' and header['ORIGIN'] == 'pix2pixCC'
+    assert 'INSTRUME' not in header
+
+    # Evaluated: panel and table in gauss.
+    capsys.readouterr()
+    assert pix2pixCC_Test.main(['--gpu_ids', '-1', '--dataset_name', 'units', '--n_workers',
+                                '0', '--input_dir_test', train_in, '--target_dir_test',
+                                train_tg, '--iteration', '2', '--save_panels']) == 0
+    stdout = capsys.readouterr().out
+    assert '[G]' in stdout and '[G px]' in stdout and 'unsigned flux' in stdout
+    title, description = panel_text('checkpoints/units/Image/Test/2/img_001_panel.png')
+    assert 'img_001.npy' in title and 'iteration 2' in title and re.search(r'CC -?\d', title)
+    assert 'in G' in description
+
+
+# ----------------------------------------------------------------------------------------
+# 3. Scaling sanity before training
+# ----------------------------------------------------------------------------------------
+
+def checked_lines(*argv):
+    """The lines check_dataset logs for the training folders in argv."""
+    lines = []
+    dataset = CustomDataset(train_opt(*argv))
+    check_dataset(dataset, 4, log=lines.append)
+    return lines
+
+
+def test_scaling_warning_names_the_side_the_range_and_the_options(tmp_path):
+    train_in, train_tg = make_pairs(tmp_path, 'npy', n=3, size=32)  # values 0..100
+    lines = checked_lines('--data_format_input', 'npy', '--data_format_target', 'npy',
+                          '--input_dir_train', train_in, '--target_dir_train', train_tg,
+                          '--saturation_lower_limit_target', '0',
+                          '--saturation_upper_limit_target', '100')  # input: default -1..1
+    assert len(lines) == 1, lines
+    line = lines[0]
+    assert 'input' in line and '[-1, 1]' in line and '0 to 100' in line
+    assert '--saturation_lower_limit_input' in line and '--saturation_upper_limit_input' in line
+    assert re.search(r'\b\d+% of the input values', line)
+    assert 'swapped' not in line
+
+
+def test_swapped_folders_are_named(tmp_path):
+    """Magnetograms in the input folder and EUV images in the target folder."""
+    rng = np.random.default_rng(0)
+    for folder, low, high in (('Input', -1000, 1000), ('Target', 1, 200)):
+        os.makedirs(tmp_path / folder)
+        for i in range(2):
+            np.save(tmp_path / folder / f'{i}.npy', rng.uniform(low, high, (32, 32)))
+    lines = checked_lines('--data_format_input', 'npy', '--data_format_target', 'npy',
+                          '--input_dir_train', str(tmp_path / 'Input'),
+                          '--target_dir_train', str(tmp_path / 'Target'),
+                          '--logscale_input', '--saturation_lower_limit_input', '1',
+                          '--saturation_upper_limit_input', '200',
+                          '--saturation_lower_limit_target', '-3000',
+                          '--saturation_upper_limit_target', '3000')
+    assert len(lines) == 1, lines
+    assert 'swapped' in lines[0] and '--input_dir_train' in lines[0]
+
+
+def test_no_scaling_warning_on_the_sample(tmp_path):
+    train_in, train_tg, _ = copy_sample(tmp_path, n_train=4, n_test=0)
+    assert checked_lines(*SAMPLE_SCALING, '--data_format_input', 'fits', '--data_format_target',
+                         'fits', '--input_dir_train', train_in, '--target_dir_train',
+                         train_tg) == []
+
+
+# ----------------------------------------------------------------------------------------
+# 4. Help
+# ----------------------------------------------------------------------------------------
+
+GROUPS = ['data:', 'network:', 'augmentation:', 'checking:', 'training hyper-parameters:',
+          'logging and saving:']
+
+
+def help_entries(text):
+    """{'--name': its help entry} of a --help text."""
+    entries = re.split(r'\n  (?=--)', text.split('\n\n', 1)[1])
+    return {entry.split()[0]: ' '.join(entry.split()) for entry in entries
+            if entry.startswith('--')}
+
+
+def help_sections(text):
+    """{'section title:': [option names]} of a --help text."""
+    sections = {}
+    for block in text.split('\n\n')[1:]:
+        title, _, body = block.partition('\n')
+        sections[title] = re.findall(r'^  (--\w+)', body, re.MULTILINE)
+    return sections
+
+
+def test_train_help_groups_every_option_with_help_and_default(tmp_path):
+    proc = run_script(TRAIN_SCRIPT, ['--help'], cwd=tmp_path)
+    assert_ok(proc)
+    positions = [proc.stdout.index('\n' + group + '\n') for group in GROUPS]
+    assert positions == sorted(positions)
+    entries = help_entries(proc.stdout)
+    for name in vars(TrainOption().parse([])):
+        if name in ('is_train', 'eps', 'checkpoint_dir', 'model_dir', 'image_dir'):
+            continue  # derived, not options
+        assert f'--{name}' in entries, name
+        assert '(default:' in entries[f'--{name}'], entries[f'--{name}']
+    assert '(default: tif)' in entries['--data_format_input']
+    assert '(default: -1)' in entries['--saturation_lower_limit_input']
+    assert '-1' in entries['--latest_iter'].split('(default')[0]
+    sections = help_sections(proc.stdout)
+    for name in ('--n_epochs_decay', '--keep_states', '--tensorboard', '--lr', '--n_epochs'):
+        assert name in sections['training hyper-parameters:'], name
+    assert '--max_rotation_angle' in sections['augmentation:']
+    assert '--data_format_input' in sections['data:'] and '--n_gf' in sections['network:']
+    assert os.listdir(tmp_path) == []
+
+
+def test_test_help_shows_only_test_options_but_training_ones_still_parse(tmp_path):
+    proc = run_script(TEST_SCRIPT, ['--help'], cwd=tmp_path)
+    assert_ok(proc)
+    entries = help_entries(proc.stdout)
+    for name in ('--iteration', '--input_dir_test', '--target_dir_test', '--save_panels',
+                 '--dataset_name', '--saturation_upper_limit_target', '--target_unit'):
+        assert name in entries and '(default:' in entries[name], name
+    for name in ('--lr', '--lambda_CC', '--n_epochs', '--n_epochs_decay', '--keep_states',
+                 '--tensorboard', '--beta1', '--seed', '--latest_iter', '--display_freq'):
+        assert name not in proc.stdout, name
+    assert '--iteration' in help_sections(proc.stdout)['test:']
+    # Not imported by its own name: pytest would try to collect a class named Test*.
+    opt = pix2pixCC_Options.TestOption().parse(['--lr', '0.1', '--n_epochs', '5',
+                                                '--lambda_CC', '2'])
+    assert opt.iteration == -1  # parsed, and nothing else changes
+
+
+# ----------------------------------------------------------------------------------------
+# 5. Errors that point at the real cause; extension families
+# ----------------------------------------------------------------------------------------
+
+def test_typo_in_the_run_name_lists_the_runs(tmp_path):
+    for run in ('my_run', 'EUV2Mag'):
+        os.makedirs(tmp_path / 'checkpoints' / run / 'Model')
+    os.makedirs(tmp_path / 'in')
+    np.save(tmp_path / 'in' / 'a.npy', np.zeros((32, 32), np.float32))
+    proc = run_test(['--gpu_ids', '-1', '--dataset_name', 'my_nyp', '--input_dir_test',
+                     str(tmp_path / 'in')], cwd=tmp_path)
+    line = assert_usage_error(proc, "'my_nyp'", 'my_run', 'EUV2Mag', '--dataset_name')
+    assert 'did you mean' in line and 'tif' not in line
+
+
+def test_a_folder_of_tiff_files_with_format_tif(in_tmp):
+    rng = np.random.default_rng(1)
+    for folder in ('Input', 'Target'):
+        os.makedirs(folder)
+        for i in range(2):
+            write_user_file(f'{folder}/{i}.tiff', rng.uniform(0, 100, (32, 32)).astype(
+                np.float32), 'tiff')
+    flags = TINY + ['--dataset_name', 'tiffs', '--data_format_input', 'tif',
+                    '--data_format_target', 'tif', '--n_workers', '0',
+                    '--saturation_lower_limit_input', '0', '--saturation_upper_limit_input',
+                    '100', '--saturation_lower_limit_target', '0',
+                    '--saturation_upper_limit_target', '100']
+    assert pix2pixCC_Train.main(flags + ['--input_dir_train', 'Input', '--target_dir_train',
+                                         'Target', '--n_epochs', '1']) == 0
+    assert pix2pixCC_Test.main(flags + ['--input_dir_test', 'Input', '--iteration', '2']) == 0
+    # The output's extension is --data_format_target's.
+    assert sorted(os.listdir('checkpoints/tiffs/Image/Test/2')) == ['0_AI.tif', '1_AI.tif']
+
+
+# ----------------------------------------------------------------------------------------
+# 6. Panels and the metric table
+# ----------------------------------------------------------------------------------------
+
+def red_above_blue(path):
+    """True when a panel's strongly red pixels lie, on average, above its strongly blue ones."""
+    with Image.open(path) as image:
+        rgb = np.asarray(image.convert('RGB')).astype(int)
+    r, b = rgb[..., 0], rgb[..., 2]
+    red_rows = np.nonzero((r > b + 60) & (r > rgb[..., 1] + 60))[0]
+    blue_rows = np.nonzero(b > r + 60)[0]
+    return bool(red_rows.mean() < blue_rows.mean())
+
+
+@pytest.mark.parametrize('data_format, first_rows_on_top', [('npy', True), ('png', True),
+                                                            ('tif', True), ('fits', False)])
+def test_panel_follows_the_files_orientation(tmp_path, data_format, first_rows_on_top):
+    # The file's first rows are strongly positive (red), the rest negative (blue).
+    real = -np.ones((1, 32, 32), np.float32) * 1000
+    real[:, :16] = 1000
+    input = np.concatenate([real / 1000, real[:, ::-1] / 1000])  # two input channels
+    path = tmp_path / 'panel.png'
+    save_panel(str(path), input, real, real.copy(), Scaling(-3000, 3000), unit='G',
+               data_format=data_format, title='a.fits, iteration 7')
+    assert red_above_blue(path) is first_rows_on_top
+    title, description = panel_text(path)
+    assert title.startswith('a.fits, iteration 7') and 'CC 1.000' in title
+    assert 'in G' in description
+    with Image.open(path) as image:  # both input channels, real, generated, difference
+        assert image.size[0] > 4 * image.size[1]
+
+
+def test_panel_says_which_input_channels_it_shows(tmp_path):
+    real = np.random.default_rng(0).normal(size=(1, 16, 16)).astype(np.float32)
+    save_panel(str(tmp_path / 'p.png'), np.zeros((10, 16, 16), np.float32), real, real,
+               Scaling(-3, 3), data_format='npy', title='x')
+    title, description = panel_text(tmp_path / 'p.png')
+    assert '0-5 of 10' in title and 'normalised' in description
+
+
+def test_metrics_table_has_units_and_flux_columns():
+    keys = {f'{name}_{k}x{k}': 0.5 for name in ('cc', 'ccc', 'rmse', 'mae') for k in (1, 8)}
+    keys.update({'flux_unsigned_real': 1000.0, 'flux_unsigned_fake': 1200.0,
+                 'flux_net_real': -10.0, 'flux_net_fake': 25.0})
+    table = metrics_table({key: {'mean': value} for key, value in keys.items()}, [1, 8],
+                          unit='G')
+    assert re.search(r'RMSE\s+MAE\n\s+\[G\]\s+\[G\]', table)
+    assert 'unsigned flux' in table and 'net flux' in table and '[G px]' in table
+    assert re.search(r'^\s*0\s+1000\s+1200\s+-10\s+25\s*$', table, re.MULTILINE), table
+    assert '[target units]' in metrics_table({key: {'mean': value}
+                                             for key, value in keys.items()}, [1])
