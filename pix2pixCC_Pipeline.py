@@ -4,8 +4,10 @@ Data flow of one file:  read (one reader per format) -> C x H x W float32 -> `Sc
 (clean NaN/Inf -> clip -> log10 -> normalise to [-1, 1] at the saturation limits) -> augment
 (training only). Generated data go back through `Scaling.inverse` and one writer per format.
 """
+import atexit
 import datetime
 import glob
+import multiprocessing.util  # noqa: F401 (see _kill_leftover_workers)
 import os
 import re
 import warnings
@@ -370,6 +372,25 @@ def ignore_stop_signals(worker_id=None):
     for name in ('SIGINT', 'SIGTERM', 'SIGUSR1'):
         if hasattr(signal, name):
             signal.signal(getattr(signal, name), signal.SIG_IGN)
+
+
+def _kill_leftover_workers():
+    """At exit, end the loading workers an error left behind with SIGKILL: Python's own exit
+    handler ends daemonic children with SIGTERM, which they ignore, and would wait forever."""
+    import multiprocessing
+    import signal
+    workers = [child for child in multiprocessing.active_children() if child.daemon]
+    if workers and hasattr(signal, 'SIGCHLD'):
+        # PyTorch's SIGCHLD handler would report the killed workers as a failure.
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    for worker in workers:
+        worker.kill()
+        worker.join()
+
+
+# Registered after multiprocessing's exit handler (multiprocessing.util, imported above,
+# registers it), so it runs before it: atexit is last in, first out.
+atexit.register(_kill_leftover_workers)
 
 
 # Share of a side's finite values beyond its saturation limits above which the limits are
