@@ -107,12 +107,13 @@ class PatchDiscriminator(nn.Module):
         n_df = opt.n_df
         act = nn.LeakyReLU(0.2, inplace=True)
         norm = nn.InstanceNorm2d  # always, whatever --norm_type (as published)
+        conv = functools.partial(nn.Conv2d, kernel_size=4, padding=1)
         blocks = [
-            [nn.Conv2d(in_ch, n_df, kernel_size=4, stride=2, padding=1), act],
-            [nn.Conv2d(n_df, 2 * n_df, kernel_size=4, stride=2, padding=1), norm(2 * n_df), act],
-            [nn.Conv2d(2 * n_df, 4 * n_df, kernel_size=4, stride=2, padding=1), norm(4 * n_df), act],
-            [nn.Conv2d(4 * n_df, 8 * n_df, kernel_size=4, stride=1, padding=1), norm(8 * n_df), act],
-            [nn.Conv2d(8 * n_df, 1, kernel_size=4, stride=1, padding=1)],
+            [conv(in_ch, n_df, stride=2), act],
+            [conv(n_df, 2 * n_df, stride=2), norm(2 * n_df), act],
+            [conv(2 * n_df, 4 * n_df, stride=2), norm(4 * n_df), act],
+            [conv(4 * n_df, 8 * n_df, stride=1), norm(8 * n_df), act],
+            [conv(8 * n_df, 1, stride=1)],
         ]
         self.n_blocks = len(blocks)
         for i, block in enumerate(blocks):

@@ -399,10 +399,10 @@ def mismatch_reason(state, module):
     """Name the options that differ between a checkpoint and `module` built from `opt`."""
     try:
         if 'model.1.weight' in state:
-            trained, own = generator_options_of(state), generator_options_of(bare(module).state_dict())
+            options_of = generator_options_of
         else:
-            trained, own = discriminator_options_of(state), discriminator_options_of(
-                bare(module).state_dict())
+            options_of = discriminator_options_of
+        trained, own = options_of(state), options_of(bare(module).state_dict())
     except (KeyError, IndexError):
         return 'it holds different parameter names'
     differ = [f"--{k} {trained[k]} (options say {own[k]})" for k in trained
@@ -545,9 +545,9 @@ def metrics_table(summary, bins, channels=1):
     for c in range(channels):
         prefix = f'ch{c}_' if channels > 1 else ''
         for k in bins:
-            mean = lambda name: summary[f'{prefix}{name}_{k}x{k}']['mean']
-            lines.append(f"{c:>7} {f'{k}x{k}':>5} {mean('cc'):7.4f} {mean('ccc'):7.4f} "
-                         f"{mean('rmse'):11.4g} {mean('mae'):11.4g}")
+            cc, ccc, rmse, mae = (summary[f'{prefix}{name}_{k}x{k}']['mean']
+                                  for name in ('cc', 'ccc', 'rmse', 'mae'))
+            lines.append(f"{c:>7} {f'{k}x{k}':>5} {cc:7.4f} {ccc:7.4f} {rmse:11.4g} {mae:11.4g}")
     return '\n'.join(lines)
 
 

@@ -378,11 +378,13 @@ def child_data(args, variant):
             '--data_size', str(args.data_size), '--n_workers', str(args.n_workers)])
         dataset = CustomDataset(opt)
         n = len(dataset)
-        if variant == 'published':
-            get = lambda i: published_style_item(dataset.input_paths[i],
-                                                 dataset.target_paths[i], opt)
-        else:
-            get = lambda i: dataset[(i, 1000 + i)]
+
+        def get(i):
+            if variant == 'published':
+                return published_style_item(dataset.input_paths[i], dataset.target_paths[i],
+                                            opt)
+            return dataset[(i, 1000 + i)]
+
         times = []
         if variant == 'loader':
             from torch.utils.data import DataLoader

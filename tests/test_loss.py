@@ -97,7 +97,8 @@ def hand_losses(opt, D, input, target, fake):
                 real_pair, fake_pair = pool(real_pair), pool(fake_pair)
             scale = getattr(D, f'Scale_{s}')
             real, fake_out = scale(real_pair), scale(fake_pair)
-            loss_D += 0.5 * (float(((real[-1] - 1) ** 2).mean()) + float((fake_out[-1] ** 2).mean()))
+            loss_D += 0.5 * (float(((real[-1] - 1) ** 2).mean()) +
+                             float((fake_out[-1] ** 2).mean()))
             LSGAN += 0.5 * opt.lambda_LSGAN * float(((fake_out[-1] - 1) ** 2).mean())
             FM += sum(float((fj - rj).abs().mean()) for fj, rj in zip(fake_out, real))
     FM_per_scale = FM  # summed over scales
