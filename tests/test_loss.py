@@ -6,16 +6,9 @@ import torch
 import torch.nn.functional as F
 from scipy.stats import pearsonr
 
-from conftest import train_opt
+from conftest import lin_ccc, train_opt
 from pix2pixCC_Networks import Discriminator, Generator, Loss, correlation, weights_init
 from pix2pixCC_Utils import Precision
-
-
-def lin_ccc(t, f):
-    """Lin's concordance with population moments (float64)."""
-    t, f = np.asarray(t, np.float64).ravel(), np.asarray(f, np.float64).ravel()
-    covariance = ((t - t.mean()) * (f - f.mean())).mean()
-    return 2 * covariance / (t.var() + f.var() + (t.mean() - f.mean()) ** 2)
 
 
 def correlated(shape, seed, offset=0.0, noise=0.5):

@@ -8,7 +8,8 @@ import torch
 from astropy.io import fits
 from PIL import Image
 
-from conftest import ALL_FORMATS, smooth_field, train_opt, make_test_opt, write_user_file
+from conftest import (ALL_FORMATS, make_test_opt, smooth_field, train_opt, write_pairs,
+                      write_user_file)
 from pix2pixCC_Options import UserError
 from pix2pixCC_Pipeline import (CustomDataset, Scaling, list_files, random_pad_and_crop,
                                 random_rotation, read_array, to_chw, write_array)
@@ -282,11 +283,9 @@ def test_scaling_from_options():
 # ----------------------------------------------------------------------------------------
 
 def write_pair_dirs(root, inputs, targets, fmt='npy'):
-    for name, arrays in (('Input', inputs), ('Target', targets)):
-        os.makedirs(root / name, exist_ok=True)
-        for i, a in enumerate(arrays):
-            write_user_file(str(root / name / f'f{i:02d}.{fmt}'), a, fmt)
-    return str(root / 'Input'), str(root / 'Target')
+    """Arrays i of `inputs` and `targets` as the files f<i> of a pair of folders."""
+    return write_pairs(root, {f'f{i:02d}': a for i, a in enumerate(inputs)},
+                       {f'f{i:02d}': a for i, a in enumerate(targets)}, fmt)
 
 
 def dataset_for(input_dir, target_dir, *argv, **options):
