@@ -5,6 +5,7 @@ directory set to a fresh tmp folder, outputs under ./checkpoints/<dataset_name>/
 tiny network for two epochs on six small files. Each format's run is made once per module
 (module-scoped fixtures) and inspected by several tests.
 """
+import copy
 import json
 import math
 import os
@@ -21,9 +22,10 @@ from PIL import Image
 
 import pix2pixCC_Test
 import pix2pixCC_Train
-from conftest import (SAMPLE_SCALING, TINY, assert_ok, assert_usage_error, copy_sample,
-                      load_generator, make_pairs, make_test_opt, reports, run_test, run_train,
-                      saved_steps_in, train_opt, write_user_file)
+from conftest import (NPY_DATA, SAMPLE_SCALING, TINY, assert_ok, assert_same_weights,
+                      assert_usage_error, copy_sample, load, load_generator, make_pairs,
+                      make_test_opt, reports, run_test, run_train, saved_steps_in, train_opt,
+                      write_user_file)
 from pix2pixCC_Networks import Discriminator, Generator
 
 
@@ -510,3 +512,94 @@ def test_mixed_precision_training_on_cpu(in_tmp, capsys):
                                                '--iteration', '4']) == 0
     out = np.load('checkpoints/mp/Image/Test/4/img_000_AI.npy')
     assert out.dtype == np.float32 and out.shape == (32, 32) and np.all(np.isfinite(out))
+
+
+# ----------------------------------------------------------------------------------------
+# BatchNorm (README "maps to simulations"), JPEG previews, resuming with new Adam betas
+# ----------------------------------------------------------------------------------------
+
+BN_FLAGS = TINY + NPY_DATA + ['--dataset_name', 'bn', '--norm_type', 'BatchNorm2d',
+                              '--image_mode', 'jpg', '--n_workers', '0']
+BN_FREQS = ['--seed', '2', '--batch_size', '2', '--n_epochs', '2', '--save_freq', '6',
+            '--report_freq', '6', '--display_freq', '4']
+
+
+@pytest.fixture(scope='module')
+def bn_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp('bn_run')
+    train_in, train_tg = make_pairs(root / 'train', 'npy', n=6, size=32)
+    test_in, _ = make_pairs(root / 'test', 'npy', n=2, size=32, seed=7, prefix='t')
+    data = ['--input_dir_train', train_in, '--target_dir_train', train_tg]
+    proc = run_train(BN_FLAGS + BN_FREQS + data, cwd=root)
+    assert_ok(proc)
+    test_proc = run_test(BN_FLAGS + ['--input_dir_test', test_in, '--iteration', '12'], cwd=root)
+    assert_ok(test_proc)
+    return SimpleNamespace(root=root, data=data, test_in=test_in,
+                           out=root / 'checkpoints' / 'bn')
+
+
+def test_batchnorm_test_output_uses_the_running_statistics(bn_run):
+    """Test gives G's eval-mode output (BatchNorm's running mean and variance of training),
+    not a normalisation by the test image's own statistics."""
+    opt = train_opt(*BN_FLAGS)
+    G = load_generator(opt, bn_run.out / 'Model' / '12_G.pt')
+    assert float(G.model[2].running_var.sub(1).abs().max()) > 1e-3  # trained statistics
+    for name in ('t_000', 't_001'):
+        x = (np.load(os.path.join(bn_run.test_in, f'{name}.npy')) - 50) / 50
+        out = np.load(bn_run.out / 'Image' / 'Test' / '12' / f'{name}_AI.npy')
+        expected = run_g(G, x[None]) * 50 + 50
+        np.testing.assert_allclose(out, expected[0], rtol=1e-5, atol=1e-4)
+        # (a copy: a forward pass in training mode updates the running statistics)
+        batch_statistics = run_g(copy.deepcopy(G).train(), x[None]) * 50 + 50
+        assert np.abs(out - batch_statistics[0]).max() > 1e-2
+
+
+def test_previews_in_another_image_mode(bn_run):
+    folder = bn_run.out / 'Image' / 'Train'
+    assert saved_steps_in(folder, '_real.jpg') == [4, 8, 12]
+    assert saved_steps_in(folder, '_fake.jpg') == [4, 8, 12]
+    assert saved_steps_in(folder, '_real.png') == []
+    with Image.open(folder / '8_fake.jpg') as image:
+        assert image.format == 'JPEG' and image.size == (32, 32)
+
+
+def resume_bn_from_6(run, tmp_path, *extra):
+    shutil.copytree(run.out, tmp_path / 'checkpoints' / 'bn')
+    for kind in ('G', 'D', 'state'):
+        os.remove(tmp_path / 'checkpoints' / 'bn' / 'Model' / f'12_{kind}.pt')
+    assert_ok(run_train(BN_FLAGS + BN_FREQS + run.data + ['--latest_iter', '6', *extra],
+                        cwd=tmp_path))
+    return tmp_path / 'checkpoints' / 'bn' / 'Model'
+
+
+def test_resumed_batchnorm_run_equals_the_uninterrupted_one(bn_run, tmp_path):
+    """Weights and BatchNorm's running statistics alike."""
+    resumed = resume_bn_from_6(bn_run, tmp_path)
+    for kind in ('G', 'D'):
+        assert_same_weights(resumed / f'12_{kind}.pt', bn_run.out / 'Model' / f'12_{kind}.pt',
+                            tolerance=0)
+
+
+def test_adam_betas_given_when_resuming_take_effect(bn_run, tmp_path):
+    resumed = resume_bn_from_6(bn_run, tmp_path, '--beta1', '0.9', '--beta2', '0.95')
+    state = load(resumed / '12_state.pt')
+    for name in ('G_optim', 'D_optim'):
+        assert state[name]['param_groups'][0]['betas'] == (0.9, 0.95)
+    assert state['options']['beta1'] == 0.9 and state['options']['beta2'] == 0.95
+    # ... and the steps after 6 used them: not the uninterrupted run's weights.
+    new, old = load(resumed / '12_G.pt'), load(bn_run.out / 'Model' / '12_G.pt')
+    assert float((new['model.1.weight'] - old['model.1.weight']).abs().max()) > 1e-5
+
+
+def test_test_falls_back_to_the_cpu_with_one_notice(bn_run, monkeypatch, capsys):
+    """--gpu_ids 0 on a machine without CUDA (made so here, whatever the machine)."""
+    monkeypatch.chdir(bn_run.root)
+    monkeypatch.setattr(torch.cuda, 'is_available', lambda: False)
+    out_dir = bn_run.out / 'Image' / 'Test' / '6'
+    assert pix2pixCC_Test.main(BN_FLAGS + ['--gpu_ids', '0', '--input_dir_test', bn_run.test_in,
+                                           '--iteration', '6']) == 0
+    output = capsys.readouterr()
+    notices = [line for line in (output.out + output.err).splitlines() if 'CUDA' in line]
+    assert len(notices) == 1, notices
+    assert '--gpu_ids 0' in notices[0] and 'CPU' in notices[0] and '--gpu_ids -1' in notices[0]
+    assert sorted(os.listdir(out_dir)) == ['t_000_AI.npy', 't_001_AI.npy']
