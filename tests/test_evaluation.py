@@ -405,3 +405,42 @@ def test_cc_ablation_help(tmp_path):
     assert_ok(proc)
     assert 'usage' in proc.stdout.lower() and '--n_epochs' in proc.stdout
     assert os.listdir(tmp_path) == []  # --help trains nothing
+
+
+# ----------------------------------------------------------------------------------------
+# 6. Panels: labelled, with colour bars
+# ----------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize('channels', [1, 2])
+def test_panel_labels_every_image_and_gives_each_a_colour_bar(tmp_path, monkeypatch, channels):
+    """input | real | generated | difference per target channel, each titled, each with its
+    own colour bar (what the colours mean in the target's units)."""
+    import matplotlib.figure
+    from pix2pixCC_Pipeline import Scaling
+    from pix2pixCC_Utils import save_panel
+    figures = []
+    savefig = matplotlib.figure.Figure.savefig
+
+    def keep(figure, *args, **kwargs):
+        figures.append(figure)
+        return savefig(figure, *args, **kwargs)
+
+    monkeypatch.setattr(matplotlib.figure.Figure, 'savefig', keep)
+    rng = np.random.default_rng(0)
+    real = rng.uniform(-3000, 3000, (channels, 16, 16)).astype(np.float32)
+    generated = real + rng.normal(0, 100, real.shape).astype(np.float32)
+    path = tmp_path / 'panel.png'
+    save_panel(str(path), rng.uniform(-1, 1, (1, 16, 16)), real, generated,
+               Scaling(lower=-3000, upper=3000))
+    with Image.open(path) as image:
+        assert image.format == 'PNG'
+    assert len(figures) == 1
+    image_axes = [axis for axis in figures[0].axes if axis.images]
+    assert len(image_axes) == 4 * channels
+    for axis in image_axes:
+        assert axis.get_title().strip(), 'an image without a label'
+        assert axis.images[0].colorbar is not None, axis.get_title()
+    titles = [axis.get_title() for axis in image_axes]
+    assert len(set(titles)) == len(titles)  # each says which picture it is
+    bars = {id(axis.images[0].colorbar.ax) for axis in image_axes}
+    assert len(bars) == len(image_axes)  # one colour bar per image, not one shared
