@@ -104,6 +104,25 @@ def write_user_file(path, array, fmt, header=None):
     return path
 
 
+def read_user_file(path, fmt):
+    """Read a file as a user would (not through the package's readers). FITS data must be
+    float32 (BITPIX -32) and images must hold the format their extension names."""
+    if fmt in ('fits', 'fts', 'fit'):
+        from astropy.io import fits
+        with fits.open(path) as hdul:
+            assert hdul[0].header['BITPIX'] == -32
+            return np.array(hdul[0].data)
+    if fmt == 'npy':
+        return np.load(path)
+    if fmt in ('tif', 'tiff'):
+        import tifffile
+        return tifffile.imread(path)
+    from PIL import Image
+    with Image.open(path) as image:
+        assert image.format == {'png': 'PNG', 'jpg': 'JPEG', 'jpeg': 'JPEG'}[fmt]
+        return np.asarray(image)
+
+
 def smooth_field(rng, size, channels=1, low=0.0, high=1.0, noise=0.1):
     """A smooth random field (C, H, W) in [low, high]: structured, not white noise."""
     yy, xx = np.mgrid[0:size, 0:size] / size

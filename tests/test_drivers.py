@@ -24,8 +24,8 @@ import pix2pixCC_Test
 import pix2pixCC_Train
 from conftest import (NPY_DATA, SAMPLE_SCALING, TINY, assert_ok, assert_same_weights,
                       assert_usage_error, copy_sample, load, load_generator, make_pairs,
-                      make_test_opt, reports, run_test, run_train, saved_steps_in, train_opt,
-                      write_user_file)
+                      make_test_opt, read_user_file, reports, run_test, run_train,
+                      saved_steps_in, train_opt, write_user_file)
 from pix2pixCC_Networks import Discriminator, Generator
 
 
@@ -271,9 +271,15 @@ def npy_run(tmp_path_factory):
                            out=root / 'checkpoints' / 'rgb')
 
 
+def assert_schedule(run):
+    """Checkpoints, report lines and previews at the steps FREQS gives."""
+    assert saved_steps_in(run.out / 'Model', '_G.pt') == EXPECTED_SAVES
+    assert [step for _, step, _, _ in reports(run.proc.stdout)] == EXPECTED_REPORTS
+    assert saved_steps_in(run.out / 'Image' / 'Train', '_fake.png') == EXPECTED_PREVIEWS
+
+
 def test_npy_run_checkpoints_reports_previews(npy_run):
-    assert saved_steps_in(npy_run.out / 'Model', '_G.pt') == EXPECTED_SAVES
-    assert [step for _, step, _, _ in reports(npy_run.proc.stdout)] == EXPECTED_REPORTS
+    assert_schedule(npy_run)
     for step in EXPECTED_PREVIEWS:
         with Image.open(npy_run.out / 'Image' / 'Train' / f'{step}_fake.png') as image:
             assert image.mode == 'RGB' and image.size == (32, 32)
@@ -383,9 +389,7 @@ def png_run(tmp_path_factory):
 
 
 def test_png_run_outputs(png_run):
-    assert saved_steps_in(png_run.out / 'Model', '_G.pt') == EXPECTED_SAVES
-    assert [step for _, step, _, _ in reports(png_run.proc.stdout)] == EXPECTED_REPORTS
-    assert saved_steps_in(png_run.out / 'Image' / 'Train', '_fake.png') == EXPECTED_PREVIEWS
+    assert_schedule(png_run)
     opt = train_opt(*png_run.flags)
     for step in EXPECTED_SAVES:
         G = load_generator(opt, png_run.out / 'Model' / f'{step}_G.pt')
@@ -440,18 +444,7 @@ def test_every_target_format(in_tmp, target_format, limits, log, output, expecte
     assert pix2pixCC_Test.main(TINY + flags + ['--iteration', '3']) == 0
     for i in range(2):
         path = f'checkpoints/fmt/Image/Test/3/in_{i}_AI.{target_format}'
-        if target_format in ('fits', 'fts', 'fit'):
-            with fits.open(path) as hdul:
-                data = hdul[0].data
-                assert hdul[0].header['BITPIX'] == -32
-        elif target_format == 'npy':
-            data = np.load(path)
-        elif target_format in ('tif', 'tiff'):
-            data = tifffile.imread(path)
-        else:
-            with Image.open(path) as image:
-                assert image.format == {'png': 'PNG', 'jpg': 'JPEG', 'jpeg': 'JPEG'}[target_format]
-                data = np.asarray(image)
+        data = read_user_file(path, target_format)
         assert data.shape == (32, 32)
         assert data.dtype.kind == kind[0] and data.dtype.itemsize == int(kind[1])
         np.testing.assert_allclose(data.astype(np.float64), expected, rtol=1e-5)

@@ -211,6 +211,12 @@ def evaluated(run, tmp_path_factory):
     return dict(run, root=root, out=out, proc=proc, test_dir=out / 'Image' / 'Test')
 
 
+def summary_at(evaluated, iteration):
+    """metrics_summary.json the Test script wrote for the generator of `iteration`."""
+    with open(evaluated['test_dir'] / str(iteration) / 'metrics_summary.json') as f:
+        return json.load(f)
+
+
 # ----------------------------------------------------------------------------------------
 # 3. The Test script's metrics
 # ----------------------------------------------------------------------------------------
@@ -269,8 +275,7 @@ def test_metrics_by_iteration_and_the_best_one(evaluated):
     assert columns[0] == 'iteration' and set(metric_columns(BINS)) <= set(columns)
     assert [int(row['iteration']) for row in rows] == SAVES
     for row in rows:
-        with open(evaluated['test_dir'] / row['iteration'] / 'metrics_summary.json') as f:
-            summary = json.load(f)
+        summary = summary_at(evaluated, row['iteration'])
         assert float(row['cc_8x8']) == pytest.approx(summary['cc_8x8']['mean'], rel=1e-9)
     best = max(rows, key=lambda row: float(row['cc_8x8']))['iteration']
     line = [line for line in evaluated['proc'].stdout.splitlines() if 'best' in line.lower()]
@@ -358,8 +363,7 @@ def test_validation_metrics_at_every_save(run, evaluated):
     # The same numbers as the Test script on the same generator (without --save_scale's
     # effect: metrics are in the target's units).
     for row in rows:
-        with open(evaluated['test_dir'] / row['step'] / 'metrics_summary.json') as f:
-            summary = json.load(f)
+        summary = summary_at(evaluated, row['step'])
         for key in ('cc_1x1', 'ccc_8x8', 'rmse_2x2', 'flux_net_fake'):
             assert float(row[key]) == pytest.approx(summary[key]['mean'], rel=1e-4, abs=1e-6), \
                 (row['step'], key)

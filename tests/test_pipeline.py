@@ -8,8 +8,8 @@ import torch
 from astropy.io import fits
 from PIL import Image
 
-from conftest import (ALL_FORMATS, make_test_opt, smooth_field, train_opt, write_pairs,
-                      write_user_file)
+from conftest import (ALL_FORMATS, make_test_opt, read_user_file, smooth_field, train_opt,
+                      write_pairs, write_user_file)
 from pix2pixCC_Options import UserError
 from pix2pixCC_Pipeline import (CustomDataset, Scaling, list_files, random_pad_and_crop,
                                 random_rotation, read_array, to_chw, write_array)
@@ -469,16 +469,7 @@ def test_write_float_formats_round_trip_exactly(tmp_path, fmt, channels):
     path = str(tmp_path / f'out.{fmt}')
     write_array(path, data, fmt)
     expected = data.astype(np.float32)
-    if fmt == 'npy':
-        stored = np.load(path)
-    elif fmt in ('tif', 'tiff'):
-        import tifffile
-        stored = tifffile.imread(path)
-    else:
-        with fits.open(path) as hdul:
-            stored = hdul[0].data
-            assert hdul[0].header['BITPIX'] == -32
-            assert hdul[0].header['NAXIS'] == (2 if channels == 1 else 3)
+    stored = read_user_file(path, fmt)
     assert stored.dtype.kind == 'f' and stored.dtype.itemsize == 4
     assert stored.shape == ((H, W) if channels == 1 else (3, H, W))
     np.testing.assert_array_equal(stored, expected[0] if channels == 1 else expected)
