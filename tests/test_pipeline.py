@@ -114,11 +114,12 @@ def test_channel_count_mismatch_is_a_user_error(tmp_path, fmt):
     path = write_user_file(str(tmp_path / f'x.{fmt}'), stored, fmt)
     with pytest.raises(UserError) as error:
         read_array(path, fmt, 1)
-    assert 'x.' + fmt in str(error.value)
+    assert 'x.' + fmt in str(error.value) and '--input_ch/--target_ch' in str(error.value)
     stored, _, _ = user_data(fmt, 1)
     path = write_user_file(str(tmp_path / f'y.{fmt}'), stored, fmt)
-    with pytest.raises(UserError):
+    with pytest.raises(UserError) as error:
         read_array(path, fmt, 3)
+    assert 'y.' + fmt in str(error.value) and '3 channel' in str(error.value)
 
 
 @pytest.mark.parametrize('fmt', ['fits', 'npy', 'png', 'tif'])
@@ -163,13 +164,15 @@ def test_list_files_sorted_by_name_and_filtered_by_extension(tmp_path):
 def test_list_files_errors(tmp_path):
     with pytest.raises(UserError) as error:
         list_files(str(tmp_path / 'missing'), 'fits', 'input')
-    assert 'missing' in str(error.value)
+    assert "input directory '" in str(error.value) and 'missing' in str(error.value)
+    assert 'does not exist' in str(error.value)
     (tmp_path / 'a.npy').write_bytes(b'')
     (tmp_path / 'b.png').write_bytes(b'')
     with pytest.raises(UserError) as error:
         list_files(str(tmp_path), 'fits', 'target')
     message = str(error.value)
-    assert '.npy' in message and '.png' in message and 'target' in message
+    assert 'no .fits files in target directory' in message
+    assert '.npy' in message and '.png' in message and '--data_format_' in message
 
 
 # ----------------------------------------------------------------------------------------
@@ -439,8 +442,10 @@ def test_dataset_pairs_by_sorted_name_and_uses_each_side_format(tmp_path):
 def test_dataset_sizes_must_match(tmp_path):
     input_dir, target_dir = write_pair_dirs(tmp_path, [field(1, size=32)[0]],
                                             [field(1, size=64)[0]])
-    with pytest.raises(UserError):
+    with pytest.raises(UserError) as error:
         dataset_for(input_dir, target_dir)[0]
+    message = str(error.value)
+    assert 'f00.npy is 32x32' in message and 'f00.npy is 64x64' in message
 
 
 def test_test_split_returns_input_and_name(tmp_path):
