@@ -209,8 +209,14 @@ def resume_from_6(run, tmp_path, *extra):
     return out, proc, originals
 
 
-def test_resume_continues_from_the_checkpoint(fits_run, tmp_path):
-    out, proc, originals = resume_from_6(fits_run, tmp_path)
+@pytest.fixture(scope='module')
+def resumed_fits(fits_run, tmp_path_factory):
+    """The FITS run resumed from step 6 (its steps 10 and 12 done again)."""
+    return resume_from_6(fits_run, tmp_path_factory.mktemp('resumed_fits'))
+
+
+def test_resume_continues_from_the_checkpoint(fits_run, resumed_fits):
+    out, proc, originals = resumed_fits
     assert saved_steps_in(out / 'Model', '_G.pt') == EXPECTED_SAVES
     assert saved_steps_in(out / 'Model', '_D.pt') == EXPECTED_SAVES
     lines = reports(proc.stdout)
@@ -226,10 +232,10 @@ def test_resume_continues_from_the_checkpoint(fits_run, tmp_path):
             value.numel() < 64, key
 
 
-def test_resume_is_exact(fits_run, tmp_path):
+def test_resume_is_exact(resumed_fits):
     """Resuming at step 6 gives the uninterrupted run's weights (same order, augmentation,
     optimiser state)."""
-    out, _, originals = resume_from_6(fits_run, tmp_path)
+    out, _, originals = resumed_fits
     for name, original in originals.items():
         resumed = torch.load(out / 'Model' / name, weights_only=True)
         for key in original:
