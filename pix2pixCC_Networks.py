@@ -31,74 +31,6 @@ def get_pad_layer(padding_type):
     return layers[padding_type]
 
 
-# ----------------------------------------------------------------------------------------
-# CPU execution of the generator's widest convolutions (performance only: same modules, same
-# weights, same result up to float rounding).
-#
-# PyTorch's default CPU convolution (oneDNN) re-lays-out the weights at every call. For the
-# 1024-channel convolutions at training sizes (16x16 feature maps for 256x256 data, 9.4 M
-# weights each) that copy costs as much as the arithmetic, forward and backward: there,
-# im2col + one matrix product (aten's thnn_conv2d, which the backward also uses) is about
-# 1.5x faster. On larger feature maps (inference at 1024x1024) oneDNN is as fast or faster,
-# so it keeps them. Measured in BENCHMARKS.md.
-# ----------------------------------------------------------------------------------------
-
-GEMM_CONV_MAX_PIXELS = 1024      # batch x output height x width: at most this many pixels ...
-GEMM_CONV_MIN_WEIGHTS = 2 ** 20  # ... and at least this many weights take the GEMM path
-_GEMM_CONV = hasattr(torch.ops.aten, 'thnn_conv2d')
-
-
-def _is_compiling():
-    compiler = getattr(torch, 'compiler', None)
-    return bool(compiler is not None and getattr(compiler, 'is_compiling', lambda: False)())
-
-
-def _autocast_on_cpu():
-    try:
-        return torch.is_autocast_enabled('cpu')
-    except TypeError:  # torch < 2.4
-        return torch.is_autocast_cpu_enabled()
-
-
-def _has_hooks(module):
-    """Hooks on `module` (or global module hooks) need the module to be called."""
-    from torch.nn.modules import module as nn_module
-    names = ('_forward_hooks', '_forward_pre_hooks', '_backward_hooks', '_backward_pre_hooks')
-    return any(getattr(module, name, None) for name in names) or any(
-        getattr(nn_module, f'_global{name}', None) for name in names)
-
-
-def use_gemm_conv(conv, x):
-    """Whether the nn.Conv2d `conv` runs faster on `x` as im2col + matrix product."""
-    if not (_GEMM_CONV and type(conv) is nn.Conv2d and x.dim() == 4
-            and x.device.type == 'cpu' and x.dtype == torch.float32
-            and conv.weight.dtype == torch.float32 and conv.weight.numel() >= GEMM_CONV_MIN_WEIGHTS
-            and conv.groups == 1 and tuple(conv.dilation) == (1, 1)
-            and conv.padding_mode == 'zeros' and not isinstance(conv.padding, str)):
-        return False
-    kh, kw = conv.kernel_size
-    (sh, sw), (ph, pw) = conv.stride, conv.padding
-    pixels = x.shape[0] * ((x.shape[2] + 2 * ph - kh) // sh + 1) * \
-        ((x.shape[3] + 2 * pw - kw) // sw + 1)
-    return (pixels <= GEMM_CONV_MAX_PIXELS and not _autocast_on_cpu() and not _is_compiling()
-            and not _has_hooks(conv))
-
-
-def gemm_conv2d(conv, x):
-    """`conv(x)` computed by im2col + matrix product (differentiable)."""
-    return torch.ops.aten.thnn_conv2d(x, conv.weight, list(conv.kernel_size), conv.bias,
-                                      list(conv.stride), list(conv.padding))
-
-
-def run_layers(sequential, x):
-    """`sequential(x)`, with the convolutions that `use_gemm_conv` picks run by `gemm_conv2d`."""
-    if _has_hooks(sequential):
-        return sequential(x)
-    for layer in sequential:
-        x = gemm_conv2d(layer, x) if use_gemm_conv(layer, x) else layer(x)
-    return x
-
-
 class ResidualBlock(nn.Module):
     def __init__(self, n_channels, pad, norm, act):
         super().__init__()
@@ -107,7 +39,7 @@ class ResidualBlock(nn.Module):
             pad(1), nn.Conv2d(n_channels, n_channels, kernel_size=3), norm(n_channels))
 
     def forward(self, x):
-        return x + run_layers(self.block, x)
+        return x + self.block(x)
 
 
 class Generator(nn.Module):
@@ -139,7 +71,7 @@ class Generator(nn.Module):
         self.model = nn.Sequential(*model)
 
     def forward(self, x):
-        return run_layers(self.model, x)
+        return self.model(x)
 
 
 def channel_repeats(opt):
@@ -175,12 +107,13 @@ class PatchDiscriminator(nn.Module):
         n_df = opt.n_df
         act = nn.LeakyReLU(0.2, inplace=True)
         norm = nn.InstanceNorm2d  # always, whatever --norm_type (as published)
+        conv = functools.partial(nn.Conv2d, kernel_size=4, padding=1)
         blocks = [
-            [nn.Conv2d(in_ch, n_df, kernel_size=4, stride=2, padding=1), act],
-            [nn.Conv2d(n_df, 2 * n_df, kernel_size=4, stride=2, padding=1), norm(2 * n_df), act],
-            [nn.Conv2d(2 * n_df, 4 * n_df, kernel_size=4, stride=2, padding=1), norm(4 * n_df), act],
-            [nn.Conv2d(4 * n_df, 8 * n_df, kernel_size=4, stride=1, padding=1), norm(8 * n_df), act],
-            [nn.Conv2d(8 * n_df, 1, kernel_size=4, stride=1, padding=1)],
+            [conv(in_ch, n_df, stride=2), act],
+            [conv(n_df, 2 * n_df, stride=2), norm(2 * n_df), act],
+            [conv(2 * n_df, 4 * n_df, stride=2), norm(4 * n_df), act],
+            [conv(4 * n_df, 8 * n_df, stride=1), norm(8 * n_df), act],
+            [conv(8 * n_df, 1, stride=1)],
         ]
         self.n_blocks = len(blocks)
         for i, block in enumerate(blocks):

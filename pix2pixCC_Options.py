@@ -232,7 +232,8 @@ class BaseOption:
         opt.eps = 1e-4 if opt.data_type == 16 else 1e-8
         opt.checkpoint_dir = os.path.join('./checkpoints', opt.dataset_name)
         opt.model_dir = os.path.join(opt.checkpoint_dir, 'Model')
-        opt.image_dir = os.path.join(opt.checkpoint_dir, 'Image', 'Train' if self.is_train else 'Test')
+        opt.image_dir = os.path.join(opt.checkpoint_dir, 'Image',
+                                     'Train' if self.is_train else 'Test')
 
     def explicit_names(self, argv):
         """Option names given on the command line (parsed again with every default hidden)."""
@@ -272,7 +273,8 @@ class BaseOption:
 
         gpu_ids = opt.gpu_ids.replace(' ', '')
         if not all(part.lstrip('-').isdigit() for part in gpu_ids.split(',')):
-            fail(f"--gpu_ids '{opt.gpu_ids}' must be '-1' (CPU) or GPU indices such as '0' or '0,1'")
+            fail(f"--gpu_ids '{opt.gpu_ids}' must be '-1' (CPU) or GPU indices such as '0' "
+                 f"or '0,1'")
         opt.gpu_ids = gpu_ids
         for name in ('input_ch', 'target_ch', 'batch_size', 'n_D', 'n_gf', 'n_df',
                      'report_freq', 'save_freq', 'display_freq'):

@@ -504,8 +504,8 @@ def check_pairing(input_paths, target_paths):
     name; when every name holds a date/time, target i must be the target closest in time to
     input i. Names that share neither tell nothing and pass.
     """
-    stem = lambda p: os.path.splitext(os.path.basename(p))[0]
-    inputs, targets = [stem(p) for p in input_paths], [stem(p) for p in target_paths]
+    inputs, targets = ([os.path.splitext(os.path.basename(p))[0] for p in paths]
+                       for paths in (input_paths, target_paths))
     shared = set(inputs) & set(targets)
     if len(shared) >= len(inputs) / 2:
         for i, (a, b) in enumerate(zip(inputs, targets)):

@@ -216,9 +216,9 @@ def train(opt, state, cluster, device, gpu_ids, stop, log):
     height, width = cluster.on_main(lambda: check_data(dataset, opt, log))
     if opt.latest_iter == 0 and saved_steps(opt.model_dir, 'G'):
         steps = saved_steps(opt.model_dir, 'G')
-        raise UserError(f"{opt.model_dir} already holds checkpoints (steps {steps[0]}..{steps[-1]}) "
-                        f"that a new run would overwrite; resume with --latest_iter -1, choose "
-                        f"another --dataset_name, or move them away")
+        raise UserError(f"{opt.model_dir} already holds checkpoints (steps "
+                        f"{steps[0]}..{steps[-1]}) that a new run would overwrite; resume with "
+                        f"--latest_iter -1, choose another --dataset_name, or move them away")
     val_dataset = CustomDataset(opt, split='test') if opt.val_during_train else None
     sampler = EpochSampler(len(dataset), shuffle=not opt.no_shuffle, seed=opt.seed,
                            num_replicas=cluster.world_size, rank=cluster.rank)

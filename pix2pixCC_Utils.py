@@ -173,14 +173,86 @@ class Precision:
         return torch.autocast(self.device_type, dtype=self.dtype, enabled=self.enabled)
 
 
+# ----------------------------------------------------------------------------------------
+# CPU execution of the widest convolutions (performance only: same modules, same state_dict
+# keys, same result up to float rounding).
+#
+# PyTorch's default CPU convolution (oneDNN) re-lays-out the weights at every call. For the
+# generator's 1024-channel convolutions at training sizes (16x16 feature maps for 256x256
+# data, 9.4 M weights each) that copy costs as much as the arithmetic, forward and backward:
+# there, im2col + one matrix product (aten's thnn_conv2d, which the backward also uses) is
+# about 1.5x faster. Where the weights are few for the pixels (the discriminator's 4x4
+# convolution and the generator's 256->512 one at 32x32, inference at 1024x1024) oneDNN is
+# as fast or faster, so it keeps them. The step as a whole is measured in BENCHMARKS.md; per
+# convolution, forward and backward, GEMM against oneDNN (2 threads, torch 2.13): 1024->1024
+# 3x3 at 16x16 130-155 ms against 197-206 (batch 4: 476-499 against 590-770); 512->1024 5x5
+# at 16x16 169-195 against 244-275; 256->512 5x5 at 32x32 165-187 against 156-172; the
+# discriminator's 256->512 4x4 at 31x31 108-114 against 97-101.
+# ----------------------------------------------------------------------------------------
+
+GEMM_CONV_MAX_PIXELS = 1024        # batch x output height x width: at most this many pixels,
+GEMM_CONV_MIN_WEIGHTS = 2 ** 20    # at least this many weights,
+GEMM_CONV_WEIGHTS_PER_PIXEL = 4096  # and at least this many weights per pixel take the path
+
+
+class GemmConv2d(nn.Conv2d):
+    """nn.Conv2d that computes im2col + matrix product where that is faster (see above).
+
+    `use_gemm_convolutions` turns a network's Conv2d layers into this class in place: a
+    module is still called as a module (its hooks run), and its parameters and state_dict
+    keys are those of the nn.Conv2d it was.
+    """
+
+    def forward(self, x):
+        if self.gemm_pays(x):
+            return torch.ops.aten.thnn_conv2d(x, self.weight, list(self.kernel_size), self.bias,
+                                              list(self.stride), list(self.padding))
+        return super().forward(x)
+
+    def gemm_pays(self, x):
+        if not (x.device.type == 'cpu' and x.dtype == self.weight.dtype == torch.float32
+                and x.dim() == 4):
+            return False
+        kh, kw = self.kernel_size
+        (sh, sw), (ph, pw) = self.stride, self.padding
+        pixels = x.shape[0] * ((x.shape[2] + 2 * ph - kh) // sh + 1) * \
+            ((x.shape[3] + 2 * pw - kw) // sw + 1)
+        weights = self.weight.numel()
+        # Under bfloat16 autocast oneDNN's bfloat16 kernels are the fast ones; a compiled
+        # graph has its own convolution lowering.
+        return (pixels <= GEMM_CONV_MAX_PIXELS and weights >= GEMM_CONV_MIN_WEIGHTS
+                and weights >= GEMM_CONV_WEIGHTS_PER_PIXEL * pixels
+                and not torch.is_autocast_enabled('cpu')
+                and not torch.compiler.is_compiling())
+
+
+def use_gemm_convolutions(module, enabled=True):
+    """Let every plain Conv2d of `module` take the GEMM path where it is faster (or, with
+    enabled=False, never). The class changes in place, nothing else."""
+    if not hasattr(torch.ops.aten, 'thnn_conv2d'):
+        return module
+    for layer in module.modules():
+        plain = type(layer) is nn.Conv2d and layer.groups == 1 and \
+            tuple(layer.dilation) == (1, 1) and layer.padding_mode == 'zeros' and \
+            not isinstance(layer.padding, str)
+        if enabled and plain:
+            layer.__class__ = GemmConv2d
+        elif not enabled and type(layer) is GemmConv2d:
+            layer.__class__ = nn.Conv2d
+    return module
+
+
 def prepare_network(module, opt, device, wrap=None):
     """Move a network to `device` for fast execution: on GPUs, cuDNN's autotuner and the
-    channels-last layout (what tensor cores want); then `wrap` (e.g. DistributedDataParallel);
-    with --compile, torch.compile around the whole."""
+    channels-last layout (what tensor cores want); on the CPU, the GEMM path for the widest
+    convolutions; then `wrap` (e.g. DistributedDataParallel); with --compile, torch.compile
+    around the whole."""
     module = module.to(device)
     if device.type == 'cuda':
         torch.backends.cudnn.benchmark = True  # training sizes are fixed: tune once
         module = module.to(memory_format=torch.channels_last)
+    else:
+        use_gemm_convolutions(module)
     if wrap is not None:
         module = wrap(module)
     if getattr(opt, 'compile', False):
@@ -405,10 +477,10 @@ def mismatch_reason(state, module):
     """Name the options that differ between a checkpoint and `module` built from `opt`."""
     try:
         if 'model.1.weight' in state:
-            trained, own = generator_options_of(state), generator_options_of(bare(module).state_dict())
+            options_of = generator_options_of
         else:
-            trained, own = discriminator_options_of(state), discriminator_options_of(
-                bare(module).state_dict())
+            options_of = discriminator_options_of
+        trained, own = options_of(state), options_of(bare(module).state_dict())
     except (KeyError, IndexError):
         return 'it holds different parameter names'
     differ = [f"--{k} {trained[k]} (options say {own[k]})" for k in trained
@@ -679,9 +751,9 @@ def metrics_table(summary, bins, channels=1, unit=None):
     for c in range(channels):
         prefix = f'ch{c}_' if channels > 1 else ''
         for k in bins:
-            mean = lambda name: summary[f'{prefix}{name}_{k}x{k}']['mean']
-            lines.append(f"{c:>7} {f'{k}x{k}':>5} {mean('cc'):7.4f} {mean('ccc'):7.4f} "
-                         f"{mean('rmse'):11.4g} {mean('mae'):11.4g}")
+            cc, ccc, rmse, mae = (summary[f'{prefix}{name}_{k}x{k}']['mean']
+                                  for name in ('cc', 'ccc', 'rmse', 'mae'))
+            lines.append(f"{c:>7} {f'{k}x{k}':>5} {cc:7.4f} {ccc:7.4f} {rmse:11.4g} {mae:11.4g}")
     flux = f'[{unit} px]'
     lines += ['', f"{'channel':>7} {'unsigned flux':^27} {'net flux':^27}",
               f"{'':>7} {'real':>13} {'generated':>13} {'real':>13} {'generated':>13}",

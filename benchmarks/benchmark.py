@@ -21,20 +21,22 @@ Variants (`--train_variants`, `--data_variants`, `--inference_variants`):
 
 train     published  re-created published step: Loss without freezing D during the
                      generator's pass, Mish written as x*tanh(softplus(x)), plain Adam
-                     (for-loop implementation), every convolution by PyTorch's default kernel
-          driver     the step as pix2pixCC_Train.py does it today: frozen D, native Mish,
-                     the GEMM path for the widest CPU convolutions (pix2pixCC_Networks),
-                     prepare_network placement, torch.optim.Adam's default implementation
-          fused      driver + torch.optim.Adam(fused=True)                 (proposed default)
-          modifiers, appended with '+' (e.g. fused+zg+bf16):
-            +zg       gradients released before the forward pass, not just before each
-                      backward (proposed driver change: less memory held during the forward)
+                     (for-loop implementation), zero_grad before each backward, every
+                     convolution by PyTorch's default kernel, networks only moved to the device
+          driver     the driver's own step: pix2pixCC_Train.train_step with
+                     pix2pixCC_Train.make_optimizer (fused Adam where torch has it, gradients
+                     released after the step), networks placed by
+                     pix2pixCC_Utils.prepare_network (on the CPU: the GEMM path for the
+                     widest convolutions)
+          modifiers, appended with '+' (e.g. driver+bf16):
             +onednn   without the GEMM convolution path (shows that path's gain)
             +nomkldnn torch.backends.mkldnn.enabled = False: every convolution by
                       PyTorch's own im2col + GEMM kernels
             +cl       channels_last weights and inputs
             +bf16     --data_type 16 (bfloat16 autocast on the CPU and on bf16 GPUs)
             +compile  --compile (torch.compile through prepare_network; slow first step)
+          (BENCHMARKS.md's earlier runs name the driver's step `fused+zg`: fused Adam and
+          gradients released after the step, which the driver has adopted since.)
 data      published  re-created published __getitem__: FITS read as float64, normalisation in
                      float64, scipy.ndimage.rotate by 0 degrees (cubic spline) on both arrays
           ours       CustomDataset.__getitem__ (float32, no interpolation at angle 0)
@@ -65,7 +67,7 @@ if REPO not in sys.path:
     sys.path.insert(0, REPO)
 
 PARTS = ('train', 'data', 'inference', 'matmul')
-DEFAULT_VARIANTS = {'train': 'published,driver,fused,fused+zg',
+DEFAULT_VARIANTS = {'train': 'published,driver',
                     'data': 'published,ours,loader',
                     'inference': 'published,ours',
                     'matmul': 'float32,bfloat16'}
@@ -117,41 +119,64 @@ def unfrozen_discriminator():
         networks.frozen = saved
 
 
-def make_optimizers(G, D, opt, adam='fused'):
-    """Adam for G and D; `adam`: 'plain' (for-loop), 'default' (torch's choice, what the
-    driver gets), 'foreach' or 'fused'."""
-    import torch
-    kwargs = {'plain': {'foreach': False}, 'default': {}, 'foreach': {'foreach': True},
-              'fused': {'fused': True}}[adam]
-    return (torch.optim.Adam(G.parameters(), lr=opt.lr, betas=(opt.beta1, opt.beta2), **kwargs),
-            torch.optim.Adam(D.parameters(), lr=opt.lr, betas=(opt.beta1, opt.beta2), **kwargs))
-
-
-def train_step(criterion, G, D, G_optim, D_optim, precision, input, target, frozen_d=True,
-               release_grads_first=False):
-    """One training step exactly as pix2pixCC_Train.main does it (Loss -> G step -> D step).
-
-    frozen_d=False runs the Loss as the published code does (D's weights not frozen).
-    release_grads_first=True drops the previous step's gradients before the forward pass
-    instead of just before each backward (the same step, less memory held during the
-    forward: the proposed driver change)."""
-    import torch
-    if release_grads_first:
-        G_optim.zero_grad(set_to_none=True)
-        D_optim.zero_grad(set_to_none=True)
-    with contextlib.nullcontext() if frozen_d else unfrozen_discriminator():
+def published_step(criterion, G, D, G_optim, D_optim, precision, input, target):
+    """One training step as the published code does it: the Loss with D not frozen during
+    the generator's pass, zero_grad before each backward, then G step and D step."""
+    with unfrozen_discriminator():
         with precision.autocast():
             loss_D, loss_G, target, fake = criterion(D, G, input, target)
-    if not torch.isfinite(loss_D.detach() + loss_G.detach()):
-        raise RuntimeError('loss not finite')
-    G_optim.zero_grad(set_to_none=True)
+    G_optim.zero_grad()
     precision.scaler.scale(loss_G).backward()
     precision.scaler.step(G_optim)
-    D_optim.zero_grad(set_to_none=True)
+    D_optim.zero_grad()
     precision.scaler.scale(loss_D).backward()
     precision.scaler.step(D_optim)
     precision.scaler.update()
-    return loss_D.detach(), loss_G.detach()
+    return loss_D, loss_G, target, fake
+
+
+def training_setup(variant, opt, device, size):
+    """A training variant ready to run: returns (step, G, D), where step() runs one training
+    step on fixed random data of size x size and returns (loss_D, loss_G) detached."""
+    import torch
+    import pix2pixCC_Utils as utils
+    from pix2pixCC_Networks import Discriminator, Generator, Loss, weights_init
+    from pix2pixCC_Train import make_optimizer, train_step
+    base, modifiers = parse_train_variant(variant)
+    precision = utils.Precision(opt, device)
+    torch.manual_seed(0)
+    G = Generator(opt).apply(weights_init)
+    D = Discriminator(opt).apply(weights_init)
+    if 'nomkldnn' in modifiers:
+        torch.backends.mkldnn.enabled = False  # PyTorch's own (im2col + GEMM) kernels
+    if base == 'published':
+        use_published_mish(G)
+        G, D = G.to(device), D.to(device)  # the published code only moves the networks
+        optimisers = [torch.optim.Adam(m.parameters(), lr=opt.lr, betas=(opt.beta1, opt.beta2),
+                                       foreach=False) for m in (G, D)]
+        run = published_step
+    else:  # as pix2pixCC_Train.main does it
+        G, D = utils.prepare_network(G, opt, device), utils.prepare_network(D, opt, device)
+        if 'onednn' in modifiers:
+            for module in (G, D):
+                utils.use_gemm_convolutions(module, enabled=False)
+        optimisers = [make_optimizer(m.parameters(), opt) for m in (G, D)]
+        run = train_step
+    layout = utils.memory_format(device)
+    if 'cl' in modifiers:
+        layout = torch.channels_last
+        G, D = G.to(memory_format=layout), D.to(memory_format=layout)
+    criterion = Loss(opt)
+    shape = (opt.batch_size, opt.input_ch, size, size)
+    input = (torch.rand(shape) * 2 - 1).to(device).contiguous(memory_format=layout)
+    target = (torch.rand(shape[:1] + (opt.target_ch,) + shape[2:]) * 2 - 1).to(device) \
+        .contiguous(memory_format=layout)
+
+    def step():
+        loss_D, loss_G, _, _ = run(criterion, G, D, *optimisers, precision, input, target)
+        return loss_D.detach(), loss_G.detach()
+
+    return step, G, D
 
 
 def published_style_item(input_path, target_path, opt, angle=0):
@@ -269,12 +294,12 @@ def network_argv(args):
             '--batch_size', str(args.batch_size)] + args.option
 
 
-TRAIN_BASES = ('published', 'driver', 'fused')
-TRAIN_MODIFIERS = ('zg', 'onednn', 'nomkldnn', 'cl', 'bf16', 'compile')
+TRAIN_BASES = ('published', 'driver')
+TRAIN_MODIFIERS = ('onednn', 'nomkldnn', 'cl', 'bf16', 'compile')
 
 
 def parse_train_variant(variant):
-    """'fused+zg+bf16' -> ('fused', {'zg', 'bf16'})."""
+    """'driver+cl+bf16' -> ('driver', {'cl', 'bf16'})."""
     base, *modifiers = variant.split('+')
     if base not in TRAIN_BASES or not set(modifiers) <= set(TRAIN_MODIFIERS):
         raise SystemExit(f'unknown training variant {variant!r}: a base of '
@@ -283,51 +308,25 @@ def parse_train_variant(variant):
     return base, set(modifiers)
 
 
-def child_train(args, variant):
-    import torch
-    import pix2pixCC_Networks as networks
-    import pix2pixCC_Utils as utils
-    from pix2pixCC_Networks import Discriminator, Generator, Loss, weights_init
+def train_options(argv, variant):
+    """The TrainOption namespace of a training variant (+bf16, +compile set options)."""
     from pix2pixCC_Options import TrainOption
-    base, modifiers = parse_train_variant(variant)
+    _, modifiers = parse_train_variant(variant)
     extra = ['--data_type', '16' if 'bf16' in modifiers else '32']
     if 'compile' in modifiers:
         extra += ['--compile', 'True']
-    opt = TrainOption().parse(network_argv(args) + extra + ['--data_size', str(args.size)])
+    return TrainOption().parse(argv + extra)
+
+
+def child_train(args, variant):
+    import torch
+    import pix2pixCC_Utils as utils
+    opt = train_options(network_argv(args) + ['--data_size', str(args.size)], variant)
     device, _ = utils.select_device(opt, log=lambda *a: None)
-    precision = utils.Precision(opt, device)
-    torch.manual_seed(0)
-    G = Generator(opt).apply(weights_init)
-    D = Discriminator(opt).apply(weights_init)
-    if base == 'published':
-        use_published_mish(G)
-    if base == 'published' or 'onednn' in modifiers:
-        networks._GEMM_CONV = False  # every convolution by PyTorch's default kernel
-    if 'nomkldnn' in modifiers:
-        torch.backends.mkldnn.enabled = False  # PyTorch's own (im2col + GEMM) kernels
-    # Placement as the driver does it (on CUDA: cuDNN autotuner and channels-last; with
-    # --compile: torch.compile); the published code only moves the networks.
-    prepare = getattr(utils, 'prepare_network', None)
-    if base == 'published' or prepare is None:
-        G, D = G.to(device), D.to(device)
-    optimisers = make_optimizers(G, D, opt, {'published': 'plain', 'driver': 'default'}
-                                 .get(base, 'fused'))
-    if base != 'published' and prepare is not None:
-        G, D = prepare(G, opt, device), prepare(D, opt, device)
-    layout = getattr(utils, 'memory_format', lambda device: torch.contiguous_format)(device)
-    if 'cl' in modifiers:
-        layout = torch.channels_last
-        G, D = G.to(memory_format=layout), D.to(memory_format=layout)
-    criterion = Loss(opt)
-    shape = (opt.batch_size, opt.input_ch, args.size, args.size)
-    input = (torch.rand(shape) * 2 - 1).to(device).contiguous(memory_format=layout)
-    target = (torch.rand(shape[:1] + (opt.target_ch,) + shape[2:]) * 2 - 1).to(device) \
-        .contiguous(memory_format=layout)
+    run, _, _ = training_setup(variant, opt, device, args.size)
 
     def step():
-        loss_D, loss_G = train_step(criterion, G, D, *optimisers, precision, input, target,
-                                    frozen_d=base != 'published',
-                                    release_grads_first='zg' in modifiers)
+        loss_D, loss_G = run()
         float(loss_D + loss_G)  # wait for the device
         if device.type == 'cuda':
             torch.cuda.synchronize()
@@ -379,11 +378,13 @@ def child_data(args, variant):
             '--data_size', str(args.data_size), '--n_workers', str(args.n_workers)])
         dataset = CustomDataset(opt)
         n = len(dataset)
-        if variant == 'published':
-            get = lambda i: published_style_item(dataset.input_paths[i],
-                                                 dataset.target_paths[i], opt)
-        else:
-            get = lambda i: dataset[(i, 1000 + i)]
+
+        def get(i):
+            if variant == 'published':
+                return published_style_item(dataset.input_paths[i], dataset.target_paths[i],
+                                            opt)
+            return dataset[(i, 1000 + i)]
+
         times = []
         if variant == 'loader':
             from torch.utils.data import DataLoader
@@ -418,7 +419,6 @@ def child_data(args, variant):
 
 def child_inference(args, variant):
     import torch
-    import pix2pixCC_Networks as networks
     import pix2pixCC_Utils as utils
     from pix2pixCC_Networks import Generator, weights_init
     from pix2pixCC_Options import TestOption
@@ -428,14 +428,12 @@ def child_inference(args, variant):
     precision = utils.Precision(opt, device)
     torch.manual_seed(0)
     G = Generator(opt).apply(weights_init).eval()
-    prepare = getattr(utils, 'prepare_network', None)
-    layout = getattr(utils, 'memory_format', lambda device: torch.contiguous_format)(device)
+    layout = utils.memory_format(device)
     if variant == 'published':
         use_published_mish(G)
-        networks._GEMM_CONV = False
-        G = G.to(device)
+        G = G.to(device)  # every convolution by PyTorch's default kernel
     else:  # as pix2pixCC_Test.main places it
-        G = prepare(G, opt, device) if prepare is not None else G.to(device)
+        G = utils.prepare_network(G, opt, device)
     if variant == 'ours_cl':
         layout = torch.channels_last
         G = G.to(memory_format=layout)

@@ -1,10 +1,10 @@
 """Where a training step's time goes: torch.profiler over a few steps, top operators.
 
-    python benchmarks/profile_step.py                       # the proposed step, 256x256
+    python benchmarks/profile_step.py                       # the driver's step, 256x256
     python benchmarks/profile_step.py --variant published   # the re-created published step
     python benchmarks/profile_step.py --size 256 --steps 2 --rows 15 --shapes
 
-Variants are those of benchmark.py (published, driver, fused, with +modifiers). Prints the
+Variants are those of benchmark.py (published, driver, with +modifiers). Prints the
 operators sorted by their own CPU time (self time: a convolution's backward is counted once,
 not again in every autograd node above it), and a summary by kind: convolution forward /
 backward, optimiser, the rest.
@@ -19,7 +19,7 @@ import benchmark  # noqa: E402
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-    p.add_argument('--variant', default='fused+zg')
+    p.add_argument('--variant', default='driver')
     p.add_argument('--size', type=int, default=256)
     p.add_argument('--n_gf', type=int, default=64)
     p.add_argument('--n_df', type=int, default=64)
@@ -33,32 +33,12 @@ def main(argv=None):
 
     import torch
     from torch.profiler import ProfilerActivity, profile
-    import pix2pixCC_Networks as networks
-    import pix2pixCC_Utils as utils
-    from pix2pixCC_Networks import Discriminator, Generator, Loss, weights_init
-    from pix2pixCC_Options import TrainOption
 
-    base, modifiers = benchmark.parse_train_variant(args.variant)
-    opt = TrainOption().parse(['--gpu_ids', '-1', '--n_gf', str(args.n_gf),
-                               '--n_df', str(args.n_df), '--n_downsample', str(args.n_downsample),
-                               '--n_residual', str(args.n_residual), '--data_type',
-                               '16' if 'bf16' in modifiers else '32'])
-    torch.manual_seed(0)
-    G, D = Generator(opt).apply(weights_init), Discriminator(opt).apply(weights_init)
-    if base == 'published':
-        benchmark.use_published_mish(G)
-    if base == 'published' or 'onednn' in modifiers:
-        networks._GEMM_CONV = False
-    optimisers = benchmark.make_optimizers(G, D, opt, {'published': 'plain',
-                                                       'driver': 'default'}.get(base, 'fused'))
-    precision = utils.Precision(opt, torch.device('cpu'))
-    criterion = Loss(opt)
-    input = torch.rand(1, 1, args.size, args.size) * 2 - 1
-    target = torch.rand(1, 1, args.size, args.size) * 2 - 1
-
-    def step():
-        benchmark.train_step(criterion, G, D, *optimisers, precision, input, target,
-                             frozen_d=base != 'published', release_grads_first='zg' in modifiers)
+    opt = benchmark.train_options(['--gpu_ids', '-1', '--n_gf', str(args.n_gf),
+                                   '--n_df', str(args.n_df),
+                                   '--n_downsample', str(args.n_downsample),
+                                   '--n_residual', str(args.n_residual)], args.variant)
+    step, _, _ = benchmark.training_setup(args.variant, opt, torch.device('cpu'), args.size)
 
     for _ in range(args.warmup):
         step()

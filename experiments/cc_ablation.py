@@ -53,7 +53,10 @@ def train_and_evaluate(name, lambda_CC, n_epochs, seed):
                                 'metrics_summary.json')
     with open(summary_path) as f:
         summary = json.load(f)
-    mean = lambda key: summary[key]['mean']
+
+    def mean(key):
+        return summary[key]['mean']
+
     return {'objective': name, 'lambda_CC': lambda_CC, 'steps': steps,
             'train_seconds': round(train_seconds),
             'cc_1x1': mean('cc_1x1'), 'cc_8x8': mean('cc_8x8'), 'rmse_1x1': mean('rmse_1x1'),

@@ -4,7 +4,9 @@ Everything runs on the CPU with tiny networks (TINY) and 32-64 px data written b
 themselves into pytest's tmp_path. Drivers are run either in-process (`main(argv)`) or as
 scripts (`run_script`), always with `--gpu_ids -1`.
 """
+import csv
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -39,6 +41,11 @@ SAMPLE_SCALING = ['--logscale_input', 'True', '--saturation_lower_limit_input', 
                   '--saturation_upper_limit_target', '3000',
                   '--saturation_clip_target', 'True']
 
+# npy pairs as make_pairs writes them (values in [0, 100]), scaled at those limits.
+NPY_DATA = ['--data_format_input', 'npy', '--data_format_target', 'npy', '--data_size', '32',
+            '--saturation_lower_limit_input', '0', '--saturation_upper_limit_input', '100',
+            '--saturation_lower_limit_target', '0', '--saturation_upper_limit_target', '100']
+
 ALL_FORMATS = ('tif', 'tiff', 'png', 'jpg', 'jpeg', 'npy', 'fits', 'fts', 'fit')
 
 
@@ -59,6 +66,12 @@ def train_opt(*argv, **options):
 def make_test_opt(*argv, **options):
     from pix2pixCC_Options import TestOption
     return TestOption().parse(TINY + list(argv) + argv_from(**options))
+
+
+def data_args(input_dir, target_dir, *extra):
+    """Training arguments: TINY, NPY_DATA, one epoch on these folders, then `extra`."""
+    return TINY + NPY_DATA + ['--n_epochs', '1', '--n_workers', '0', '--input_dir_train',
+                              str(input_dir), '--target_dir_train', str(target_dir), *extra]
 
 
 # ----------------------------------------------------------------------------------------
@@ -89,6 +102,25 @@ def write_user_file(path, array, fmt, header=None):
     else:
         raise ValueError(fmt)
     return path
+
+
+def read_user_file(path, fmt):
+    """Read a file as a user would (not through the package's readers). FITS data must be
+    float32 (BITPIX -32) and images must hold the format their extension names."""
+    if fmt in ('fits', 'fts', 'fit'):
+        from astropy.io import fits
+        with fits.open(path) as hdul:
+            assert hdul[0].header['BITPIX'] == -32
+            return np.array(hdul[0].data)
+    if fmt == 'npy':
+        return np.load(path)
+    if fmt in ('tif', 'tiff'):
+        import tifffile
+        return tifffile.imread(path)
+    from PIL import Image
+    with Image.open(path) as image:
+        assert image.format == {'png': 'PNG', 'jpg': 'JPEG', 'jpeg': 'JPEG'}[fmt]
+        return np.asarray(image)
 
 
 def smooth_field(rng, size, channels=1, low=0.0, high=1.0, noise=0.1):
@@ -132,6 +164,19 @@ def make_pairs(root, fmt, n=6, size=32, channels=1, target_fmt=None, target_chan
                 data = data[0]
             write_user_file(os.path.join(folder, f'{prefix}_{i:03d}.{f}'), data, f)
     return input_dir, target_dir
+
+
+def write_pairs(root, inputs, targets, fmt='npy'):
+    """Write {name: array} to root/Input and root/Target as `fmt` files (names sort as
+    given); returns (input_dir, target_dir)."""
+    dirs = []
+    for role, arrays in (('Input', inputs), ('Target', targets)):
+        folder = os.path.join(str(root), role)
+        os.makedirs(folder, exist_ok=True)
+        for name, array in arrays.items():
+            write_user_file(os.path.join(folder, f'{name}.{fmt}'), array, fmt)
+        dirs.append(folder)
+    return tuple(dirs)
 
 
 def copy_sample(root, n_train=6, n_test=3):
@@ -183,6 +228,139 @@ def assert_usage_error(proc, *fragments):
     for fragment in fragments:
         assert fragment in lines[0], f"{fragment!r} not in {lines[0]!r}"
     return lines[0]
+
+
+# ----------------------------------------------------------------------------------------
+# Reading what a run wrote
+# ----------------------------------------------------------------------------------------
+
+REPORT = re.compile(r'Epoch:\s*(\d+)/(\d+).*?Current_step:\s*(\d+).*?D_loss:\s*(\S+).*?'
+                    r'G_loss:\s*(\S+)')
+
+
+def reports(stdout):
+    """[(epoch, step, D_loss, G_loss)] of the report lines on a run's standard output."""
+    out = []
+    for line in stdout.splitlines():
+        if 'Epoch:' in line:
+            match = REPORT.search(line)
+            assert match, line
+            out.append((int(match.group(1)), int(match.group(3)), float(match.group(4)),
+                        float(match.group(5))))
+    return out
+
+
+def reported_steps(stdout):
+    return [step for _, step, _, _ in reports(stdout)]
+
+
+def model_dir(root, name='pix2pixCC'):
+    """./checkpoints/<name>/Model of a run made in `root`."""
+    return os.path.join(str(root), 'checkpoints', name, 'Model')
+
+
+def saved_steps_in(folder, kind='G'):
+    """Steps of the files <step>_<kind>.pt in `folder` (kind 'G', 'D', 'state'; or a file
+    suffix such as '_real.png'), ascending."""
+    suffix = kind if '.' in kind else f'_{kind}.pt'
+    return sorted(int(name[:-len(suffix)]) for name in os.listdir(str(folder))
+                  if name.endswith(suffix) and name[:-len(suffix)].isdigit())
+
+
+def load(path):
+    return torch.load(str(path), map_location='cpu', weights_only=True)
+
+
+def load_generator(opt, path):
+    """The Generator of `opt` with the weights of `path`, in eval mode."""
+    from pix2pixCC_Networks import Generator
+    G = Generator(opt)
+    G.load_state_dict(load(path), strict=True)
+    return G.eval()
+
+
+def read_csv_rows(path):
+    """(column names, rows as dicts) of a CSV file such as loss_log.csv."""
+    with open(str(path), newline='') as f:
+        reader = csv.DictReader(f)
+        return reader.fieldnames, list(reader)
+
+
+def loss_rows(root, name='pix2pixCC'):
+    """The rows of loss_log.csv of a run made in `root`."""
+    return read_csv_rows(os.path.join(str(root), 'checkpoints', name, 'loss_log.csv'))[1]
+
+
+def snapshot(folder, with_dirs=False):
+    """{relative path: (content, mtime_ns)} of every file (and folder) under `folder`: equal
+    snapshots before and after mean nothing was written, removed or touched. The lock file
+    is left out: it names whichever training run started last."""
+    out = {}
+    for path, _, filenames in os.walk(str(folder)):
+        if with_dirs:
+            out[os.path.relpath(path, str(folder)) + '/'] = (None, os.stat(path).st_mtime_ns)
+        for name in filenames:
+            if name == 'train.lock':
+                continue
+            full = os.path.join(path, name)
+            with open(full, 'rb') as f:
+                out[os.path.relpath(full, str(folder))] = (f.read(), os.stat(full).st_mtime_ns)
+    return out
+
+
+# ----------------------------------------------------------------------------------------
+# Comparing numbers
+# ----------------------------------------------------------------------------------------
+
+def lin_ccc(t, f):
+    """Lin's concordance correlation coefficient with population moments, in float64."""
+    t, f = np.asarray(t, np.float64).ravel(), np.asarray(f, np.float64).ravel()
+    covariance = ((t - t.mean()) * (f - f.mean())).mean()
+    return 2 * covariance / (t.var() + f.var() + (t.mean() - f.mean()) ** 2)
+
+
+def state_of(weights):
+    """A state_dict from a module, a checkpoint path or a state_dict."""
+    if isinstance(weights, torch.nn.Module):
+        return weights.state_dict()
+    if isinstance(weights, (str, os.PathLike)):
+        return load(weights)
+    return weights
+
+
+def assert_same_weights(a, b, tolerance=1e-6, skip=()):
+    """Same keys, and every tensor within `tolerance` (absolute), except the keys in `skip`.
+    a, b: modules, checkpoint paths or state_dicts."""
+    a, b = state_of(a), state_of(b)
+    assert list(a) == list(b) or set(a) == set(b)
+    for key in a:
+        if key in skip or not a[key].numel():
+            continue
+        difference = float((a[key].double() - b[key].double()).abs().max())
+        assert difference <= tolerance, f"{key}: max |difference| {difference:g}"
+
+
+def biases_before_norm(module):
+    """Names of the convolution biases that an InstanceNorm2d or BatchNorm2d follows.
+
+    The norm subtracts each channel's mean, so such a bias cannot change the output and its
+    gradient is exactly zero in exact arithmetic; in floating point it is rounding noise,
+    which Adam normalises into steps of about +-lr. Two computations that add up the same
+    gradients in a different order (GEMM against oneDNN, two processes' all-reduce against
+    one batch) therefore move these biases differently while every output stays the same:
+    weight comparisons leave them out (and compare outputs instead).
+    """
+    names = set()
+    for prefix, seq in module.named_modules():
+        if not isinstance(seq, torch.nn.Sequential):
+            continue
+        children = list(seq.named_children())
+        for (name, layer), (_, following) in zip(children, children[1:]):
+            if isinstance(layer, (torch.nn.Conv2d, torch.nn.ConvTranspose2d)) and \
+                    layer.bias is not None and \
+                    isinstance(following, (torch.nn.InstanceNorm2d, torch.nn.BatchNorm2d)):
+                names.add(f'{prefix}.{name}.bias' if prefix else f'{name}.bias')
+    return names
 
 
 @pytest.fixture

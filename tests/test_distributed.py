@@ -2,27 +2,24 @@
 model as one process with the same global batch, write one set of files named by global
 sample counts, and resume; --gpu_ids 0,1 without CUDA falls back to the CPU.
 """
-import csv
 import os
 import re
 import shutil
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
-import torch.nn as nn
+from PIL import Image
 
-from conftest import (SUBPROCESS_ENV, TINY, TRAIN_SCRIPT, assert_ok, make_pairs, run_train,
-                      train_opt)
+from conftest import (NPY_DATA, SUBPROCESS_ENV, TINY, TRAIN_SCRIPT, assert_ok,
+                      biases_before_norm, load, load_generator, loss_rows, make_pairs,
+                      model_dir, run_train, saved_steps_in, train_opt)
 from pix2pixCC_Networks import Generator
 
-DATA = ['--data_format_input', 'npy', '--data_format_target', 'npy', '--data_size', '32',
-        '--saturation_lower_limit_input', '0', '--saturation_upper_limit_input', '100',
-        '--saturation_lower_limit_target', '0', '--saturation_upper_limit_target', '100',
-        '--n_D', '1', '--no_shuffle', '--seed', '3', '--report_freq', '4', '--save_freq', '8',
-        '--keep_states', '0',
-        '--display_freq', '1000']
+DATA = NPY_DATA + ['--n_D', '1', '--no_shuffle', '--seed', '3', '--report_freq', '4',
+                   '--save_freq', '8', '--display_freq', '1000', '--keep_states', '0']
 N_PAIRS = 16
 WEIGHT_TOLERANCE = 1e-5
 OUTPUT_TOLERANCE = 1e-4
@@ -36,46 +33,23 @@ def torchrun(args, cwd, timeout=300):
 
 
 def model_files(root):
-    return sorted(os.listdir(os.path.join(str(root), 'checkpoints', 'pix2pixCC', 'Model')))
+    return sorted(os.listdir(model_dir(root)))
 
 
 def checkpoint(root, name):
-    return torch.load(os.path.join(str(root), 'checkpoints', 'pix2pixCC', 'Model', name),
-                      map_location='cpu', weights_only=True)
+    return load(os.path.join(model_dir(root), name))
 
 
 def log_steps(root):
-    with open(os.path.join(str(root), 'checkpoints', 'pix2pixCC', 'loss_log.csv'),
-              newline='') as f:
-        return [int(row['step']) for row in csv.DictReader(f)]
-
-
-def biases_before_instance_norm(G):
-    """Names of the convolution biases that an InstanceNorm2d follows directly.
-
-    The norm subtracts each channel's mean, so such a bias cannot change the output and its
-    gradient is exactly zero in exact arithmetic; in floating point it is rounding noise,
-    which Adam normalises into steps of about ±lr. Two runs that add up their gradients in a
-    different order (two processes' all-reduce against one process's batch) therefore move
-    these biases differently (~1e-3) while every output stays the same. They are excluded
-    from the weight comparison, and the outputs are compared instead.
-    """
-    names = set()
-    for prefix, module in G.named_modules():
-        if not isinstance(module, nn.Sequential):
-            continue
-        children = list(module.named_children())
-        for (name, layer), (_, following) in zip(children, children[1:]):
-            if isinstance(layer, (nn.Conv2d, nn.ConvTranspose2d)) and layer.bias is not None \
-                    and isinstance(following, nn.InstanceNorm2d):
-                names.add(f'{prefix}.{name}.bias' if prefix else f'{name}.bias')
-    return names
+    return [int(row['step']) for row in loss_rows(root)]
 
 
 def assert_same_generator(state_a, state_b):
     opt = train_opt()
     G = Generator(opt)
-    excluded = biases_before_instance_norm(G)
+    # Two processes' all-reduce adds up the gradients in another order than one process's
+    # batch: the noise-gradient biases drift apart (see conftest.biases_before_norm).
+    excluded = biases_before_norm(G)
     assert excluded and excluded < set(state_a)  # found some, not everything
     assert 'model.1.bias' in excluded and f'model.{len(G.model) - 1}.bias' not in excluded
     assert set(state_a) == set(state_b)
@@ -116,17 +90,6 @@ def one_process(tmp_path_factory, data):
     root = tmp_path_factory.mktemp('single')
     assert_ok(run_train(TINY + DATA + data + ['--batch_size', '4', '--n_epochs', '1'], cwd=root))
     return root
-
-
-def test_bias_exclusion_is_exactly_the_biases_an_instance_norm_follows():
-    G = Generator(train_opt())
-    excluded = biases_before_instance_norm(G)
-    # TINY: stem conv, 2 downsampling convs, 2 convs per residual block, 2 transposed convs.
-    assert len(excluded) == 1 + 2 + 2 + 2
-    assert all(name.endswith('.bias') for name in excluded)
-    # The set follows the module types: a BatchNorm generator has no InstanceNorm to follow.
-    assert biases_before_instance_norm(Generator(train_opt('--norm_type', 'BatchNorm2d'))) \
-        == set()
 
 
 def test_two_processes_train_the_model_of_one_process(two_processes, one_process):
@@ -178,10 +141,12 @@ def test_resumed_two_processes_match_two_epochs_of_one_process(resumed_two_proce
     assert_same_generator(checkpoint(root, '32_G.pt'), checkpoint(tmp_path, '32_G.pt'))
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason='needs a machine without CUDA')
 def test_several_gpu_ids_without_cuda_fall_back_to_one_cpu_process(data, tmp_path):
-    proc = run_train(TINY + DATA + data + ['--gpu_ids', '0,1', '--batch_size', '4',
-                                           '--n_epochs', '1'], cwd=tmp_path)
+    # No GPU visible, whatever the machine has.
+    proc = subprocess.run([sys.executable, TRAIN_SCRIPT] + TINY + DATA + data + [
+        '--gpu_ids', '0,1', '--batch_size', '4', '--n_epochs', '1'], cwd=str(tmp_path),
+        env=dict(SUBPROCESS_ENV, CUDA_VISIBLE_DEVICES=''), capture_output=True, text=True,
+        timeout=300)
     assert_ok(proc)
     output = proc.stdout + proc.stderr
     notices = [line for line in output.splitlines() if 'CUDA' in line or 'cuda' in line]
@@ -192,3 +157,74 @@ def test_several_gpu_ids_without_cuda_fall_back_to_one_cpu_process(data, tmp_pat
     state = checkpoint(tmp_path, '16_G.pt')
     assert all(torch.isfinite(v).all() for v in state.values())
     assert not any(key.startswith('module.') for key in state)
+
+
+# ----------------------------------------------------------------------------------------
+# An uneven last batch, previews and validation under torchrun
+# ----------------------------------------------------------------------------------------
+
+UNEVEN_PAIRS = 13  # two processes of batch 2: batches of 4, 4, 4 and a last one of 1
+
+
+@pytest.fixture(scope='module')
+def uneven_run(tmp_path_factory):
+    """torchrun, 2 processes of batch 2 over 13 files (one epoch), previews every 4 samples,
+    validation on 2 test inputs at every save."""
+    root = tmp_path_factory.mktemp('ddp_uneven')
+    input_dir, target_dir = make_pairs(root / 'train', 'npy', n=UNEVEN_PAIRS, size=32)
+    test_in, _ = make_pairs(root / 'test', 'npy', n=2, size=32, seed=5, prefix='val')
+    proc = torchrun(TINY + DATA + ['--input_dir_train', input_dir, '--target_dir_train',
+                                   target_dir, '--batch_size', '2', '--n_epochs', '1',
+                                   '--display_freq', '4', '--val_during_train',
+                                   '--input_dir_test', test_in], cwd=root)
+    assert_ok(proc)
+    return root, proc, target_dir, test_in
+
+
+def test_an_uneven_last_batch_counts_each_sample_once(uneven_run):
+    """13 samples: the last global batch holds sample 12 (and, to even out the processes'
+    shares, a repeat that is not counted): steps 4, 8, 12, 13."""
+    root, proc, _, _ = uneven_run
+    assert [int(s) for s in re.findall(r'Current_step: (\d+)', proc.stdout)] == [4, 8, 12]
+    assert log_steps(root) == [4, 8, 12]
+    assert saved_steps_in(model_dir(root)) == [8, 13]  # the final save at 13
+    assert checkpoint(root, '13_state.pt')['step'] == 13
+    assert all(torch.isfinite(v).all() for v in checkpoint(root, '13_G.pt').values())
+
+
+def test_previews_are_rank_0s_first_sample(uneven_run):
+    """Without shuffling, process r takes samples r, r + 2, ...: the batch ending at step 4k
+    of process 0 starts with sample 4(k - 1), process 1's with 4(k - 1) + 1. Each preview is
+    process 0's (only it writes), and there is one per crossing of display_freq."""
+    root, _, target_dir, _ = uneven_run
+    folder = os.path.join(str(root), 'checkpoints', 'pix2pixCC', 'Image', 'Train')
+    assert saved_steps_in(folder, '_real.png') == [4, 8, 12]
+    assert saved_steps_in(folder, '_fake.png') == [4, 8, 12]
+    assert saved_steps_in(folder, '_panel.png') == [4, 8, 12]
+    for step in (4, 8, 12):
+        with Image.open(os.path.join(folder, f'{step}_real.png')) as image:
+            preview = np.asarray(image).astype(np.float64)
+        for rank in (0, 1):
+            target = np.load(os.path.join(target_dir, f'img_{step - 4 + rank:03d}.npy'))
+            expected = np.clip(((target - 50) / 50 + 1) * 127.5, 0, 255)
+            matches = np.abs(preview - expected).max() <= 1.0
+            assert matches == (rank == 0), (step, rank)
+
+
+def test_validation_during_training_under_torchrun(uneven_run):
+    """Rank 0 translates the test inputs at every save with the generator of that step (the
+    other process waits for it rather than hanging or writing too)."""
+    root, _, _, test_in = uneven_run
+    test_dir = os.path.join(str(root), 'checkpoints', 'pix2pixCC', 'Image', 'Test')
+    assert sorted(os.listdir(test_dir)) == ['13', '8']
+    opt = train_opt(*DATA)
+    for step in (8, 13):
+        assert sorted(os.listdir(os.path.join(test_dir, str(step)))) == ['val_000_AI.npy',
+                                                                         'val_001_AI.npy']
+        G = load_generator(opt, os.path.join(model_dir(root), f'{step}_G.pt'))
+        for name in ('val_000', 'val_001'):
+            x = (np.load(os.path.join(test_in, f'{name}.npy')) - 50) / 50
+            with torch.no_grad():
+                expected = G(torch.from_numpy(x.astype(np.float32))[None, None])[0, 0] * 50 + 50
+            out = np.load(os.path.join(test_dir, str(step), f'{name}_AI.npy'))
+            np.testing.assert_allclose(out, expected.numpy(), rtol=1e-5, atol=1e-4)

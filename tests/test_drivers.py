@@ -5,6 +5,7 @@ directory set to a fresh tmp folder, outputs under ./checkpoints/<dataset_name>/
 tiny network for two epochs on six small files. Each format's run is made once per module
 (module-scoped fixtures) and inspected by several tests.
 """
+import copy
 import json
 import math
 import os
@@ -21,36 +22,12 @@ from PIL import Image
 
 import pix2pixCC_Test
 import pix2pixCC_Train
-from conftest import (SAMPLE_SCALING, TINY, assert_ok, assert_usage_error, copy_sample,
-                      make_pairs, make_test_opt, run_test, run_train, train_opt,
-                      write_user_file)
+from conftest import (NPY_DATA, SAMPLE_SCALING, TINY, assert_ok, assert_same_weights,
+                      assert_usage_error, copy_sample, load, load_generator, make_pairs,
+                      make_test_opt, read_user_file, reports, run_test, run_train,
+                      saved_steps_in, train_opt, write_user_file)
 from pix2pixCC_Networks import Discriminator, Generator
 
-REPORT = re.compile(r'Epoch:\s*(\d+)/(\d+).*?Current_step:\s*(\d+).*?D_loss:\s*(\S+).*?'
-                    r'G_loss:\s*(\S+)')
-
-
-def reports(stdout):
-    """[(epoch, step, D_loss, G_loss)] of the report lines."""
-    out = []
-    for line in stdout.splitlines():
-        if 'Epoch:' in line:
-            match = REPORT.search(line)
-            assert match, line
-            out.append((int(match.group(1)), int(match.group(3)), float(match.group(4)),
-                        float(match.group(5))))
-    return out
-
-
-def steps_in(folder, suffix):
-    return sorted(int(name[:-len(suffix)]) for name in os.listdir(folder)
-                  if name.endswith(suffix) and name[:-len(suffix)].isdigit())
-
-
-def load_generator(opt, path):
-    G = Generator(opt)
-    G.load_state_dict(torch.load(path, map_location='cpu', weights_only=True), strict=True)
-    return G.eval()
 
 
 def run_g(G, x):
@@ -90,8 +67,8 @@ def fits_run(tmp_path_factory):
 
 def test_train_writes_checkpoints_when_the_step_crosses_save_freq(fits_run):
     model = fits_run.out / 'Model'
-    assert steps_in(model, '_G.pt') == EXPECTED_SAVES
-    assert steps_in(model, '_D.pt') == EXPECTED_SAVES
+    assert saved_steps_in(model, '_G.pt') == EXPECTED_SAVES
+    assert saved_steps_in(model, '_D.pt') == EXPECTED_SAVES
     assert not [n for n in os.listdir(model) if n.startswith('.tmp')]
 
 
@@ -105,8 +82,8 @@ def test_train_reports_when_the_step_crosses_report_freq(fits_run):
 
 def test_train_previews_when_the_step_crosses_display_freq(fits_run):
     folder = fits_run.out / 'Image' / 'Train'
-    assert steps_in(folder, '_real.png') == EXPECTED_PREVIEWS
-    assert steps_in(folder, '_fake.png') == EXPECTED_PREVIEWS
+    assert saved_steps_in(folder, '_real.png') == EXPECTED_PREVIEWS
+    assert saved_steps_in(folder, '_fake.png') == EXPECTED_PREVIEWS
     for name in [f'{s}_{kind}.png' for s in EXPECTED_PREVIEWS for kind in ('real', 'fake')]:
         with Image.open(folder / name) as image:
             assert image.mode == 'L' and image.size == (64, 64)
@@ -234,10 +211,16 @@ def resume_from_6(run, tmp_path, *extra):
     return out, proc, originals
 
 
-def test_resume_continues_from_the_checkpoint(fits_run, tmp_path):
-    out, proc, originals = resume_from_6(fits_run, tmp_path)
-    assert steps_in(out / 'Model', '_G.pt') == EXPECTED_SAVES
-    assert steps_in(out / 'Model', '_D.pt') == EXPECTED_SAVES
+@pytest.fixture(scope='module')
+def resumed_fits(fits_run, tmp_path_factory):
+    """The FITS run resumed from step 6 (its steps 10 and 12 done again)."""
+    return resume_from_6(fits_run, tmp_path_factory.mktemp('resumed_fits'))
+
+
+def test_resume_continues_from_the_checkpoint(fits_run, resumed_fits):
+    out, proc, originals = resumed_fits
+    assert saved_steps_in(out / 'Model', '_G.pt') == EXPECTED_SAVES
+    assert saved_steps_in(out / 'Model', '_D.pt') == EXPECTED_SAVES
     lines = reports(proc.stdout)
     assert [step for _, step, _, _ in lines] == [10, 12]
     assert all(epoch == 2 for epoch, _, _, _ in lines)
@@ -251,10 +234,10 @@ def test_resume_continues_from_the_checkpoint(fits_run, tmp_path):
             value.numel() < 64, key
 
 
-def test_resume_is_exact(fits_run, tmp_path):
+def test_resume_is_exact(resumed_fits):
     """Resuming at step 6 gives the uninterrupted run's weights (same order, augmentation,
     optimiser state)."""
-    out, _, originals = resume_from_6(fits_run, tmp_path)
+    out, _, originals = resumed_fits
     for name, original in originals.items():
         resumed = torch.load(out / 'Model' / name, weights_only=True)
         for key in original:
@@ -271,14 +254,6 @@ def test_resume_with_a_new_learning_rate_uses_it(fits_run, tmp_path):
             start = torch.load(out / 'Model' / f'6_{kind}.pt', weights_only=True)
             for key in start:
                 assert torch.equal(resumed[key], start[key]), (step, kind, key)
-
-
-def test_resume_from_a_missing_step_lists_the_saved_steps(fits_run, tmp_path):
-    copy_run(fits_run, tmp_path)
-    proc = run_train(fits_run.flags + FREQS + ['--input_dir_train', fits_run.train_in,
-                                               '--target_dir_train', fits_run.train_tg,
-                                               '--latest_iter', '7'], cwd=tmp_path)
-    assert_usage_error(proc, '7', '6, 10, 12')
 
 
 # ----------------------------------------------------------------------------------------
@@ -304,9 +279,15 @@ def npy_run(tmp_path_factory):
                            out=root / 'checkpoints' / 'rgb')
 
 
+def assert_schedule(run):
+    """Checkpoints, report lines and previews at the steps FREQS gives."""
+    assert saved_steps_in(run.out / 'Model', '_G.pt') == EXPECTED_SAVES
+    assert [step for _, step, _, _ in reports(run.proc.stdout)] == EXPECTED_REPORTS
+    assert saved_steps_in(run.out / 'Image' / 'Train', '_fake.png') == EXPECTED_PREVIEWS
+
+
 def test_npy_run_checkpoints_reports_previews(npy_run):
-    assert steps_in(npy_run.out / 'Model', '_G.pt') == EXPECTED_SAVES
-    assert [step for _, step, _, _ in reports(npy_run.proc.stdout)] == EXPECTED_REPORTS
+    assert_schedule(npy_run)
     for step in EXPECTED_PREVIEWS:
         with Image.open(npy_run.out / 'Image' / 'Train' / f'{step}_fake.png') as image:
             assert image.mode == 'RGB' and image.size == (32, 32)
@@ -361,26 +342,35 @@ def tif_run(tmp_path_factory):
 
 def test_tif_run_with_uneven_batches(tif_run):
     assert [step for _, step, _, _ in reports(tif_run.proc.stdout)] == [4, 6, 10, 12]
-    assert steps_in(tif_run.out / 'Model', '_G.pt') == [6, 10, 12]
+    assert saved_steps_in(tif_run.out / 'Model', '_G.pt') == [6, 10, 12]
     folder = tif_run.out / 'Image' / 'Train'  # display_freq 100 is never crossed
-    assert steps_in(folder, '_real.png') == [] and steps_in(folder, '_fake.png') == []
+    assert saved_steps_in(folder, '_real.png') == [] and saved_steps_in(folder, '_fake.png') == []
 
 
-def test_tif_test_keeps_sizes_that_are_not_multiples_of_the_strides(tif_run, tmp_path):
+def test_tif_test_pads_sizes_that_are_not_multiples_of_the_strides_and_crops_back(tif_run,
+                                                                                   tmp_path):
+    """An input whose size the network cannot take is padded with its edge values and the
+    output cropped back: the same values as the Test script gives for the input padded by
+    hand (a size it takes as it is), cropped."""
     test_in = tmp_path / 'odd'
     os.makedirs(test_in)
     rng = np.random.default_rng(4)
-    for i, size in enumerate([(30, 30), (30, 30), (27, 41)]):
-        write_user_file(str(test_in / f'odd_{i}.tif'),
-                        rng.uniform(0, 100, size).astype(np.float32), 'tif')
+    sizes = [(30, 30), (27, 41)]
+    for i, size in enumerate(sizes):
+        odd = rng.uniform(0, 100, size).astype(np.float32)
+        padded = np.pad(odd, ((0, -size[0] % 4), (0, -size[1] % 4)), mode='edge')
+        write_user_file(str(test_in / f'odd_{i}.tif'), odd, 'tif')
+        write_user_file(str(test_in / f'padded_{i}.tif'), padded, 'tif')
     proc = run_test(tif_run.flags + ['--input_dir_test', test_in, '--iteration', '12'],
                     cwd=tif_run.root)
     assert_ok(proc)
     folder = tif_run.out / 'Image' / 'Test' / '12'
-    for i, size in enumerate([(30, 30), (30, 30), (27, 41)]):
+    for i, size in enumerate(sizes):
         out = tifffile.imread(folder / f'odd_{i}_AI.tif')
+        by_hand = tifffile.imread(folder / f'padded_{i}_AI.tif')
         assert out.dtype == np.float32 and out.shape == size
-        assert np.all(np.isfinite(out)) and out.std() > 0
+        assert by_hand.shape != size and out.std() > 0
+        np.testing.assert_allclose(out, by_hand[:size[0], :size[1]], rtol=1e-5, atol=1e-4)
 
 
 # ----------------------------------------------------------------------------------------
@@ -407,9 +397,7 @@ def png_run(tmp_path_factory):
 
 
 def test_png_run_outputs(png_run):
-    assert steps_in(png_run.out / 'Model', '_G.pt') == EXPECTED_SAVES
-    assert [step for _, step, _, _ in reports(png_run.proc.stdout)] == EXPECTED_REPORTS
-    assert steps_in(png_run.out / 'Image' / 'Train', '_fake.png') == EXPECTED_PREVIEWS
+    assert_schedule(png_run)
     opt = train_opt(*png_run.flags)
     for step in EXPECTED_SAVES:
         G = load_generator(opt, png_run.out / 'Model' / f'{step}_G.pt')
@@ -464,18 +452,7 @@ def test_every_target_format(in_tmp, target_format, limits, log, output, expecte
     assert pix2pixCC_Test.main(TINY + flags + ['--iteration', '3']) == 0
     for i in range(2):
         path = f'checkpoints/fmt/Image/Test/3/in_{i}_AI.{target_format}'
-        if target_format in ('fits', 'fts', 'fit'):
-            with fits.open(path) as hdul:
-                data = hdul[0].data
-                assert hdul[0].header['BITPIX'] == -32
-        elif target_format == 'npy':
-            data = np.load(path)
-        elif target_format in ('tif', 'tiff'):
-            data = tifffile.imread(path)
-        else:
-            with Image.open(path) as image:
-                assert image.format == {'png': 'PNG', 'jpg': 'JPEG', 'jpeg': 'JPEG'}[target_format]
-                data = np.asarray(image)
+        data = read_user_file(path, target_format)
         assert data.shape == (32, 32)
         assert data.dtype.kind == kind[0] and data.dtype.itemsize == int(kind[1])
         np.testing.assert_allclose(data.astype(np.float64), expected, rtol=1e-5)
@@ -501,6 +478,12 @@ def test_test_copies_no_header_when_the_input_is_not_fits(in_tmp):
     assert pix2pixCC_Test.main(TINY + flags + ['--iteration', '3']) == 0
     with fits.open('checkpoints/nh/Image/Test/3/a_AI.fits') as hdul:
         np.testing.assert_allclose(hdul[0].data, 0.25)
+        header = hdul[0].header
+    # Only what astropy writes for any float32 image (and perhaps our provenance notes): no
+    # card taken from anywhere else.
+    assert set(header) - {'HISTORY', 'COMMENT'} <= {'SIMPLE', 'BITPIX', 'NAXIS', 'NAXIS1',
+                                                    'NAXIS2', 'EXTEND'}, repr(header)
+    assert header['BITPIX'] == -32
 
 
 # ----------------------------------------------------------------------------------------
@@ -530,3 +513,94 @@ def test_mixed_precision_training_on_cpu(in_tmp, capsys):
                                                '--iteration', '4']) == 0
     out = np.load('checkpoints/mp/Image/Test/4/img_000_AI.npy')
     assert out.dtype == np.float32 and out.shape == (32, 32) and np.all(np.isfinite(out))
+
+
+# ----------------------------------------------------------------------------------------
+# BatchNorm (README "maps to simulations"), JPEG previews, resuming with new Adam betas
+# ----------------------------------------------------------------------------------------
+
+BN_FLAGS = TINY + NPY_DATA + ['--dataset_name', 'bn', '--norm_type', 'BatchNorm2d',
+                              '--image_mode', 'jpg', '--n_workers', '0']
+BN_FREQS = ['--seed', '2', '--batch_size', '2', '--n_epochs', '2', '--save_freq', '6',
+            '--report_freq', '6', '--display_freq', '4']
+
+
+@pytest.fixture(scope='module')
+def bn_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp('bn_run')
+    train_in, train_tg = make_pairs(root / 'train', 'npy', n=6, size=32)
+    test_in, _ = make_pairs(root / 'test', 'npy', n=2, size=32, seed=7, prefix='t')
+    data = ['--input_dir_train', train_in, '--target_dir_train', train_tg]
+    proc = run_train(BN_FLAGS + BN_FREQS + data, cwd=root)
+    assert_ok(proc)
+    test_proc = run_test(BN_FLAGS + ['--input_dir_test', test_in, '--iteration', '12'], cwd=root)
+    assert_ok(test_proc)
+    return SimpleNamespace(root=root, data=data, test_in=test_in,
+                           out=root / 'checkpoints' / 'bn')
+
+
+def test_batchnorm_test_output_uses_the_running_statistics(bn_run):
+    """Test gives G's eval-mode output (BatchNorm's running mean and variance of training),
+    not a normalisation by the test image's own statistics."""
+    opt = train_opt(*BN_FLAGS)
+    G = load_generator(opt, bn_run.out / 'Model' / '12_G.pt')
+    assert float(G.model[2].running_var.sub(1).abs().max()) > 1e-3  # trained statistics
+    for name in ('t_000', 't_001'):
+        x = (np.load(os.path.join(bn_run.test_in, f'{name}.npy')) - 50) / 50
+        out = np.load(bn_run.out / 'Image' / 'Test' / '12' / f'{name}_AI.npy')
+        expected = run_g(G, x[None]) * 50 + 50
+        np.testing.assert_allclose(out, expected[0], rtol=1e-5, atol=1e-4)
+        # (a copy: a forward pass in training mode updates the running statistics)
+        batch_statistics = run_g(copy.deepcopy(G).train(), x[None]) * 50 + 50
+        assert np.abs(out - batch_statistics[0]).max() > 1e-2
+
+
+def test_previews_in_another_image_mode(bn_run):
+    folder = bn_run.out / 'Image' / 'Train'
+    assert saved_steps_in(folder, '_real.jpg') == [4, 8, 12]
+    assert saved_steps_in(folder, '_fake.jpg') == [4, 8, 12]
+    assert saved_steps_in(folder, '_real.png') == []
+    with Image.open(folder / '8_fake.jpg') as image:
+        assert image.format == 'JPEG' and image.size == (32, 32)
+
+
+def resume_bn_from_6(run, tmp_path, *extra):
+    shutil.copytree(run.out, tmp_path / 'checkpoints' / 'bn')
+    for kind in ('G', 'D', 'state'):
+        os.remove(tmp_path / 'checkpoints' / 'bn' / 'Model' / f'12_{kind}.pt')
+    assert_ok(run_train(BN_FLAGS + BN_FREQS + run.data + ['--latest_iter', '6', *extra],
+                        cwd=tmp_path))
+    return tmp_path / 'checkpoints' / 'bn' / 'Model'
+
+
+def test_resumed_batchnorm_run_equals_the_uninterrupted_one(bn_run, tmp_path):
+    """Weights and BatchNorm's running statistics alike."""
+    resumed = resume_bn_from_6(bn_run, tmp_path)
+    for kind in ('G', 'D'):
+        assert_same_weights(resumed / f'12_{kind}.pt', bn_run.out / 'Model' / f'12_{kind}.pt',
+                            tolerance=0)
+
+
+def test_adam_betas_given_when_resuming_take_effect(bn_run, tmp_path):
+    resumed = resume_bn_from_6(bn_run, tmp_path, '--beta1', '0.9', '--beta2', '0.95')
+    state = load(resumed / '12_state.pt')
+    for name in ('G_optim', 'D_optim'):
+        assert state[name]['param_groups'][0]['betas'] == (0.9, 0.95)
+    assert state['options']['beta1'] == 0.9 and state['options']['beta2'] == 0.95
+    # ... and the steps after 6 used them: not the uninterrupted run's weights.
+    new, old = load(resumed / '12_G.pt'), load(bn_run.out / 'Model' / '12_G.pt')
+    assert float((new['model.1.weight'] - old['model.1.weight']).abs().max()) > 1e-5
+
+
+def test_test_falls_back_to_the_cpu_with_one_notice(bn_run, monkeypatch, capsys):
+    """--gpu_ids 0 on a machine without CUDA (made so here, whatever the machine)."""
+    monkeypatch.chdir(bn_run.root)
+    monkeypatch.setattr(torch.cuda, 'is_available', lambda: False)
+    out_dir = bn_run.out / 'Image' / 'Test' / '6'
+    assert pix2pixCC_Test.main(BN_FLAGS + ['--gpu_ids', '0', '--input_dir_test', bn_run.test_in,
+                                           '--iteration', '6']) == 0
+    output = capsys.readouterr()
+    notices = [line for line in (output.out + output.err).splitlines() if 'CUDA' in line]
+    assert len(notices) == 1, notices
+    assert '--gpu_ids 0' in notices[0] and 'CPU' in notices[0] and '--gpu_ids -1' in notices[0]
+    assert sorted(os.listdir(out_dir)) == ['t_000_AI.npy', 't_001_AI.npy']

@@ -1,126 +1,389 @@
-"""Bad input: every mistake a user can make with the data, the options or the checkpoints
-ends with exit status 2 and one line on stderr that says what to fix, never a traceback."""
+"""Bad input: the README's "What happens when…" table, row by row.
+
+Every mistake a user can make with the data, the options or the checkpoints is found before
+the first training step and ends with exit status 2 and one line on stderr that names the
+file or option and what to do, never a traceback; and it touches nothing already saved: each
+test runs beside the files of an earlier run (the `earlier_run` fixture) and checks that no
+step ran and that every one of those files is byte-identical afterwards, with nothing added.
+"""
+import errno
 import os
+import re
+import time
 
 import numpy as np
+import pytest
 import torch
 from astropy.io import fits
 
-from conftest import (TINY, assert_usage_error, make_pairs, run_test, run_train, train_opt)
-from pix2pixCC_Networks import Generator
+import pix2pixCC_Train
+from conftest import (NPY_DATA, TINY, assert_ok, assert_usage_error, data_args, load,
+                      loss_rows, make_pairs, model_dir, run_test, run_train, saved_steps_in,
+                      snapshot, train_opt, write_pairs)
+from pix2pixCC_Networks import Discriminator, Generator
+from pix2pixCC_Options import run_main
 
-NPY = ['--data_format_input', 'npy', '--data_format_target', 'npy', '--n_epochs', '1']
+NAME = ['--dataset_name', 'earlier']
 
 
-def train_args(input_dir, target_dir, *extra):
-    return TINY + NPY + ['--input_dir_train', input_dir, '--target_dir_train', target_dir,
-                         *extra]
+class EarlierRun:
+    """Files of an earlier run under ./checkpoints/earlier that no refused run may touch."""
+
+    def __init__(self, root):
+        self.root = root
+        self.dir = root / 'checkpoints' / 'earlier'
+        (self.dir / 'Model').mkdir(parents=True)
+        (self.dir / 'Image' / 'Train').mkdir(parents=True)
+        torch.save(Generator(train_opt()).state_dict(), self.dir / 'Model' / '2_G.pt')
+        torch.save(Discriminator(train_opt()).state_dict(), self.dir / 'Model' / '2_D.pt')
+        (self.dir / 'loss_log.csv').write_text(
+            'step,epoch,D,G,G_LSGAN,G_FM,G_CC,CC,seconds_per_step\n1,1,0.5,9,1,3,5,0,0.1\n')
+        (self.dir / 'train_options.json').write_text('{"n_gf": 8}')
+        (self.dir / 'Image' / 'Train' / '2_fake.png').write_bytes(b'not really a png')
+        self.remember()
+
+    def remember(self):
+        """Take the state to compare with (again, after a test adds a file of its own)."""
+        self.before = snapshot(self.root / 'checkpoints', with_dirs=True)
+        time.sleep(0.01)  # so that a rewrite would show in the mtimes
+
+    def assert_untouched(self):
+        assert snapshot(self.root / 'checkpoints', with_dirs=True) == self.before, \
+            'an earlier run was changed'
 
 
-def test_missing_input_directory(tmp_path):
+@pytest.fixture
+def earlier_run(tmp_path):
+    return EarlierRun(tmp_path)
+
+
+def train_in(tmp_path, input_dir, target_dir, *extra):
+    """Train under the earlier run's name, reporting every step (a step that ran shows)."""
+    return run_train(data_args(input_dir, target_dir, *NAME, '--report_freq', '1', *extra),
+                     cwd=tmp_path)
+
+
+def translate_in(tmp_path, input_dir, *extra):
+    return run_test(TINY + NPY_DATA + NAME + ['--input_dir_test', str(input_dir), *extra],
+                    cwd=tmp_path)
+
+
+def assert_refused(proc, earlier_run, *fragments):
+    """One line holding every fragment, status 2; no step ran; nothing saved changed."""
+    line = assert_usage_error(proc, *fragments)
+    assert 'Current_step' not in proc.stdout and 'saved' not in proc.stdout, proc.stdout
+    earlier_run.assert_untouched()
+    return line
+
+
+def named_pairs(root, input_names, target_names, size=32):
+    rng = np.random.default_rng(0)
+
+    def arrays(names):
+        return {name: rng.uniform(0, 100, (size, size)).astype(np.float32) for name in names}
+
+    return write_pairs(root, arrays(input_names), arrays(target_names))
+
+
+# ----------------------------------------------------------------------------------------
+# Folders and files
+# ----------------------------------------------------------------------------------------
+
+def test_missing_input_directory(tmp_path, earlier_run):
     _, target_dir = make_pairs(tmp_path, 'npy', n=2)
-    proc = run_train(train_args(str(tmp_path / 'nowhere'), target_dir), cwd=tmp_path)
-    assert_usage_error(proc, 'nowhere')
-    assert not os.path.exists(tmp_path / 'checkpoints' / 'pix2pixCC' / 'Model' / '1_G.pt')
+    proc = train_in(tmp_path, tmp_path / 'nowhere', target_dir)
+    assert_refused(proc, earlier_run, 'input directory', 'nowhere', 'does not exist')
 
 
-def test_no_files_of_the_extension_lists_what_is_there(tmp_path):
+def test_no_files_of_the_extension_lists_what_is_there(tmp_path, earlier_run):
     input_dir, target_dir = make_pairs(tmp_path, 'fits', n=2)
-    proc = run_train(train_args(input_dir, target_dir), cwd=tmp_path)  # says npy, has fits
-    assert_usage_error(proc, '.npy', '.fits')
+    proc = train_in(tmp_path, input_dir, target_dir)  # says npy, has fits
+    assert_refused(proc, earlier_run, 'no .npy files', input_dir, 'extensions present: .fits',
+                   '--data_format_')
 
 
-def test_file_counts_differ(tmp_path):
+def test_empty_input_folder(tmp_path, earlier_run):
+    _, target_dir = make_pairs(tmp_path / 'd', 'npy', n=2)
+    (tmp_path / 'empty').mkdir()
+    proc = train_in(tmp_path, tmp_path / 'empty', target_dir)
+    assert_refused(proc, earlier_run, 'no .npy files in input directory', 'it is empty')
+
+
+def test_file_counts_differ(tmp_path, earlier_run):
     input_dir, target_dir = make_pairs(tmp_path, 'npy', n=3)
     os.remove(os.path.join(target_dir, 'img_002.npy'))
-    proc = run_train(train_args(input_dir, target_dir), cwd=tmp_path)
-    assert_usage_error(proc, '3', '2')
+    proc = train_in(tmp_path, input_dir, target_dir)
+    assert_refused(proc, earlier_run, f"3 input files in '{input_dir}'",
+                   f"2 target files in '{target_dir}'", 'input i pairs with target i')
 
 
-def test_channel_count_mismatch(tmp_path):
+def test_input_and_target_sizes_differ(tmp_path, earlier_run):
+    input_dir, target_dir = make_pairs(tmp_path, 'npy', n=2, size=32)
+    np.save(os.path.join(target_dir, 'img_001.npy'), np.zeros((64, 64), np.float32))
+    proc = train_in(tmp_path, input_dir, target_dir)
+    assert_refused(proc, earlier_run, os.path.join(input_dir, 'img_001.npy') + ' is 32x32',
+                   os.path.join(target_dir, 'img_001.npy') + ' is 64x64')
+
+
+def test_channel_count_mismatch(tmp_path, earlier_run):
     input_dir, target_dir = make_pairs(tmp_path, 'npy', n=2, channels=3, target_channels=1)
-    proc = run_train(train_args(input_dir, target_dir), cwd=tmp_path)  # --input_ch 1
-    assert_usage_error(proc, 'img_000.npy')
+    proc = train_in(tmp_path, input_dir, target_dir)  # --input_ch 1
+    assert_refused(proc, earlier_run, 'img_000.npy', 'no axis of 1 channel', '--input_ch')
 
 
-def test_truncated_fits_file(tmp_path):
+def test_truncated_fits_file(tmp_path, earlier_run):
     input_dir, target_dir = make_pairs(tmp_path, 'fits', n=4)
     bad = os.path.join(input_dir, 'img_003.fits')
     content = open(bad, 'rb').read()
     with open(bad, 'wb') as f:
         f.write(content[:len(content) // 2])
-    proc = run_train(TINY + ['--data_format_input', 'fits', '--data_format_target', 'fits',
-                             '--input_dir_train', input_dir, '--target_dir_train', target_dir,
-                             '--n_epochs', '1'], cwd=tmp_path)
-    assert_usage_error(proc, 'img_003.fits')
+    proc = train_in(tmp_path, input_dir, target_dir, '--data_format_input', 'fits',
+                    '--data_format_target', 'fits')
+    assert_refused(proc, earlier_run, bad, 'truncated', 'copy it again')
 
 
-def test_size_not_a_multiple_of_the_strides_in_training(tmp_path):
-    input_dir, target_dir = make_pairs(tmp_path, 'npy', n=2, size=30)
-    proc = run_train(train_args(input_dir, target_dir), cwd=tmp_path)
-    assert_usage_error(proc, '30')
-
-
-def test_input_and_target_sizes_differ(tmp_path):
-    input_dir, target_dir = make_pairs(tmp_path, 'npy', n=2, size=32)
-    np.save(os.path.join(target_dir, 'img_001.npy'), np.zeros((64, 64), np.float32))
-    proc = run_train(train_args(input_dir, target_dir), cwd=tmp_path)
-    assert_usage_error(proc, 'img_001.npy')
-
-
-def test_bad_limits_on_the_command_line(tmp_path):
-    input_dir, target_dir = make_pairs(tmp_path, 'npy', n=2)
-    proc = run_train(train_args(input_dir, target_dir, '--saturation_lower_limit_target', '5',
-                                '--saturation_upper_limit_target', '5'), cwd=tmp_path)
-    assert_usage_error(proc, '--saturation_lower_limit_target')
-    proc = run_train(train_args(input_dir, target_dir, '--logscale_target', 'True'), cwd=tmp_path)
-    assert_usage_error(proc, '--logscale_target')
-
-
-def test_test_without_any_checkpoint(tmp_path):
-    input_dir, _ = make_pairs(tmp_path, 'npy', n=1)
-    proc = run_test(TINY + ['--data_format_input', 'npy', '--data_format_target', 'npy',
-                            '--input_dir_test', input_dir], cwd=tmp_path)
-    assert_usage_error(proc, 'checkpoint')
-
-
-def test_test_missing_input_directory(tmp_path):
-    opt = train_opt()
-    os.makedirs(tmp_path / 'checkpoints' / 'pix2pixCC' / 'Model')
-    torch.save(Generator(opt).state_dict(), tmp_path / 'checkpoints' / 'pix2pixCC' / 'Model' /
-               '1_G.pt')
-    proc = run_test(TINY + ['--data_format_input', 'npy', '--input_dir_test',
-                            str(tmp_path / 'absent')], cwd=tmp_path)
-    assert_usage_error(proc, 'absent')
-
-
-def test_test_with_a_checkpoint_of_another_network(tmp_path):
-    input_dir, _ = make_pairs(tmp_path, 'npy', n=1)
-    os.makedirs(tmp_path / 'checkpoints' / 'pix2pixCC' / 'Model')
-    torch.save(Generator(train_opt('--n_gf', '16')).state_dict(),
-               tmp_path / 'checkpoints' / 'pix2pixCC' / 'Model' / '1_G.pt')
-    proc = run_test(TINY + ['--data_format_input', 'npy', '--data_format_target', 'npy',
-                            '--input_dir_test', input_dir, '--iteration', '1'], cwd=tmp_path)
-    assert_usage_error(proc, '1_G.pt', 'n_gf')
-
-
-def test_test_with_a_truncated_checkpoint(tmp_path):
-    input_dir, _ = make_pairs(tmp_path, 'npy', n=1)
-    model_dir = tmp_path / 'checkpoints' / 'pix2pixCC' / 'Model'
-    os.makedirs(model_dir)
-    torch.save(Generator(train_opt()).state_dict(), model_dir / '1_G.pt')
-    content = (model_dir / '1_G.pt').read_bytes()
-    (model_dir / '1_G.pt').write_bytes(content[:len(content) // 2])
-    proc = run_test(TINY + ['--data_format_input', 'npy', '--data_format_target', 'npy',
-                            '--input_dir_test', input_dir, '--iteration', '1'], cwd=tmp_path)
-    assert_usage_error(proc, '1_G.pt')
-
-
-def test_fits_without_image_data(tmp_path):
+def test_fits_without_image_data(tmp_path, earlier_run):
     input_dir, target_dir = make_pairs(tmp_path, 'fits', n=2)
-    fits.HDUList([fits.PrimaryHDU()]).writeto(os.path.join(input_dir, 'img_001.fits'),
-                                              overwrite=True)
-    proc = run_train(TINY + ['--data_format_input', 'fits', '--data_format_target', 'fits',
-                             '--input_dir_train', input_dir, '--target_dir_train', target_dir,
-                             '--n_epochs', '1'], cwd=tmp_path)
-    assert_usage_error(proc, 'img_001.fits')
+    bad = os.path.join(input_dir, 'img_001.fits')
+    fits.HDUList([fits.PrimaryHDU()]).writeto(bad, overwrite=True)
+    proc = train_in(tmp_path, input_dir, target_dir, '--data_format_input', 'fits',
+                    '--data_format_target', 'fits')
+    assert_refused(proc, earlier_run, bad, 'no HDU with image data')
+
+
+def test_unknown_format(tmp_path, earlier_run):
+    input_dir, target_dir = make_pairs(tmp_path / 'd', 'npy', n=2)
+    proc = train_in(tmp_path, input_dir, target_dir, '--data_format_input', 'fitz')
+    assert_refused(proc, earlier_run, '--data_format_input', "invalid choice: 'fitz'")
+
+
+# ----------------------------------------------------------------------------------------
+# Options
+# ----------------------------------------------------------------------------------------
+
+BAD_LIMITS = [
+    (['--logscale_input', 'True', '--saturation_lower_limit_input', '0'],
+     ['--logscale_input needs a positive --saturation_lower_limit_input', '0']),
+    (['--logscale_target', 'True', '--saturation_lower_limit_target', '-5',
+      '--saturation_upper_limit_target', '100'], ['--logscale_target', '-5']),
+    (['--saturation_lower_limit_input', '6', '--saturation_upper_limit_input', '5'],
+     ['--saturation_lower_limit_input (6) must be below --saturation_upper_limit_input (5)']),
+]
+
+
+@pytest.mark.parametrize('flags, fragments', BAD_LIMITS)
+def test_bad_limits_in_training(tmp_path, earlier_run, flags, fragments):
+    input_dir, target_dir = make_pairs(tmp_path / 'd', 'npy', n=2)
+    assert_refused(train_in(tmp_path, input_dir, target_dir, *flags), earlier_run, *fragments)
+
+
+def test_size_not_a_multiple_of_the_strides_in_training(tmp_path, earlier_run):
+    input_dir, target_dir = make_pairs(tmp_path, 'npy', n=2, size=30)
+    proc = train_in(tmp_path, input_dir, target_dir)
+    assert_refused(proc, earlier_run, 'img_000.npy is 30x30', 'multiples of 4',
+                   '--n_downsample')
+
+
+def test_image_too_small_for_the_discriminator(tmp_path, earlier_run):
+    input_dir, target_dir = make_pairs(tmp_path / 'd', 'npy', n=2, size=16)
+    proc = train_in(tmp_path, input_dir, target_dir, '--n_D', '1', '--data_size', '16')
+    assert_refused(proc, earlier_run, '16x16', '--n_D')
+
+
+# ----------------------------------------------------------------------------------------
+# Pairing
+# ----------------------------------------------------------------------------------------
+
+def test_pairing_by_names(tmp_path, earlier_run):
+    input_dir, target_dir = named_pairs(tmp_path, ['a', 'b', 'c'], ['a', 'c', 'd'])
+    proc = train_in(tmp_path, input_dir, target_dir)
+    assert_refused(proc, earlier_run, 'pair 1', 'b.npy', 'c.npy', 'missing on one side')
+
+
+@pytest.mark.parametrize('targets', [
+    # Input 2011-01-02 would pair with 01-03 (a file missing on each side). The other pairs
+    # match to the minute, so a day's offset here is a wrong pairing.
+    ['hmi_20110101_0000', 'hmi_20110103_0000', 'hmi_20110104_0000'],
+    # Input 2011-01-02 would pair with 01-04 although 01-01 is closer.
+    ['hmi_20110101_0000', 'hmi_20110104_0000', 'hmi_20110105_0000'],
+])
+def test_pairing_by_timestamps(tmp_path, earlier_run, targets):
+    input_dir, target_dir = named_pairs(
+        tmp_path, ['aia_20110101_0000', 'aia_20110102_0000', 'aia_20110104_0000'], targets)
+    proc = train_in(tmp_path, input_dir, target_dir)
+    assert_refused(proc, earlier_run, 'pair 1', 'aia_20110102_0000', targets[1])
+
+
+def test_small_time_offsets_pair_fine(tmp_path):
+    input_dir, target_dir = named_pairs(
+        tmp_path, ['aia_20110101_000006', 'aia_20110101_001206', 'aia_20110101_002406'],
+        ['hmi_20110101_000000', 'hmi_20110101_001200', 'hmi_20110101_002400'])
+    assert_ok(train_in(tmp_path, input_dir, target_dir))
+
+
+def test_check_pairing_false_skips_the_check(tmp_path):
+    input_dir, target_dir = named_pairs(tmp_path, ['a', 'b', 'c'], ['a', 'c', 'd'])
+    assert_ok(train_in(tmp_path, input_dir, target_dir, '--check_pairing', 'False'))
+    assert saved_steps_in(model_dir(tmp_path, 'earlier')) == [3]
+
+
+# ----------------------------------------------------------------------------------------
+# Values that are not numbers, and a --data_size that is not the files'
+# ----------------------------------------------------------------------------------------
+
+@pytest.fixture(scope='module')
+def noisy_run(tmp_path_factory):
+    """NaN and +-Inf in the files, and a --data_size that is not the files' size."""
+    root = tmp_path_factory.mktemp('noisy')
+    input_dir, target_dir = make_pairs(root, 'npy', n=4, size=32)
+    x = np.load(os.path.join(input_dir, 'img_001.npy'))
+    x[3, 4] = x[5, 6] = x[7, 8] = np.nan
+    np.save(os.path.join(input_dir, 'img_001.npy'), x)
+    y = np.load(os.path.join(target_dir, 'img_003.npy'))
+    y[1, 1], y[2, 2] = np.inf, -np.inf
+    np.save(os.path.join(target_dir, 'img_003.npy'), y)
+    proc = run_train(data_args(input_dir, target_dir, '--data_size', '64', '--n_epochs', '2',
+                               '--report_freq', '1'), cwd=root)
+    assert_ok(proc)
+    return root, proc
+
+
+def test_nan_and_inf_give_one_warning_and_finite_losses(noisy_run):
+    root, proc = noisy_run
+    lines = [line for line in (proc.stdout + proc.stderr).splitlines()
+             if re.search(r'nan|inf\b|warn', line, re.IGNORECASE)]
+    assert len(lines) == 1, lines
+    assert re.search(r'\b5\b', lines[0]) and 'img_001.npy' in lines[0], lines[0]
+    rows = loss_rows(root)
+    assert len(rows) == 8
+    for row in rows:
+        for key in ('D', 'G', 'G_LSGAN', 'G_FM', 'G_CC', 'CC'):
+            assert np.isfinite(float(row[key])), row
+    for kind in ('G', 'D'):
+        for value in load(os.path.join(model_dir(root), f'8_{kind}.pt')).values():
+            assert torch.isfinite(value).all()
+
+
+def test_data_size_differing_from_the_files_gives_one_notice(noisy_run):
+    _, proc = noisy_run
+    lines = [line for line in (proc.stdout + proc.stderr).splitlines() if '--data_size' in line]
+    assert len(lines) == 1 and '64' in lines[0] and '32' in lines[0], lines
+
+
+# ----------------------------------------------------------------------------------------
+# The checkpoints folder
+# ----------------------------------------------------------------------------------------
+
+def test_checkpoints_folder_cannot_be_created(tmp_path, earlier_run):
+    """Works as root too: a file stands where the folder should be."""
+    input_dir, target_dir = make_pairs(tmp_path / 'd', 'npy', n=2)
+    (tmp_path / 'checkpoints' / 'other').write_text('a file, not a folder')
+    earlier_run.remember()
+    proc = run_train(data_args(input_dir, target_dir, '--dataset_name', 'other'), cwd=tmp_path)
+    assert_refused(proc, earlier_run, "cannot create './checkpoints/other/Model'")
+
+
+def test_checkpoints_folder_not_writable(in_tmp, monkeypatch, capsys):
+    """Permission denied, as for a user without write access (CI runs as root, for whom
+    chmod changes nothing, so the operating system's refusal is injected)."""
+    input_dir, target_dir = make_pairs(in_tmp / 'd', 'npy', n=2)
+    real_makedirs = os.makedirs
+
+    def makedirs(path, *args, **kwargs):
+        if 'checkpoints' in str(path):
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(path))
+        return real_makedirs(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, 'makedirs', makedirs)
+    status = run_main(pix2pixCC_Train.main, data_args(input_dir, target_dir, '--report_freq', '1'))
+    out, err = capsys.readouterr()
+    assert status == 2
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1, err
+    assert "cannot create './checkpoints/pix2pixCC/Model': Permission denied" in lines[0]
+    assert 'Current_step' not in out and not os.path.exists('checkpoints')
+
+
+# ----------------------------------------------------------------------------------------
+# Checkpoints
+# ----------------------------------------------------------------------------------------
+
+def test_test_without_any_checkpoint(tmp_path, earlier_run):
+    input_dir, _ = make_pairs(tmp_path, 'npy', n=1)
+    proc = run_test(TINY + NPY_DATA + ['--dataset_name', 'none', '--input_dir_test', input_dir],
+                    cwd=tmp_path)
+    assert_refused(proc, earlier_run, 'no generator checkpoints', './checkpoints/none/Model',
+                   '--dataset_name')
+
+
+def test_test_missing_input_directory(tmp_path, earlier_run):
+    proc = translate_in(tmp_path, tmp_path / 'absent', '--iteration', '2')
+    assert_refused(proc, earlier_run, 'input directory', 'absent', 'does not exist')
+
+
+def test_test_with_a_truncated_checkpoint(tmp_path, earlier_run):
+    input_dir, _ = make_pairs(tmp_path, 'npy', n=1)
+    content = (earlier_run.dir / 'Model' / '2_G.pt').read_bytes()
+    (earlier_run.dir / 'Model' / '3_G.pt').write_bytes(content[:len(content) // 2])
+    earlier_run.remember()
+    proc = translate_in(tmp_path, input_dir, '--iteration', '3')
+    assert_refused(proc, earlier_run, 'cannot load', '3_G.pt')
+
+
+class CreatesFile:
+    """Unpickling this object creates `path` (as a pickled payload that runs code would)."""
+
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return (open, (self.path, 'w'))
+
+
+def test_npy_holding_python_objects_is_refused_unrun(tmp_path, earlier_run):
+    input_dir, target_dir = make_pairs(tmp_path / 'd', 'npy', n=3)
+    bad = os.path.join(input_dir, 'img_001.npy')
+    # The payload is live: loading it with pickles allowed runs it.
+    probe = tmp_path / 'probe.npy'
+    np.save(probe, np.array([CreatesFile(tmp_path / 'probe_ran')], dtype=object),
+            allow_pickle=True)
+    np.load(probe, allow_pickle=True)
+    assert (tmp_path / 'probe_ran').exists()
+    marker = tmp_path / 'marker'
+    np.save(bad, np.array([CreatesFile(marker)], dtype=object), allow_pickle=True)
+    proc = train_in(tmp_path, input_dir, target_dir)
+    assert_refused(proc, earlier_run, 'cannot read', bad)
+    assert not marker.exists()
+
+
+def pickled_checkpoint(path, marker):
+    torch.save({'model.1.weight': CreatesFile(marker)}, path)
+
+
+def test_pickled_checkpoint_payload_is_live(tmp_path):
+    """Guard for the two tests below: the payload runs when pickles are allowed."""
+    pickled_checkpoint(tmp_path / 'probe.pt', tmp_path / 'probe_ran')
+    torch.load(tmp_path / 'probe.pt', weights_only=False)
+    assert (tmp_path / 'probe_ran').exists()
+
+
+def test_pickled_generator_checkpoint_is_refused_by_test(tmp_path, earlier_run):
+    input_dir, _ = make_pairs(tmp_path / 'd', 'npy', n=1)
+    marker = tmp_path / 'marker'
+    pickled_checkpoint(earlier_run.dir / 'Model' / '3_G.pt', marker)
+    earlier_run.remember()
+    proc = translate_in(tmp_path, input_dir, '--iteration', '3')
+    assert_refused(proc, earlier_run, 'cannot load', '3_G.pt', 'only plain tensors')
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize('evil', ['G', 'state'])
+def test_pickled_checkpoint_is_refused_when_resuming(tmp_path, earlier_run, evil):
+    input_dir, target_dir = make_pairs(tmp_path / 'd', 'npy', n=2)
+    marker = tmp_path / 'marker'
+    # replaces 2_G.pt or adds 2_state.pt
+    pickled_checkpoint(earlier_run.dir / 'Model' / f'2_{evil}.pt', marker)
+    earlier_run.remember()
+    proc = train_in(tmp_path, input_dir, target_dir, '--latest_iter', '2', '--n_epochs', '2')
+    assert_refused(proc, earlier_run, 'cannot load', f'2_{evil}.pt')
+    assert not marker.exists()

@@ -5,7 +5,6 @@ and the CC ablation script's command line.
 Reference values are computed here independently (numpy block means, scipy's Pearson, the
 closed-form Lin CCC with population moments), never with the package's own metric code.
 """
-import csv
 import json
 import os
 import re
@@ -19,9 +18,8 @@ import torch
 from PIL import Image
 from scipy import stats
 
-import pix2pixCC_Networks
-from conftest import (REPO, SUBPROCESS_ENV, TINY, assert_ok, make_pairs, run_test, run_train,
-                      train_opt)
+from conftest import (NPY_DATA, REPO, SUBPROCESS_ENV, TINY, assert_ok, lin_ccc, make_pairs,
+                      read_csv_rows, run_test, run_train, train_opt)
 from pix2pixCC_Networks import Loss
 from pix2pixCC_Utils import bin_mean, image_metrics
 
@@ -43,12 +41,6 @@ def block_mean(x, k):
     """Mean over non-overlapping k x k blocks of a 2-D array; ragged edges dropped."""
     h, w = x.shape[0] // k, x.shape[1] // k
     return x[:h * k, :w * k].reshape(h, k, w, k).mean(axis=(1, 3))
-
-
-def lin_ccc(r, f):
-    mr, mf = r.mean(), f.mean()
-    covariance = ((r - mr) * (f - mf)).mean()
-    return 2 * covariance / (r.var() + f.var() + (mr - mf) ** 2)
 
 
 def expected_metrics(real, fake, bins):
@@ -168,28 +160,11 @@ def test_inspector_loss_is_one_minus_the_metric(ccc):
     assert float(cc) == pytest.approx(metric, abs=1e-5)
 
 
-def test_metrics_call_the_inspectors_correlation(pair, monkeypatch):
-    """README: the CCC of the metrics is "the same function the Inspector uses"."""
-    calls = []
-    original = pix2pixCC_Networks.correlation
-
-    def spy(*args, **kwargs):
-        calls.append(kwargs.get('ccc', True))
-        return original(*args, **kwargs)
-
-    monkeypatch.setattr(pix2pixCC_Networks, 'correlation', spy)
-    real, fake = pair
-    image_metrics(real, fake, [1, 2])
-    assert True in calls and False in calls
-
-
 # ----------------------------------------------------------------------------------------
 # A training run with validation metrics, evaluated by the Test script
 # ----------------------------------------------------------------------------------------
 
-DATA = ['--data_format_input', 'npy', '--data_format_target', 'npy', '--data_size', '32',
-        '--saturation_lower_limit_input', '0', '--saturation_upper_limit_input', '100',
-        '--saturation_lower_limit_target', '0', '--saturation_upper_limit_target', '100']
+DATA = NPY_DATA
 # 6 files, batch 1, 2 epochs: reports at 2, 4, ..., 12; previews at 3, 6, 9, 12; saves at 4,
 # 8 and 12.
 FREQS = ['--n_epochs', '2', '--report_freq', '2', '--display_freq', '3', '--save_freq', '4',
@@ -197,12 +172,6 @@ FREQS = ['--n_epochs', '2', '--report_freq', '2', '--display_freq', '3', '--save
 REPORTS, PREVIEWS, SAVES = [2, 4, 6, 8, 10, 12], [3, 6, 9, 12], [4, 8, 12]
 LOG_COLUMNS = ['step', 'epoch', 'D', 'G', 'G_LSGAN', 'G_FM', 'G_CC', 'CC', 'lr', 'samples',
                'seconds_per_step']
-
-
-def read_rows(path):
-    with open(path, newline='') as f:
-        reader = csv.DictReader(f)
-        return reader.fieldnames, list(reader)
 
 
 @pytest.fixture(scope='module')
@@ -244,13 +213,19 @@ def evaluated(run, tmp_path_factory):
     return dict(run, root=root, out=out, proc=proc, test_dir=out / 'Image' / 'Test')
 
 
+def summary_at(evaluated, iteration):
+    """metrics_summary.json the Test script wrote for the generator of `iteration`."""
+    with open(evaluated['test_dir'] / str(iteration) / 'metrics_summary.json') as f:
+        return json.load(f)
+
+
 # ----------------------------------------------------------------------------------------
 # 3. The Test script's metrics
 # ----------------------------------------------------------------------------------------
 
 def test_metrics_csv_has_one_row_per_file_and_the_documented_columns(evaluated):
     for step in SAVES:
-        columns, rows = read_rows(evaluated['test_dir'] / str(step) / 'metrics.csv')
+        columns, rows = read_csv_rows(evaluated['test_dir'] / str(step) / 'metrics.csv')
         assert columns == ['file'] + metric_columns(BINS)
         assert [row['file'] for row in rows] == ['val_000', 'val_001', 'val_002']
         for row in rows:
@@ -260,7 +235,7 @@ def test_metrics_csv_has_one_row_per_file_and_the_documented_columns(evaluated):
 def test_summary_holds_mean_std_median_of_each_column(evaluated):
     for step in SAVES:
         folder = evaluated['test_dir'] / str(step)
-        _, rows = read_rows(folder / 'metrics.csv')
+        _, rows = read_csv_rows(folder / 'metrics.csv')
         with open(folder / 'metrics_summary.json') as f:
             summary = json.load(f)
         assert sorted(summary) == sorted(metric_columns(BINS))
@@ -276,7 +251,7 @@ def test_metrics_are_those_of_the_written_outputs_in_the_targets_units(evaluated
     """Recomputed here from the written file (divided by --save_scale 2) and the raw target,
     which holds NaN/Inf pixels."""
     folder = evaluated['test_dir'] / '12'
-    _, rows = read_rows(folder / 'metrics.csv')
+    _, rows = read_csv_rows(folder / 'metrics.csv')
     row = {key: float(value) for key, value in rows[1].items() if key != 'file'}
     written = np.load(folder / 'val_001_AI.npy').astype(np.float64)
     real = np.load(os.path.join(evaluated['test_tg'], 'val_001.npy')).astype(np.float64)
@@ -298,12 +273,11 @@ def test_the_table_is_printed(evaluated):
 
 
 def test_metrics_by_iteration_and_the_best_one(evaluated):
-    columns, rows = read_rows(evaluated['test_dir'] / 'metrics_by_iteration.csv')
+    columns, rows = read_csv_rows(evaluated['test_dir'] / 'metrics_by_iteration.csv')
     assert columns[0] == 'iteration' and set(metric_columns(BINS)) <= set(columns)
     assert [int(row['iteration']) for row in rows] == SAVES
     for row in rows:
-        with open(evaluated['test_dir'] / row['iteration'] / 'metrics_summary.json') as f:
-            summary = json.load(f)
+        summary = summary_at(evaluated, row['iteration'])
         assert float(row['cc_8x8']) == pytest.approx(summary['cc_8x8']['mean'], rel=1e-9)
     best = max(rows, key=lambda row: float(row['cc_8x8']))['iteration']
     line = [line for line in evaluated['proc'].stdout.splitlines() if 'best' in line.lower()]
@@ -334,7 +308,7 @@ def test_metric_bins_choose_the_columns_and_no_targets_no_metrics(run, tmp_path)
     proc = run_test(base + ['--target_dir_test', run['test_tg'], '--metric_bins', '1', '4'],
                     cwd=tmp_path)
     assert_ok(proc)
-    columns, rows = read_rows(folder / 'metrics.csv')
+    columns, rows = read_csv_rows(folder / 'metrics.csv')
     assert columns == ['file'] + metric_columns([1, 4])
     assert len(rows) == 3
     with open(folder / 'metrics_summary.json') as f:
@@ -349,7 +323,7 @@ def test_metric_bins_choose_the_columns_and_no_targets_no_metrics(run, tmp_path)
 # ----------------------------------------------------------------------------------------
 
 def test_loss_log_has_one_row_per_report(run):
-    columns, rows = read_rows(run['out'] / 'loss_log.csv')
+    columns, rows = read_csv_rows(run['out'] / 'loss_log.csv')
     assert columns == LOG_COLUMNS
     assert [int(row['step']) for row in rows] == REPORTS
     assert [int(row['epoch']) for row in rows] == [1, 1, 1, 2, 2, 2]
@@ -385,14 +359,13 @@ def test_loss_curve_and_training_panels(run):
 
 
 def test_validation_metrics_at_every_save(run, evaluated):
-    columns, rows = read_rows(run['out'] / 'val_metrics.csv')
+    columns, rows = read_csv_rows(run['out'] / 'val_metrics.csv')
     assert columns[0] == 'step' and set(metric_columns(BINS)) <= set(columns)
     assert [int(row['step']) for row in rows] == SAVES
     # The same numbers as the Test script on the same generator (without --save_scale's
     # effect: metrics are in the target's units).
     for row in rows:
-        with open(evaluated['test_dir'] / row['step'] / 'metrics_summary.json') as f:
-            summary = json.load(f)
+        summary = summary_at(evaluated, row['step'])
         for key in ('cc_1x1', 'ccc_8x8', 'rmse_2x2', 'flux_net_fake'):
             assert float(row[key]) == pytest.approx(summary[key]['mean'], rel=1e-4, abs=1e-6), \
                 (row['step'], key)
@@ -413,16 +386,16 @@ def resumed(run, tmp_path_factory):
 
 
 def test_resumed_loss_log_has_no_repeated_steps(run, resumed):
-    _, rows = read_rows(resumed / 'loss_log.csv')
+    _, rows = read_csv_rows(resumed / 'loss_log.csv')
     assert [int(row['step']) for row in rows] == REPORTS
-    _, original = read_rows(run['out'] / 'loss_log.csv')
+    _, original = read_csv_rows(run['out'] / 'loss_log.csv')
     for new, old in zip(rows, original):  # exact resume: the same losses
         for key in ('D', 'G', 'CC'):
             assert float(new[key]) == pytest.approx(float(old[key]), rel=1e-5), (new, old)
 
 
 def test_resumed_validation_metrics_have_no_repeated_steps(resumed):
-    _, rows = read_rows(resumed / 'val_metrics.csv')
+    _, rows = read_csv_rows(resumed / 'val_metrics.csv')
     assert [int(row['step']) for row in rows] == SAVES
 
 
@@ -438,3 +411,42 @@ def test_cc_ablation_help(tmp_path):
     assert_ok(proc)
     assert 'usage' in proc.stdout.lower() and '--n_epochs' in proc.stdout
     assert os.listdir(tmp_path) == []  # --help trains nothing
+
+
+# ----------------------------------------------------------------------------------------
+# 6. Panels: labelled, with colour bars
+# ----------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize('channels', [1, 2])
+def test_panel_labels_every_image_and_gives_each_a_colour_bar(tmp_path, monkeypatch, channels):
+    """input | real | generated | difference per target channel, each titled, each with its
+    own colour bar (what the colours mean in the target's units)."""
+    import matplotlib.figure
+    from pix2pixCC_Pipeline import Scaling
+    from pix2pixCC_Utils import save_panel
+    figures = []
+    savefig = matplotlib.figure.Figure.savefig
+
+    def keep(figure, *args, **kwargs):
+        figures.append(figure)
+        return savefig(figure, *args, **kwargs)
+
+    monkeypatch.setattr(matplotlib.figure.Figure, 'savefig', keep)
+    rng = np.random.default_rng(0)
+    real = rng.uniform(-3000, 3000, (channels, 16, 16)).astype(np.float32)
+    generated = real + rng.normal(0, 100, real.shape).astype(np.float32)
+    path = tmp_path / 'panel.png'
+    save_panel(str(path), rng.uniform(-1, 1, (1, 16, 16)), real, generated,
+               Scaling(lower=-3000, upper=3000))
+    with Image.open(path) as image:
+        assert image.format == 'PNG'
+    assert len(figures) == 1
+    image_axes = [axis for axis in figures[0].axes if axis.images]
+    assert len(image_axes) == 4 * channels
+    for axis in image_axes:
+        assert axis.get_title().strip(), 'an image without a label'
+        assert axis.images[0].colorbar is not None, axis.get_title()
+    titles = [axis.get_title() for axis in image_axes]
+    assert len(set(titles)) == len(titles)  # each says which picture it is
+    bars = {id(axis.images[0].colorbar.ax) for axis in image_axes}
+    assert len(bars) == len(image_axes)  # one colour bar per image, not one shared

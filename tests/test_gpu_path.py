@@ -2,7 +2,6 @@
 torch.compile through the drivers, and checkpoints that stay plain state_dicts."""
 import os
 
-import pytest
 import torch
 
 from conftest import TINY, assert_ok, make_pairs, run_test, run_train, train_opt
@@ -58,7 +57,6 @@ def test_bare_unwraps_compiled_and_parallel_wrappers():
     assert all(not key.startswith(('module.', '_orig_mod.')) for key in bare(wrapped).state_dict())
 
 
-@pytest.mark.skipif(not hasattr(torch, 'compile'), reason='torch.compile not available')
 def test_compiled_training_and_test_write_plain_checkpoints(tmp_path):
     """--compile through both drivers (default replication padding, whose backward is kept
     out of the compiled graph): checkpoints have the published keys, outputs are written."""

@@ -5,7 +5,6 @@ kept to the newest, the learning-rate decay, TensorBoard.
 Real training processes (`python pix2pixCC_Train.py`) with the TINY network on six 32x32 npy
 pairs; signals are sent once the run has reported a given step.
 """
-import csv
 import errno
 import os
 import re
@@ -20,48 +19,26 @@ import torch
 
 import pix2pixCC_Train
 import pix2pixCC_Utils
-from conftest import (SUBPROCESS_ENV, TINY, TRAIN_SCRIPT, assert_ok, assert_usage_error,
-                      make_pairs, run_test, run_train)
+from conftest import (NPY_DATA, SUBPROCESS_ENV, TINY, TRAIN_SCRIPT, assert_ok,
+                      assert_same_weights, assert_usage_error, load, loss_rows, make_pairs,
+                      model_dir, reported_steps, run_test, run_train, saved_steps_in)
 from pix2pixCC_Options import run_main
 
-DATA = ['--data_format_input', 'npy', '--data_format_target', 'npy', '--data_size', '32',
-        '--saturation_lower_limit_input', '0', '--saturation_upper_limit_input', '100',
-        '--saturation_lower_limit_target', '0', '--saturation_upper_limit_target', '100']
+DATA = NPY_DATA
 # Six pairs, batch 1: one epoch at the full lr, then two decaying ones (18 steps); saves at
 # 4, 8, 12, 16 and the final 18.
 RUN = TINY + DATA + ['--max_rotation_angle', '10', '--padding_size', '4', '--seed', '7',
                      '--n_workers', '0', '--save_freq', '4', '--report_freq', '1',
                      '--display_freq', '1000', '--n_epochs', '1', '--n_epochs_decay', '2']
 FINAL = 18
-REPORT = re.compile(r'Current_step:\s*(\d+)')
 
 
 def run_dir(root):
     return os.path.join(str(root), 'checkpoints', 'pix2pixCC')
 
 
-def model_dir(root):
-    return os.path.join(run_dir(root), 'Model')
-
-
-def model_files(root):
-    return sorted(os.listdir(model_dir(root)))
-
-
-def load(path):
-    return torch.load(path, map_location='cpu', weights_only=True)
-
-
 def assert_identical_weights(path_a, path_b):
-    a, b = load(path_a), load(path_b)
-    assert set(a) == set(b)
-    for key in a:
-        assert torch.equal(a[key], b[key]), f"{key} differs"
-
-
-def log_rows(root):
-    with open(os.path.join(run_dir(root), 'loss_log.csv'), newline='') as f:
-        return list(csv.DictReader(f))
+    assert_same_weights(path_a, path_b, tolerance=0)
 
 
 class Training:
@@ -135,18 +112,18 @@ def test_a_signal_saves_the_step_reached_and_the_resume_is_exact(signum, full_ru
     step = int(stopped.group(1))
     assert 9 <= step < FINAL
     for kind in ('G', 'D', 'state'):
-        assert f'{step}_{kind}.pt' in model_files(tmp_path)
+        assert f'{step}_{kind}.pt' in os.listdir(model_dir(tmp_path))
     assert load(os.path.join(model_dir(tmp_path), f'{step}_state.pt'))['step'] == step
     assert not [n for n in os.listdir(model_dir(tmp_path)) if n.startswith('.tmp-')]
     assert 'Traceback' not in out
 
     resumed = run_train(['--gpu_ids', '-1', '--latest_iter', '-1'], cwd=tmp_path)
     assert_ok(resumed)
-    assert int(REPORT.findall(resumed.stdout)[0]) == step + 1
+    assert reported_steps(resumed.stdout)[0] == step + 1
     for name in (f'{FINAL}_G.pt', f'{FINAL}_D.pt'):
         assert_identical_weights(os.path.join(model_dir(tmp_path), name),
                                  os.path.join(model_dir(full_run), name))
-    assert [int(r['step']) for r in log_rows(tmp_path)] == list(range(1, FINAL + 1))
+    assert [int(r['step']) for r in loss_rows(tmp_path)] == list(range(1, FINAL + 1))
 
 
 def test_a_sigkill_during_the_decay_resumes_to_the_uninterrupted_weights(full_run, data,
@@ -159,7 +136,7 @@ def test_a_sigkill_during_the_decay_resumes_to_the_uninterrupted_weights(full_ru
     assert newest in (12, 16)  # the last save before the kill, during the decay
     resumed = run_train(['--gpu_ids', '-1', '--latest_iter', '-1'], cwd=tmp_path)
     assert_ok(resumed)  # the lock of the killed run does not block
-    assert int(REPORT.findall(resumed.stdout)[0]) == newest + 1
+    assert reported_steps(resumed.stdout)[0] == newest + 1
     assert_identical_weights(os.path.join(model_dir(tmp_path), f'{FINAL}_G.pt'),
                              os.path.join(model_dir(full_run), f'{FINAL}_G.pt'))
 
@@ -297,7 +274,7 @@ def test_a_second_run_in_the_same_folder_is_refused_while_the_first_runs(data, t
         assert code == 143, out[-3000:]
     finally:
         first.kill()
-    steps = [int(r['step']) for r in log_rows(tmp_path)]
+    steps = [int(r['step']) for r in loss_rows(tmp_path)]
     assert steps == list(range(1, steps[-1] + 1))  # the first run's log, each step once
 
 
@@ -393,7 +370,7 @@ def test_write_errors_name_the_file_and_the_checkpoint(target, code, data, tmp_p
 # ----------------------------------------------------------------------------------------
 
 def state_files(root):
-    return sorted(int(n.split('_')[0]) for n in model_files(root) if n.endswith('_state.pt'))
+    return saved_steps_in(model_dir(root), 'state')
 
 
 def test_only_the_newest_training_state_is_kept_and_older_steps_still_resume(full_run,
@@ -401,7 +378,7 @@ def test_only_the_newest_training_state_is_kept_and_older_steps_still_resume(ful
     assert_ok(run_train(RUN + data, cwd=tmp_path))
     assert state_files(tmp_path) == [FINAL]
     for step in (4, 8, 12, 16, FINAL):  # every network checkpoint stays
-        assert {f'{step}_G.pt', f'{step}_D.pt'} <= set(model_files(tmp_path))
+        assert {f'{step}_G.pt', f'{step}_D.pt'} <= set(os.listdir(model_dir(tmp_path)))
     assert state_files(full_run) == [4, 8, 12, 16, FINAL]  # --keep_states 0: all
 
     # A step whose state was deleted resumes from its weights, with a notice.
@@ -410,7 +387,7 @@ def test_only_the_newest_training_state_is_kept_and_older_steps_still_resume(ful
     assert_ok(resumed)
     assert 'notice: no ./checkpoints/pix2pixCC/Model/8_state.pt; resuming from the weights ' \
            'alone' in resumed.stdout
-    assert int(REPORT.findall(resumed.stdout)[0]) == 9
+    assert reported_steps(resumed.stdout)[0] == 9
     assert state_files(tmp_path) == [24]
 
 
@@ -427,7 +404,7 @@ def test_the_lr_of_every_epoch_follows_the_linear_decay(full_run):
     """--n_epochs 1 --n_epochs_decay 2: epoch e uses lr * (1 - (e - 1) / 3)."""
     lr = 2e-4
     expected = {1: lr, 2: lr * (1 - 1 / 3), 3: lr * (1 - 2 / 3)}
-    for row in log_rows(full_run):
+    for row in loss_rows(full_run):
         assert float(row['lr']) == pytest.approx(expected[int(row['epoch'])], rel=1e-12)
     for step, epoch in ((4, 1), (8, 2), (16, 3)):
         state = load(os.path.join(model_dir(full_run), f'{step}_state.pt'))
@@ -441,7 +418,7 @@ def test_a_new_schedule_given_on_resume_applies_from_the_resumed_epoch(full_run,
     proc = run_train(['--gpu_ids', '-1', '--latest_iter', '12', '--lr', '0.001',
                       '--n_epochs_decay', '4'], cwd=tmp_path)
     assert_ok(proc)
-    rows = log_rows(tmp_path)
+    rows = loss_rows(tmp_path)
     assert [int(r['step']) for r in rows] == list(range(1, 6 * 5 + 1))
     for row in rows:
         epoch = int(row['epoch'])
@@ -456,7 +433,7 @@ def test_log_rows_are_means_since_the_last_report_and_a_short_run_logs_at_the_en
                                            '--n_epochs', '1', '--save_freq', '100'],
                      cwd=tmp_path)
     assert_ok(proc)
-    rows = log_rows(tmp_path)
+    rows = loss_rows(tmp_path)
     assert [(int(r['step']), int(r['samples'])) for r in rows] == [(4, 4), (6, 2)]
     assert '(means of 4 samples)' in proc.stdout
     assert os.path.isfile(os.path.join(run_dir(tmp_path), 'loss_curve.png'))
@@ -465,7 +442,7 @@ def test_log_rows_are_means_since_the_last_report_and_a_short_run_logs_at_the_en
     shorter.mkdir()
     assert_ok(run_train(TINY + DATA + data + ['--n_workers', '0', '--n_epochs', '1'],
                         cwd=shorter))  # report_freq 100 > 6 samples
-    assert [int(r['step']) for r in log_rows(shorter)] == [6]
+    assert [int(r['step']) for r in loss_rows(shorter)] == [6]
     assert os.path.isfile(os.path.join(run_dir(shorter), 'loss_curve.png'))
 
 

@@ -6,16 +6,9 @@ import torch
 import torch.nn.functional as F
 from scipy.stats import pearsonr
 
-from conftest import train_opt
+from conftest import lin_ccc, train_opt
 from pix2pixCC_Networks import Discriminator, Generator, Loss, correlation, weights_init
 from pix2pixCC_Utils import Precision
-
-
-def lin_ccc(t, f):
-    """Lin's concordance with population moments (float64)."""
-    t, f = np.asarray(t, np.float64).ravel(), np.asarray(f, np.float64).ravel()
-    covariance = ((t - t.mean()) * (f - f.mean())).mean()
-    return 2 * covariance / (t.var() + f.var() + (t.mean() - f.mean()) ** 2)
 
 
 def correlated(shape, seed, offset=0.0, noise=0.5):
@@ -97,7 +90,8 @@ def hand_losses(opt, D, input, target, fake):
                 real_pair, fake_pair = pool(real_pair), pool(fake_pair)
             scale = getattr(D, f'Scale_{s}')
             real, fake_out = scale(real_pair), scale(fake_pair)
-            loss_D += 0.5 * (float(((real[-1] - 1) ** 2).mean()) + float((fake_out[-1] ** 2).mean()))
+            loss_D += 0.5 * (float(((real[-1] - 1) ** 2).mean()) +
+                             float((fake_out[-1] ** 2).mean()))
             LSGAN += 0.5 * opt.lambda_LSGAN * float(((fake_out[-1] - 1) ** 2).mean())
             FM += sum(float((fj - rj).abs().mean()) for fj, rj in zip(fake_out, real))
     FM_per_scale = FM  # summed over scales

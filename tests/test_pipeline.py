@@ -8,7 +8,8 @@ import torch
 from astropy.io import fits
 from PIL import Image
 
-from conftest import ALL_FORMATS, smooth_field, train_opt, make_test_opt, write_user_file
+from conftest import (ALL_FORMATS, make_test_opt, read_user_file, smooth_field, train_opt,
+                      write_pairs, write_user_file)
 from pix2pixCC_Options import UserError
 from pix2pixCC_Pipeline import (CustomDataset, Scaling, generated_header, list_files,
                                 random_pad_and_crop, random_rotation, read_array, to_chw,
@@ -114,11 +115,12 @@ def test_channel_count_mismatch_is_a_user_error(tmp_path, fmt):
     path = write_user_file(str(tmp_path / f'x.{fmt}'), stored, fmt)
     with pytest.raises(UserError) as error:
         read_array(path, fmt, 1)
-    assert 'x.' + fmt in str(error.value)
+    assert 'x.' + fmt in str(error.value) and '--input_ch/--target_ch' in str(error.value)
     stored, _, _ = user_data(fmt, 1)
     path = write_user_file(str(tmp_path / f'y.{fmt}'), stored, fmt)
-    with pytest.raises(UserError):
+    with pytest.raises(UserError) as error:
         read_array(path, fmt, 3)
+    assert 'y.' + fmt in str(error.value) and '3 channel' in str(error.value)
 
 
 @pytest.mark.parametrize('fmt', ['fits', 'npy', 'png', 'tif'])
@@ -165,13 +167,15 @@ def test_list_files_sorted_by_name_and_filtered_by_extension(tmp_path):
 def test_list_files_errors(tmp_path):
     with pytest.raises(UserError) as error:
         list_files(str(tmp_path / 'missing'), 'fits', 'input')
-    assert 'missing' in str(error.value)
+    assert "input directory '" in str(error.value) and 'missing' in str(error.value)
+    assert 'does not exist' in str(error.value)
     (tmp_path / 'a.npy').write_bytes(b'')
     (tmp_path / 'b.png').write_bytes(b'')
     with pytest.raises(UserError) as error:
         list_files(str(tmp_path), 'fits', 'target')
     message = str(error.value)
-    assert '.npy' in message and '.png' in message and 'target' in message
+    assert 'no .fits files in target directory' in message
+    assert '.npy' in message and '.png' in message and '--data_format_' in message
 
 
 # ----------------------------------------------------------------------------------------
@@ -285,11 +289,9 @@ def test_scaling_from_options():
 # ----------------------------------------------------------------------------------------
 
 def write_pair_dirs(root, inputs, targets, fmt='npy'):
-    for name, arrays in (('Input', inputs), ('Target', targets)):
-        os.makedirs(root / name, exist_ok=True)
-        for i, a in enumerate(arrays):
-            write_user_file(str(root / name / f'f{i:02d}.{fmt}'), a, fmt)
-    return str(root / 'Input'), str(root / 'Target')
+    """Arrays i of `inputs` and `targets` as the files f<i> of a pair of folders."""
+    return write_pairs(root, {f'f{i:02d}': a for i, a in enumerate(inputs)},
+                       {f'f{i:02d}': a for i, a in enumerate(targets)}, fmt)
 
 
 def dataset_for(input_dir, target_dir, *argv, **options):
@@ -440,19 +442,13 @@ def test_dataset_pairs_by_sorted_name_and_uses_each_side_format(tmp_path):
         assert float(x.mean()) == pytest.approx(i - 1) and float(y.mean()) == pytest.approx(i - 1)
 
 
-def test_dataset_counts_must_match(tmp_path):
-    inputs = [field(1, seed=s, size=32)[0] for s in range(3)]
-    input_dir, target_dir = write_pair_dirs(tmp_path, inputs, inputs[:2])
-    with pytest.raises(UserError) as error:
-        dataset_for(input_dir, target_dir)
-    assert '3' in str(error.value) and '2' in str(error.value)
-
-
 def test_dataset_sizes_must_match(tmp_path):
     input_dir, target_dir = write_pair_dirs(tmp_path, [field(1, size=32)[0]],
                                             [field(1, size=64)[0]])
-    with pytest.raises(UserError):
+    with pytest.raises(UserError) as error:
         dataset_for(input_dir, target_dir)[0]
+    message = str(error.value)
+    assert 'f00.npy is 32x32' in message and 'f00.npy is 64x64' in message
 
 
 def test_test_split_returns_input_and_name(tmp_path):
@@ -481,16 +477,7 @@ def test_write_float_formats_round_trip_exactly(tmp_path, fmt, channels):
     path = str(tmp_path / f'out.{fmt}')
     write_array(path, data, fmt)
     expected = data.astype(np.float32)
-    if fmt == 'npy':
-        stored = np.load(path)
-    elif fmt in ('tif', 'tiff'):
-        import tifffile
-        stored = tifffile.imread(path)
-    else:
-        with fits.open(path) as hdul:
-            stored = hdul[0].data
-            assert hdul[0].header['BITPIX'] == -32
-            assert hdul[0].header['NAXIS'] == (2 if channels == 1 else 3)
+    stored = read_user_file(path, fmt)
     assert stored.dtype.kind == 'f' and stored.dtype.itemsize == 4
     assert stored.shape == ((H, W) if channels == 1 else (3, H, W))
     np.testing.assert_array_equal(stored, expected[0] if channels == 1 else expected)

@@ -5,7 +5,6 @@ Driver runs are subprocesses (`python /abs/pix2pixCC_Train.py ...` in a fresh tm
 with the TINY network on six 32x32 npy pairs. Runs shared by several tests are module-scoped
 fixtures; a test that changes a run works on a copy of it.
 """
-import csv
 import json
 import os
 import re
@@ -22,69 +21,28 @@ import torch
 import pix2pixCC_Networks
 import pix2pixCC_Train
 import pix2pixCC_Utils
-from conftest import (SUBPROCESS_ENV, TINY, TRAIN_SCRIPT, assert_ok, assert_usage_error,
-                      make_pairs, run_test, run_train, train_opt)
-from pix2pixCC_Networks import Discriminator, Generator
+from conftest import (NPY_DATA, SUBPROCESS_ENV, TINY, TRAIN_SCRIPT, assert_ok,
+                      assert_same_weights, assert_usage_error, load, loss_rows, make_pairs,
+                      model_dir, reported_steps, run_test, run_train, saved_steps_in, snapshot,
+                      train_opt)
+from pix2pixCC_Networks import Generator
 from pix2pixCC_Options import run_main
 
-# Six 32x32 pairs with values in [0, 100] (make_pairs), scaled at those limits.
-DATA = ['--data_format_input', 'npy', '--data_format_target', 'npy', '--data_size', '32',
-        '--saturation_lower_limit_input', '0', '--saturation_upper_limit_input', '100',
-        '--saturation_lower_limit_target', '0', '--saturation_upper_limit_target', '100']
+DATA = NPY_DATA  # six 32x32 pairs with values in [0, 100] (make_pairs)
 AUGMENT = ['--max_rotation_angle', '10', '--padding_size', '4']
 # Batch 1 over 6 files, 2 epochs: saves at 4, 8 (mid-epoch 2) and the final 12.
 RUN = TINY + DATA + AUGMENT + ['--seed', '5', '--n_workers', '0', '--save_freq', '4',
                                '--report_freq', '1', '--display_freq', '1000',
                                '--keep_states', '0']
-REPORT = re.compile(r'Current_step:\s*(\d+)')
 
 
-def model_dir(root, name='pix2pixCC'):
-    return os.path.join(str(root), 'checkpoints', name, 'Model')
-
-
-def steps_of(folder, kind='G'):
-    return sorted(int(m.group(1)) for m in
-                  (re.fullmatch(rf'(\d+)_{kind}\.pt', n) for n in os.listdir(folder)) if m)
-
-
-def load(path):
-    return torch.load(path, map_location='cpu', weights_only=True)
-
-
-def assert_same_weights(path_a, path_b, tolerance=1e-6):
-    a, b = load(path_a), load(path_b)
-    assert set(a) == set(b)
-    for key in a:
-        difference = float((a[key].double() - b[key].double()).abs().max()) if a[key].numel() \
-            else 0.0
-        assert difference <= tolerance, f"{key}: max |difference| {difference:g}"
+def first_step(stdout):
+    return reported_steps(stdout)[0]
 
 
 def copy_run(source_root, dest_root, name='pix2pixCC'):
     shutil.copytree(os.path.join(str(source_root), 'checkpoints', name),
                     os.path.join(str(dest_root), 'checkpoints', name))
-
-
-def snapshot(folder, with_dirs=False):
-    """{relative path: (content, mtime_ns)} of every file (and folder) under `folder`, but
-    the lock file, which names whichever training run started last."""
-    out = {}
-    for path, dirnames, filenames in os.walk(str(folder)):
-        if with_dirs:
-            out[os.path.relpath(path, str(folder)) + '/'] = (None, os.stat(path).st_mtime_ns)
-        for name in filenames:
-            if name == 'train.lock':
-                continue
-            full = os.path.join(path, name)
-            with open(full, 'rb') as f:
-                out[os.path.relpath(full, str(folder))] = (f.read(), os.stat(full).st_mtime_ns)
-    return out
-
-
-def loss_rows(root, name='pix2pixCC'):
-    with open(os.path.join(str(root), 'checkpoints', name, 'loss_log.csv'), newline='') as f:
-        return list(csv.DictReader(f))
 
 
 @pytest.fixture(scope='module')
@@ -100,7 +58,7 @@ def full_run(tmp_path_factory, data):
     root = tmp_path_factory.mktemp('full_run')
     proc = run_train(RUN + data + ['--n_epochs', '2'], cwd=root)
     assert_ok(proc)
-    assert steps_of(model_dir(root)) == [4, 8, 12]
+    assert saved_steps_in(model_dir(root)) == [4, 8, 12]
     return root
 
 
@@ -127,11 +85,11 @@ def test_resume_at_an_epoch_boundary_is_exact(full_run, data, tmp_path):
     """One epoch, then `--latest_iter -1 --n_epochs 2` with nothing else on the command line
     (every option comes from the saved run): the weights of the uninterrupted run."""
     assert_ok(run_train(RUN + data + ['--n_epochs', '1'], cwd=tmp_path))
-    assert steps_of(model_dir(tmp_path)) == [4, 6]
+    assert saved_steps_in(model_dir(tmp_path)) == [4, 6]
     proc = run_train(['--gpu_ids', '-1', '--latest_iter', '-1', '--n_epochs', '2'], cwd=tmp_path)
     assert_ok(proc)
-    assert int(REPORT.findall(proc.stdout)[0]) == 7  # continued after step 6
-    assert steps_of(model_dir(tmp_path)) == [4, 6, 8, 12]
+    assert first_step(proc.stdout) == 7  # continued after step 6
+    assert saved_steps_in(model_dir(tmp_path)) == [4, 6, 8, 12]
     for name in ('8_G.pt', '12_G.pt', '12_D.pt'):
         assert_same_weights(os.path.join(model_dir(tmp_path), name),
                             os.path.join(model_dir(full_run), name))
@@ -147,7 +105,7 @@ def test_resume_in_the_middle_of_an_epoch_is_exact(full_run, tmp_path):
             os.remove(os.path.join(model_dir(tmp_path), f'{step}_{kind}.pt'))
     proc = run_train(['--gpu_ids', '-1', '--latest_iter', '4', '--n_epochs', '2'], cwd=tmp_path)
     assert_ok(proc)
-    assert int(REPORT.findall(proc.stdout)[0]) == 5
+    assert first_step(proc.stdout) == 5
     for name, path in reference.items():
         assert_same_weights(os.path.join(model_dir(tmp_path), name), path)
 
@@ -175,7 +133,7 @@ def test_latest_iter_minus_one_takes_the_newest_complete_step(full_run, tmp_path
     proc = run_train(['--gpu_ids', '-1', '--latest_iter', '-1', '--n_epochs', '2', '--lr', '0'],
                      cwd=tmp_path)
     assert_ok(proc)
-    assert int(REPORT.findall(proc.stdout)[0]) == 9
+    assert first_step(proc.stdout) == 9
     assert os.path.isfile(os.path.join(folder, '12_state.pt'))
     for kind in ('G', 'D'):
         resumed, start = load(os.path.join(folder, f'12_{kind}.pt')), \
@@ -245,7 +203,7 @@ def test_killed_run_leaves_loadable_checkpoints_and_resumes(data, tmp_path):
             # Kill as soon as the third generator file appears: most likely while the D or
             # state file of that step is still being written.
             while time.time() < deadline and proc.poll() is None:
-                if os.path.isdir(folder) and len(steps_of(folder)) >= 3:
+                if os.path.isdir(folder) and len(saved_steps_in(folder)) >= 3:
                     break
                 time.sleep(0.02)
             proc.send_signal(signal.SIGKILL)
@@ -268,7 +226,7 @@ def test_killed_run_leaves_loadable_checkpoints_and_resumes(data, tmp_path):
     assert rows_before and all(set(row) == set(rows_before[0]) for row in rows_before)
     assert all(int(row['step']) >= 1 for row in rows_before)
 
-    complete = [s for s in steps_of(folder) if all(
+    complete = [s for s in saved_steps_in(folder) if all(
         os.path.isfile(os.path.join(folder, f'{s}_{k}.pt')) for k in ('D', 'state'))]
     assert complete, os.listdir(folder)
     newest = complete[-1]
@@ -276,9 +234,9 @@ def test_killed_run_leaves_loadable_checkpoints_and_resumes(data, tmp_path):
     proc = run_train(['--gpu_ids', '-1', '--latest_iter', '-1', '--n_epochs', str(n_epochs)],
                      cwd=tmp_path)
     assert_ok(proc)
-    assert int(REPORT.findall(proc.stdout)[0]) == newest + 1
+    assert first_step(proc.stdout) == newest + 1
     final = n_epochs * 6
-    assert max(steps_of(folder)) == final > newest
+    assert max(saved_steps_in(folder)) == final > newest
     assert load(os.path.join(folder, f'{final}_state.pt'))['step'] == final
     # One log row per step, none twice; the rows up to the checkpoint are kept as they were.
     rows = loss_rows(tmp_path)
@@ -328,7 +286,7 @@ def units_run(tmp_path_factory, data):
     assert_ok(run_train(['--gpu_ids', '-1', '--dataset_name', 'units', '--n_epochs', '1',
                          '--seed', '1', '--n_workers', '0', '--display_freq', '1000'] + UNITS +
                         data, cwd=root))
-    assert steps_of(model_dir(root, 'units')) == [6]
+    assert saved_steps_in(model_dir(root, 'units')) == [6]
     minimal = ['--dataset_name', 'units', '--iteration', '6', '--input_dir_test', test_in,
                '--gpu_ids', '-1']
     return root, test_in, minimal
@@ -385,261 +343,7 @@ def test_a_checkpoint_that_does_not_fit_names_the_option(units_run, tmp_path, op
 
 
 # ----------------------------------------------------------------------------------------
-# 6. What happens when… (rows not already covered by test_errors.py)
-# ----------------------------------------------------------------------------------------
-
-NAME = ['--dataset_name', 'earlier']
-
-
-@pytest.fixture
-def earlier_run(tmp_path):
-    """Files of an earlier run under ./checkpoints/earlier that no failed run may touch."""
-    run_dir = tmp_path / 'checkpoints' / 'earlier'
-    (run_dir / 'Model').mkdir(parents=True)
-    (run_dir / 'Image' / 'Train').mkdir(parents=True)
-    torch.save(Generator(train_opt()).state_dict(), run_dir / 'Model' / '2_G.pt')
-    torch.save(Discriminator(train_opt()).state_dict(), run_dir / 'Model' / '2_D.pt')
-    (run_dir / 'loss_log.csv').write_text(
-        'step,epoch,D,G,G_LSGAN,G_FM,G_CC,CC,seconds_per_step\n1,1,0.5,9,1,3,5,0,0.1\n')
-    (run_dir / 'train_options.json').write_text('{"n_gf": 8}')
-    (run_dir / 'Image' / 'Train' / '2_fake.png').write_bytes(b'not really a png')
-    before = snapshot(run_dir)
-    time.sleep(0.01)
-    yield run_dir
-    assert snapshot(run_dir) == before, 'an earlier run was changed'
-
-
-def train_in(tmp_path, input_dir, target_dir, *extra):
-    return run_train(TINY + DATA + NAME + ['--n_epochs', '1', '--n_workers', '0',
-                                           '--input_dir_train', str(input_dir),
-                                           '--target_dir_train', str(target_dir), *extra],
-                     cwd=tmp_path)
-
-
-def named_pairs(root, input_names, target_names, size=32):
-    rng = np.random.default_rng(0)
-    dirs = []
-    for role, names in (('Input', input_names), ('Target', target_names)):
-        folder = os.path.join(str(root), role)
-        os.makedirs(folder)
-        for name in names:
-            np.save(os.path.join(folder, name + '.npy'),
-                    rng.uniform(0, 100, (size, size)).astype(np.float32))
-        dirs.append(folder)
-    return dirs
-
-
-def test_empty_input_folder(tmp_path, earlier_run):
-    _, target_dir = make_pairs(tmp_path / 'd', 'npy', n=2)
-    (tmp_path / 'empty').mkdir()
-    line = assert_usage_error(train_in(tmp_path, tmp_path / 'empty', target_dir), 'empty')
-    assert 'input' in line and '.npy' in line
-
-
-def test_unknown_format(tmp_path, earlier_run):
-    input_dir, target_dir = make_pairs(tmp_path / 'd', 'npy', n=2)
-    proc = train_in(tmp_path, input_dir, target_dir, '--data_format_input', 'fitz')
-    assert_usage_error(proc, '--data_format_input', 'fitz')
-
-
-BAD_LIMITS = [
-    (['--logscale_input', 'True', '--saturation_lower_limit_input', '0'],
-     ['--logscale_input', '--saturation_lower_limit_input', '0']),
-    (['--logscale_target', 'True', '--saturation_lower_limit_target', '-5',
-      '--saturation_upper_limit_target', '100'], ['--logscale_target', '-5']),
-    (['--saturation_lower_limit_input', '6', '--saturation_upper_limit_input', '5'],
-     ['--saturation_lower_limit_input', '--saturation_upper_limit_input', '6', '5']),
-]
-
-
-@pytest.mark.parametrize('flags, fragments', BAD_LIMITS)
-def test_bad_limits_in_training(tmp_path, earlier_run, flags, fragments):
-    input_dir, target_dir = make_pairs(tmp_path / 'd', 'npy', n=2)
-    assert_usage_error(train_in(tmp_path, input_dir, target_dir, *flags), *fragments)
-
-
-def test_bad_limits_in_test(tmp_path, earlier_run):
-    input_dir, _ = make_pairs(tmp_path / 'd', 'npy', n=2)
-    flags, fragments = BAD_LIMITS[0]
-    proc = run_test(TINY + DATA + NAME + ['--iteration', '2', '--input_dir_test', input_dir,
-                                          *flags], cwd=tmp_path)
-    assert_usage_error(proc, *fragments)
-
-
-def test_pairing_by_names(tmp_path, earlier_run):
-    input_dir, target_dir = named_pairs(tmp_path, ['a', 'b', 'c'], ['a', 'c', 'd'])
-    proc = train_in(tmp_path, input_dir, target_dir)
-    assert_usage_error(proc, 'pair 1', 'b.npy', 'c.npy')
-
-
-@pytest.mark.parametrize('targets', [
-    # Input 2011-01-02 would pair with 01-03 (a file missing on each side). The other pairs
-    # match to the minute, so a day's offset here is a wrong pairing.
-    ['hmi_20110101_0000', 'hmi_20110103_0000', 'hmi_20110104_0000'],
-    # Input 2011-01-02 would pair with 01-04 although 01-01 is closer.
-    ['hmi_20110101_0000', 'hmi_20110104_0000', 'hmi_20110105_0000'],
-])
-def test_pairing_by_timestamps(tmp_path, targets):
-    input_dir, target_dir = named_pairs(
-        tmp_path, ['aia_20110101_0000', 'aia_20110102_0000', 'aia_20110104_0000'], targets)
-    proc = train_in(tmp_path, input_dir, target_dir)
-    assert_usage_error(proc, 'pair 1', 'aia_20110102_0000', targets[1])
-
-
-def test_small_time_offsets_pair_fine(tmp_path):
-    input_dir, target_dir = named_pairs(
-        tmp_path, ['aia_20110101_000006', 'aia_20110101_001206', 'aia_20110101_002406'],
-        ['hmi_20110101_000000', 'hmi_20110101_001200', 'hmi_20110101_002400'])
-    assert_ok(train_in(tmp_path, input_dir, target_dir))
-
-
-def test_check_pairing_false_skips_the_check(tmp_path):
-    input_dir, target_dir = named_pairs(tmp_path, ['a', 'b', 'c'], ['a', 'c', 'd'])
-    assert_ok(train_in(tmp_path, input_dir, target_dir, '--check_pairing', 'False'))
-    assert steps_of(model_dir(tmp_path, 'earlier')) == [3]
-
-
-@pytest.fixture(scope='module')
-def noisy_run(tmp_path_factory):
-    """NaN and +-Inf in the files, and a --data_size that is not the files' size."""
-    root = tmp_path_factory.mktemp('noisy')
-    input_dir, target_dir = make_pairs(root, 'npy', n=4, size=32)
-    x = np.load(os.path.join(input_dir, 'img_001.npy'))
-    x[3, 4] = x[5, 6] = x[7, 8] = np.nan
-    np.save(os.path.join(input_dir, 'img_001.npy'), x)
-    y = np.load(os.path.join(target_dir, 'img_003.npy'))
-    y[1, 1], y[2, 2] = np.inf, -np.inf
-    np.save(os.path.join(target_dir, 'img_003.npy'), y)
-    proc = run_train(TINY + DATA + ['--data_size', '64', '--n_epochs', '2', '--n_workers', '0',
-                                    '--report_freq', '1', '--input_dir_train', input_dir,
-                                    '--target_dir_train', target_dir], cwd=root)
-    assert_ok(proc)
-    return root, proc
-
-
-def test_nan_and_inf_give_one_warning_and_finite_losses(noisy_run):
-    root, proc = noisy_run
-    lines = [line for line in (proc.stdout + proc.stderr).splitlines()
-             if re.search(r'nan|inf\b|warn', line, re.IGNORECASE)]
-    assert len(lines) == 1, lines
-    assert re.search(r'\b5\b', lines[0]) and 'img_001.npy' in lines[0], lines[0]
-    rows = loss_rows(root)
-    assert len(rows) == 8
-    for row in rows:
-        for key in ('D', 'G', 'G_LSGAN', 'G_FM', 'G_CC', 'CC'):
-            assert np.isfinite(float(row[key])), row
-    for kind in ('G', 'D'):
-        for value in load(os.path.join(model_dir(root), f'8_{kind}.pt')).values():
-            assert torch.isfinite(value).all()
-
-
-def test_data_size_differing_from_the_files_gives_one_notice(noisy_run):
-    _, proc = noisy_run
-    lines = [line for line in (proc.stdout + proc.stderr).splitlines() if '--data_size' in line]
-    assert len(lines) == 1 and '64' in lines[0] and '32' in lines[0], lines
-
-
-def test_image_too_small_for_the_discriminator(tmp_path, earlier_run):
-    input_dir, target_dir = make_pairs(tmp_path / 'd', 'npy', n=2, size=16)
-    proc = train_in(tmp_path, input_dir, target_dir, '--n_D', '1', '--data_size', '16')
-    assert_usage_error(proc, '16x16', '--n_D')
-
-
-@pytest.mark.parametrize('how', ['a file where the folder should be', 'read-only folder'])
-def test_checkpoints_folder_not_writable(tmp_path, how):
-    input_dir, target_dir = make_pairs(tmp_path / 'd', 'npy', n=2)
-    if how == 'read-only folder':
-        if os.geteuid() == 0:
-            pytest.skip('root writes into read-only folders')
-        (tmp_path / 'checkpoints').mkdir()
-        os.chmod(tmp_path / 'checkpoints', 0o555)
-    else:  # works as root too: the folder cannot be created
-        (tmp_path / 'checkpoints').write_text('a file, not a folder')
-    try:
-        proc = train_in(tmp_path, input_dir, target_dir)
-        assert_usage_error(proc, 'checkpoints')
-        assert 'cannot create' in proc.stderr or 'not writable' in proc.stderr
-    finally:
-        if how == 'read-only folder':
-            os.chmod(tmp_path / 'checkpoints', 0o755)
-    if how != 'read-only folder':
-        assert (tmp_path / 'checkpoints').read_text() == 'a file, not a folder'
-
-
-class CreatesFile:
-    """Unpickling this object creates `path` (as a pickled payload that runs code would)."""
-
-    def __init__(self, path):
-        self.path = str(path)
-
-    def __reduce__(self):
-        return (open, (self.path, 'w'))
-
-
-def test_npy_holding_python_objects_is_refused_unrun(tmp_path, earlier_run):
-    input_dir, target_dir = make_pairs(tmp_path / 'd', 'npy', n=3)
-    bad = os.path.join(input_dir, 'img_001.npy')
-    # The payload is live: loading it with pickles allowed runs it.
-    probe = tmp_path / 'probe.npy'
-    np.save(probe, np.array([CreatesFile(tmp_path / 'probe_ran')], dtype=object),
-            allow_pickle=True)
-    np.load(probe, allow_pickle=True)
-    assert (tmp_path / 'probe_ran').exists()
-    marker = tmp_path / 'marker'
-    np.save(bad, np.array([CreatesFile(marker)], dtype=object), allow_pickle=True)
-    proc = train_in(tmp_path, input_dir, target_dir)
-    assert_usage_error(proc, 'img_001.npy')
-    assert 'cannot read' in proc.stderr
-    assert not marker.exists()
-
-
-def pickled_checkpoint(path, marker):
-    torch.save({'model.1.weight': CreatesFile(marker)}, path)
-
-
-def test_pickled_checkpoint_payload_is_live(tmp_path):
-    """Guard for the two tests below: the payload runs when pickles are allowed."""
-    pickled_checkpoint(tmp_path / 'probe.pt', tmp_path / 'probe_ran')
-    torch.load(tmp_path / 'probe.pt', weights_only=False)
-    assert (tmp_path / 'probe_ran').exists()
-
-
-def test_pickled_generator_checkpoint_is_refused_by_test(tmp_path, earlier_run):
-    input_dir, _ = make_pairs(tmp_path / 'd', 'npy', n=1)
-    marker = tmp_path / 'marker'
-    evil = earlier_run / 'Model' / '3_G.pt'
-    pickled_checkpoint(evil, marker)
-    before = snapshot(evil.parent)
-    proc = run_test(TINY + DATA + NAME + ['--iteration', '3', '--input_dir_test', input_dir],
-                    cwd=tmp_path)
-    assert_usage_error(proc, '3_G.pt')
-    assert 'cannot load' in proc.stderr
-    assert not marker.exists()
-    assert snapshot(evil.parent) == before
-    evil.unlink()  # (the earlier run's own files are checked by its fixture)
-
-
-@pytest.mark.parametrize('evil', ['G', 'state'])
-def test_pickled_checkpoint_is_refused_when_resuming(tmp_path, evil):
-    input_dir, target_dir = make_pairs(tmp_path / 'd', 'npy', n=2)
-    marker = tmp_path / 'marker'
-    folder = tmp_path / 'checkpoints' / 'earlier' / 'Model'
-    folder.mkdir(parents=True)
-    opt = train_opt()
-    torch.save(Generator(opt).state_dict(), folder / '3_G.pt')
-    torch.save(Discriminator(opt).state_dict(), folder / '3_D.pt')
-    pickled_checkpoint(folder / f'3_{evil}.pt', marker)  # replaces 3_G.pt or adds 3_state.pt
-    before = snapshot(tmp_path / 'checkpoints')
-    time.sleep(0.01)
-    proc = train_in(tmp_path, input_dir, target_dir, '--latest_iter', '3', '--n_epochs', '2')
-    assert_usage_error(proc, f'3_{evil}.pt')
-    assert 'cannot load' in proc.stderr
-    assert not marker.exists()
-    assert snapshot(tmp_path / 'checkpoints') == before
-
-
-# ----------------------------------------------------------------------------------------
-# 7. A loss that becomes NaN
+# 6. A loss that becomes NaN
 # ----------------------------------------------------------------------------------------
 
 def test_non_finite_loss_stops_before_updating_the_weights(in_tmp, monkeypatch, capsys):
@@ -666,7 +370,7 @@ def test_non_finite_loss_stops_before_updating_the_weights(in_tmp, monkeypatch, 
     assert re.search(r'step 3\b', lines[0]) and '2_G.pt' in lines[0], lines[0]
     assert '--latest_iter 2' in lines[0]
     folder = model_dir(in_tmp)
-    assert steps_of(folder) == [2] and steps_of(folder, 'D') == [2]
+    assert saved_steps_in(folder) == [2] and saved_steps_in(folder, 'D') == [2]
     # Nothing saved is NaN, and the networks in memory are those of the last good step:
     # the failing step updated nothing.
     for kind in ('G', 'D'):
@@ -685,7 +389,7 @@ def test_non_finite_loss_in_a_real_run_is_one_line(data, tmp_path):
                      cwd=tmp_path)
     line = assert_usage_error(proc, 'not finite', 'last good checkpoint')
     step = int(re.search(r'step (\d+)', line).group(1))
-    saved = steps_of(model_dir(tmp_path))
+    saved = saved_steps_in(model_dir(tmp_path))
     assert saved and max(saved) < step
     assert f'{max(saved)}_G.pt' in line and f'--latest_iter {max(saved)}' in line
     for name in os.listdir(model_dir(tmp_path)):
@@ -695,7 +399,7 @@ def test_non_finite_loss_in_a_real_run_is_one_line(data, tmp_path):
 
 
 # ----------------------------------------------------------------------------------------
-# 8. Atomic writes
+# 7. Atomic writes
 # ----------------------------------------------------------------------------------------
 
 def test_atomic_path_keeps_the_old_file_when_the_block_fails(tmp_path):
