@@ -179,8 +179,6 @@ def start_up_summary(opt, dataset, size, G, D, device, precision):
 def main(argv=None):
     option = TrainOption()
     opt = option.parse(argv)
-    if opt.tensorboard:
-        require_tensorboard()
     # Under torchrun this is one of several processes; rank 0 holds the run folder's lock
     # and writes files. A stop signal before the first step exits at once; from the first
     # step on it ends the run after the step in progress, with a checkpoint.
@@ -192,6 +190,8 @@ def main(argv=None):
         # A resumed run takes the options it was trained with, unless they are given again
         # (read before the lock: a run with nothing to resume creates no folder).
         state = resume_point(option, opt, log)
+        if opt.tensorboard:
+            require_tensorboard()
         lock = RunLock(opt.checkpoint_dir)
         cleanup.callback(lock.release)
         cluster.on_main(lambda: lock.acquire())

@@ -849,7 +849,7 @@ def save_panel(path, input, real, generated, target_scaling, unit=None, data_for
         cells += [(real[c], 'real' + suffix, data_style, unit_label),
                   (generated[c], f'generated{suffix} (CC {ccs[c]:.3f})', data_style,
                    unit_label),
-                  (difference[c], 'generated - real', diff_style, unit_label)]
+                  (difference[c], 'generated - real' + suffix, diff_style, unit_label)]
         for axis, cell in zip(axes[c], cells):
             if cell is None:
                 axis.axis('off')

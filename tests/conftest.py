@@ -363,6 +363,14 @@ def biases_before_norm(module):
     return names
 
 
+@pytest.fixture(scope='module')
+def data(tmp_path_factory):
+    """Training arguments for six 32x32 npy pairs (NPY_DATA scaling), one set per module."""
+    root = tmp_path_factory.mktemp('data')
+    input_dir, target_dir = make_pairs(root, 'npy', n=6, size=32)
+    return ['--input_dir_train', input_dir, '--target_dir_train', target_dir]
+
+
 @pytest.fixture
 def in_tmp(tmp_path, monkeypatch):
     """Run in-process drivers with tmp_path as the working directory."""

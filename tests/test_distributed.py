@@ -183,10 +183,11 @@ def uneven_run(tmp_path_factory):
 
 def test_an_uneven_last_batch_counts_each_sample_once(uneven_run):
     """13 samples: the last global batch holds sample 12 (and, to even out the processes'
-    shares, a repeat that is not counted): steps 4, 8, 12, 13."""
+    shares, a repeat that is not counted): steps 4, 8, 12, 13 (reports every 4 samples, and
+    the last sample's at the end)."""
     root, proc, _, _ = uneven_run
-    assert [int(s) for s in re.findall(r'Current_step: (\d+)', proc.stdout)] == [4, 8, 12]
-    assert log_steps(root) == [4, 8, 12]
+    assert [int(s) for s in re.findall(r'Current_step: (\d+)', proc.stdout)] == [4, 8, 12, 13]
+    assert log_steps(root) == [4, 8, 12, 13]
     assert saved_steps_in(model_dir(root)) == [8, 13]  # the final save at 13
     assert checkpoint(root, '13_state.pt')['step'] == 13
     assert all(torch.isfinite(v).all() for v in checkpoint(root, '13_G.pt').values())

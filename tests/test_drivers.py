@@ -479,10 +479,11 @@ def test_test_copies_no_header_when_the_input_is_not_fits(in_tmp):
     with fits.open('checkpoints/nh/Image/Test/3/a_AI.fits') as hdul:
         np.testing.assert_allclose(hdul[0].data, 0.25)
         header = hdul[0].header
-    # Only what astropy writes for any float32 image (and perhaps our provenance notes): no
+    # Only what astropy writes for any float32 image and our provenance (ORIGIN, HISTORY): no
     # card taken from anywhere else.
     assert set(header) - {'HISTORY', 'COMMENT'} <= {'SIMPLE', 'BITPIX', 'NAXIS', 'NAXIS1',
-                                                    'NAXIS2', 'EXTEND'}, repr(header)
+                                                    'NAXIS2', 'EXTEND', 'ORIGIN'}, repr(header)
+    assert header['ORIGIN'] == 'pix2pixCC'
     assert header['BITPIX'] == -32
 
 
@@ -522,7 +523,7 @@ def test_mixed_precision_training_on_cpu(in_tmp, capsys):
 BN_FLAGS = TINY + NPY_DATA + ['--dataset_name', 'bn', '--norm_type', 'BatchNorm2d',
                               '--image_mode', 'jpg', '--n_workers', '0']
 BN_FREQS = ['--seed', '2', '--batch_size', '2', '--n_epochs', '2', '--save_freq', '6',
-            '--report_freq', '6', '--display_freq', '4']
+            '--report_freq', '6', '--display_freq', '4', '--keep_states', '0']
 
 
 @pytest.fixture(scope='module')

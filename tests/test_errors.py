@@ -40,6 +40,7 @@ class EarlierRun:
             'step,epoch,D,G,G_LSGAN,G_FM,G_CC,CC,seconds_per_step\n1,1,0.5,9,1,3,5,0,0.1\n')
         (self.dir / 'train_options.json').write_text('{"n_gf": 8}')
         (self.dir / 'Image' / 'Train' / '2_fake.png').write_bytes(b'not really a png')
+        (self.dir / 'train.lock').write_text('process 1 on host h, started 2026-01-01\n')
         self.remember()
 
     def remember(self):
@@ -280,7 +281,7 @@ def test_checkpoints_folder_cannot_be_created(tmp_path, earlier_run):
     (tmp_path / 'checkpoints' / 'other').write_text('a file, not a folder')
     earlier_run.remember()
     proc = run_train(data_args(input_dir, target_dir, '--dataset_name', 'other'), cwd=tmp_path)
-    assert_refused(proc, earlier_run, "cannot create './checkpoints/other/Model'")
+    assert_refused(proc, earlier_run, "cannot create './checkpoints/other'")
 
 
 def test_checkpoints_folder_not_writable(in_tmp, monkeypatch, capsys):
@@ -300,7 +301,7 @@ def test_checkpoints_folder_not_writable(in_tmp, monkeypatch, capsys):
     assert status == 2
     lines = [line for line in err.splitlines() if line.strip()]
     assert len(lines) == 1, err
-    assert "cannot create './checkpoints/pix2pixCC/Model': Permission denied" in lines[0]
+    assert "cannot create './checkpoints/pix2pixCC': Permission denied" in lines[0]
     assert 'Current_step' not in out and not os.path.exists('checkpoints')
 
 
@@ -309,7 +310,10 @@ def test_checkpoints_folder_not_writable(in_tmp, monkeypatch, capsys):
 # ----------------------------------------------------------------------------------------
 
 def test_test_without_any_checkpoint(tmp_path, earlier_run):
+    """A run folder without generators (e.g. a run stopped before its first save)."""
     input_dir, _ = make_pairs(tmp_path, 'npy', n=1)
+    (tmp_path / 'checkpoints' / 'none' / 'Model').mkdir(parents=True)
+    earlier_run.remember()
     proc = run_test(TINY + NPY_DATA + ['--dataset_name', 'none', '--input_dir_test', input_dir],
                     cwd=tmp_path)
     assert_refused(proc, earlier_run, 'no generator checkpoints', './checkpoints/none/Model',

@@ -442,7 +442,7 @@ def test_panel_labels_every_image_and_gives_each_a_colour_bar(tmp_path, monkeypa
         assert image.format == 'PNG'
     assert len(figures) == 1
     image_axes = [axis for axis in figures[0].axes if axis.images]
-    assert len(image_axes) == 4 * channels
+    assert len(image_axes) == 1 + 3 * channels  # the input, then real, generated, difference
     for axis in image_axes:
         assert axis.get_title().strip(), 'an image without a label'
         assert axis.images[0].colorbar is not None, axis.get_title()

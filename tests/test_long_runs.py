@@ -20,8 +20,8 @@ import torch
 import pix2pixCC_Train
 import pix2pixCC_Utils
 from conftest import (NPY_DATA, SUBPROCESS_ENV, TINY, TRAIN_SCRIPT, assert_ok,
-                      assert_same_weights, assert_usage_error, load, loss_rows, make_pairs,
-                      model_dir, reported_steps, run_test, run_train, saved_steps_in)
+                      assert_same_weights, assert_usage_error, load, loss_rows, model_dir,
+                      reported_steps, run_test, run_train, saved_steps_in)
 from pix2pixCC_Options import run_main
 
 DATA = NPY_DATA
@@ -78,13 +78,6 @@ class Training:
 
 
 @pytest.fixture(scope='module')
-def data(tmp_path_factory):
-    root = tmp_path_factory.mktemp('data')
-    input_dir, target_dir = make_pairs(root, 'npy', n=6, size=32)
-    return ['--input_dir_train', input_dir, '--target_dir_train', target_dir]
-
-
-@pytest.fixture(scope='module')
 def full_run(tmp_path_factory, data):
     """The uninterrupted run, every training state kept."""
     root = tmp_path_factory.mktemp('full_run')
@@ -100,9 +93,10 @@ def full_run(tmp_path_factory, data):
 def test_a_signal_saves_the_step_reached_and_the_resume_is_exact(signum, full_run, data,
                                                                  tmp_path):
     """Signalled mid-epoch during the lr decay: a complete checkpoint of the step reached, one
-    line, exit 128 + signal; `--latest_iter -1` then gives the uninterrupted run's weights."""
+    line, exit 128 + signal; `--latest_iter -1` then gives the uninterrupted run's weights
+    (resumed for SIGTERM only: the checkpoint is the same whatever the signal)."""
     run = Training(RUN + data, tmp_path)
-    run.wait_for(r'Current_step: 9 ')  # epoch 2 (decaying), not a save step
+    run.wait_for(r'Current_step: 7 ')  # epoch 2 (decaying), not a save step
     run.proc.send_signal(signum)
     code, out = run.finish()
     name = signal.Signals(signum).name
@@ -110,12 +104,14 @@ def test_a_signal_saves_the_step_reached_and_the_resume_is_exact(signum, full_ru
     stopped = re.search(rf'stopped by {name} at step (\d+); resume with --latest_iter -1', out)
     assert stopped, out[-3000:]
     step = int(stopped.group(1))
-    assert 9 <= step < FINAL
+    assert 7 <= step < FINAL
     for kind in ('G', 'D', 'state'):
         assert f'{step}_{kind}.pt' in os.listdir(model_dir(tmp_path))
     assert load(os.path.join(model_dir(tmp_path), f'{step}_state.pt'))['step'] == step
     assert not [n for n in os.listdir(model_dir(tmp_path)) if n.startswith('.tmp-')]
     assert 'Traceback' not in out
+    if signum != signal.SIGTERM:
+        return
 
     resumed = run_train(['--gpu_ids', '-1', '--latest_iter', '-1'], cwd=tmp_path)
     assert_ok(resumed)
@@ -220,17 +216,10 @@ def rank_pid(torchrun_pid, rank):
 @pytest.mark.skipif(not sys.platform.startswith('linux'), reason='reads /proc (Linux only)')
 def test_under_torchrun_a_signal_to_one_process_stops_every_process_at_one_step(data,
                                                                                 tmp_path):
-    """SIGTERM to rank 1 only: both processes stop at the same step, rank 0 saves it, and
-    the resumed run gives the weights of an uninterrupted one."""
-    args = RUN + data + ['--n_epochs_decay', '0']
-    uninterrupted = tmp_path / 'uninterrupted'
-    uninterrupted.mkdir()
-    proc = subprocess.run(torchrun_command() + args + ['--n_epochs', '6'],
-                          cwd=str(uninterrupted), env=SUBPROCESS_ENV, capture_output=True,
-                          text=True, timeout=300)
-    assert_ok(proc)
-
-    run = Training(args + ['--n_epochs', '6'], tmp_path, torchrun_command())
+    """SIGTERM to rank 1 only: both processes stop at the same step and rank 0 saves it.
+    (That a resumed torchrun run continues exactly is test_distributed's.)"""
+    args = RUN + data + ['--n_epochs_decay', '0', '--n_epochs', '100']
+    run = Training(args, tmp_path, torchrun_command())
     run.wait_for(r'Current_step: 8 ')
     os.kill(rank_pid(run.proc.pid, 1), signal.SIGTERM)
     code, out = run.finish()
@@ -238,14 +227,10 @@ def test_under_torchrun_a_signal_to_one_process_stops_every_process_at_one_step(
     stopped = re.search(r'stopped by SIGTERM at step (\d+)', out)
     assert stopped, out[-3000:]
     step = int(stopped.group(1))
-    assert step < 36 and step % 2 == 0, out[-3000:]
-    assert load(os.path.join(model_dir(tmp_path), f'{step}_state.pt'))['step'] == step
-    proc = subprocess.run(torchrun_command() + ['--gpu_ids', '-1', '--latest_iter', '-1'],
-                          cwd=str(tmp_path), env=SUBPROCESS_ENV, capture_output=True,
-                          text=True, timeout=300)
-    assert_ok(proc)
-    assert_identical_weights(os.path.join(model_dir(tmp_path), '36_G.pt'),
-                             os.path.join(model_dir(uninterrupted), '36_G.pt'))
+    assert step % 2 == 0 and step < 600, out[-3000:]
+    assert saved_steps_in(model_dir(tmp_path), 'state')[-1] == step
+    state = load(os.path.join(model_dir(tmp_path), f'{step}_state.pt'))
+    assert state['step'] == step
 
 
 # ----------------------------------------------------------------------------------------
@@ -381,19 +366,15 @@ def test_only_the_newest_training_state_is_kept_and_older_steps_still_resume(ful
         assert {f'{step}_G.pt', f'{step}_D.pt'} <= set(os.listdir(model_dir(tmp_path)))
     assert state_files(full_run) == [4, 8, 12, 16, FINAL]  # --keep_states 0: all
 
-    # A step whose state was deleted resumes from its weights, with a notice.
-    resumed = run_train(['--gpu_ids', '-1', '--latest_iter', '8', '--n_epochs_decay', '3'],
-                        cwd=tmp_path)
+    # A step whose state was deleted resumes from its weights, with a notice; --keep_states 2
+    # then keeps the two newest.
+    resumed = run_train(['--gpu_ids', '-1', '--latest_iter', '8', '--n_epochs_decay', '3',
+                         '--keep_states', '2'], cwd=tmp_path)
     assert_ok(resumed)
     assert 'notice: no ./checkpoints/pix2pixCC/Model/8_state.pt; resuming from the weights ' \
            'alone' in resumed.stdout
     assert reported_steps(resumed.stdout)[0] == 9
-    assert state_files(tmp_path) == [24]
-
-
-def test_keep_states_keeps_the_k_newest(data, tmp_path):
-    assert_ok(run_train(RUN + data + ['--keep_states', '2'], cwd=tmp_path))
-    assert state_files(tmp_path) == [16, FINAL]
+    assert state_files(tmp_path) == [20, 24]
 
 
 # ----------------------------------------------------------------------------------------

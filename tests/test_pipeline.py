@@ -174,7 +174,7 @@ def test_list_files_errors(tmp_path):
     with pytest.raises(UserError) as error:
         list_files(str(tmp_path), 'fits', 'target')
     message = str(error.value)
-    assert 'no .fits files in target directory' in message
+    assert 'no .fits/.fts/.fit files in target directory' in message
     assert '.npy' in message and '.png' in message and '--data_format_' in message
 
 

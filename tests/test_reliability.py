@@ -46,13 +46,6 @@ def copy_run(source_root, dest_root, name='pix2pixCC'):
 
 
 @pytest.fixture(scope='module')
-def data(tmp_path_factory):
-    root = tmp_path_factory.mktemp('data')
-    input_dir, target_dir = make_pairs(root, 'npy', n=6, size=32)
-    return ['--input_dir_train', input_dir, '--target_dir_train', target_dir]
-
-
-@pytest.fixture(scope='module')
 def full_run(tmp_path_factory, data):
     """Two uninterrupted epochs with augmentation and shuffling, no loading workers."""
     root = tmp_path_factory.mktemp('full_run')
