@@ -14,7 +14,7 @@ import pix2pixCC_Test
 import pix2pixCC_Train
 from conftest import (SAMPLE_SCALING, TEST_SCRIPT, TINY, TRAIN_SCRIPT, assert_ok,
                       assert_usage_error, copy_sample, make_pairs, run_script, run_test,
-                      train_opt, write_user_file)
+                      run_train, train_opt, write_user_file)
 import pix2pixCC_Options
 from pix2pixCC_Options import TrainOption
 from pix2pixCC_Pipeline import CustomDataset, Scaling, check_dataset
@@ -308,3 +308,36 @@ def test_metrics_table_has_units_and_flux_columns():
     assert re.search(r'^\s*0\s+1000\s+1200\s+-10\s+25\s*$', table, re.MULTILINE), table
     assert '[target units]' in metrics_table({key: {'mean': value}
                                              for key, value in keys.items()}, [1])
+
+
+# ----------------------------------------------------------------------------------------
+# The sample learns (a shortened quick start)
+# ----------------------------------------------------------------------------------------
+
+def test_a_short_run_on_the_sample_learns_the_magnetograms(tmp_path):
+    """The quick start in miniature (384 steps, a small network, the lr decay): the test CC
+    stays above a floor far from what an untrained or broken model gives (about 0). Measured
+    at 0.53 (1x1) and 0.59 (8x8) with torch 2.13 on the CPU; the README's full quick start
+    reaches 0.78."""
+    sample = os.path.join(os.path.dirname(TRAIN_SCRIPT), 'datasets', 'Sample')
+    network = ['--gpu_ids', '-1', '--n_gf', '16', '--n_df', '16', '--n_downsample', '2',
+               '--n_residual', '2', '--n_CC', '3', '--n_workers', '0']
+    scaling = ['--logscale_input', 'True', '--saturation_lower_limit_input', '1',
+               '--saturation_upper_limit_input', '200', '--saturation_lower_limit_target',
+               '-3000', '--saturation_upper_limit_target', '3000']  # as the quick start
+    assert_ok(run_train(network + scaling + [
+        '--dataset_name', 's', '--data_format_input', 'fits', '--data_format_target', 'fits',
+        '--input_dir_train', os.path.join(sample, 'Train', 'Input'),
+        '--target_dir_train', os.path.join(sample, 'Train', 'Target'),
+        '--n_epochs', '6', '--n_epochs_decay', '6', '--seed', '1', '--save_freq', '10000',
+        '--report_freq', '1000', '--display_freq', '10000'], cwd=tmp_path))
+    assert_ok(run_test(['--gpu_ids', '-1', '--n_workers', '0', '--dataset_name', 's',
+                        '--iteration', '384',
+                        '--input_dir_test', os.path.join(sample, 'Test', 'Input'),
+                        '--target_dir_test', os.path.join(sample, 'Test', 'Target')],
+                       cwd=tmp_path))
+    with open(tmp_path / 'checkpoints' / 's' / 'Image' / 'Test' / '384' /
+              'metrics_summary.json') as f:
+        summary = json.load(f)
+    assert summary['cc_1x1']['mean'] > 0.4, summary['cc_1x1']
+    assert summary['cc_8x8']['mean'] > 0.4, summary['cc_8x8']
