@@ -440,10 +440,18 @@ def save_state_dict(module, path):
     save_torch(bare(module).state_dict(), path)
 
 
-def safe_load(path):
-    """torch.load that can never run code: weights_only=True refuses pickled objects."""
+def safe_load(path, mmap=False):
+    """torch.load that can never run code: weights_only=True refuses pickled objects.
+
+    With `mmap`, the tensors are mapped from the file rather than read into memory of their
+    own (files in PyTorch's legacy format, which cannot be mapped, are read)."""
     try:
-        return torch.load(path, map_location='cpu', weights_only=True)
+        try:
+            return torch.load(path, map_location='cpu', weights_only=True, mmap=mmap)
+        except RuntimeError as error:
+            if not mmap or 'mmap' not in str(error):
+                raise
+            return torch.load(path, map_location='cpu', weights_only=True)
     except Exception as error:
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise UserError(f"cannot load {path} (only plain tensors and numbers are accepted): "
@@ -488,9 +496,14 @@ def mismatch_reason(state, module):
     return 'it was trained with ' + ', '.join(differ) if differ else 'its parameters differ'
 
 
-def load_state_dict(module, path):
-    """Load a plain state_dict into `module`, strictly, with a one-line error on mismatch."""
-    state = safe_load(path)
+def load_state_dict(module, path, assign=False):
+    """Load a plain state_dict into `module`, strictly, with a one-line error on mismatch.
+
+    With `assign`, the module takes the checkpoint's tensors themselves, mapped from the file
+    (for a module built on the 'meta' device, which holds no memory): the weights are then
+    held once, not once in the module and once more in the loaded state_dict.
+    """
+    state = safe_load(path, mmap=assign)
     if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
         raise UserError(f"{path} is not a state_dict of tensors")
     state = {key[len('module.'):] if key.startswith('module.') else key: value
@@ -499,7 +512,7 @@ def load_state_dict(module, path):
     if set(own) != set(state) or any(own[k].shape != state[k].shape for k in own):
         raise UserError(f"{path} does not fit the network built from the options: "
                         f"{mismatch_reason(state, module)}")
-    bare(module).load_state_dict(state, strict=True)
+    bare(module).load_state_dict(state, strict=True, assign=assign)
 
 
 def state_path(model_dir, step):

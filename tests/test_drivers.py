@@ -605,3 +605,34 @@ def test_test_falls_back_to_the_cpu_with_one_notice(bn_run, monkeypatch, capsys)
     assert len(notices) == 1, notices
     assert '--gpu_ids 0' in notices[0] and 'CPU' in notices[0] and '--gpu_ids -1' in notices[0]
     assert sorted(os.listdir(out_dir)) == ['t_000_AI.npy', 't_001_AI.npy']
+
+
+# ----------------------------------------------------------------------------------------
+# Inference loads the weights once (mapped from the file), with unchanged outputs
+# ----------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize('norm_type', ['InstanceNorm2d', 'BatchNorm2d'])
+@pytest.mark.parametrize('legacy_format', [False, True])
+def test_generator_loaded_for_inference_gives_bit_identical_outputs(tmp_path, norm_type,
+                                                                    legacy_format):
+    """The Test script's generator (built on 'meta', weights mapped from the checkpoint)
+    computes exactly what a generator built and loaded the plain way computes; files in
+    PyTorch's legacy format, which cannot be mapped, load too."""
+    from pix2pixCC_Networks import Generator, weights_init
+    opt = train_opt('--norm_type', norm_type)
+    trained = Generator(opt).apply(weights_init)
+    if norm_type == 'BatchNorm2d':  # running statistics that differ from the initial ones
+        trained.train()
+        with torch.no_grad():
+            trained(torch.randn(4, 1, 32, 32))
+    path = str(tmp_path / '7_G.pt')
+    torch.save(trained.state_dict(), path, _use_new_zipfile_serialization=not legacy_format)
+
+    plain = Generator(opt)
+    plain.load_state_dict(torch.load(path, weights_only=True))
+    mapped = pix2pixCC_Test.load_generator(opt, path, torch.device('cpu'))
+    x = torch.randn(2, 1, 32, 32)
+    with torch.inference_mode():
+        assert torch.equal(mapped.eval()(x), plain.eval()(x))
+    assert not any(p.is_meta for p in mapped.parameters())
+    assert not any(b.is_meta for b in mapped.buffers())
