@@ -1,10 +1,14 @@
 """The accelerator path, as far as a CPU can check it: precision choice, channels-last,
 torch.compile through the drivers, and checkpoints that stay plain state_dicts."""
+import json
 import os
+import subprocess
+import sys
 
 import torch
 
-from conftest import TINY, assert_ok, make_pairs, run_test, run_train, train_opt
+from conftest import (REPO, SUBPROCESS_ENV, TINY, assert_ok, make_pairs, run_test, run_train,
+                      train_opt)
 from pix2pixCC_Networks import Generator, weights_init
 from pix2pixCC_Utils import Precision, bare, memory_format, prepare_network
 
@@ -74,3 +78,33 @@ def test_compiled_training_and_test_write_plain_checkpoints(tmp_path):
     assert_ok(proc)
     out_dir = tmp_path / 'checkpoints' / 'pix2pixCC' / 'Image' / 'Test' / '4'
     assert sorted(os.listdir(out_dir)) == [f'img_{i:03d}_AI.npy' for i in range(4)]
+
+
+GPU_CHECK = os.path.join(REPO, 'benchmarks', 'gpu_check.py')
+
+
+def test_gpu_check_without_cuda_says_so_and_exits_0(tmp_path):
+    proc = subprocess.run([sys.executable, GPU_CHECK, '--json', str(tmp_path / 'g.json')],
+                          cwd=str(tmp_path), env=dict(SUBPROCESS_ENV, CUDA_VISIBLE_DEVICES=''),
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip().startswith('no CUDA device: nothing to check'), proc.stdout
+
+
+def test_gpu_check_runs_its_checks_on_the_cpu(tmp_path):
+    """What exists on a CPU: float32, bfloat16 (train, and the float32 model under autocast
+    close to its float32 outputs) and an exact resume; the CUDA-only ones say so."""
+    out = tmp_path / 'g.json'
+    proc = subprocess.run([sys.executable, GPU_CHECK, '--device', 'cpu', '--skip', 'compile',
+                           '--json', str(out)], cwd=str(tmp_path), env=SUBPROCESS_ENV,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
+    with open(out) as f:
+        rows = {row['check']: row for row in json.load(f)['checks']}
+    for check in ('float32', 'bfloat16', 'bfloat16 test', 'resume'):
+        assert rows[check]['ok'] is True, rows[check]
+    for check in ('float16', 'float16 test', 'DataParallel', 'torchrun NCCL'):
+        assert rows[check]['ok'] is None, rows[check]
+    assert 'compile' not in rows
+    assert 'relative RMS difference from the uninterrupted run 0.00e+00' in \
+        rows['resume']['detail']
