@@ -663,10 +663,9 @@ def learning_rate(opt, epoch):
     """The lr of `epoch` (counted from 1): --lr for the first --n_epochs epochs, then falling
     linearly over --n_epochs_decay more epochs, lr * (1 - (epoch - n_epochs) / (decay + 1))
     (junyanz's pix2pix rule, so the last epoch still trains with a small positive lr)."""
-    decay = getattr(opt, 'n_epochs_decay', 0)
-    if epoch <= opt.n_epochs or decay == 0:
+    if epoch <= opt.n_epochs:
         return opt.lr
-    return opt.lr * (1.0 - (epoch - opt.n_epochs) / (decay + 1))
+    return opt.lr * (1.0 - (epoch - opt.n_epochs) / (opt.n_epochs_decay + 1))
 
 
 # ----------------------------------------------------------------------------------------
@@ -977,7 +976,7 @@ class Manager:
             rows = read_csv(log_path)
             if any(int(row['step']) > opt.latest_iter for row in rows):
                 write_csv(log_path, [r for r in rows if int(r['step']) <= opt.latest_iter])
-        if getattr(opt, 'tensorboard', False):
+        if opt.tensorboard:
             self.tensorboard = tensorboard_writer(opt)
 
     def after_step(self, epoch, previous_step, current_step, n_samples, batch, terms, lr=None):
@@ -1009,7 +1008,7 @@ class Manager:
         n = self.loss_samples
         terms = {name: float(total) / n for name, total in self.loss_sums.items()}
         self.loss_sums, self.loss_samples = {}, 0
-        total_epochs = self.opt.n_epochs + getattr(self.opt, 'n_epochs_decay', 0)
+        total_epochs = self.opt.n_epochs + self.opt.n_epochs_decay
         self.log(f"Epoch: {epoch}/{total_epochs} [{100.0 * done / n_samples:5.1f}%] "
                  f"Current_step: {current_step} D_loss: {terms['D']:.4f} "
                  f"G_loss: {terms['G']:.4f} (means of {n} sample{'s' if n > 1 else ''})")
@@ -1069,19 +1068,22 @@ class Manager:
         self.last_saved = current_step
         self.log(f"saved {checkpoint_path(model_dir, current_step, 'G')}, _D.pt and _state.pt")
         self.prune_states(current_step)
-        save_loss_curve(os.path.join(self.opt.checkpoint_dir, 'loss_curve.png'),
-                        read_csv(self.loss_log))
+        self.draw_loss_curve()
         if self.validate is not None:
             means = self.validate(current_step)
             if means and self.tensorboard is not None:
                 for name, value in means.items():
                     self.tensorboard.add_scalar(f'validation/{name}', value, current_step)
 
+    def draw_loss_curve(self):
+        save_loss_curve(os.path.join(self.opt.checkpoint_dir, 'loss_curve.png'),
+                        read_csv(self.loss_log))
+
     def prune_states(self, current_step):
         """Keep the training states of the --keep_states newest complete steps up to
         `current_step` (0: all). Steps after it belong to a run this one replaces and are
         left alone."""
-        keep = getattr(self.opt, 'keep_states', 0)
+        keep = self.opt.keep_states
         if keep <= 0:
             return
         model_dir = self.opt.model_dir
@@ -1107,8 +1109,7 @@ class Manager:
         if self.last_saved != current_step:
             self.save(current_step, epoch)
         else:
-            save_loss_curve(os.path.join(self.opt.checkpoint_dir, 'loss_curve.png'),
-                            read_csv(self.loss_log))
+            self.draw_loss_curve()
         self.close()
         elapsed = datetime.timedelta(seconds=round(time.time() - self.start_time))
         self.log(f"Total time: {elapsed}")
