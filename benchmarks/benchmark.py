@@ -1,14 +1,30 @@
 """pix2pixCC benchmarks: training step, data preparation, inference (time and peak memory).
 
-    python benchmarks/benchmark.py                      # everything, defaults (CPU)
+    python benchmarks/benchmark.py                      # this repository's variants (CPU)
     python benchmarks/benchmark.py --what train --size 256 --steps 7 --warmup 2 --json out.json
-    python benchmarks/benchmark.py --what data --data_size 1024 --data_repeats 5
     python benchmarks/benchmark.py --what inference --inference_size 1024 --inference_runs 3
+    python benchmarks/benchmark.py --published ../Pix2PixCC --json side_by_side.json
 
-Every measurement (one part, one variant) runs in its own Python process, so the peak resident
-memory reported for it (ru_maxrss of that process) is its own. Times are medians over the
-timed repetitions, after warm-up. The table is printed; `--json` writes every figure (and
-the machine it was measured on).
+Side by side with the published code (`--published DIR`, a checkout of
+JeongHyunJin/Pix2PixCC, kept outside this repository): its six scripts are copied into a
+scratch folder with one change, the device (its hard-coded 'cuda:0' becomes 'cpu' when
+--gpu_ids is -1; on a GPU nothing changes). Then the published scripts and ours run as whole
+processes with the same options on the same FITS files, alternating:
+
+    train      pix2pixCC_Train.py, one epoch over K1 and over K2 pairs (--side_steps):
+               seconds per step = (time(K2) - time(K1)) / (K2 - K1)
+    inference  pix2pixCC_Test.py over K1 and K2 inputs (--side_images) with one generator
+               checkpoint; seconds per image likewise; the outputs of both are compared
+    data       each program's own CustomDataset item for a FITS pair (the published one
+               imported from the copy), in its own process
+
+Peak RSS is the largest ru_maxrss of a whole run (the process and its DataLoader workers).
+Nothing inside either program is changed or instrumented.
+
+Without --published, each part measures this repository's variants, each in its own Python
+process (so the peak RSS reported is its own). Times are medians over the timed
+repetitions, after warm-up. The table is printed; `--json` writes every figure and the
+machine.
 
 On a shared machine, other processes distort timings (one test suite on a 2-core machine
 halves the speed of a training step). For every timed run the benchmark records the share of
@@ -19,11 +35,7 @@ memory is then reported in the JSON too).
 
 Variants (`--train_variants`, `--data_variants`, `--inference_variants`):
 
-train     published  re-created published step: Loss without freezing D during the
-                     generator's pass, Mish written as x*tanh(softplus(x)), plain Adam
-                     (for-loop implementation), zero_grad before each backward, every
-                     convolution by PyTorch's default kernel, networks only moved to the device
-          driver     the driver's own step: pix2pixCC_Train.train_step with
+train     driver     the driver's own step: pix2pixCC_Train.train_step with
                      pix2pixCC_Train.make_optimizer (fused Adam where torch has it, gradients
                      released after the step), networks placed by
                      pix2pixCC_Utils.prepare_network (on the CPU: the GEMM path for the
@@ -35,20 +47,13 @@ train     published  re-created published step: Loss without freezing D during t
             +cl       channels_last weights and inputs
             +bf16     --data_type 16 (bfloat16 autocast on the CPU and on bf16 GPUs)
             +compile  --compile (torch.compile through prepare_network; slow first step)
-          (BENCHMARKS.md's earlier runs name the driver's step `fused+zg`: fused Adam and
-          gradients released after the step, which the driver has adopted since.)
-data      published  re-created published __getitem__: FITS read as float64, normalisation in
-                     float64, scipy.ndimage.rotate by 0 degrees (cubic spline) on both arrays
-          ours       CustomDataset.__getitem__ (float32, no interpolation at angle 0)
+data      ours       CustomDataset.__getitem__ (float32, no interpolation at angle 0)
           loader     DataLoader over CustomDataset as the Train driver builds it
                      (--n_workers workers, persistent), per sample, steady state
-inference published  re-created published test: G(input) with autograd recording
-          ours       pix2pixCC_Test.generate under torch.inference_mode (as Test does)
+inference ours       pix2pixCC_Test.generate under torch.inference_mode (as Test does)
+          ours+bf16  ours under bfloat16 autocast (--data_type 16)
           ours_cl    ours with channels_last weights and input
 matmul    float32, bfloat16: one 4096 x 4096 matrix product (GFLOP/s of the machine's BLAS)
-
-The published code itself is not part of this repository: the `published` variants are
-re-creations of what it does (see BENCHMARKS.md), measured on the same machine.
 """
 import argparse
 import contextlib
@@ -56,6 +61,7 @@ import json
 import os
 import platform
 import resource
+import shutil
 import statistics
 import subprocess
 import sys
@@ -67,72 +73,15 @@ if REPO not in sys.path:
     sys.path.insert(0, REPO)
 
 PARTS = ('train', 'data', 'inference', 'matmul')
-DEFAULT_VARIANTS = {'train': 'published,driver',
-                    'data': 'published,ours,loader',
-                    'inference': 'published,ours',
+DEFAULT_VARIANTS = {'train': 'driver',
+                    'data': 'ours,loader',
+                    'inference': 'ours',
                     'matmul': 'float32,bfloat16'}
 
 
 # ----------------------------------------------------------------------------------------
 # Helpers shared with tests/test_performance_equivalence.py
 # ----------------------------------------------------------------------------------------
-
-
-def published_mish(x):
-    """Mish as the published code writes it (three kernels and their saved tensors)."""
-    import torch
-    import torch.nn.functional as F
-    return x * torch.tanh(F.softplus(x))
-
-
-def use_published_mish(module):
-    """Replace every Mish of `module` by the published formula (parameter-free: the
-    state_dict does not change). Returns the number of places replaced."""
-    import torch.nn as nn
-    from pix2pixCC_Networks import Mish
-
-    class PublishedMish(nn.Module):
-        def forward(self, x):
-            return published_mish(x)
-
-    published, count = PublishedMish(), 0
-    for parent in list(module.modules()):
-        # _modules, not named_children(): one Mish instance sits at several indices
-        for name, child in list(parent._modules.items()):
-            if isinstance(child, Mish):
-                parent._modules[name] = published
-                count += 1
-    return count
-
-
-@contextlib.contextmanager
-def unfrozen_discriminator():
-    """Within the block, Loss does not freeze D during the generator's pass (as published):
-    the generator's backward then also computes D's weight gradients, which the D step's
-    zero_grad discards."""
-    import pix2pixCC_Networks as networks
-    saved = networks.frozen
-    networks.frozen = contextlib.nullcontext
-    try:
-        yield
-    finally:
-        networks.frozen = saved
-
-
-def published_step(criterion, G, D, G_optim, D_optim, precision, input, target):
-    """One training step as the published code does it: the Loss with D not frozen during
-    the generator's pass, zero_grad before each backward, then G step and D step."""
-    with unfrozen_discriminator():
-        with precision.autocast():
-            loss_D, loss_G, target, fake = criterion(D, G, input, target)
-    G_optim.zero_grad()
-    precision.scaler.scale(loss_G).backward()
-    precision.scaler.step(G_optim)
-    D_optim.zero_grad()
-    precision.scaler.scale(loss_D).backward()
-    precision.scaler.step(D_optim)
-    precision.scaler.update()
-    return loss_D, loss_G, target, fake
 
 
 def training_setup(variant, opt, device, size):
@@ -149,19 +98,12 @@ def training_setup(variant, opt, device, size):
     D = Discriminator(opt).apply(weights_init)
     if 'nomkldnn' in modifiers:
         torch.backends.mkldnn.enabled = False  # PyTorch's own (im2col + GEMM) kernels
-    if base == 'published':
-        use_published_mish(G)
-        G, D = G.to(device), D.to(device)  # the published code only moves the networks
-        optimisers = [torch.optim.Adam(m.parameters(), lr=opt.lr, betas=(opt.beta1, opt.beta2),
-                                       foreach=False) for m in (G, D)]
-        run = published_step
-    else:  # as pix2pixCC_Train.main does it
-        G, D = utils.prepare_network(G, opt, device), utils.prepare_network(D, opt, device)
-        if 'onednn' in modifiers:
-            for module in (G, D):
-                utils.use_gemm_convolutions(module, enabled=False)
-        optimisers = [make_optimizer(m.parameters(), opt) for m in (G, D)]
-        run = train_step
+    # as pix2pixCC_Train.main does it
+    G, D = utils.prepare_network(G, opt, device), utils.prepare_network(D, opt, device)
+    if 'onednn' in modifiers:
+        for module in (G, D):
+            utils.use_gemm_convolutions(module, enabled=False)
+    optimisers = [make_optimizer(m.parameters(), opt) for m in (G, D)]
     layout = utils.memory_format(device)
     if 'cl' in modifiers:
         layout = torch.channels_last
@@ -173,35 +115,11 @@ def training_setup(variant, opt, device, size):
         .contiguous(memory_format=layout)
 
     def step():
-        loss_D, loss_G, _, _ = run(criterion, G, D, *optimisers, precision, input, target)
+        loss_D, loss_G, _, _ = train_step(criterion, G, D, *optimisers, precision, input,
+                                          target)
         return loss_D.detach(), loss_G.detach()
 
     return step, G, D
-
-
-def published_style_item(input_path, target_path, opt, angle=0):
-    """Re-creation of the published dataset's __getitem__ for FITS pairs without log scale:
-    float64 arrays, normalisation at the saturation limits in float64, NaN -> 0, then
-    scipy.ndimage.rotate by `angle` (always called, cubic spline, nearest edge) and a float32
-    tensor. (The published code normalises before taking log10; with log scale off, as
-    here, that order does not matter.)"""
-    import numpy as np
-    import torch
-    from astropy.io import fits
-    from scipy.ndimage import rotate
-    out = []
-    for path, side in ((input_path, 'input'), (target_path, 'target')):
-        with fits.open(path) as hdul:
-            x = np.array(hdul[0].data, dtype=np.float64)
-        up = float(getattr(opt, f'saturation_upper_limit_{side}'))
-        lo = float(getattr(opt, f'saturation_lower_limit_{side}'))
-        if getattr(opt, f'saturation_clip_{side}'):
-            x = np.clip(x, lo, up)
-        x = (x - (up + lo) / 2) / ((up - lo) / 2)
-        x[np.isnan(x)] = 0
-        x = rotate(x, angle, reshape=False, mode='nearest')
-        out.append(torch.tensor(x[None], dtype=torch.float32))
-    return out
 
 
 # ----------------------------------------------------------------------------------------
@@ -288,13 +206,34 @@ def peak_rss_mb():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale / 2**20
 
 
+def reset_gpu_peak(device):
+    """The peak GPU memory so far (warm-up: cuDNN's autotuner tries algorithms with large
+    workspaces), then start counting afresh; None off CUDA."""
+    if device.type != 'cuda':
+        return None
+    import torch
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated() / 2**20
+    torch.cuda.reset_peak_memory_stats()
+    return peak
+
+
+def gpu_peaks(device, warmup_peak):
+    """peak_gpu_mb of the timed repetitions, and that of the warm-up."""
+    if device.type != 'cuda':
+        return {}
+    import torch
+    return {'peak_gpu_mb': torch.cuda.max_memory_allocated() / 2**20,
+            'peak_gpu_mb_warmup': warmup_peak}
+
+
 def network_argv(args):
     return ['--gpu_ids', args.gpu_ids, '--n_gf', str(args.n_gf), '--n_df', str(args.n_df),
             '--n_downsample', str(args.n_downsample), '--n_residual', str(args.n_residual),
             '--batch_size', str(args.batch_size)] + args.option
 
 
-TRAIN_BASES = ('published', 'driver')
+TRAIN_BASES = ('driver',)
 TRAIN_MODIFIERS = ('onednn', 'nomkldnn', 'cl', 'bf16', 'compile')
 
 
@@ -336,12 +275,11 @@ def child_train(args, variant):
     first = time.perf_counter() - start
     for _ in range(args.warmup - 1):
         step()
+    gpu_peak = reset_gpu_peak(device)  # the autotuner's trial workspaces are not the step's
     times, shares = timed(step, args.steps, args.max_interference, 3 * args.steps)
     result = {'seconds': statistics.median(times), 'times': times, 'interference': shares,
               'first_step_seconds': first}
-    if device.type == 'cuda':
-        result['peak_gpu_mb'] = torch.cuda.max_memory_allocated() / 2**20
-    return result
+    return result | gpu_peaks(device, gpu_peak)
 
 
 def write_fits_pairs(folder, n, size, seed=0):
@@ -366,7 +304,25 @@ def write_fits_pairs(folder, n, size, seed=0):
     return dirs
 
 
+def time_items(get, n, args):
+    """Seconds per item of get(0..n-1): one untimed pass (page cache), then --data_repeats
+    timed passes (single items are too short to attribute interference to)."""
+    for i in range(n):
+        get(i)
+    times, shares = [], []
+    for _ in range(args.data_repeats):
+        def one_pass():
+            for i in range(n):
+                get(i)
+        pass_times, pass_shares = timed(one_pass, 1, args.max_interference, 5)
+        times.append(pass_times[-1] / n)
+        shares.append(pass_shares[-1])
+    return {'seconds': statistics.median(times), 'times': times, 'interference': shares}
+
+
 def child_data(args, variant):
+    if variant == 'published':  # side by side: the published code's own dataset
+        return child_published_data(args, args.published_copy)
     import torch
     from pix2pixCC_Options import TrainOption
     from pix2pixCC_Pipeline import CustomDataset
@@ -378,43 +334,23 @@ def child_data(args, variant):
             '--data_size', str(args.data_size), '--n_workers', str(args.n_workers)])
         dataset = CustomDataset(opt)
         n = len(dataset)
-
-        def get(i):
-            if variant == 'published':
-                return published_style_item(dataset.input_paths[i], dataset.target_paths[i],
-                                            opt)
-            return dataset[(i, 1000 + i)]
-
-        times = []
-        if variant == 'loader':
-            from torch.utils.data import DataLoader
-            items = [(i % n, 1000 + i) for i in range(n * (args.data_repeats + 1))]
-            loader = DataLoader(dataset, batch_size=opt.batch_size, sampler=items,
-                                num_workers=opt.n_workers, pin_memory=torch.cuda.is_available(),
-                                persistent_workers=opt.n_workers > 0)
-            iterator = iter(loader)
-            for _ in range(n):  # warm-up: workers started, files in the page cache
-                next(iterator)
-            start = time.perf_counter()
-            count = 0
-            for batch in iterator:
-                count += batch[0].shape[0]
-            times = [(time.perf_counter() - start) / count]
-            # the workers' memory is not in this process's ru_maxrss
-        else:
-            for i in range(n):  # warm-up (page cache)
-                get(i)
-            shares = []
-            for _ in range(args.data_repeats):
-                def one_pass():
-                    for i in range(n):
-                        get(i)
-                # one pass over the pairs per timing: single items are too short to attribute
-                pass_times, pass_shares = timed(one_pass, 1, args.max_interference, 5)
-                times.append(pass_times[-1] / n)
-                shares.append(pass_shares[-1])
-            return {'seconds': statistics.median(times), 'times': times, 'interference': shares}
-    return {'seconds': statistics.median(times), 'times': times}
+        if variant != 'loader':
+            return time_items(lambda i: dataset[(i, 1000 + i)], n, args)
+        from torch.utils.data import DataLoader
+        items = [(i % n, 1000 + i) for i in range(n * (args.data_repeats + 1))]
+        loader = DataLoader(dataset, batch_size=opt.batch_size, sampler=items,
+                            num_workers=opt.n_workers, pin_memory=torch.cuda.is_available(),
+                            persistent_workers=opt.n_workers > 0)
+        iterator = iter(loader)
+        for _ in range(n):  # warm-up: workers started, files in the page cache
+            next(iterator)
+        start = time.perf_counter()
+        count = 0
+        for batch in iterator:
+            count += batch[0].shape[0]
+        # the workers' memory is not in this process's ru_maxrss
+        return {'seconds': (time.perf_counter() - start) / count,
+                'times': [(time.perf_counter() - start) / count]}
 
 
 def child_inference(args, variant):
@@ -423,38 +359,31 @@ def child_inference(args, variant):
     from pix2pixCC_Networks import Generator, weights_init
     from pix2pixCC_Options import TestOption
     from pix2pixCC_Test import generate
-    opt = TestOption().parse(network_argv(args) + ['--data_size', str(args.inference_size)])
+    base, *modifiers = variant.split('+')
+    extra = ['--data_type', '16'] if 'bf16' in modifiers else []
+    opt = TestOption().parse(network_argv(args) + ['--data_size', str(args.inference_size)]
+                             + extra)
     device, _ = utils.select_device(opt, log=lambda *a: None)
     precision = utils.Precision(opt, device)
     torch.manual_seed(0)
-    G = Generator(opt).apply(weights_init).eval()
+    G = utils.prepare_network(Generator(opt).apply(weights_init).eval(), opt, device)
     layout = utils.memory_format(device)
-    if variant == 'published':
-        use_published_mish(G)
-        G = G.to(device)  # every convolution by PyTorch's default kernel
-    else:  # as pix2pixCC_Test.main places it
-        G = utils.prepare_network(G, opt, device)
-    if variant == 'ours_cl':
+    if base == 'ours_cl':
         layout = torch.channels_last
         G = G.to(memory_format=layout)
     input = (torch.rand(1, opt.input_ch, args.inference_size, args.inference_size) * 2 - 1)
 
     def run():
-        if variant == 'published':
-            output = G(input.to(device)).detach().cpu().numpy()
-        else:
-            with torch.inference_mode():
-                x = input.to(device, memory_format=layout)
-                output = generate(G, x, opt.n_downsample, precision).cpu().numpy()
-        return output.shape
+        with torch.inference_mode():
+            x = input.to(device, memory_format=layout)
+            return generate(G, x, opt.n_downsample, precision).cpu().numpy().shape
 
     run()  # warm-up
+    gpu_peak = reset_gpu_peak(device)
     times, shares = timed(run, args.inference_runs, args.max_interference,
                           3 * args.inference_runs)
     result = {'seconds': statistics.median(times), 'times': times, 'interference': shares}
-    if device.type == 'cuda':
-        result['peak_gpu_mb'] = torch.cuda.max_memory_allocated() / 2**20
-    return result
+    return result | gpu_peaks(device, gpu_peak)
 
 
 def child_matmul(args, variant):
@@ -469,6 +398,242 @@ def child_matmul(args, variant):
     seconds = statistics.median(times)
     return {'seconds': seconds, 'times': times, 'interference': shares,
             'gflops': 2 * n ** 3 / seconds / 1e9}
+
+
+# ----------------------------------------------------------------------------------------
+# Side by side with the published scripts (--published DIR)
+# ----------------------------------------------------------------------------------------
+
+PUBLISHED_SCRIPTS = [f'pix2pixCC_{role}.py' for role in
+                     ('Networks', 'Options', 'Pipeline', 'Test', 'Train', 'Utils')]
+FAR = str(10 ** 9)  # a report/display/save frequency no benchmark run reaches
+
+
+def published_copy(source, folder, gpu_ids):
+    """The published scripts copied into `folder`; the one change is the device.
+
+    The published code hard-codes 'cuda:0' (in Train, Test and the Loss). On a GPU that is the
+    card it selects through CUDA_VISIBLE_DEVICES=--gpu_ids, so the copy is unchanged; on the
+    CPU each 'cuda:0' becomes 'cpu'.
+    """
+    os.makedirs(folder, exist_ok=True)
+    replaced = 0
+    for name in PUBLISHED_SCRIPTS:
+        path = os.path.join(source, name)
+        if not os.path.isfile(path):
+            raise SystemExit(f"--published {source}: no {name} there; give the folder of a "
+                             f"checkout of JeongHyunJin/Pix2PixCC")
+        with open(path) as f:
+            text = f.read()
+        if gpu_ids == '-1':
+            replaced += text.count("'cuda:0'")
+            text = text.replace("'cuda:0'", "'cpu'")
+        with open(os.path.join(folder, name), 'w') as f:
+            f.write(text)
+    if gpu_ids == '-1' and replaced == 0:
+        raise SystemExit(f"--published {source}: no 'cuda:0' found to move to the CPU; is it "
+                         f"the published code?")
+    return folder
+
+
+def whole_process(command, cwd, env):
+    """Run one whole process; returns its wall seconds, peak RSS (MiB, ru_maxrss of the
+    process and the children it waited for, e.g. DataLoader workers) and the share of the
+    CPUs other processes used meanwhile. Raises RuntimeError with its last error line."""
+    monitor = Interference().start()
+    with tempfile.TemporaryFile('w+') as errors:
+        start = time.perf_counter()
+        proc = subprocess.Popen(command, cwd=cwd, env=env, stdout=subprocess.DEVNULL,
+                                stderr=errors)
+        _, status, usage = os.wait4(proc.pid, 0)
+        seconds = time.perf_counter() - start
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        if proc.returncode != 0:
+            errors.seek(0)
+            lines = errors.read().strip().splitlines()
+            raise RuntimeError(f"{' '.join(command[:2])} exited {proc.returncode}: "
+                               f"{lines[-1] if lines else 'no output'}")
+    scale = 1 if sys.platform == 'darwin' else 1024
+    return {'seconds': seconds, 'peak_rss_mb': usage.ru_maxrss * scale / 2**20,
+            'interference': monitor.stop()}
+
+
+class SideBySide:
+    """The published scripts and ours, run as whole processes with the same options on the
+    same files, in fresh working folders under `root`.
+
+    A figure per item (training step, test image) is the difference between a run over K2
+    items and one over K1, divided by K2 - K1: start-up, loading and the final save cancel
+    out, and nothing inside either program is changed or instrumented. Runs alternate between
+    the two programs, repetition by repetition.
+    """
+
+    def __init__(self, args, root):
+        self.args, self.root = args, root
+        self.programs = {'published': published_copy(args.published,
+                                                     os.path.join(root, 'published'),
+                                                     args.gpu_ids),
+                         'ours': REPO}
+        self.env = dict(os.environ, PYTHONUNBUFFERED='1')
+        if args.threads:
+            self.env.update(OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
+        self.runs = 0
+
+    def options(self, size):
+        """Options both programs read, spelt the same (no published type=bool flags)."""
+        a = self.args
+        return ['--dataset_name', 'bench', '--gpu_ids', a.gpu_ids,
+                '--data_format_input', 'fits', '--data_format_target', 'fits',
+                '--saturation_lower_limit_input', '-2', '--saturation_upper_limit_input', '2',
+                '--saturation_lower_limit_target', '-2', '--saturation_upper_limit_target', '2',
+                '--n_gf', str(a.n_gf), '--n_df', str(a.n_df),
+                '--n_downsample', str(a.n_downsample), '--n_residual', str(a.n_residual),
+                '--batch_size', '1', '--n_workers', str(a.n_workers), '--data_size', str(size),
+                *a.option]
+
+    def pairs(self, size, counts):
+        """{count: (input folder, target folder)} holding the first `count` of max(counts)
+        FITS pairs of size x size."""
+        source = os.path.join(self.root, f'data_{size}_{len(os.listdir(self.root))}')
+        write_fits_pairs(source, max(counts), size)
+        folders = {}
+        for count in counts:
+            folder = f'{source}_{count}'
+            for role in ('Input', 'Target'):
+                os.makedirs(os.path.join(folder, role))
+                for name in sorted(os.listdir(os.path.join(source, role)))[:count]:
+                    os.link(os.path.join(source, role, name), os.path.join(folder, role, name))
+            folders[count] = tuple(os.path.join(folder, role) for role in ('Input', 'Target'))
+        return folders
+
+    def run(self, program, script, argv, setup=None, keep=False):
+        """One whole process of `program` in a fresh folder (removed after unless `keep`)."""
+        self.runs += 1
+        cwd = os.path.join(self.root, f'run{self.runs}_{program}')
+        os.makedirs(cwd)
+        if setup:
+            setup(cwd)
+        wait_for_quiet(self.args.wait_quiet)
+        command = [sys.executable, os.path.join(self.programs[program], script), *argv]
+        try:
+            return whole_process(command, cwd, self.env) | {'cwd': cwd}
+        finally:
+            if not keep:
+                shutil.rmtree(cwd, ignore_errors=True)
+
+    def per_item(self, script, argv_for, counts, setup=None, keep_last=False):
+        """{program: {seconds (per item, median over repetitions), peak_rss_mb (max),
+        runs}} from alternating runs over counts[0] and counts[1] items."""
+        k1, k2 = counts
+        raw = {program: {k1: [], k2: []} for program in self.programs}
+        for repetition in range(self.args.side_repeats):
+            last = repetition == self.args.side_repeats - 1
+            for count in counts:
+                for program in self.programs:
+                    raw[program][count].append(self.run(
+                        program, script, argv_for(count), setup,
+                        keep=keep_last and last and count == k2))
+        results = {}
+        for program, by_count in raw.items():
+            differences = [(b['seconds'] - a['seconds']) / (k2 - k1)
+                           for a, b in zip(by_count[k1], by_count[k2])]
+            runs = by_count[k1] + by_count[k2]
+            results[program] = {
+                'seconds': statistics.median(differences), 'times': differences,
+                'peak_rss_mb': max(r['peak_rss_mb'] for r in runs),
+                'interference': [r['interference'] for r in runs],
+                'process_seconds': {k1: [r['seconds'] for r in by_count[k1]],
+                                    k2: [r['seconds'] for r in by_count[k2]]},
+                'cwd': by_count[k2][-1]['cwd']}
+        return results
+
+    def train(self):
+        """A training step at --size: Train over K1 and K2 pairs, one epoch."""
+        counts = self.args.side_steps
+        data = self.pairs(self.args.size, counts)
+        return self.per_item('pix2pixCC_Train.py', lambda count: [
+            *self.options(self.args.size), '--input_dir_train', data[count][0],
+            '--target_dir_train', data[count][1], '--n_epochs', '1',
+            '--report_freq', FAR, '--display_freq', FAR, '--save_freq', FAR], counts)
+
+    def inference(self):
+        """One test image at --inference_size: Test over K1 and K2 inputs with the same
+        generator checkpoint (default initialisation, seed 0); also compares the outputs of
+        the last K2 runs."""
+        import torch
+        from pix2pixCC_Networks import Generator, weights_init
+        from pix2pixCC_Options import TestOption
+        size, counts = self.args.inference_size, self.args.side_images
+        data = self.pairs(size, counts)
+        opt = TestOption().parse(self.options(size))
+        torch.manual_seed(0)
+        checkpoint = os.path.join(self.root, 'checkpoint_G.pt')
+        torch.save(Generator(opt).apply(weights_init).state_dict(), checkpoint)
+
+        def setup(cwd):  # the run folder with its one generator, as training leaves it
+            model = os.path.join(cwd, 'checkpoints', 'bench', 'Model')
+            os.makedirs(model)
+            os.link(checkpoint, os.path.join(model, '1_G.pt'))
+
+        results = self.per_item('pix2pixCC_Test.py', lambda count: [
+            *self.options(size), '--iteration', '1', '--input_dir_test', data[count][0]],
+            counts, setup, keep_last=True)
+        results['outputs'] = compare_outputs(
+            *(os.path.join(results[program]['cwd'], 'checkpoints', 'bench', 'Image', 'Test',
+                           '1') for program in ('published', 'ours')))
+        for program in self.programs:
+            shutil.rmtree(results[program].pop('cwd'), ignore_errors=True)
+        return results
+
+    def data(self):
+        """Preparing one 1024x1024 FITS pair for training: each program's CustomDataset
+        item, in its own process (the published one imported from its copy)."""
+        results = {}
+        for program in self.programs:
+            result = run_child(self.args.argv, 'data', program, self.args.threads,
+                               extra=['--published_copy', self.programs['published']])
+            if 'error' in result:
+                raise RuntimeError(f"data preparation ({program}): {result['error']}")
+            results[program] = result
+        return results
+
+
+def compare_outputs(published_dir, ours_dir):
+    """Largest absolute difference between the two programs' generated FITS files (target
+    units), and that difference relative to the outputs' range."""
+    import numpy as np
+    from astropy.io import fits
+    names = sorted(name for name in os.listdir(published_dir) if name.endswith('_AI.fits'))
+    largest, spread = 0.0, 0.0
+    for name in names:
+        with fits.open(os.path.join(published_dir, name)) as a, \
+                fits.open(os.path.join(ours_dir, name)) as b:
+            x, y = np.asarray(a[0].data, np.float64), np.asarray(b[0].data, np.float64)
+        largest = max(largest, float(np.abs(x - y).max()))
+        spread = max(spread, float(x.max() - x.min()))
+    return {'files': len(names), 'max_abs_difference': largest,
+            'relative_to_range': largest / spread if spread else None}
+
+
+def child_published_data(args, folder):
+    """The published CustomDataset's items, timed in this process: its modules imported from
+    the copy (this process has imported none of ours), its options parsed from the same
+    command line, in a scratch folder (its option parsing creates ./checkpoints)."""
+    sys.path.remove(REPO) if REPO in sys.path else None
+    sys.path.insert(0, folder)
+    with tempfile.TemporaryDirectory(prefix='p2pcc-bench-') as scratch:
+        input_dir, target_dir = write_fits_pairs(os.path.join(scratch, 'data'),
+                                                 args.data_pairs, args.data_size)
+        os.chdir(scratch)
+        sys.argv = ['pix2pixCC_Train.py', *network_argv(args),
+                    '--data_format_input', 'fits', '--data_format_target', 'fits',
+                    '--input_dir_train', input_dir, '--target_dir_train', target_dir,
+                    '--data_size', str(args.data_size)]
+        with contextlib.redirect_stdout(sys.stderr):  # it prints the file counts
+            from pix2pixCC_Options import TrainOption
+            from pix2pixCC_Pipeline import CustomDataset
+            dataset = CustomDataset(TrainOption().parse())
+        return time_items(lambda i: dataset[i], len(dataset), args)
 
 
 CHILDREN = {'train': child_train, 'data': child_data, 'inference': child_inference,
@@ -532,13 +697,37 @@ def parse_args(argv=None):
     p.add_argument('--wait_quiet', type=float, default=0,
                    help='before each measurement, wait up to this many seconds for the other '
                         'processes to leave the CPUs idle')
+    p.add_argument('--published', default=None, metavar='DIR',
+                   help='side by side with the published scripts in DIR (a checkout of '
+                        'JeongHyunJin/Pix2PixCC): parts train, data, inference')
+    p.add_argument('--side_steps', type=counts, default=(2, 7), metavar='K1,K2',
+                   help='--published: training runs over K1 and K2 pairs (one step each)')
+    p.add_argument('--side_images', type=counts, default=(1, 3), metavar='K1,K2',
+                   help='--published: Test runs over K1 and K2 inputs')
+    p.add_argument('--side_repeats', type=int, default=2,
+                   help='--published: repetitions of each pair of runs (median reported)')
     p.add_argument('--json', default=None, help='write the results here')
     p.add_argument('--child', default=None, help=argparse.SUPPRESS)
-    return p.parse_args(argv)
+    p.add_argument('--published_copy', default=None, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
+    return args
 
 
-def run_child(argv, part, variant, threads):
-    command = [sys.executable, os.path.abspath(__file__)] + argv + ['--child', f'{part}:{variant}']
+def counts(text):
+    """'2,7' -> (2, 7), two item counts K1 < K2."""
+    try:
+        k1, k2 = (int(v) for v in text.split(','))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f'{text!r}: give two counts, K1,K2') from None
+    if not 0 < k1 < k2:
+        raise argparse.ArgumentTypeError(f'{text!r}: need 0 < K1 < K2')
+    return k1, k2
+
+
+def run_child(argv, part, variant, threads, extra=()):
+    command = [sys.executable, os.path.abspath(__file__)] + argv + \
+        ['--child', f'{part}:{variant}', *extra]
     env = dict(os.environ)
     if threads:
         env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
@@ -568,10 +757,64 @@ def main(argv=None):
     if unknown:
         sys.exit(f'unknown part(s): {", ".join(sorted(unknown))}; choose from {", ".join(PARTS)}')
     info = machine()
-    config = {k: v for k, v in vars(args).items() if k not in ('json', 'child')}
-    results = []
+    config = {k: v for k, v in vars(args).items() if k not in ('json', 'child', 'argv')}
     print(f"# {info['cpu']}, {info['cpu_count']} cores, torch {info['torch']}, "
           f"GPU: {info['gpu'] or 'none'}, load average {info['load_average']}")
+    if args.published:
+        results = side_by_side(args, [p for p in parts if p != 'matmul'])
+    else:
+        results = variants(args, argv, parts)
+    if args.json:
+        with open(args.json, 'w') as f:
+            json.dump({'machine': info, 'config': config, 'results': results}, f, indent=2)
+        print(f'written: {args.json}')
+    return 0
+
+
+def side_by_side(args, parts):
+    """The published scripts and ours, part by part; prints each part's rows as it ends (a
+    run cut short keeps what it measured), returns the figures."""
+    size = {'train': args.size, 'data': args.data_size, 'inference': args.inference_size}
+    labels = {'train': f'training step {size["train"]}x{size["train"]} (s)',
+              'data': f'data preparation, {size["data"]}x{size["data"]} FITS pair (s)',
+              'inference': f'inference {size["inference"]}x{size["inference"]}, per image (s)'}
+    header = f"{'figure':<44}{'published':>11}{'ours':>11}{'ratio':>8}"
+    print(header)
+    print('-' * len(header), flush=True)
+
+    def row(label, published, ours, digits):
+        print(f'{label:<44}{published:>11.{digits}f}{ours:>11.{digits}f}'
+              f'{ours / published:>8.3f}', flush=True)
+
+    root = tempfile.mkdtemp(prefix='p2pcc-side-')
+    results = {}
+    try:
+        bench = SideBySide(args, root)
+        for part in parts:
+            figures = results[part] = getattr(bench, part)()
+            row(labels[part], figures['published']['seconds'], figures['ours']['seconds'], 4)
+            if part != 'data':  # data items are timed in-process: no RSS of their own
+                row(f'{part} peak RSS (MB)', figures['published']['peak_rss_mb'],
+                    figures['ours']['peak_rss_mb'], 0)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    if 'inference' in results:
+        out = results['inference']['outputs']
+        print(f"outputs of the {out['files']} test images: largest |published - ours| "
+              f"{out['max_abs_difference']:.3g} (target units), "
+              f"{out['relative_to_range'] or 0:.2g} of the outputs' range")
+    shares = [x for part in parts for program in ('published', 'ours')
+              for x in results[part][program]['interference'] if x is not None]
+    print(f"per step/image: (time of K2 items - time of K1) / (K2 - K1) of whole processes, "
+          f"median of {args.side_repeats}; others: CPU share of other processes, median "
+          f"{statistics.median(shares) if shares else 0:.0%}, largest "
+          f"{max(shares) if shares else 0:.0%}")
+    return results
+
+
+def variants(args, argv, parts):
+    """This repository's variants, each in its own process; prints the table."""
+    results = []
     header = f"{'part':<10}{'variant':<14}{'size':>5}{'seconds':>10}{'vs first':>9}" \
              f"{'peak RSS MB':>12}{'n':>4}{'others':>8}"
     print(header)
@@ -579,9 +822,9 @@ def main(argv=None):
     for part in parts:
         size = {'train': args.size, 'data': args.data_size,
                 'inference': args.inference_size, 'matmul': args.matmul_size}[part]
-        variants = [v.strip() for v in getattr(args, f'{part}_variants').split(',') if v.strip()]
+        names = [v.strip() for v in getattr(args, f'{part}_variants').split(',') if v.strip()]
         first = None
-        for variant in variants:
+        for variant in names:
             quiet = wait_for_quiet(args.wait_quiet)
             result = run_child(argv, part, variant, args.threads)
             result['quiet_before'] = quiet
@@ -606,11 +849,7 @@ def main(argv=None):
           '; vs first: ratio to the first variant of the part; n: timings kept; others: '
           'median share of the CPUs other processes used meanwhile (!: above '
           '--max_interference even after retries: the row is not reliable)')
-    if args.json:
-        with open(args.json, 'w') as f:
-            json.dump({'machine': info, 'config': config, 'results': results}, f, indent=2)
-        print(f'written: {args.json}')
-    return 0
+    return results
 
 
 if __name__ == '__main__':

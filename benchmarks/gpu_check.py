@@ -17,13 +17,16 @@ synthetic npy pairs and a small network, in a scratch folder:
     compile          --compile
     DataParallel     --gpu_ids 0,1, when two GPUs are visible
     torchrun NCCL    two processes, when two GPUs are visible
+    float32 again    float32 trained again from the same seed (run-to-run difference)
     resume           float32 run stopped half-way and resumed with --latest_iter -1
 
 Each must exit 0 and write finite outputs; the float32 model run under mixed precision at
 test time must stay close to its float32 outputs (relative RMS difference below 5%), and the
-resumed run must end close to the uninterrupted one. The table is printed and every figure
-written as JSON (--json). The benchmark is `benchmarks/benchmark.py` at 1024x1024 (float32
-against mixed precision: step time, peak GPU memory, the data pipeline's time per pair).
+resumed run must end as close to the uninterrupted one as a second uninterrupted run does
+(GPU training is not bit-reproducible: within twice the run-to-run difference, or 5%). The
+table is printed and every figure written as JSON (--json). The benchmark is
+`benchmarks/benchmark.py` at 1024x1024 (float32 against mixed precision: step time, peak GPU
+memory, the data pipeline's time per pair).
 """
 import argparse
 import json
@@ -89,6 +92,7 @@ class Checks:
         self.final_step = n_pairs * epochs
         self.rows = []
         self.reference = None  # float32 outputs
+        self.rerun_difference = None  # float32 trained again from the same seed
 
     def train_args(self, name, *extra):
         return ['--dataset_name', name, '--gpu_ids', self.gpu_ids, *NETWORK, *DATA,
@@ -146,6 +150,23 @@ class Checks:
         self.add(check, finite and difference < CLOSE, seconds,
                  f"relative RMS difference from float32 {difference:.4f} (< {CLOSE})")
 
+    def rerun(self):
+        """float32 trained again from the same seed: how far two identical runs end apart on
+        this device (0 on the CPU; on GPUs cuDNN's algorithm choice and the atomics of some
+        backward kernels, e.g. replication padding's, make runs differ, and a GAN amplifies
+        that over the steps). The resume check is judged against it."""
+        check = 'float32 again'
+        first = self.reference
+        self.reference = None
+        self.train_and_test(check)
+        again, self.reference = self.reference, first
+        if again is None:
+            return
+        self.rerun_difference = relative_rms(again, first)
+        self.rows[-1]['detail'] += (f"; relative RMS difference from the first float32 run "
+                                    f"{self.rerun_difference:.2e}")
+        print(f"     {'':<16}           run-to-run difference {self.rerun_difference:.2e}")
+
     def resume(self):
         check = 'resume'
         half = self.epochs // 2
@@ -161,10 +182,13 @@ class Checks:
         test, test_seconds, generated = self.test(check)
         if test.returncode != 0:
             return self.failed(check, test, seconds + test_seconds)
-        # Bit-identical on the CPU; on GPUs cuDNN's algorithm choice may differ slightly.
+        # Bit-identical on the CPU. On GPUs two uninterrupted runs already differ (see
+        # rerun): a resumed run must be no further from the uninterrupted one than that.
         difference = relative_rms(generated, self.reference)
-        self.add(check, difference < CLOSE, seconds + test_seconds,
-                 f"relative RMS difference from the uninterrupted run {difference:.2e}")
+        limit = max(CLOSE, 2 * (self.rerun_difference or 0))
+        self.add(check, difference < limit, seconds + test_seconds,
+                 f"relative RMS difference from the uninterrupted run {difference:.2e} "
+                 f"(< {limit:.2e}: the larger of {CLOSE} and twice the run-to-run difference)")
 
 
 def benchmark(args, root):
@@ -229,6 +253,7 @@ def main(argv=None):
                         'torchrun NCCL', ['--gpu_ids', '0'],
                         command=(sys.executable, '-m', 'torch.distributed.run',
                                  '--standalone', '--nproc_per_node=2'))),
+                    ('float32 again', True, checks.rerun),
                     ('resume', True, checks.resume)]
             for name, possible, check in plan:
                 if name in skip:

@@ -101,10 +101,12 @@ def test_gpu_check_runs_its_checks_on_the_cpu(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
     with open(out) as f:
         rows = {row['check']: row for row in json.load(f)['checks']}
-    for check in ('float32', 'bfloat16', 'bfloat16 test', 'resume'):
+    for check in ('float32', 'bfloat16', 'bfloat16 test', 'float32 again', 'resume'):
         assert rows[check]['ok'] is True, rows[check]
     for check in ('float16', 'float16 test', 'DataParallel', 'torchrun NCCL'):
         assert rows[check]['ok'] is None, rows[check]
     assert 'compile' not in rows
+    assert 'relative RMS difference from the first float32 run 0.00e+00' in \
+        rows['float32 again']['detail']  # the CPU repeats a run exactly ...
     assert 'relative RMS difference from the uninterrupted run 0.00e+00' in \
-        rows['resume']['detail']
+        rows['resume']['detail']  # ... and a resumed one
