@@ -7,6 +7,7 @@ in the target's physical units.
 """
 import contextlib
 import difflib
+import functools
 import os
 import sys
 
@@ -63,7 +64,71 @@ def load_generator(opt, path, device):
     with torch.device('meta'):
         G = Generator(opt)
     load_state_dict(G, path, assign=True)
-    return prepare_network(G, opt, device)
+    G = prepare_network(G, opt, device)
+    if not opt.compile:  # (a compiled graph runs no per-layer Python hooks)
+        release_mapped_weights_after_use(G, path)
+    return G
+
+
+MADV_DONTNEED = 4  # Linux: drop these pages; a file-backed page is read again when touched
+
+
+def mapped_ranges(path):
+    """The address ranges at which `path` is mapped into this process (Linux's
+    /proc/self/maps; empty elsewhere)."""
+    try:
+        with open('/proc/self/maps') as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return []
+    real, ranges = os.path.realpath(path), []
+    for line in lines:
+        fields = line.split(maxsplit=5)
+        if len(fields) == 6 and fields[5] == real:
+            start, end = (int(value, 16) for value in fields[0].split('-'))
+            ranges.append((start, end))
+    return ranges
+
+
+def release_mapped_weights_after_use(G, path):
+    """After each layer of G has run, give the pages of its weights that are mapped from the
+    checkpoint `path` back to the operating system.
+
+    The weights stay in the OS's page cache (shared with any other process reading the file,
+    and reclaimable), and the next image maps them again from there. So the process holds a
+    layer's weights only while it runs: at 1024x1024 the full-resolution layers at the end,
+    where the activations peak, no longer sit on the 680 MB of residual-block weights.
+    Weights not mapped from the file (a legacy-format checkpoint, a GPU, bfloat16 copies) are
+    left alone. Returns the number of layers hooked.
+    """
+    ranges = mapped_ranges(path)
+    if not ranges or not sys.platform.startswith('linux'):
+        return 0
+    import ctypes
+    import mmap
+    madvise = ctypes.CDLL(None, use_errno=True).madvise
+    madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+    page = mmap.PAGESIZE
+    hooked = 0
+    for layer in G.modules():
+        spans = []
+        for tensor in [*layer.parameters(recurse=False), *layer.buffers(recurse=False)]:
+            start = tensor.data_ptr()
+            end = start + tensor.numel() * tensor.element_size()
+            if tensor.device.type == 'cpu' and any(a <= start and end <= b for a, b in ranges):
+                first, last = -(-start // page) * page, end // page * page  # whole pages only
+                if last > first:
+                    spans.append((first, last - first))
+        if spans:
+            layer.register_forward_hook(functools.partial(release, madvise, spans))
+            hooked += 1
+    return hooked
+
+
+def release(madvise, spans, module, inputs, output):
+    """Forward hook of release_mapped_weights_after_use (returns None: output unchanged)."""
+    for start, size in spans:
+        madvise(start, size, MADV_DONTNEED)
 
 
 def translate(G, dataset, out_dir, opt, device, iteration, precision=None, panels=False):

@@ -11,6 +11,7 @@ import math
 import os
 import re
 import shutil
+import sys
 from types import SimpleNamespace
 
 import numpy as np
@@ -633,6 +634,48 @@ def test_generator_loaded_for_inference_gives_bit_identical_outputs(tmp_path, no
     mapped = pix2pixCC_Test.load_generator(opt, path, torch.device('cpu'))
     x = torch.randn(2, 1, 32, 32)
     with torch.inference_mode():
-        assert torch.equal(mapped.eval()(x), plain.eval()(x))
+        expected = plain.eval()(x)
+        # twice: the second pass runs on weights whose pages the first one gave back
+        for _ in range(2):
+            assert torch.equal(mapped.eval()(x), expected)
     assert not any(p.is_meta for p in mapped.parameters())
     assert not any(b.is_meta for b in mapped.buffers())
+
+
+def resident_kib_of(path):
+    """KiB of `path`'s mappings resident in this process (Linux's /proc/self/smaps)."""
+    real, total, inside = os.path.realpath(path), 0, False
+    with open('/proc/self/smaps') as f:
+        for line in f:
+            fields = line.split()
+            if '-' in fields[0] and len(fields) >= 5:  # a mapping's header line
+                inside = len(fields) == 6 and fields[5] == real
+            elif inside and fields[0] == 'Rss:':
+                total += int(fields[1])
+    return total
+
+
+@pytest.mark.skipif(not sys.platform.startswith('linux'), reason='Linux page accounting')
+def test_inference_holds_a_layers_mapped_weights_only_while_it_runs(tmp_path):
+    """The Test script's generator gives the pages of each layer's weights back after the
+    layer has run: after a forward, almost none of the checkpoint is resident in the process
+    (it stays in the OS's page cache), while a forward without that keeps all of it."""
+    from pix2pixCC_Networks import Generator, weights_init
+    opt = train_opt('--n_gf', '32', '--n_residual', '3')  # ~9 MB of weights
+    path = str(tmp_path / '7_G.pt')
+    torch.save(Generator(opt).apply(weights_init).state_dict(), path)
+    size = os.path.getsize(path) / 1024
+    x = torch.randn(1, 1, 32, 32)
+
+    G = pix2pixCC_Test.load_generator(opt, path, torch.device('cpu'))
+    with torch.inference_mode():
+        G.eval()(x)
+    assert resident_kib_of(path) < 0.05 * size, (resident_kib_of(path), size)
+
+    kept = pix2pixCC_Test.load_generator(opt, path, torch.device('cpu'))
+    for layer in kept.modules():
+        layer._forward_hooks.clear()
+    with torch.inference_mode():
+        kept.eval()(x)
+    assert resident_kib_of(path) > 0.9 * size
+    del G, kept
