@@ -619,7 +619,8 @@ def child_published_data(args, folder):
     """The published CustomDataset's items, timed in this process: its modules imported from
     the copy (this process has imported none of ours), its options parsed from the same
     command line, in a scratch folder (its option parsing creates ./checkpoints)."""
-    sys.path.remove(REPO) if REPO in sys.path else None
+    if REPO in sys.path:  # the two programs' modules have the same names
+        sys.path.remove(REPO)
     sys.path.insert(0, folder)
     with tempfile.TemporaryDirectory(prefix='p2pcc-bench-') as scratch:
         input_dir, target_dir = write_fits_pairs(os.path.join(scratch, 'data'),

@@ -1,0 +1,83 @@
+"""benchmarks/benchmark.py --published: the side-by-side machinery (issue 10).
+
+The published code is not in this repository and cannot be downloaded here, so these tests
+give it our own scripts as the "published" folder: the copy, the whole-process runs over K1
+and K2 items, the peak memory and the comparison of the generated files all run for real.
+"""
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO, SUBPROCESS_ENV
+
+sys.path.insert(0, os.path.join(REPO, 'benchmarks'))
+import benchmark  # noqa: E402
+
+BENCHMARK = os.path.join(REPO, 'benchmarks', 'benchmark.py')
+
+
+def fake_published(folder, device_line="device = torch.device('cuda:0')\n"):
+    """Our six scripts in `folder`, with a hard-coded CUDA device as the published code has."""
+    os.makedirs(folder)
+    for name in benchmark.PUBLISHED_SCRIPTS:
+        shutil.copy(os.path.join(REPO, name), folder)
+    with open(os.path.join(folder, 'pix2pixCC_Utils.py'), 'a') as f:
+        f.write(f'\nif False:\n    {device_line}')
+    return folder
+
+
+def test_the_published_copy_changes_only_the_device(tmp_path):
+    source = fake_published(str(tmp_path / 'published'))
+    cpu = benchmark.published_copy(source, str(tmp_path / 'cpu'), '-1')
+    gpu = benchmark.published_copy(source, str(tmp_path / 'gpu'), '0')
+    for name in benchmark.PUBLISHED_SCRIPTS:
+        with open(os.path.join(source, name)) as f:
+            original = f.read()
+        with open(os.path.join(cpu, name)) as f:
+            assert f.read() == original.replace("'cuda:0'", "'cpu'")
+        with open(os.path.join(gpu, name)) as f:
+            assert f.read() == original  # on a GPU, cuda:0 is the card --gpu_ids selects
+
+
+def test_the_published_copy_refuses_a_folder_that_is_not_the_published_code(tmp_path):
+    with pytest.raises(SystemExit, match='no pix2pixCC_Networks.py there'):
+        benchmark.published_copy(str(tmp_path), str(tmp_path / 'copy'), '-1')
+    source = fake_published(str(tmp_path / 'published'), device_line='pass\n')
+    with pytest.raises(SystemExit, match="no 'cuda:0' found"):
+        benchmark.published_copy(source, str(tmp_path / 'copy2'), '-1')
+
+
+def test_side_by_side_runs_both_programs_and_compares_their_outputs(tmp_path):
+    """Both 'programs' are ours here, so their generated files must agree exactly: the
+    comparison reads the real outputs of each program's last Test run."""
+    source = fake_published(str(tmp_path / 'published'))
+    out = tmp_path / 'side.json'
+    proc = subprocess.run(
+        [sys.executable, BENCHMARK, '--published', source, '--what', 'train,inference',
+         '--n_gf', '8', '--n_df', '8', '--n_downsample', '2', '--n_residual', '1',
+         '--size', '32', '--inference_size', '32', '--side_steps', '1,2',
+         '--side_images', '1,2', '--side_repeats', '1', '--json', str(out)],
+        cwd=str(tmp_path), env=SUBPROCESS_ENV, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert 'training step 32x32 (s)' in proc.stdout and 'inference peak RSS (MB)' in proc.stdout
+    with open(out) as f:
+        results = json.load(f)['results']
+    for part in ('train', 'inference'):
+        for program in ('published', 'ours'):
+            figures = results[part][program]
+            assert figures['peak_rss_mb'] > 100  # a whole torch process
+            assert len(figures['times']) == 1
+            assert set(figures['process_seconds']) == {'1', '2'}
+    assert results['inference']['outputs']['files'] == 2
+    assert results['inference']['outputs']['max_abs_difference'] == 0.0
+
+
+@pytest.mark.parametrize('text', ['3', '2,2', '0,4', 'a,b'])
+def test_item_counts_must_be_two_increasing_numbers(text):
+    with pytest.raises(Exception):
+        benchmark.counts(text)
+    assert benchmark.counts('2,7') == (2, 7)
