@@ -12,12 +12,13 @@ import sys
 
 import pytest
 
-from conftest import REPO, SUBPROCESS_ENV
+from conftest import NPY_DATA, REPO, SUBPROCESS_ENV, TINY, assert_ok, run_train, snapshot
 
 sys.path.insert(0, os.path.join(REPO, 'benchmarks'))
 import benchmark  # noqa: E402
 
 BENCHMARK = os.path.join(REPO, 'benchmarks', 'benchmark.py')
+PRECISION = os.path.join(REPO, 'benchmarks', 'precision_accuracy.py')
 
 
 def fake_published(folder, device_line="device = torch.device('cuda:0')\n"):
@@ -81,3 +82,25 @@ def test_item_counts_must_be_two_increasing_numbers(text):
     with pytest.raises(Exception):
         benchmark.counts(text)
     assert benchmark.counts('2,7') == (2, 7)
+
+
+def test_precision_accuracy_compares_the_two_precisions_without_touching_the_run(tmp_path, data):
+    """benchmarks/precision_accuracy.py: float32 and --data_type 16 outputs of one trained
+    generator on the same inputs; the run's folder is left exactly as it was."""
+    assert_ok(run_train(TINY + NPY_DATA + data + ['--n_epochs', '1'], tmp_path))
+    before = snapshot(tmp_path / 'checkpoints')
+    out = tmp_path / 'precision.json'
+    proc = subprocess.run([sys.executable, PRECISION, '--dataset_name', 'pix2pixCC',
+                           '--iteration', '6', '--input_dir_test', data[1],
+                           '--target_dir_test', data[3], '--json', str(out)],
+                          cwd=str(tmp_path), env=SUBPROCESS_ENV, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    with open(out) as f:
+        result = json.load(f)
+    outputs = result['outputs']
+    assert outputs['files'] == 6
+    assert 0 < outputs['rmse'] <= outputs['max_abs_difference']  # bfloat16 rounds differently
+    for key, change in result['change'].items():
+        assert change == result['mixed'][key] - result['float32'][key]
+    assert snapshot(tmp_path / 'checkpoints') == before
