@@ -215,6 +215,8 @@ def main(argv=None):
     opt.target_header = (trained or {}).get('target_header')
     device, _ = select_device(opt)
     precision = Precision(opt, device)
+    if precision.notice():
+        print(precision.notice())
 
     # Data and checkpoints
     dataset = CustomDataset(opt)

@@ -172,6 +172,26 @@ class Precision:
     def autocast(self):
         return torch.autocast(self.device_type, dtype=self.dtype, enabled=self.enabled)
 
+    def notice(self):
+        """A line for the user when the choice will be slow here, else None: bfloat16 on a CPU
+        without bfloat16 instructions falls back to kernels tens to hundreds of times slower
+        than float32 (measured on an AVX2 CPU: BENCHMARKS.md)."""
+        if self.enabled and self.device_type == 'cpu' and self.dtype == torch.bfloat16 \
+                and not cpu_has_bfloat16():
+            return ("notice: --data_type 16 computes in bfloat16, and this CPU has no bfloat16 "
+                    "instructions (AVX512-BF16 or AMX): expect it to run many times slower than "
+                    "float32; use --data_type 32")
+        return None
+
+
+def cpu_has_bfloat16():
+    """Whether this CPU computes bfloat16 natively (AVX512-BF16 or AMX). True when this torch
+    cannot tell (no warning rather than a wrong one)."""
+    checks = [getattr(torch.cpu, name, None)
+              for name in ('_is_avx512_bf16_supported', '_is_amx_tile_supported')]
+    checks = [check for check in checks if check is not None]
+    return not checks or any(check() for check in checks)
+
 
 # ----------------------------------------------------------------------------------------
 # CPU execution of the widest convolutions (performance only: same modules, same state_dict

@@ -5,10 +5,11 @@ import os
 import subprocess
 import sys
 
+import pytest
 import torch
 
-from conftest import (REPO, SUBPROCESS_ENV, TINY, assert_ok, make_pairs, run_test, run_train,
-                      train_opt)
+from conftest import (REPO, SUBPROCESS_ENV, TINY, assert_ok, make_pairs, make_test_opt,
+                      run_test, run_train, train_opt)
 from pix2pixCC_Networks import Generator, weights_init
 from pix2pixCC_Utils import Precision, bare, memory_format, prepare_network
 
@@ -20,6 +21,23 @@ def test_mixed_precision_on_the_cpu_is_bfloat16_without_a_scaler():
     with precision.autocast():
         assert torch.get_autocast_dtype('cpu') == torch.bfloat16
         assert torch.is_autocast_enabled('cpu')
+
+
+@pytest.mark.parametrize('native', [True, False])
+def test_bfloat16_on_a_cpu_without_bfloat16_instructions_gets_a_notice(monkeypatch, native):
+    """On a CPU without AVX512-BF16/AMX, oneDNN's bfloat16 convolutions fall back to very
+    slow kernels (380x slower than float32 for one 256-channel convolution on an AVX2 CPU):
+    the drivers say so instead of silently running for days."""
+    import pix2pixCC_Utils
+    monkeypatch.setattr(pix2pixCC_Utils, 'cpu_has_bfloat16', lambda: native)
+    mixed = Precision(make_test_opt('--data_type', '16'), torch.device('cpu'))
+    full = Precision(make_test_opt('--data_type', '32'), torch.device('cpu'))
+    assert full.notice() is None
+    if native:
+        assert mixed.notice() is None
+    else:
+        assert 'no bfloat16 instructions' in mixed.notice()
+        assert '--data_type 32' in mixed.notice()
 
 
 def test_float32_runs_without_autocast():
