@@ -84,8 +84,25 @@ def n_train_pairs():
     return len(os.listdir(os.path.join(SAMPLE, 'Train', 'Input')))
 
 
+RUN_RECORD = 'ablation_run.json'  # a finished run's row, in its checkpoints folder
+
+
+def reused_run(lambda_CC, objective, seed, n_epochs, workdir):
+    """The row of a run an earlier, interrupted ablation finished with these settings, or
+    None."""
+    path = os.path.join(workdir, 'checkpoints', f'ablation_{objective}_seed{seed}', RUN_RECORD)
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        row = json.load(f)
+    same = (row['lambda_CC'], row['seed'], row['steps']) == \
+        (lambda_CC, seed, n_epochs * n_train_pairs())
+    return row if same else None
+
+
 def train_and_evaluate(lambda_CC, objective, seed, n_epochs, network, workdir):
-    """One run: train, translate the test split, return its row of metrics and times."""
+    """One run: train, translate the test split, return its row of metrics and times (also
+    written into the run's folder, for --reuse)."""
     name = f'ablation_{objective}_seed{seed}'
     # The runs are this script's own: start them afresh (Train refuses to overwrite).
     shutil.rmtree(os.path.join(workdir, 'checkpoints', name), ignore_errors=True)
@@ -110,12 +127,15 @@ def train_and_evaluate(lambda_CC, objective, seed, n_epochs, network, workdir):
 
     # Train's start-up summary names the sizes: "network: generator 1,234 parameters, ..."
     match = re.search(r'generator ([\d,]+) parameters', train_output)
-    return {'objective': objective, 'lambda_CC': lambda_CC, 'seed': seed, 'steps': steps,
-            'generator_parameters': int(match.group(1).replace(',', '')) if match else None,
-            'train_seconds': train_seconds, 'test_seconds': test_seconds,
-            'cc_1x1': mean('cc_1x1'), 'cc_8x8': mean('cc_8x8'), 'rmse_1x1': mean('rmse_1x1'),
-            'unsigned_flux_ratio': mean('flux_unsigned_fake') / mean('flux_unsigned_real'),
-            'net_flux_error': mean('flux_net_fake') - mean('flux_net_real')}
+    row = {'objective': objective, 'lambda_CC': lambda_CC, 'seed': seed, 'steps': steps,
+           'generator_parameters': int(match.group(1).replace(',', '')) if match else None,
+           'train_seconds': train_seconds, 'test_seconds': test_seconds,
+           'cc_1x1': mean('cc_1x1'), 'cc_8x8': mean('cc_8x8'), 'rmse_1x1': mean('rmse_1x1'),
+           'unsigned_flux_ratio': mean('flux_unsigned_fake') / mean('flux_unsigned_real'),
+           'net_flux_error': mean('flux_net_fake') - mean('flux_net_real')}
+    with open(os.path.join(workdir, 'checkpoints', name, RUN_RECORD), 'w') as f:
+        json.dump(json_safe(row), f, indent=2)
+    return row
 
 
 def machine():
@@ -387,6 +407,9 @@ def parse(argv):
                         help='Markdown file whose results markers receive the tables '
                              '(default: the repository README.md, none with --quick)')
     parser.add_argument('--no_readme', action='store_true', help='edit no README')
+    parser.add_argument('--reuse', action='store_true',
+                        help='read the runs an interrupted ablation finished (their '
+                             f'{RUN_RECORD} in the workdir) instead of training them again')
     args = parser.parse_args(argv)
     if args.seeds is None:
         args.seeds = 2 if args.quick else 5
@@ -416,8 +439,10 @@ def main(argv=None):
     runs = []
     for seed in seeds:
         for lambda_CC, objective, _ in OBJECTIVES:
-            runs.append(train_and_evaluate(lambda_CC, objective, seed, args.n_epochs, network,
-                                           args.workdir))
+            row = reused_run(lambda_CC, objective, seed, args.n_epochs, args.workdir) \
+                if args.reuse else None
+            runs.append(row or train_and_evaluate(lambda_CC, objective, seed, args.n_epochs,
+                                                  network, args.workdir))
             print(f"seed {seed}, lambda_CC {lambda_CC:g}: " + ', '.join(
                 f"{key} {runs[-1][key]:.4g}" for key, *_ in METRICS), flush=True)
     results = {
@@ -428,7 +453,9 @@ def main(argv=None):
                    'n_test_pairs': len(os.listdir(os.path.join(SAMPLE, 'Test', 'Input'))),
                    'command': shlex.join(['python', 'experiments/cc_ablation.py'] + argv)},
         'machine': machine(),
-        'total_seconds': round(time.perf_counter() - start, 1),
+        # the runs' own times (with --reuse, some were made by an earlier invocation)
+        'total_seconds': round(sum(r['train_seconds'] + r['test_seconds'] for r in runs), 1),
+        'wall_seconds': round(time.perf_counter() - start, 1),
         'runs': runs,
         'summary': summarize(runs),
         'differences': differences(runs),
