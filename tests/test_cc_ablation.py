@@ -255,3 +255,20 @@ def test_which_readme_is_written():
     with pytest.raises(SystemExit) as exit_info:
         parse(['--seeds', '1'])
     assert exit_info.value.code == 2
+
+
+def test_reuse_reads_the_finished_runs_instead_of_training_them_again(quick):
+    """--reuse (an interrupted ablation carried on): the runs recorded in the workdir are
+    read back, nothing in them is touched, and the results are the same."""
+    _, results, _, root = quick
+    runs = root / 'runs' / 'checkpoints'
+    before = snapshot(str(runs))
+    proc = subprocess.run([sys.executable, SCRIPT, '--quick', '--reuse', '--workdir',
+                           str(root / 'runs'), '--out', str(root / 'again')], cwd=str(root),
+                          env=SUBPROCESS_ENV, capture_output=True, text=True, timeout=300)
+    assert_ok(proc)
+    with open(root / 'again' / 'cc_ablation_results.json') as f:
+        again = json.load(f)
+    assert again['runs'] == results['runs']
+    assert again['paired_tests'] == results['paired_tests']
+    assert snapshot(str(runs)) == before  # read, not trained again
