@@ -215,8 +215,9 @@ def main(argv=None):
     opt.target_header = (trained or {}).get('target_header')
     device, _ = select_device(opt)
     precision = Precision(opt, device)
-    if precision.notice():
-        print(precision.notice())
+    notice = precision.notice()
+    if notice:
+        print(notice)
 
     # Data and checkpoints
     dataset = CustomDataset(opt)

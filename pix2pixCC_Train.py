@@ -207,8 +207,9 @@ def train(opt, state, cluster, device, gpu_ids, stop, log):
         opt.seed = cluster.broadcast(int(torch.randint(0, 2**31 - 1, (1,))))
     set_seed(opt.seed)
     precision = Precision(opt, device)
-    if precision.notice():
-        log(precision.notice())
+    notice = precision.notice()
+    if notice:
+        log(notice)
     cluster.on_main(lambda: make_dirs(opt.model_dir, opt.image_dir))
 
     # Data. The first target's FITS identity cards (unit, instrument, ...) go into the

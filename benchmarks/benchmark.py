@@ -348,9 +348,9 @@ def child_data(args, variant):
         count = 0
         for batch in iterator:
             count += batch[0].shape[0]
+        seconds = (time.perf_counter() - start) / count
         # the workers' memory is not in this process's ru_maxrss
-        return {'seconds': (time.perf_counter() - start) / count,
-                'times': [(time.perf_counter() - start) / count]}
+        return {'seconds': seconds, 'times': [seconds]}
 
 
 def child_inference(args, variant):
@@ -543,8 +543,9 @@ class SideBySide:
                 'peak_rss_mb': max(r['peak_rss_mb'] for r in runs),
                 'interference': [r['interference'] for r in runs],
                 'process_seconds': {k1: [r['seconds'] for r in by_count[k1]],
-                                    k2: [r['seconds'] for r in by_count[k2]]},
-                'cwd': by_count[k2][-1]['cwd']}
+                                    k2: [r['seconds'] for r in by_count[k2]]}}
+            if keep_last:  # the kept folder of the last K2 run, for its outputs
+                results[program]['cwd'] = by_count[k2][-1]['cwd']
         return results
 
     def train(self):

@@ -125,6 +125,7 @@ class Checks:
                  f"{lines[-1] if lines else 'no output'}")
 
     def train_and_test(self, check, train_extra=(), command=(sys.executable,)):
+        """Train and test one configuration; returns its outputs (None when it failed)."""
         name = check.replace(' ', '_')
         proc, seconds = run([*command, TRAIN, *self.train_args(name, *train_extra)],
                             self.root)
@@ -135,9 +136,8 @@ class Checks:
             return self.failed(check, test, seconds + test_seconds)
         finite = all(np.isfinite(v).all() for v in generated.values())
         detail = f"{len(generated)} outputs, {'finite' if finite else 'NOT FINITE'}"
-        if self.reference is None:
-            self.reference = generated
         self.add(check, finite and generated, seconds + test_seconds, detail)
+        return generated
 
     def mixed_inference(self, check, amp_dtype):
         """The float32 model tested under autocast: outputs close to its float32 ones."""
@@ -156,13 +156,10 @@ class Checks:
         backward kernels, e.g. replication padding's, make runs differ, and a GAN amplifies
         that over the steps). The resume check is judged against it."""
         check = 'float32 again'
-        first = self.reference
-        self.reference = None
-        self.train_and_test(check)
-        again, self.reference = self.reference, first
+        again = self.train_and_test(check)
         if again is None:
             return
-        self.rerun_difference = relative_rms(again, first)
+        self.rerun_difference = relative_rms(again, self.reference)
         self.rows[-1]['detail'] += (f"; relative RMS difference from the first float32 run "
                                     f"{self.rerun_difference:.2e}")
         print(f"     {'':<16}           run-to-run difference {self.rerun_difference:.2e}")
@@ -234,7 +231,7 @@ def main(argv=None):
     started = time.time()
     try:
         checks = Checks(root, args.gpu if cuda else '-1', n_pairs=8, size=64, epochs=4)
-        checks.train_and_test('float32')
+        checks.reference = checks.train_and_test('float32')
         if checks.reference is None:
             print('float32 failed: the other checks compare with it; stopping')
         else:
