@@ -4,6 +4,7 @@
     python benchmarks/profile_step.py --variant driver+bf16
     python benchmarks/profile_step.py --size 256 --steps 2 --rows 15 --shapes
     python benchmarks/profile_step.py --inference --size 1024 --steps 1 --shapes
+    python benchmarks/profile_step.py --inference --size 1024 --conv_rates
 
 Variants are those of benchmark.py (driver, with +modifiers). With --inference, the
 generator is the Test script's (pix2pixCC_Test.load_generator on a checkpoint of the default
@@ -11,6 +12,11 @@ initialisation) and the profiled work is pix2pixCC_Test.generate on one image. P
 operators sorted by their own CPU time (self time: a convolution's backward is counted once,
 not again in every autograd node above it), and a summary by kind: convolution forward /
 backward, optimiser, the rest.
+
+With --conv_rates (inference only) it instead times each convolution of one image and gives
+its arithmetic rate (GFLOP/s, a multiply-add counted as 2) beside the best rate this machine
+reaches in a float32 matrix product of the same threads: how far any faster convolution
+kernel could take inference without changing its arithmetic.
 """
 import argparse
 import os
@@ -28,7 +34,7 @@ INFERENCE_KINDS = {'aten::mish': 'Mish', 'aten::mish_': 'Mish',
                    'aten::copy_': 'copies', 'aten::clone': 'copies', 'aten::contiguous': 'copies'}
 
 
-def inference_setup(args, opt):
+def inference_setup(args, opt, return_generator=False):
     """One image through the Test script's generator (loaded as Test loads it)."""
     import tempfile
 
@@ -46,7 +52,90 @@ def inference_setup(args, opt):
         with torch.inference_mode():
             pix2pixCC_Test.generate(G, x, opt.n_downsample)
 
-    return step
+    return (step, G) if return_generator else step
+
+
+def conv_flops(module, input, output, transposed):
+    """Multiply-adds ×2 of one convolution (for a transposed one, each input pixel is
+    multiplied by the whole kernel)."""
+    kernel = module.weight.shape[2] * module.weight.shape[3]
+    if transposed:
+        return 2 * input.numel() * module.out_channels // module.groups * kernel
+    return 2 * output.numel() * module.in_channels // module.groups * kernel
+
+
+def matmul_rate(repeats=5):
+    """Best float32 GFLOP/s of torch.mm on square matrices of a few sizes (the same intra-op
+    threads as the convolutions): a practical ceiling for this CPU."""
+    import time
+
+    import torch
+    best = 0.0
+    for n in (1024, 2048, 4096):
+        a, b = torch.rand(n, n), torch.rand(n, n)
+        torch.mm(a, b)
+        for _ in range(repeats):
+            start = time.perf_counter()
+            torch.mm(a, b)
+            best = max(best, 2 * n ** 3 / (time.perf_counter() - start) / 1e9)
+    return best
+
+
+def conv_rates(args, opt):
+    """Each convolution of one inference: its time (forward hooks, best of --steps images
+    after --warmup) and GFLOP/s, grouped by (kind, channels, kernel, output size)."""
+    import time
+
+    import torch
+    step, G = inference_setup(args, opt, return_generator=True)
+    convs = [m for m in G.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.ConvTranspose2d))]
+    started, seconds, flops, label = {}, {}, {}, {}
+
+    def before(module, input):
+        started[module] = time.perf_counter()
+
+    def after(module, input, output):
+        elapsed = time.perf_counter() - started[module]
+        seconds[module] = min(seconds.get(module, elapsed), elapsed)
+        transposed = isinstance(module, torch.nn.ConvTranspose2d)
+        flops[module] = conv_flops(module, input[0], output, transposed)
+        kind = 'transposed ' if transposed else ''
+        label[module] = (f'{kind}{module.kernel_size[0]}x{module.kernel_size[1]} '
+                         f'{module.in_channels}->{module.out_channels} '
+                         f'at {output.shape[-2]}x{output.shape[-1]}')
+
+    hooks = [h for m in convs for h in (m.register_forward_pre_hook(before),
+                                        m.register_forward_hook(after))]
+    for _ in range(args.warmup + args.steps):
+        start = time.perf_counter()
+        step()
+        total = time.perf_counter() - start
+    for h in hooks:
+        h.remove()
+    groups = {}
+    for m in convs:
+        g = groups.setdefault(label[m], [0, 0.0, 0])
+        g[0] += 1
+        g[1] += seconds[m]
+        g[2] += flops[m]
+    ceiling = matmul_rate()
+    print(f'# inference {args.size}x{args.size}, {torch.get_num_threads()} threads; '
+          f'each convolution: best of {args.steps} after {args.warmup} warm-up')
+    print(f"{'convolution':<40}{'count':>6}{'s':>8}{'GFLOP':>9}{'GFLOP/s':>9}{'of mm':>7}")
+    conv_seconds = conv_flops_total = 0
+    for name, (count, s, f) in groups.items():
+        conv_seconds += s
+        conv_flops_total += f
+        print(f'{name:<40}{count:>6}{s:>8.3f}{f / 1e9:>9.1f}{f / s / 1e9:>9.1f}'
+              f'{f / s / 1e9 / ceiling:>7.0%}')
+    print(f"{'all convolutions':<40}{len(convs):>6}{conv_seconds:>8.3f}"
+          f'{conv_flops_total / 1e9:>9.1f}{conv_flops_total / conv_seconds / 1e9:>9.1f}'
+          f'{conv_flops_total / conv_seconds / 1e9 / ceiling:>7.0%}')
+    print(f'float32 torch.mm, best of 1024/2048/4096 squares: {ceiling:.1f} GFLOP/s; '
+          f'last whole image {total:.3f} s, of which convolutions {conv_seconds / total:.0%}; '
+          f'with every convolution at the mm rate: '
+          f'{total - conv_seconds + conv_flops_total / ceiling / 1e9:.3f} s')
+    return 0
 
 
 def main(argv=None):
@@ -63,7 +152,12 @@ def main(argv=None):
     p.add_argument('--shapes', action='store_true', help='group by input shapes')
     p.add_argument('--inference', action='store_true',
                    help="profile the Test script's generator on one image per step")
+    p.add_argument('--conv_rates', action='store_true',
+                   help='with --inference: time each convolution and give its GFLOP/s '
+                        "against this machine's float32 matrix-product rate")
     args = p.parse_args(argv)
+    if args.conv_rates and not args.inference:
+        p.error('--conv_rates needs --inference')
 
     import torch
     from torch.profiler import ProfilerActivity, profile
@@ -72,6 +166,8 @@ def main(argv=None):
                                    '--n_df', str(args.n_df),
                                    '--n_downsample', str(args.n_downsample),
                                    '--n_residual', str(args.n_residual)], args.variant)
+    if args.conv_rates:
+        return conv_rates(args, opt)
     if args.inference:
         step = inference_setup(args, opt)
     else:

@@ -104,3 +104,37 @@ def test_precision_accuracy_compares_the_two_precisions_without_touching_the_run
     for key, change in result['change'].items():
         assert change == result['mixed'][key] - result['float32'][key]
     assert snapshot(tmp_path / 'checkpoints') == before
+
+
+
+def test_conv_rates_count_the_arithmetic_as_torch_does(monkeypatch, capsys):
+    """profile_step.py --conv_rates: the FLOP it gives each convolution of the Test generator,
+    transposed ones included, add up exactly to what torch's FlopCounterMode counts."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    import profile_step
+    from pix2pixCC_Networks import Generator
+    network = ['--n_gf', '8', '--n_downsample', '2', '--n_residual', '1']
+    opt = benchmark.train_options(['--gpu_ids', '-1'] + network, 'driver')
+    G = Generator(opt)
+    ours = []
+    for m in G.modules():
+        transposed = isinstance(m, torch.nn.ConvTranspose2d)
+        if transposed or isinstance(m, torch.nn.Conv2d):
+            m.register_forward_hook(lambda module, input, output, transposed=transposed:
+                                    ours.append(profile_step.conv_flops(module, input[0],
+                                                                        output, transposed)))
+    counter = FlopCounterMode(display=False)
+    with torch.no_grad(), counter:
+        G(torch.zeros(1, opt.input_ch, 32, 32))
+    convolutions = sum(n for op, n in counter.get_flop_counts()['Global'].items()
+                       if 'convolution' in str(op))
+    assert len(ours) == 8 and sum(ours) == convolutions
+
+    monkeypatch.setattr(profile_step, 'matmul_rate', lambda: 100.0)  # no 4096² products
+    assert profile_step.main(['--inference', '--conv_rates', '--size', '32', '--warmup', '0',
+                              '--steps', '1'] + network) == 0
+    rows = {line[:40].strip(): line[40:].split() for line in capsys.readouterr().out.splitlines()}
+    assert rows['transposed 3x3 16->8 at 32x32'][0] == '1'
+    assert rows['all convolutions'][0] == '8'
