@@ -34,8 +34,9 @@ INFERENCE_KINDS = {'aten::mish': 'Mish', 'aten::mish_': 'Mish',
                    'aten::copy_': 'copies', 'aten::clone': 'copies', 'aten::contiguous': 'copies'}
 
 
-def inference_setup(args, opt, return_generator=False):
-    """One image through the Test script's generator (loaded as Test loads it)."""
+def inference_setup(args, opt):
+    """One image through the Test script's generator (loaded as Test loads it): the step
+    and the generator."""
     import tempfile
 
     import torch
@@ -52,7 +53,7 @@ def inference_setup(args, opt, return_generator=False):
         with torch.inference_mode():
             pix2pixCC_Test.generate(G, x, opt.n_downsample)
 
-    return (step, G) if return_generator else step
+    return step, G
 
 
 def conv_flops(module, input, output, transposed):
@@ -87,7 +88,7 @@ def conv_rates(args, opt):
     import time
 
     import torch
-    step, G = inference_setup(args, opt, return_generator=True)
+    step, G = inference_setup(args, opt)
     convs = [m for m in G.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.ConvTranspose2d))]
     started, seconds, flops, label = {}, {}, {}, {}
 
@@ -169,7 +170,7 @@ def main(argv=None):
     if args.conv_rates:
         return conv_rates(args, opt)
     if args.inference:
-        step = inference_setup(args, opt)
+        step, _ = inference_setup(args, opt)
     else:
         step, _, _ = benchmark.training_setup(args.variant, opt, torch.device('cpu'), args.size)
 

@@ -87,10 +87,15 @@ def n_train_pairs():
 RUN_RECORD = 'ablation_run.json'  # a finished run's row, in its checkpoints folder
 
 
+def run_name(objective, seed):
+    """The --dataset_name of one run: its folder is <workdir>/checkpoints/<name>."""
+    return f'ablation_{objective}_seed{seed}'
+
+
 def reused_run(lambda_CC, objective, seed, n_epochs, workdir):
     """The row of a run an earlier, interrupted ablation finished with these settings, or
     None."""
-    path = os.path.join(workdir, 'checkpoints', f'ablation_{objective}_seed{seed}', RUN_RECORD)
+    path = os.path.join(workdir, 'checkpoints', run_name(objective, seed), RUN_RECORD)
     if not os.path.isfile(path):
         return None
     with open(path) as f:
@@ -103,9 +108,10 @@ def reused_run(lambda_CC, objective, seed, n_epochs, workdir):
 def train_and_evaluate(lambda_CC, objective, seed, n_epochs, network, workdir):
     """One run: train, translate the test split, return its row of metrics and times (also
     written into the run's folder, for --reuse)."""
-    name = f'ablation_{objective}_seed{seed}'
+    name = run_name(objective, seed)
+    folder = os.path.join(workdir, 'checkpoints', name)
     # The runs are this script's own: start them afresh (Train refuses to overwrite).
-    shutil.rmtree(os.path.join(workdir, 'checkpoints', name), ignore_errors=True)
+    shutil.rmtree(folder, ignore_errors=True)
     train_output, train_seconds = timed(run, 'pix2pixCC_Train.py', [
         '--dataset_name', name, '--lambda_CC', str(lambda_CC),
         '--input_dir_train', os.path.join(SAMPLE, 'Train', 'Input'),
@@ -117,8 +123,7 @@ def train_and_evaluate(lambda_CC, objective, seed, n_epochs, network, workdir):
         '--dataset_name', name, '--iteration', str(steps),
         '--input_dir_test', os.path.join(SAMPLE, 'Test', 'Input'),
         '--target_dir_test', os.path.join(SAMPLE, 'Test', 'Target')], workdir)
-    summary_path = os.path.join(workdir, 'checkpoints', name, 'Image', 'Test', str(steps),
-                                'metrics_summary.json')
+    summary_path = os.path.join(folder, 'Image', 'Test', str(steps), 'metrics_summary.json')
     with open(summary_path) as f:
         summary = json.load(f)
 
@@ -133,7 +138,7 @@ def train_and_evaluate(lambda_CC, objective, seed, n_epochs, network, workdir):
            'cc_1x1': mean('cc_1x1'), 'cc_8x8': mean('cc_8x8'), 'rmse_1x1': mean('rmse_1x1'),
            'unsigned_flux_ratio': mean('flux_unsigned_fake') / mean('flux_unsigned_real'),
            'net_flux_error': mean('flux_net_fake') - mean('flux_net_real')}
-    with open(os.path.join(workdir, 'checkpoints', name, RUN_RECORD), 'w') as f:
+    with open(os.path.join(folder, RUN_RECORD), 'w') as f:
         json.dump(json_safe(row), f, indent=2)
     return row
 
