@@ -6,6 +6,7 @@ the parsing of booleans differs (see `str2bool`). Parsing has no side effects: t
 create folders and write the options file.
 """
 import argparse
+import difflib
 import os
 import sys
 
@@ -42,10 +43,25 @@ def lower_str(value):
 
 
 class OneLineErrorParser(argparse.ArgumentParser):
-    """argparse, but a usage error is one line (and still exit status 2)."""
+    """argparse, but a usage error is one line (and still exit status 2), and a mistyped
+    option name gets the closest real one as a suggestion."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.option_names = []  # filled by BaseOption.add
 
     def error(self, message):
+        if message.startswith('unrecognized arguments:'):
+            message += self.suggestion(message.split(':', 1)[1].split())
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+    def suggestion(self, arguments):
+        for argument in arguments:
+            name = argument.split('=', 1)[0]
+            close = difflib.get_close_matches(name, self.option_names, n=1, cutoff=0.6)
+            if name.startswith('--') and close:
+                return f"; did you mean {close[0]}?"
+        return ''
 
 
 class BaseOption:
@@ -154,6 +170,11 @@ class BaseOption:
             choices=('png', 'jpg', 'jpeg', 'tif', 'tiff', 'bmp'),
             help='file type of the preview images')
 
+        # The published scripts declare --is_train (True in training, False in test); it is
+        # accepted so that their command lines run, and the script, not the flag, decides.
+        p.add_argument('--is_train', type=str2bool, nargs='?', const=True, default=None,
+                       help=argparse.SUPPRESS)
+
     def add(self, group, name, help, boolean=False, training=False, train_option=False,
             **kwargs):
         """Add option `name` to the --help section `group`.
@@ -171,6 +192,7 @@ class BaseOption:
             if train_option:
                 kwargs['default'] = argparse.SUPPRESS
         self.groups[group].add_argument(name, help=help, **kwargs)
+        self.parser.option_names.append(name)
 
     def add_training_options(self):
         """The options of TrainOption (in TestOption: parsed, hidden, ignored)."""
@@ -312,8 +334,10 @@ DATA_OPTIONS = ('data_format_input', 'data_format_target', 'logscale_input', 'lo
                 'saturation_clip_input', 'saturation_clip_target', 'target_unit')
 # Options of a training run that a resumed run does not take from the saved run.
 # target_header is read from the targets again at every start.
+# dataset_name: the run folder is always the one the command line names (or the default),
+# so a run folder copied under another name is resumed there, never in the original.
 NOT_RESUMED = ('latest_iter', 'gpu_ids', 'is_train', 'eps', 'checkpoint_dir', 'model_dir',
-               'image_dir', 'verbose', 'target_header')
+               'image_dir', 'verbose', 'target_header', 'dataset_name')
 
 
 class TrainOption(BaseOption):

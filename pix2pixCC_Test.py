@@ -25,7 +25,8 @@ from pix2pixCC_Pipeline import (FITS_FORMATS, CustomDataset, Scaling, check_pair
 from pix2pixCC_Utils import (Precision, atomic_path, checkpoint_path, image_metrics,
                              load_state_dict, make_dirs, memory_format, metrics_table,
                              prepare_network, read_json, require_checkpoint, save_panel,
-                             saved_steps, select_device, summarize, write_csv, write_json)
+                             saved_steps, select_device, silent, summarize, write_csv,
+                             write_json)
 
 
 def generate(G, input, n_downsample, precision=None):
@@ -191,7 +192,9 @@ def require_run(opt):
     if not os.path.isdir(root):
         raise UserError(f"no run '{opt.dataset_name}': there is no {root} folder here; run the "
                         f"Test script from the folder you trained in")
-    runs = sorted(name for name in os.listdir(root) if os.path.isdir(os.path.join(root, name)))
+    # Folders without a generator (a run refused at start, a copy in progress) are no runs.
+    runs = sorted(name for name in os.listdir(root)
+                  if saved_steps(os.path.join(root, name, 'Model'), 'G'))
     close = difflib.get_close_matches(opt.dataset_name, runs, n=1)
     raise UserError(f"no run '{opt.dataset_name}' in {root}"
                     f"{f' (did you mean {close[0]!r}?)' if close else ''}; runs there: "
@@ -213,7 +216,9 @@ def main(argv=None):
     # The targets' FITS identity cards (unit, instrument, ...) for generated headers; None
     # when unknown (a run without train_options.json).
     opt.target_header = (trained or {}).get('target_header')
-    device, _ = select_device(opt)
+    # Without CUDA the default --gpu_ids 0 quietly runs on the CPU; a notice is for a GPU
+    # asked for by name.
+    device, _ = select_device(opt, print if 'gpu_ids' in option.explicit else silent)
     precision = Precision(opt, device)
     notice = precision.notice()
     if notice:

@@ -6,6 +6,7 @@ writes ./checkpoints/<dataset_name>/{Model/<step>_G.pt, <step>_D.pt, Image/Train
 """
 import contextlib
 import os
+import shutil
 import sys
 
 import torch
@@ -18,12 +19,12 @@ from pix2pixCC_Pipeline import (CustomDataset, check_dataset, check_pairing, dat
                                 ignore_stop_signals, target_identity)
 from pix2pixCC_Test import translate
 from pix2pixCC_Utils import (Distributed, GracefulStop, Manager, Precision, RunLock, WriteError,
-                             bare, checkpoint_path, learning_rate,
+                             bare, checkpoint_path, cpu_requested, learning_rate,
                              load_state_dict, make_dirs, memory_format, newest_complete_step,
                              options_record, prepare_network, read_json, require_checkpoint,
                              require_tensorboard, rng_states, safe_load, saved_steps,
-                             set_rng_states, set_seed, signal_name, state_path, summarize,
-                             write_csv, write_json)
+                             set_rng_states, set_seed, silent, signal_name, state_path, summarize,
+                             supersede_newer_checkpoints, write_csv, write_json)
 
 
 class EpochSampler(DistributedSampler):
@@ -121,15 +122,16 @@ def resume_point(option, opt, log=print):
     return state
 
 
-def check_data(dataset, opt, log=print):
+def check_data(dataset, opt, log=print, given=()):
     """Read and check every training pair before any network is built (a bad file fails in
-    seconds, not hours); returns the data's (height, width)."""
+    seconds, not hours); returns the data's (height, width). `given`: the options named on
+    the command line (--data_size, informational, is mentioned only when given)."""
     if opt.check_pairing:
         check_pairing(dataset.input_paths, dataset.target_paths)
     height, width = check_dataset(dataset, 2 ** opt.n_downsample, opt.n_workers, log=log,
                                   progress=lambda it: tqdm(it, desc='checking data', unit='pair',
                                                            disable=None, leave=False))
-    if opt.data_size != height:
+    if opt.data_size != height and 'data_size' in given:
         log(f"notice: the data are {height}x{width}; --data_size {opt.data_size} is ignored")
     # Each PatchDiscriminator needs at least 24x24 pixels at its scale, and scale i sees the
     # pair pooled i times.
@@ -169,7 +171,8 @@ def start_up_summary(opt, dataset, size, G, D, device, precision):
                  f"{opt.target_dir_train}")
     network_line = (f"network: generator {count_parameters(G):,} parameters, discriminator "
                     f"{count_parameters(D):,}")
-    device_line = (f"device: {device}"
+    no_cuda = ' (no CUDA GPU found)' if device.type == 'cpu' and not cpu_requested(opt) else ''
+    device_line = (f"device: {device}{no_cuda}"
                    f"{'; mixed precision ' + str(precision.dtype)[6:] if precision.enabled else ''}"
                    f"; seed: {opt.seed}")
     lines = (run_line, data_line, network_line, device_line)
@@ -183,26 +186,51 @@ def main(argv=None):
     # and writes files. A stop signal before the first step exits at once; from the first
     # step on it ends the run after the step in progress, with a checkpoint.
     cluster = Distributed()
-    log = print if cluster.is_main else (lambda *args: None)
+    log = print if cluster.is_main else silent
     with GracefulStop() as stop, contextlib.ExitStack() as cleanup:
-        device, gpu_ids = cluster.setup(opt, log)
+        # Without CUDA the default --gpu_ids 0 runs on the CPU, which the start-up lines say;
+        # a notice is for a GPU asked for by name.
+        device, gpu_ids = cluster.setup(opt, log if 'gpu_ids' in option.explicit else silent)
         cleanup.callback(cluster.close)
         # A resumed run takes the options it was trained with, unless they are given again
         # (read before the lock: a run with nothing to resume creates no folder).
         state = resume_point(option, opt, log)
         if opt.tensorboard:
             require_tensorboard()
-        lock = RunLock(opt.checkpoint_dir)
+        if cluster.is_main:
+            cleanup.callback(remove_if_refused, missing_folders(opt.checkpoint_dir), stop)
+        lock = RunLock(opt.checkpoint_dir, log)
         cleanup.callback(lock.release)
-        cluster.on_main(lambda: lock.acquire())
+        cluster.on_main(lock.acquire)
         try:
-            return train(opt, state, cluster, device, gpu_ids, stop, log)
+            return train(opt, state, cluster, device, gpu_ids, stop, log, option.explicit)
         except WriteError as error:
             raise UserError(f"{error}; {resume_advice(opt.model_dir)} once there is room"
                             ) from None
 
 
-def train(opt, state, cluster, device, gpu_ids, stop, log):
+def missing_folders(folder):
+    """`folder` and those of its parents that do not exist yet, deepest first."""
+    missing = []
+    while folder and not os.path.isdir(folder):
+        missing.append(folder)
+        folder = os.path.dirname(folder)
+    return missing
+
+
+def remove_if_refused(created, stop):
+    """When the run ended before its first training step (refused, or stopped while
+    starting), remove the folders it created (`missing_folders` of the run folder at the
+    start), so that nothing is left that looks like a run."""
+    if stop.deferring or not created:
+        return
+    shutil.rmtree(created[0], ignore_errors=True)
+    for parent in created[1:]:  # ./checkpoints, if this run made it and it is empty
+        with contextlib.suppress(OSError):
+            os.rmdir(parent)
+
+
+def train(opt, state, cluster, device, gpu_ids, stop, log, given=()):
     if opt.seed is None:
         opt.seed = cluster.broadcast(int(torch.randint(0, 2**31 - 1, (1,))))
     set_seed(opt.seed)
@@ -215,8 +243,16 @@ def train(opt, state, cluster, device, gpu_ids, stop, log):
     # Data. The first target's FITS identity cards (unit, instrument, ...) go into the
     # options, and so into train_options.json, for the headers the Test script writes.
     dataset = CustomDataset(opt)
+    n_samples = len(dataset)
+    n_epochs = opt.n_epochs + opt.n_epochs_decay
+    if opt.latest_iter >= n_epochs * n_samples:
+        log(f"nothing left to train: the run is at step {opt.latest_iter}, and its "
+            f"{n_epochs} epochs (--n_epochs {opt.n_epochs} + --n_epochs_decay "
+            f"{opt.n_epochs_decay}) of {n_samples} samples end at step {n_epochs * n_samples}; "
+            f"to train longer, resume with a larger --n_epochs or --n_epochs_decay")
+        return 0
     opt.target_header = target_identity(dataset.target_paths[0], opt.data_format_target)
-    height, width = cluster.on_main(lambda: check_data(dataset, opt, log))
+    height, width = cluster.on_main(lambda: check_data(dataset, opt, log, given))
     if opt.latest_iter == 0 and saved_steps(opt.model_dir, 'G'):
         steps = saved_steps(opt.model_dir, 'G')
         raise UserError(f"{opt.model_dir} already holds checkpoints (steps "
@@ -260,6 +296,7 @@ def train(opt, state, cluster, device, gpu_ids, stop, log):
                 'options': options_record(opt)}
 
     if cluster.is_main:
+        supersede_newer_checkpoints(opt.model_dir, opt.latest_iter, log)
         write_json(os.path.join(opt.checkpoint_dir, 'train_options.json'), options_record(opt))
     if opt.verbose:
         log(BaseOption.describe(opt))
@@ -278,8 +315,6 @@ def train(opt, state, cluster, device, gpu_ids, stop, log):
                   [{'step': step, **means}], append=True)
         return means
 
-    n_samples = len(dataset)
-    n_epochs = opt.n_epochs + opt.n_epochs_decay
     progress = tqdm(total=n_epochs * n_samples, initial=opt.latest_iter, unit='sample',
                     disable=None if cluster.is_main else True, dynamic_ncols=True)
     manager = Manager(opt, G, D, training_state, log=progress.write, active=cluster.is_main,
@@ -291,7 +326,7 @@ def train(opt, state, cluster, device, gpu_ids, stop, log):
     current_step = opt.latest_iter
     epoch = current_step // n_samples
     stop_signal = 0
-    stop.deferring = True
+    stop.defer()
     try:
         for epoch in range(current_step // n_samples + 1, n_epochs + 1):
             lr = learning_rate(opt, epoch)
@@ -330,9 +365,13 @@ def train(opt, state, cluster, device, gpu_ids, stop, log):
                 break
         progress.close()
         manager.finish(current_step, epoch, n_samples)
-    except KeyboardInterrupt:
-        raise Aborted(f"aborted by a second SIGINT after step {current_step}; "
-                      f"{resume_advice(opt.model_dir)}") from None
+    except BaseException:
+        # The second Ctrl-C can surface from inside a library as another error (torch.save
+        # reports a broken stream as a RuntimeError): the handler's flag says what happened.
+        if stop.aborted:
+            raise Aborted(f"aborted by a second SIGINT after step {current_step}; "
+                          f"{resume_advice(opt.model_dir)}") from None
+        raise
     finally:
         manager.close()
     if stop_signal:

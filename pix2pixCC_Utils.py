@@ -1,6 +1,7 @@
 """Device and precision set-up, checkpoints, atomic file writes, and the training Manager."""
 import contextlib
 import datetime
+import errno
 import glob
 import json
 import os
@@ -17,6 +18,10 @@ from pix2pixCC_Options import UserError
 # ----------------------------------------------------------------------------------------
 # Device and precision
 # ----------------------------------------------------------------------------------------
+
+
+def silent(*args):
+    """A `log` that prints nothing."""
 
 
 def cpu_requested(opt):
@@ -547,6 +552,37 @@ def newest_complete_step(model_dir):
     return (complete or with_networks or [None])[-1]
 
 
+CHECKPOINT_FILE = re.compile(r'(\d+)_(?:G|D|state)\.pt')
+
+
+def supersede_newer_checkpoints(model_dir, step, log=print):
+    """Move the checkpoints of steps after `step` to `Model/superseded/<time>/`.
+
+    A run resumed from an older step starts a new branch: without this, a later
+    `--latest_iter -1` (a requeued job) or `Test --iteration -1` would pick up the abandoned
+    branch's newer files. Nothing is deleted. Returns the steps moved.
+    """
+    newer = sorted((int(match.group(1)), name) for name in os.listdir(model_dir)
+                   if (match := CHECKPOINT_FILE.fullmatch(name)) and int(match.group(1)) > step)
+    if not newer:
+        return []
+    stamp = datetime.datetime.now().strftime('%Y%m%dT%H%M%S')
+    folder = os.path.join(model_dir, 'superseded', stamp)
+    suffix = 1
+    while os.path.exists(folder):
+        suffix += 1
+        folder = os.path.join(model_dir, 'superseded', f'{stamp}-{suffix}')
+    make_dirs(folder)
+    for _, name in newer:
+        os.replace(os.path.join(model_dir, name), os.path.join(folder, name))
+    steps = sorted({s for s, _ in newer})
+    listing = ', '.join(map(str, steps)) if len(steps) <= 4 else f'{steps[0]}..{steps[-1]}'
+    log(f"notice: resuming from step {step}, older than the newest checkpoint, starts a new "
+        f"branch: the {len(steps)} newer checkpoint(s) (step {listing}) were moved to "
+        f"{folder}")
+    return steps
+
+
 def rng_states():
     """The torch, numpy and python RNG states, as plain tensors/lists (weights_only-safe)."""
     import random
@@ -575,12 +611,16 @@ class RunLock:
 
     `flock` is released by the kernel when the holding process ends in any way (SIGKILL
     included), so a killed run leaves no stale lock behind. The file keeps who holds it, for
-    the message the second run prints. Systems without fcntl (Windows) run unlocked.
+    the message the second run prints, and is removed when the run ends (the OS lock, not
+    the file, says whether a run is going). Systems without fcntl (Windows), and file
+    systems without `flock` (NFS without lockd, Lustre mounted without flock), run unlocked,
+    the latter with a warning.
     """
 
-    def __init__(self, folder):
+    def __init__(self, folder, log=print):
         self.path = os.path.join(folder, 'train.lock')
-        self.file = None
+        self.log = log
+        self.fd = None
 
     def acquire(self):
         try:
@@ -588,31 +628,62 @@ class RunLock:
         except ImportError:
             return
         make_dirs(os.path.dirname(self.path))
+        while True:
+            fd = self._open()
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as error:
+                if error.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                    # Not "held by another run": this file system cannot lock at all.
+                    self.log(f"warning: cannot lock {self.path} ({error.strerror}): this file "
+                             f"system has no flock, so a second training run in this folder "
+                             f"would not be detected; run one at a time")
+                    break
+                holder = os.pread(fd, 4096, 0).decode(errors='replace').strip() or \
+                    'a process that has not written its name yet'
+                os.close(fd)
+                raise UserError(f"another training run is using {os.path.dirname(self.path)} "
+                                f"({holder}); wait for it to end or stop it, or choose another "
+                                f"--dataset_name") from None
+            if self._is_current(fd):
+                break
+            os.close(fd)  # a run that ended removed the file between our open and our lock
+        import socket
+        started = datetime.datetime.now().astimezone().isoformat(timespec='seconds')
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"process {os.getpid()} on host {socket.gethostname()}, started "
+                      f"{started}\n".encode(), 0)
+        self.fd = fd
+
+    def _open(self):
+        """The lock file's descriptor, never through a symbolic link: a link (say, from a run
+        folder copied with `cp -s`) is replaced by a file of this run's own, and the file it
+        points to is left as it is."""
+        if os.path.islink(self.path):
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(self.path)
         try:
-            file = open(self.path, 'a+')
+            return os.open(self.path, os.O_RDWR | os.O_CREAT | getattr(os, 'O_NOFOLLOW', 0),
+                           0o644)
         except OSError as error:
             raise UserError(f"cannot create {self.path}: {error.strerror}") from None
+
+    def _is_current(self, fd):
+        """Whether `fd` is still the file at the lock's path (not one a finished run removed)."""
         try:
-            fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            file.seek(0)
-            holder = file.read().strip() or 'a process that has not written its name yet'
-            file.close()
-            raise UserError(f"another training run is using {os.path.dirname(self.path)} "
-                            f"({holder}); wait for it to end or stop it, or choose another "
-                            f"--dataset_name") from None
-        import socket
-        file.seek(0)
-        file.truncate()
-        started = datetime.datetime.now().astimezone().isoformat(timespec='seconds')
-        file.write(f"process {os.getpid()} on host {socket.gethostname()}, started {started}\n")
-        file.flush()
-        self.file = file
+            return os.path.samestat(os.fstat(fd), os.stat(self.path, follow_symlinks=False))
+        except FileNotFoundError:
+            return False
 
     def release(self):
-        if self.file is not None:
-            self.file.close()  # closing the file releases the lock
-            self.file = None
+        if self.fd is None:
+            return
+        # Removed while still locked, so no later run reads this finished run's name in it.
+        if self._is_current(self.fd):
+            with contextlib.suppress(OSError):
+                os.remove(self.path)
+        os.close(self.fd)  # closing the file releases the lock
+        self.fd = None
 
 
 class StopRequested(UserError):
@@ -634,9 +705,10 @@ class GracefulStop:
 
     Schedulers (SLURM, PBS) send SIGTERM (or a chosen signal such as SIGUSR1) some time before
     they kill a job, and Ctrl-C sends SIGINT: the driver finishes the step, saves a
-    checkpoint and exits with 128 + the signal number. Before `deferring` is set (data
-    checks, building the networks) a signal stops at once with StopRequested. A SIGINT while
-    a stop is pending raises KeyboardInterrupt: a second Ctrl-C aborts at once.
+    checkpoint and exits with 128 + the signal number. Before `defer()` (data checks,
+    loading a checkpoint, building the networks) a signal stops at once with StopRequested.
+    A SIGINT while a stop is pending raises KeyboardInterrupt and sets `aborted`: a second
+    Ctrl-C aborts at once.
     """
 
     def __init__(self):
@@ -645,6 +717,7 @@ class GracefulStop:
             ([signal.SIGUSR1] if hasattr(signal, 'SIGUSR1') else [])
         self.signum = None
         self.deferring = False
+        self.aborted = False
         self.previous = {}
 
     def __enter__(self):
@@ -656,27 +729,38 @@ class GracefulStop:
             self.previous = {}
         return self
 
-    def __exit__(self, *exc):
+    def __exit__(self, exc_type, exc, traceback):
         import signal
         for signum, handler in self.previous.items():
             signal.signal(signum, handler)
+        # A library that catches the StopRequested raised inside it (torch.load turns it into
+        # an unpickling error, a reader into "cannot read") must not make a stop look like a
+        # bad file: whatever came out, the run was stopped.
+        if exc is not None and not self.deferring and self.signum is not None and \
+                not isinstance(exc, StopRequested):
+            raise StopRequested(self.signum) from None
+
+    def defer(self):
+        """From now on a signal ends the run after the step in progress. A signal that came
+        earlier and was swallowed on its way out stops the run now."""
+        if self.signum is not None:
+            raise StopRequested(self.signum)
+        self.deferring = True
 
     def handle(self, signum, frame):
         import signal
         if not self.deferring:
+            self.signum = signum
             raise StopRequested(signum)
         if self.signum is not None:
             if signum == signal.SIGINT:
+                self.aborted = True
                 raise KeyboardInterrupt
             return
         self.signum = signum
         # os.write, not print: a handler may run while print holds the stream's buffer.
         os.write(2, f"\n{signal_name(signum)} received: stopping after the step in progress "
                     f"and saving a checkpoint (Ctrl-C again aborts at once)\n".encode())
-
-    @property
-    def requested(self):
-        return self.signum is not None
 
 
 def learning_rate(opt, epoch):
@@ -1070,18 +1154,20 @@ class Manager:
         the space) and names the newest complete checkpoint, which is untouched.
         """
         model_dir = self.opt.model_dir
-        written = []
+        paths = [checkpoint_path(model_dir, current_step, 'G'),
+                 checkpoint_path(model_dir, current_step, 'D'), state_path(model_dir, current_step)]
         try:
-            for kind, module in (('G', self.G), ('D', self.D)):
-                save_state_dict(module, checkpoint_path(model_dir, current_step, kind))
-                written.append(checkpoint_path(model_dir, current_step, kind))
+            for module, path in ((self.G, paths[0]), (self.D, paths[1])):
+                save_state_dict(module, path)
             state = dict(self.training_state(), step=current_step, epoch=epoch,
                          loss_sums={k: float(v) for k, v in self.loss_sums.items()},
                          loss_samples=self.loss_samples)
-            save_torch(state, state_path(model_dir, current_step))
-        except WriteError:
+            save_torch(state, paths[2])
+        except BaseException:
+            # A full disk, or a second Ctrl-C in the middle of a write, leaves no partial set
+            # of this step's files (and gives the space back); earlier steps are untouched.
             if current_step != self.last_saved:
-                for path in written:
+                for path in paths:
                     with contextlib.suppress(OSError):
                         os.remove(path)
             raise
@@ -1142,12 +1228,15 @@ class Manager:
 
 def tensorboard_writer(opt):
     """A SummaryWriter under checkpoints/<dataset_name>/tensorboard/. A resumed run purges
-    the events after its starting step, so no step is drawn twice; the options go in as text
-    at the step the run starts from."""
+    the events after its starting step, so no step is drawn twice, and a new run starts with
+    no events; the options go in as text at the step the run starts from."""
     from torch.utils.tensorboard import SummaryWriter
     start = opt.latest_iter
-    writer = SummaryWriter(os.path.join(opt.checkpoint_dir, 'tensorboard'),
-                           purge_step=start + 1 if start else None)
+    folder = os.path.join(opt.checkpoint_dir, 'tensorboard')
+    if not start:  # a new run: the events of an earlier run here that saved nothing go
+        for path in glob.glob(os.path.join(folder, 'events.out.tfevents.*')):
+            os.remove(path)
+    writer = SummaryWriter(folder, purge_step=start + 1 if start else None)
     table = '\n'.join(f'| {key} | {value} |' for key, value in sorted(options_record(opt).items()))
     writer.add_text('options', '| option | value |\n|---|---|\n' + table, start)
     return writer

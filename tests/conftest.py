@@ -292,13 +292,15 @@ def loss_rows(root, name='pix2pixCC'):
 
 
 def snapshot(folder, with_dirs=False):
-    """{relative path: (content, mtime_ns)} of every file (and folder) under `folder`: equal
-    snapshots before and after mean nothing was written, removed or touched. The lock file
-    is left out: it names whichever training run started last."""
+    """{relative path: (content, mtime_ns)} of every file (and, `with_dirs`, every folder)
+    under `folder`: equal snapshots before and after mean nothing was written, added, removed
+    or touched. The lock file is left out: every training run creates it and removes it at
+    its end, refused runs too (so folders are recorded by name, not by their mtime, which
+    that changes)."""
     out = {}
     for path, _, filenames in os.walk(str(folder)):
         if with_dirs:
-            out[os.path.relpath(path, str(folder)) + '/'] = (None, os.stat(path).st_mtime_ns)
+            out[os.path.relpath(path, str(folder)) + '/'] = None
         for name in filenames:
             if name == 'train.lock':
                 continue

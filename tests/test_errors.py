@@ -40,7 +40,6 @@ class EarlierRun:
             'step,epoch,D,G,G_LSGAN,G_FM,G_CC,CC,seconds_per_step\n1,1,0.5,9,1,3,5,0,0.1\n')
         (self.dir / 'train_options.json').write_text('{"n_gf": 8}')
         (self.dir / 'Image' / 'Train' / '2_fake.png').write_bytes(b'not really a png')
-        (self.dir / 'train.lock').write_text('process 1 on host h, started 2026-01-01\n')
         self.remember()
 
     def remember(self):

@@ -7,6 +7,7 @@ pairs; signals are sent once the run has reported a given step.
 """
 import errno
 import os
+import pickle
 import re
 import shutil
 import signal
@@ -21,7 +22,7 @@ import pix2pixCC_Train
 import pix2pixCC_Utils
 from conftest import (NPY_DATA, SUBPROCESS_ENV, TINY, TRAIN_SCRIPT, assert_ok,
                       assert_same_weights, assert_usage_error, load, loss_rows, model_dir,
-                      reported_steps, run_test, run_train, saved_steps_in)
+                      reported_steps, run_test, run_train, saved_steps_in, snapshot)
 from pix2pixCC_Options import run_main
 
 DATA = NPY_DATA
@@ -185,7 +186,7 @@ def test_a_signal_before_the_first_step_exits_cleanly(tmp_path, data, monkeypatc
     assert run_main(pix2pixCC_Train.main, RUN + data) == 143
     err = capsys.readouterr().err
     assert 'stopped by SIGTERM before the first training step; nothing was saved' in err
-    assert not os.listdir(model_dir(tmp_path))
+    assert not os.path.exists(os.path.join(tmp_path, 'checkpoints'))  # a new run leaves nothing
     assert signal.getsignal(signal.SIGTERM) is previous  # the handlers are given back
 
 
@@ -477,3 +478,236 @@ def test_tensorboard_asked_for_but_not_installed_is_one_line(data, tmp_path):
                           text=True, timeout=120)
     assert_usage_error(proc, '--tensorboard', 'pip install tensorboard')
     assert not os.path.exists(os.path.join(run_dir(tmp_path), 'Model'))
+
+
+def test_a_new_run_where_an_earlier_one_saved_nothing_starts_fresh_curves(data, tmp_path):
+    """An earlier run's events stay only with its checkpoints: a new run in a folder whose
+    earlier run ended before its first save draws each step once."""
+    pytest.importorskip('tensorboard', reason='tensorboard is an optional dependency')
+    short = TINY + DATA + data + ['--n_workers', '0', '--n_epochs', '1', '--report_freq', '1',
+                                  '--tensorboard']
+    assert_ok(run_train(short + ['--seed', '1'], cwd=tmp_path))
+    for name in os.listdir(model_dir(tmp_path)):  # as if it had died before its first save
+        os.remove(os.path.join(model_dir(tmp_path), name))
+    assert_ok(run_train(short + ['--seed', '2'], cwd=tmp_path))
+    assert [event.step for event in read_events(tmp_path).Scalars('loss/G')] == \
+        list(range(1, 7))
+
+
+# ----------------------------------------------------------------------------------------
+# 7. Resuming: branches, finished runs, copied run folders
+# ----------------------------------------------------------------------------------------
+
+def checkpoint_names(folder):
+    return sorted(name for name in os.listdir(folder) if name.endswith('.pt'))
+
+
+def test_resuming_from_an_older_step_starts_a_new_branch(full_run, data, tmp_path):
+    """Saved 4..18; resumed from 8 with a new --lr and stopped at step 10 or so; the requeued
+    `--latest_iter -1` continues the new branch (not the abandoned 18) and ends with the
+    weights of the branch run without the stop. The abandoned files are moved, not deleted,
+    and the Test script's `--iteration -1` sees only the live branch."""
+    branch = ['--gpu_ids', '-1', '--latest_iter', '8', '--lr', '0.0001']
+    whole, stopped = tmp_path / 'whole', tmp_path / 'stopped'
+    for root in (whole, stopped):
+        shutil.copytree(run_dir(full_run), run_dir(root))
+    assert_ok(run_train(branch, cwd=whole))
+
+    run = Training(branch, stopped)
+    notice = run.wait_for(r'^notice: resuming from step 8, older than the newest checkpoint, '
+                          r'starts a new branch: the 3 newer checkpoint\(s\) \(step 12, 16, '
+                          r'18\) were moved to (\S+)$')
+    run.wait_for(r'Current_step: 10 ')
+    run.proc.send_signal(signal.SIGTERM)
+    code, out = run.finish()
+    assert code == 143, out[-3000:]
+    step = int(re.search(r'stopped by SIGTERM at step (\d+)', out).group(1))
+    superseded = os.path.normpath(os.path.join(str(stopped), notice.group(1)))
+    assert os.path.dirname(superseded) == os.path.join(model_dir(stopped), 'superseded')
+    assert checkpoint_names(superseded) == sorted(f'{s}_{kind}.pt' for s in (12, 16, FINAL)
+                                                  for kind in ('G', 'D', 'state'))
+    for name in checkpoint_names(superseded):  # moved whole, byte for byte
+        with open(os.path.join(superseded, name), 'rb') as moved, \
+                open(os.path.join(model_dir(full_run), name), 'rb') as original:
+            assert moved.read() == original.read()
+    assert saved_steps_in(model_dir(stopped)) == [4, 8, step]
+    test = run_test(TINY + DATA + ['--input_dir_test', data[1], '--iteration', '-1',
+                                   '--n_workers', '0'], cwd=stopped)
+    assert_ok(test)
+    assert [int(n) for n in re.findall(r'^iteration (\d+): ', test.stdout, re.MULTILINE)] == \
+        [4, 8, step]
+
+    resumed = run_train(['--gpu_ids', '-1', '--latest_iter', '-1'], cwd=stopped)
+    assert_ok(resumed)
+    assert reported_steps(resumed.stdout)[0] == step + 1
+    assert 'new branch' not in resumed.stdout
+    for kind in ('G', 'D'):
+        assert_identical_weights(os.path.join(model_dir(stopped), f'{FINAL}_{kind}.pt'),
+                                 os.path.join(model_dir(whole), f'{FINAL}_{kind}.pt'))
+
+
+def test_resuming_a_finished_run_says_that_nothing_is_left_to_train(full_run, tmp_path):
+    shutil.copytree(run_dir(full_run), run_dir(tmp_path))
+    before = snapshot(run_dir(tmp_path))
+    proc = run_train(['--gpu_ids', '-1', '--latest_iter', '-1'], cwd=tmp_path)
+    assert_ok(proc)
+    assert f'nothing left to train: the run is at step {FINAL}' in proc.stdout
+    assert 'resume with a larger --n_epochs or --n_epochs_decay' in proc.stdout
+    assert snapshot(run_dir(tmp_path)) == before
+
+
+def test_a_run_folder_copied_under_another_name_is_resumed_where_the_command_says(
+        data, tmp_path):
+    """The copy is resumed without --dataset_name (so the default name, the copy's): the
+    original run, whose name the saved options hold, is not touched."""
+    assert_ok(run_train(RUN + data + ['--dataset_name', 'original', '--n_epochs_decay', '0'],
+                        cwd=tmp_path))
+    original = os.path.join(str(tmp_path), 'checkpoints', 'original')
+    shutil.copytree(original, run_dir(tmp_path))
+    before = snapshot(original)
+    proc = run_train(['--gpu_ids', '-1', '--latest_iter', '-1', '--n_epochs', '2'],
+                     cwd=tmp_path)
+    assert_ok(proc)
+    assert snapshot(original) == before
+    assert saved_steps_in(model_dir(tmp_path))[-1] == 12
+    assert 'run: ./checkpoints/pix2pixCC (resuming from step 6' in proc.stdout
+
+
+# ----------------------------------------------------------------------------------------
+# 8. Signals while a run starts or saves
+# ----------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize('wrapped', [False, True], ids=['plain', 'wrapped-by-the-library'])
+def test_a_stop_signal_while_the_resumed_checkpoint_loads_is_a_stop(full_run, tmp_path,
+                                                                    monkeypatch, capsys,
+                                                                    wrapped):
+    """SIGUSR1 arrives inside torch.load: exit 138 with the stop line, not 'cannot load' (which
+    would tell the user to delete a good file and keep a requeue script from requeueing),
+    also when the library turns the interruption into an error of its own."""
+    shutil.copytree(run_dir(full_run), run_dir(tmp_path))
+    monkeypatch.chdir(tmp_path)
+    before = snapshot(run_dir(tmp_path))
+    real_load = torch.load
+
+    def interrupted_load(*args, **kwargs):
+        try:
+            os.kill(os.getpid(), signal.SIGUSR1)
+            return real_load(*args, **kwargs)
+        except Exception as error:
+            if wrapped:  # as torch's weights-only unpickler reports what went wrong inside
+                raise pickle.UnpicklingError(f'Weights only load failed: {error}') from None
+            raise
+
+    monkeypatch.setattr(torch, 'load', interrupted_load)
+    assert run_main(pix2pixCC_Train.main, ['--gpu_ids', '-1', '--latest_iter', '-1']) == 138
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].endswith(
+        'error: stopped by SIGUSR1 before the first training step; nothing was saved'), err
+    assert 'cannot load' not in err
+    assert snapshot(run_dir(tmp_path)) == before
+
+
+@pytest.mark.parametrize('kind', ['G', 'D', 'state'])
+def test_a_second_sigint_inside_any_write_of_the_stop_checkpoint_aborts_cleanly(
+        kind, data, tmp_path, monkeypatch, capfd):
+    """Ctrl-C at step 6, and Ctrl-C again while torch.save is writing the stop's `6_<kind>.pt`
+    (torch then reports a broken stream): exit 130 with one line and no traceback; no file of
+    step 6 remains, and step 4 is complete."""
+    monkeypatch.chdir(tmp_path)
+    step, real_save = pix2pixCC_Train.train_step, torch.save
+    calls = []
+
+    def step_then_interrupt(*args, **kwargs):
+        calls.append(1)
+        result = step(*args, **kwargs)
+        if len(calls) == 6:
+            os.kill(os.getpid(), signal.SIGINT)
+        return result
+
+    def save_interrupted_inside(data, file, *args, **kwargs):
+        if getattr(getattr(file, 'file', None), 'name', '').endswith(f'-6_{kind}.pt'):
+            write, writes = file.write, []
+
+            def write_then_interrupt(chunk):
+                writes.append(len(chunk))
+                if len(writes) == 2:
+                    os.kill(os.getpid(), signal.SIGINT)
+                return write(chunk)
+            file.write = write_then_interrupt
+        return real_save(data, file, *args, **kwargs)
+
+    monkeypatch.setattr(pix2pixCC_Train, 'train_step', step_then_interrupt)
+    monkeypatch.setattr(torch, 'save', save_interrupted_inside)
+    assert run_main(pix2pixCC_Train.main, RUN + data + ['--n_epochs', '100']) == 130
+    err = capfd.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert 'Traceback' not in err
+    assert 'SIGINT received' in lines[0] and len(lines) == 2, lines
+    assert lines[-1].endswith('aborted by a second SIGINT after step 6; the newest complete '
+                              'checkpoint, ./checkpoints/pix2pixCC/Model/4_G.pt (step 4), is '
+                              'intact; resume with --latest_iter -1'), lines
+    folder = model_dir(tmp_path)
+    assert sorted(os.listdir(folder)) == ['4_D.pt', '4_G.pt', '4_state.pt']
+    for name in os.listdir(folder):
+        load(os.path.join(folder, name))
+
+
+# ----------------------------------------------------------------------------------------
+# 9. The run lock on any file system, and what a run leaves behind
+# ----------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize('code', [errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS])
+def test_a_file_system_without_flock_trains_with_one_warning(code, data, tmp_path,
+                                                             monkeypatch, capsys):
+    """NFS without lockd, Lustre without flock: flock fails with something other than 'held
+    by another process'. The run trains, saying once that a second run would go unnoticed."""
+    import fcntl
+    monkeypatch.chdir(tmp_path)
+
+    def no_flock(fd, operation):
+        raise OSError(code, os.strerror(code))
+
+    monkeypatch.setattr(fcntl, 'flock', no_flock)
+    assert run_main(pix2pixCC_Train.main, TINY + DATA + data + ['--n_workers', '0',
+                                                                 '--n_epochs', '1']) == 0
+    out = capsys.readouterr().out
+    warnings = [line for line in out.splitlines() if line.startswith('warning: cannot lock')]
+    assert len(warnings) == 1, out
+    assert os.strerror(code) in warnings[0] and 'would not be detected' in warnings[0]
+    assert saved_steps_in(model_dir(tmp_path)) == [6]
+
+
+def test_the_lock_file_is_never_written_through_a_symbolic_link(data, tmp_path):
+    """A run folder copied with links (cp -s) has a train.lock that points into another run:
+    the run replaces the link with a file of its own, and the file it pointed to is as it
+    was."""
+    other = tmp_path / 'other_run.lock'
+    other.write_text('process 4242 on host elsewhere, started 2026-11-25T14:02:11+00:00\n')
+    os.makedirs(run_dir(tmp_path))
+    os.symlink(other, os.path.join(run_dir(tmp_path), 'train.lock'))
+    assert_ok(run_train(TINY + DATA + data + ['--n_workers', '0', '--n_epochs', '1'],
+                        cwd=tmp_path))
+    assert other.read_text() == 'process 4242 on host elsewhere, started ' \
+                                '2026-11-25T14:02:11+00:00\n'
+    assert not os.path.lexists(os.path.join(run_dir(tmp_path), 'train.lock'))
+
+
+def test_a_finished_run_leaves_no_lock_file_and_a_refused_one_no_folder(data, tmp_path):
+    assert_ok(run_train(TINY + DATA + data + ['--n_workers', '0', '--n_epochs', '1'],
+                        cwd=tmp_path))
+    assert 'train.lock' not in os.listdir(run_dir(tmp_path))
+
+    # Refused before its first step (a folder that does not exist, then files of another
+    # format): no run folder, no ./checkpoints, nothing for the Test script to list.
+    elsewhere = tmp_path / 'elsewhere'
+    elsewhere.mkdir()
+    for mistake in (['--input_dir_train', str(tmp_path / 'nowhere')],
+                    ['--data_format_input', 'fits']):
+        assert_usage_error(run_train(TINY + DATA + data + ['--n_workers', '0', *mistake],
+                                     cwd=elsewhere))
+        assert os.listdir(elsewhere) == []
+    os.makedirs(tmp_path / 'checkpoints' / 'refused' / 'Model')  # as an older version left it
+    listing = run_test(TINY + DATA + ['--dataset_name', 'pix2pixCX', '--input_dir_test',
+                                      data[1]], cwd=tmp_path)
+    assert_usage_error(listing, "did you mean 'pix2pixCC'", 'runs there: pix2pixCC;')

@@ -71,6 +71,29 @@ def test_train_only_and_test_only_options_are_separate():
 
 
 @pytest.mark.parametrize('option_class', [TrainOption, TEST_OPTION])
+def test_the_published_is_train_flag_is_accepted_and_changes_nothing(option_class, capsys):
+    """Published command lines carry --is_train; the script, not the flag, decides."""
+    for text in ('True', 'False'):
+        opt = option_class().parse(['--is_train', text])
+        assert opt.is_train is (option_class is TrainOption)
+    assert capsys.readouterr().err == ''
+
+
+@pytest.mark.parametrize('option_class', [TrainOption, TEST_OPTION])
+@pytest.mark.parametrize('typed, meant', [('--lamda_CC', '--lambda_CC'),
+                                          ('--saturation_upper_limit_inpt',
+                                           '--saturation_upper_limit_input'),
+                                          ('--data_formt_input=fits', '--data_format_input')])
+def test_a_mistyped_option_suggests_the_closest_one(option_class, typed, meant, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        option_class().parse([typed])
+    assert exit_info.value.code == 2
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(lines) == 1 and 'unrecognized arguments' in lines[0]
+    assert f'did you mean {meant}?' in lines[0], lines[0]
+
+
+@pytest.mark.parametrize('option_class', [TrainOption, TEST_OPTION])
 def test_parse_has_no_side_effects(option_class, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     option_class().parse(['--dataset_name', 'nothing_here'])
