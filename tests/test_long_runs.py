@@ -138,27 +138,33 @@ def test_a_sigkill_during_the_decay_resumes_to_the_uninterrupted_weights(full_ru
                              os.path.join(model_dir(full_run), f'{FINAL}_G.pt'))
 
 
+def sigint_after_step(n):
+    """A pix2pixCC_Train.train_step that sends this process SIGINT (Ctrl-C) after its n-th
+    step."""
+    step, calls = pix2pixCC_Train.train_step, []
+
+    def step_then_interrupt(*args, **kwargs):
+        calls.append(1)
+        result = step(*args, **kwargs)
+        if len(calls) == n:
+            os.kill(os.getpid(), signal.SIGINT)
+        return result
+    return step_then_interrupt
+
+
 def test_a_second_sigint_aborts_at_once_and_leaves_complete_files(data, tmp_path,
                                                                   monkeypatch, capfd):
     """Ctrl-C at step 6, and Ctrl-C again while the stop's checkpoint is being written: exit
     130 at once, one line; the step-4 checkpoint is whole and nothing of step 6 remains."""
     monkeypatch.chdir(tmp_path)
-    step, save = pix2pixCC_Train.train_step, pix2pixCC_Utils.save_state_dict
-    calls = []
-
-    def step_then_interrupt(*args, **kwargs):
-        calls.append(1)
-        result = step(*args, **kwargs)
-        if len(calls) == 6:
-            os.kill(os.getpid(), signal.SIGINT)
-        return result
+    save = pix2pixCC_Utils.save_state_dict
 
     def interrupt_the_stop_save(module, path):
         if path.endswith('6_G.pt'):
             os.kill(os.getpid(), signal.SIGINT)
         return save(module, path)
 
-    monkeypatch.setattr(pix2pixCC_Train, 'train_step', step_then_interrupt)
+    monkeypatch.setattr(pix2pixCC_Train, 'train_step', sigint_after_step(6))
     monkeypatch.setattr(pix2pixCC_Utils, 'save_state_dict', interrupt_the_stop_save)
     assert run_main(pix2pixCC_Train.main, RUN + data + ['--n_epochs', '100']) == 130
     lines = [line for line in capfd.readouterr().err.splitlines() if line.strip()]
@@ -615,15 +621,7 @@ def test_a_second_sigint_inside_any_write_of_the_stop_checkpoint_aborts_cleanly(
     (torch then reports a broken stream): exit 130 with one line and no traceback; no file of
     step 6 remains, and step 4 is complete."""
     monkeypatch.chdir(tmp_path)
-    step, real_save = pix2pixCC_Train.train_step, torch.save
-    calls = []
-
-    def step_then_interrupt(*args, **kwargs):
-        calls.append(1)
-        result = step(*args, **kwargs)
-        if len(calls) == 6:
-            os.kill(os.getpid(), signal.SIGINT)
-        return result
+    real_save = torch.save
 
     def save_interrupted_inside(data, file, *args, **kwargs):
         if getattr(getattr(file, 'file', None), 'name', '').endswith(f'-6_{kind}.pt'):
@@ -637,7 +635,7 @@ def test_a_second_sigint_inside_any_write_of_the_stop_checkpoint_aborts_cleanly(
             file.write = write_then_interrupt
         return real_save(data, file, *args, **kwargs)
 
-    monkeypatch.setattr(pix2pixCC_Train, 'train_step', step_then_interrupt)
+    monkeypatch.setattr(pix2pixCC_Train, 'train_step', sigint_after_step(6))
     monkeypatch.setattr(torch, 'save', save_interrupted_inside)
     assert run_main(pix2pixCC_Train.main, RUN + data + ['--n_epochs', '100']) == 130
     err = capfd.readouterr().err
