@@ -5,6 +5,7 @@ Data flow of one file:  read (one reader per format) -> C x H x W float32 -> `Sc
 (training only). Generated data go back through `Scaling.inverse` and one writer per format.
 """
 import atexit
+import contextlib
 import datetime
 import glob
 import multiprocessing.util  # noqa: F401 (see _kill_leftover_workers)
@@ -45,36 +46,47 @@ def read_npy(path):
     return np.load(path, allow_pickle=False)
 
 
-def read_fits(path):
-    """Data of the first HDU that holds an image (primary or extension, compressed too)."""
+@contextlib.contextmanager
+def open_fits(path):
+    """The HDU list of `path`, for reading data or headers; warnings stay quiet.
+
+    Archive files often hold cards astropy warns about (non-standard cards, a BLANK card in a
+    float file): they are silenced, or every file read would repeat them. astropy only warns
+    about a truncated file (then fails on the reshape, or not at all), so that warning
+    becomes a UserError.
+    """
     from astropy.io import fits
-    # astropy only warns about a truncated file (then fails on the reshape, or not at all);
-    # non-standard cards also warn, and are common in archives, so only truncation is fatal.
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter('always')
         try:
             with fits.open(path, memmap=False) as hdul:
-                for hdu in hdul:
-                    if hdu.is_image and hdu.data is not None and hdu.data.size > 0:
-                        data = np.array(hdu.data)
-                        break
-                else:
-                    raise UserError(f"{path}: no HDU with image data")
+                yield hdul
         finally:
             if any('truncated' in str(w.message) for w in caught):
                 raise UserError(f"{path} is truncated (the file is shorter than its header "
                                 f"says); copy it again")
-    return data
+
+
+def image_hdu(hdul, path):
+    """The first HDU that holds an image (primary or extension, compressed too), found from
+    the headers alone, so that reading a header does not read the data."""
+    for hdu in hdul:
+        naxis = hdu.header.get('NAXIS', 0) if hdu.is_image else 0
+        if naxis > 0 and all(hdu.header.get(f'NAXIS{i}', 0) > 0 for i in range(1, naxis + 1)):
+            return hdu
+    raise UserError(f"{path}: no HDU with image data")
+
+
+def read_fits(path):
+    """Data of the first HDU that holds an image."""
+    with open_fits(path) as hdul:
+        return np.array(image_hdu(hdul, path).data)
 
 
 def read_fits_header(path):
     """Header of the HDU that `read_fits` reads the data from."""
-    from astropy.io import fits
-    with fits.open(path, memmap=False) as hdul:
-        for hdu in hdul:
-            if hdu.is_image and hdu.header.get('NAXIS', 0) > 0:
-                return hdu.header.copy()
-    return None
+    with open_fits(path) as hdul:
+        return image_hdu(hdul, path).header.copy()
 
 
 READERS = {'png': read_image, 'jpg': read_image, 'jpeg': read_image,

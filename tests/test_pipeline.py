@@ -1,6 +1,7 @@
 """Data pipeline (SPEC section 3 and the writers of section 7): reading every format, channel
 layouts, scaling and its inverse, augmentation, the paired Dataset, and writing."""
 import os
+import warnings
 
 import numpy as np
 import pytest
@@ -12,8 +13,8 @@ from conftest import (ALL_FORMATS, make_test_opt, read_user_file, smooth_field, 
                       write_pairs, write_user_file)
 from pix2pixCC_Options import UserError
 from pix2pixCC_Pipeline import (CustomDataset, Scaling, generated_header, list_files,
-                                random_pad_and_crop, random_rotation, read_array, to_chw,
-                                write_array)
+                                random_pad_and_crop, random_rotation, read_array,
+                                read_fits_header, to_chw, write_array)
 
 H, W = 24, 40  # not square, so a transposed read shows
 
@@ -107,6 +108,24 @@ def test_fits_scaled_integers_are_read_in_physical_units(tmp_path):
     path = str(tmp_path / 'scaled.fits')
     hdu.writeto(path)
     np.testing.assert_allclose(read_array(path, 'fits', 1)[0], values * 0.5 + 100.0)
+
+
+def test_reading_a_float_fits_file_with_a_blank_card_is_quiet(tmp_path):
+    """Archive files (AIA, HMI, SECCHI) keep a BLANK card in float files, which astropy
+    warns about at every opening: the data and the header are read without a word (a Test
+    run reads the header of every input again)."""
+    header = fits.Header()
+    header['BLANK'] = -32768
+    path = str(tmp_path / 'archive.fits')
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore')  # astropy warns when writing it, too
+        fits.PrimaryHDU(field(1)[0], header=header).writeto(path)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter('always')
+        header = read_fits_header(path)
+        data = read_array(path, 'fits', 1)
+    assert [str(w.message) for w in caught] == []
+    assert header['BLANK'] == -32768 and data.shape == (1, H, W)
 
 
 @pytest.mark.parametrize('fmt', ALL_FORMATS)
