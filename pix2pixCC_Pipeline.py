@@ -448,47 +448,54 @@ def check_dataset(dataset, multiple, n_workers=0, log=print, progress=None):
 
     Checks: readable, channel count, input/target height and width equal, height and width
     multiples of `multiple` (the generator's stride). NaN/Inf values are counted and reported
-    once (they are replaced by the scaling). Limits that do not fit the data (a large share
-    of values outside them, or folders that look swapped) are warned about in one line each
-    (`scaling_warnings`). Returns the (height, width) of the first pair.
+    in one line per side that has any (`nonfinite_warning`; the scaling replaces them).
+    Limits that do not fit the data (a large share of values outside them, or folders that
+    look swapped) are warned about in one line each (`scaling_warnings`). Returns the
+    (height, width) of the first pair.
     """
     from torch.utils.data import DataLoader
     loader = DataLoader(_FileSummaries(dataset), batch_size=None, num_workers=n_workers,
                         worker_init_fn=ignore_stop_signals)
     if progress is not None:
         loader = progress(loader)
-    n_nonfinite, files_nonfinite, first_size = 0, [], None
-    totals = {}
+    paths = {'input': dataset.input_paths, 'target': dataset.target_paths}
+    nonfinite = {}  # side: [values, files, first file]
+    first_size, totals = None, {}
     for index, summary in enumerate(loader):
-        size, bad, _ = summary['input']
-        if 'target' in summary:
-            target_size, target_bad, _ = summary['target']
-            if target_size != size:
-                raise UserError(f"{dataset.input_paths[index]} is {size[0]}x{size[1]} but its "
-                                f"target {dataset.target_paths[index]} is "
-                                f"{target_size[0]}x{target_size[1]}")
-            bad += target_bad
+        size = summary['input'][0]
+        if 'target' in summary and summary['target'][0] != size:
+            target_size = summary['target'][0]
+            raise UserError(f"{dataset.input_paths[index]} is {size[0]}x{size[1]} but its "
+                            f"target {dataset.target_paths[index]} is "
+                            f"{target_size[0]}x{target_size[1]}")
         if multiple > 1 and (size[0] % multiple or size[1] % multiple):
             raise UserError(f"{dataset.input_paths[index]} is {size[0]}x{size[1]}, but the "
                             f"network needs height and width that are multiples of {multiple} "
                             f"(2**--n_downsample); crop or pad the data, or lower --n_downsample")
-        if bad:
-            n_nonfinite += bad
-            files_nonfinite.append(dataset.input_paths[index])
-        for side, (_, _, values) in summary.items():
+        for side, (_, bad, values) in summary.items():
+            if bad:
+                count = nonfinite.setdefault(side, [0, 0, paths[side][index]])
+                count[0] += bad
+                count[1] += 1
             total = totals.setdefault(side, dict(NO_VALUES))
             for key in ('finite', 'outside', 'inside_other'):
                 total[key] += values[key]
             total['min'], total['max'] = min(total['min'], values['min']), \
                 max(total['max'], values['max'])
         first_size = first_size or size
-    if n_nonfinite:
-        log(f"warning: {n_nonfinite} NaN/Inf value(s) in {len(files_nonfinite)} pair(s) "
-            f"(first: {files_nonfinite[0]}); NaN becomes 0 (the lower limit with log scale), "
-            f"+Inf the upper and -Inf the lower limit")
+    for side, (n_values, n_files, first) in sorted(nonfinite.items()):  # input, then target
+        log(nonfinite_warning(side, n_values, n_files, first, getattr(dataset, f'{side}_scaling')))
     for line in scaling_warnings(totals, dataset):
         log(line)
     return first_size
+
+
+def nonfinite_warning(side, n_values, n_files, first, scaling):
+    """The line that reports the NaN/Inf values of one side (input or target) and what the
+    scaling makes of them: the side and file are named, as they are where to look."""
+    nan = 'the lower limit' if scaling.log else '0'
+    return (f"warning: {n_values} NaN/Inf value(s) in {n_files} {side} file(s) (first: "
+            f"{first}); NaN becomes {nan}, +Inf the upper and -Inf the lower limit")
 
 
 # YYYYMMDD, optionally followed by hhmm[ss]; separators - _ : T allowed; a time group must not
