@@ -186,6 +186,12 @@ class Scaling:
             return np.log10(self.lower), np.log10(self.upper)
         return self.lower, self.upper
 
+    def by_value(self, values):
+        """The finite `values` that the scaling maps by their value, the ones its limits are
+        for: with log scale, values <= 0 all become the lower limit by design (the zeros off
+        the limb of a full-disk image), so they are left out."""
+        return values[values > 0] if self.log else values
+
     def clean(self, x):
         """Replace NaN and +-Inf by values the network can take; returns (x, count).
 
@@ -331,23 +337,25 @@ class CustomDataset(Dataset):
 # ----------------------------------------------------------------------------------------
 
 
-NO_VALUES = {'finite': 0, 'outside': 0, 'inside_other': 0, 'min': np.inf, 'max': -np.inf}
+NO_VALUES = {'counted': 0, 'outside': 0, 'inside_other': 0, 'min': np.inf, 'max': -np.inf}
 
 
 def value_summary(array, own, other):
     """Counts that tell whether `array`'s values suit its scaling `own` (see `check_dataset`).
 
-    Returns {'finite', 'outside' (finite values beyond own's limits), 'inside_other'
-    (finite values within `other`'s limits, the other side's scaling), 'min', 'max'}.
+    Returns {'counted' (the finite values that `own` maps by their value, see
+    `Scaling.by_value`), 'outside' (those beyond own's limits), 'inside_other' (those within
+    `other`'s limits, the other side's scaling), 'min', 'max' (of all finite values)}.
     """
-    values = array[np.isfinite(array)]
-    if values.size == 0:
+    finite = array[np.isfinite(array)]
+    if finite.size == 0:
         return dict(NO_VALUES)
-    return {'finite': int(values.size),
+    values = own.by_value(finite)
+    return {'counted': int(values.size),
             'outside': int(np.count_nonzero((values < own.lower) | (values > own.upper))),
             'inside_other': int(np.count_nonzero((values >= other.lower) &
                                                  (values <= other.upper))),
-            'min': float(values.min()), 'max': float(values.max())}
+            'min': float(finite.min()), 'max': float(finite.max())}
 
 
 class _FileSummaries(Dataset):
@@ -405,8 +413,9 @@ def _kill_leftover_workers():
 atexit.register(_kill_leftover_workers)
 
 
-# Share of a side's finite values beyond its saturation limits above which the limits are
-# probably not those of the data (a few saturated pixels are normal; most are not).
+# Share of a side's counted values (`value_summary`) beyond its saturation limits above which
+# the limits are probably not those of the data (a few saturated pixels are normal; most are
+# not).
 OUTSIDE_SHARE_WARNING = 0.2
 
 
@@ -414,7 +423,8 @@ def scaling_warnings(values, dataset):
     """Lines that warn about limits that do not fit the data; [] when the scaling looks right.
 
     `values`: {'input': totals, 'target': totals} of `value_summary` over every file. A side
-    warns when more than OUTSIDE_SHARE_WARNING of its finite values lie outside its limits.
+    warns when more than OUTSIDE_SHARE_WARNING of its counted values (finite, and positive
+    with log scale) lie outside its limits.
     The folders look swapped when, besides, each side's values lie (all but that share)
     within the *other* side's limits: a magnetogram in the input folder fits the target's
     +-3000 G, and the EUV images in the target folder fit the input's 1..200.
@@ -428,15 +438,15 @@ def scaling_warnings(values, dataset):
         return f"{values[side]['min']:.4g} to {values[side]['max']:.4g}"
 
     warned = [side for side, v in values.items()
-              if v['finite'] and v['outside'] > OUTSIDE_SHARE_WARNING * v['finite']]
+              if v['counted'] and v['outside'] > OUTSIDE_SHARE_WARNING * v['counted']]
     if warned and len(values) == 2 and all(
-            v['finite'] and v['inside_other'] >= (1 - OUTSIDE_SHARE_WARNING) * v['finite']
+            v['counted'] and v['inside_other'] >= (1 - OUTSIDE_SHARE_WARNING) * v['counted']
             for v in values.values()):
         return [(f"warning: the input and target folders look swapped: the input values "
                  f"({observed('input')}) fit the target limits {limits('target')} and the "
                  f"target values ({observed('target')}) the input limits {limits('input')}; "
                  f"check --input_dir_train and --target_dir_train")]
-    return [(f"warning: {100 * values[side]['outside'] / values[side]['finite']:.0f}% of the "
+    return [(f"warning: {100 * values[side]['outside'] / values[side]['counted']:.0f}% of the "
              f"{side} values lie outside the saturation limits {limits(side)} (observed range "
              f"{observed(side)}); set --saturation_lower_limit_{side} and "
              f"--saturation_upper_limit_{side} to the range that matters")
@@ -478,7 +488,7 @@ def check_dataset(dataset, multiple, n_workers=0, log=print, progress=None):
                 count[0] += bad
                 count[1] += 1
             total = totals.setdefault(side, dict(NO_VALUES))
-            for key in ('finite', 'outside', 'inside_other'):
+            for key in ('counted', 'outside', 'inside_other'):
                 total[key] += values[key]
             total['min'], total['max'] = min(total['min'], values['min']), \
                 max(total['max'], values['max'])
