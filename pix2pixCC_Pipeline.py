@@ -8,6 +8,7 @@ import atexit
 import contextlib
 import datetime
 import glob
+import math
 import multiprocessing.util  # noqa: F401 (see _kill_leftover_workers)
 import os
 import re
@@ -592,6 +593,20 @@ def data_unit(opt):
     else None."""
     return getattr(opt, 'target_unit', None) or \
         (getattr(opt, 'target_header', None) or {}).get('BUNIT') or None
+
+
+def scaled_unit(unit, save_scale):
+    """BUNIT of data multiplied by `save_scale`: `unit` divided by it, so that values times
+    BUNIT stay the same physical quantity (README "Output files"). Values in G times 1000 are
+    in units of 10**-3 G, the FITS standard's way of writing a power of ten, which astropy
+    reads in its FITS and generic formats; another factor is written as a number ('0.4 G'),
+    which astropy's generic format (and sunpy) reads. None when there is no unit."""
+    if not unit or save_scale == 1:
+        return unit
+    exponent = round(math.log10(abs(save_scale)))
+    if save_scale > 0 and math.isclose(save_scale, 10.0 ** exponent, rel_tol=1e-12):
+        return f'10**{-exponent} {unit}'
+    return f'{1 / save_scale!r} {unit}'
 
 
 def generated_header(input_header, identity, unit, history):

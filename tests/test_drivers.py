@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 import tifffile
 import torch
+from astropy import units as u
 from astropy.io import fits
 from PIL import Image
 
@@ -468,6 +469,35 @@ def test_test_uses_save_scale(in_tmp):
     constant_generator_checkpoint(make_test_opt(*flags), 0.5)
     assert pix2pixCC_Test.main(TINY + flags + ['--iteration', '3']) == 0
     np.testing.assert_allclose(np.load('checkpoints/sc/Image/Test/3/a_AI.npy'), 1.5, rtol=1e-5)
+
+
+@pytest.mark.parametrize('save_scale, bunit, unit_format', [
+    ('1000', '10**-3 G', 'fits'),  # a power of ten: as the FITS standard writes it
+    ('2.5', '0.4 G', 'generic'),   # any other factor: astropy's (and sunpy's) generic format
+])
+def test_save_scale_scales_bunit_so_the_physical_values_stay(in_tmp, save_scale, bunit,
+                                                              unit_format):
+    """README "Output files": a product written with --save_scale, read with its own BUNIT,
+    is the same physical quantity as the product written without it."""
+    os.makedirs('inputs')
+    np.save('inputs/a.npy', np.zeros((32, 32), np.float32))
+    flags = ['--dataset_name', 'su', '--data_format_input', 'npy', '--data_format_target',
+             'fits', '--target_unit', 'G', '--saturation_lower_limit_target', '-3000',
+             '--saturation_upper_limit_target', '3000', '--input_dir_test', 'inputs',
+             '--n_workers', '0']
+    constant_generator_checkpoint(make_test_opt(*flags), 0.5)
+    quantities = {}
+    for scale in ('1', save_scale):
+        assert pix2pixCC_Test.main(TINY + flags + ['--save_scale', scale, '--iteration', '3']) == 0
+        with fits.open('checkpoints/su/Image/Test/3/a_AI.fits') as hdul:
+            header = hdul[0].header
+            quantities[scale] = hdul[0].data * u.Unit(header['BUNIT'])
+    assert header['BUNIT'] == bunit
+    assert u.Unit(bunit, format=unit_format) == u.Unit(1 / float(save_scale) * u.G)
+    np.testing.assert_allclose(quantities[save_scale].to_value(u.G), 1500.0, rtol=1e-6)
+    np.testing.assert_allclose(quantities[save_scale].to_value(u.G),
+                               quantities['1'].to_value(u.G), rtol=1e-6)
+    assert quantities['1'].unit == u.G
 
 
 def test_test_copies_no_header_when_the_input_is_not_fits(in_tmp):
