@@ -108,13 +108,20 @@ def to_chw(array, channels, path, channels_last=False):
         array = array[None]
     if array.ndim != 3:
         raise UserError(f"{path}: expected a 2-D or 3-D array, got shape {array.shape}")
-    first, last = array.shape[0] == channels, array.shape[-1] == channels
-    if last and (channels_last or not first):
-        array = np.moveaxis(array, -1, 0)
-    elif not first:
+    axis = channel_axis(array.shape, channels, channels_last)
+    if axis is None:
         raise UserError(f"{path}: shape {array.shape} has no axis of {channels} channel(s); "
                         f"set --input_ch/--target_ch to the number of channels in the files")
-    return np.ascontiguousarray(array, dtype=np.float32)
+    return np.ascontiguousarray(np.moveaxis(array, axis, 0), dtype=np.float32)
+
+
+def channel_axis(shape, channels, channels_last=False):
+    """The axis of a 3-D `shape` that holds the `channels`: the first, unless the last is
+    (`channels_last`, or only the last has that length); None when neither has."""
+    first, last = shape[0] == channels, shape[-1] == channels
+    if last and (channels_last or not first):
+        return 2
+    return 0 if first else None
 
 
 def read_array(path, data_format, channels):
@@ -563,11 +570,41 @@ def check_pairing(input_paths, target_paths):
 # Writing generated data in the target's format and physical units.
 # ----------------------------------------------------------------------------------------
 
-# Cards that describe the input's values or storage, not the generated data's.
-FITS_CARDS_NOT_COPIED = ('SIMPLE', 'XTENSION', 'BITPIX', 'NAXIS', 'EXTEND', 'PCOUNT', 'GCOUNT',
-                         'BSCALE', 'BZERO', 'BLANK', 'CHECKSUM', 'DATASUM',
-                         'DATAMIN', 'DATAMAX', 'DATAMEAN', 'DATAMEDN', 'DATARMS', 'DATASKEW',
-                         'DATAKURT', 'DATAVALS', 'MISSVALS', 'EXTNAME')
+# Cards that describe how a header's data are stored: those of the written float32 array are
+# astropy's own.
+FITS_STORAGE_CARDS = ('SIMPLE', 'XTENSION', 'BITPIX', 'NAXIS', 'EXTEND', 'PCOUNT', 'GCOUNT',
+                      'BSCALE', 'BZERO', 'BLANK', 'CHECKSUM', 'DATASUM', 'EXTNAME')
+# Cards of the input that describe its exposure, calibration, values, processing or file
+# rather than its place and time (README "Output files"): on a generated map they would be
+# false (sunpy would report an HMI-like map from AIA with AIA's 2 s exposure and level 1).
+# Regular expressions, matched against whole keywords. Decided card by card from real AIA,
+# HMI (full disk, SHARP, synoptic), MDI, EIT, SECCHI (EUVI, COR1, HI), LASCO, EUI, SWAP, SUVI,
+# IRIS, Hinode, GONG, KCor and PUNCH headers. Kept: place, time and observer (DATE-OBS, T_OBS,
+# HGLN_OBS, DSUN_OBS, RSUN_OBS, CAR_ROT, ...), the WCS, what was observed (OBJECT, SCI_OBJ)
+# and instrument registers that only that instrument's software reads (AIA's AI*, AGT*,
+# temperatures): they stay with the rest of the input's record of its observation.
+FITS_INPUT_ONLY_CARDS = (
+    # exposure
+    'EXPTIME', 'XPOSURE', 'EXPSDEV', 'INT_TIME', 'EXPCMD', r'EXP\d', 'EXPMIN', 'EXPMAX',
+    'EXPDUR', 'EXPMODE', 'SHUTCLS', 'AECMODE', 'AECTYPE', 'AECDELAY', 'IMG_TYPE',
+    # calibration: how the input's values relate to the light on its detector
+    'DN_GAIN', 'EFF_AREA', 'EFF_AR_V', 'PIXLUNIT', 'CALVER64', 'CAL_FSN', 'FLAT_REC',
+    'BIASMEAN', 'BIASSDEV', 'GAINCMD', 'GAINMODE',
+    # statistics of the input's values (HMI has a second set: DATAMIN2 ...)
+    r'DATA(MIN|MAX|MEAN|MEDN|MDN|AVG|CENT|RMS|SIG|SKEW|KURT|VALS|ZER|SAT)',
+    r'DATA(MIN|MAX|MEA|MED|RMS|SKE|KUR)2', r'DATAP\d\d', 'DATASIGN', 'MISSVALS', 'TOTVALS',
+    'SATVALS', 'NSATPIX', 'DSATVAL', 'DSATMIN', 'PERCENTD', 'NSPIKES', 'NMISSING', 'MISSING',
+    'OSCNMEAN', 'OSCNRMS', r'IMG_(MIN|MAX|AVG|MEAN|DEV|SDEV)',
+    r'IMG(MIN|MAX|MN|RMS|VAR|SKW|KUR|ADV)\d\d', r'TD(MIN|MAX|MEAN|MEDN|RMS|SKEW|KURT|VALS)\d+',
+    r'TDP\d\d_\d+',
+    # processing level, quality, software
+    'LVL_NUM', 'LEVEL', 'DATA_LEV', 'F_LEVEL', 'QUALITY', r'QUALLEV\d', 'QUAL_S', 'BLD_VERS',
+    r'BLDVER\d+', r'CODEVER\d*', 'PIPEVRSN', 'VERSION', 'VERS_SW', 'CREATOR', 'DATE_DP',
+    # the input file and its archive record
+    'DATE', 'FILENAME', 'FILEORIG', 'FILE_RAW', 'FILEVRSN', 'F_NAME', 'F_VER', 'PARENT',
+    'SOURCE', 'DATASRC', 'DATA_SRC', 'FSN', 'ASQFSN', 'AIAHFSN', 'AIMGFSN', 'RECNUM', 'DRMS_ID',
+    'HEADSUM',
+)
 # Cards that say what the data are (quantity, unit, instrument, passband). A generated map is
 # the targets' kind of data seen with the input's geometry and time, so these come from the
 # training targets and never from the input (an EUV input's WAVELNTH on a magnetogram is
@@ -575,7 +612,14 @@ FITS_CARDS_NOT_COPIED = ('SIMPLE', 'XTENSION', 'BITPIX', 'NAXIS', 'EXTEND', 'PCO
 FITS_IDENTITY_CARDS = ('BUNIT', 'BTYPE', 'TELESCOP', 'INSTRUME', 'DETECTOR', 'OBSRVTRY',
                        'CONTENT', 'WAVELNTH', 'WAVEUNIT', 'WAVE_STR', 'WAVEMIN', 'WAVEMAX',
                        'FILTER')
+INPUT_ONLY_CARD = re.compile('|'.join(FITS_INPUT_ONLY_CARDS))
 FITS_FORMATS = FORMAT_FAMILIES[2]
+# Keywords of a FITS world coordinate description (FITS standard 4.0, section 8), primary or
+# alternate (a final letter A-Z).
+WCS_CARD = re.compile(r'(WCSAXES|WCSNAME|CTYPE\d+|CUNIT\d+|CRVAL\d+|CDELT\d+|CRPIX\d+|CROTA\d+|'
+                      r'CNAME\d+|CRDER\d+|CSYER\d+|(PC|CD|PV|PS)\d+_\d+|LONPOLE|LATPOLE|RADESYS|'
+                      r'EQUINOX|RESTFRQ|RESTFREQ|RESTWAV|SPECSYS|SSYSOBS|SSYSSRC|VELOSYS|ZSOURCE|'
+                      r'VELANGL)[A-Z]?')
 
 
 def target_identity(path, data_format):
@@ -583,7 +627,7 @@ def target_identity(path, data_format):
     other than FITS): what training records (as `target_header`) for the Test's headers."""
     if data_format not in FITS_FORMATS:
         return {}
-    header = read_fits_header(path) or {}
+    header = read_fits_header(path)
     return {key: header[key] for key in FITS_IDENTITY_CARDS
             if key in header and isinstance(header[key], (str, int, float, bool))}
 
@@ -609,18 +653,95 @@ def scaled_unit(unit, save_scale):
     return f'{1 / save_scale!r} {unit}'
 
 
-def generated_header(input_header, identity, unit, history):
+def describes_the_input(keyword):
+    """Whether an input card is left out of a generated map's header: the input's identity
+    (FITS_IDENTITY_CARDS), ORIGIN, and its exposure, calibration, values, processing and file
+    (FITS_INPUT_ONLY_CARDS)."""
+    return keyword in FITS_IDENTITY_CARDS + ('ORIGIN',) or bool(INPUT_ONLY_CARD.fullmatch(keyword))
+
+
+def image_plane_axes(header, channels):
+    """FITS axis numbers [x, y] of the image plane of a file with `channels` channels, as
+    `read_array` reads it: beyond 3 axes, the axes of length 1 are dropped; of 3, the channel
+    axis is the one `channel_axis` finds."""
+    naxis = header.get('NAXIS', 0)
+    axes = [(i, header.get(f'NAXIS{i}', 1)) for i in range(naxis, 0, -1)]  # numpy's order
+    if len(axes) > 3:
+        axes = [(i, length) for i, length in axes if length != 1]
+    if len(axes) == 3:  # (a file that read_array accepted has a channel axis)
+        axes.pop(channel_axis([length for _, length in axes], channels) or 0)
+    return sorted(i for i, _ in axes) if len(axes) == 2 else [1, 2]
+
+
+def world_descriptions(header):
+    """astropy's WCS of every world coordinate description in `header` (primary and
+    alternates); [] when astropy cannot read them, as no reader could use them then."""
+    from astropy.wcs import find_all_wcs
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore')  # astropy's notes on what it fixes in archive headers
+        try:
+            return find_all_wcs(header)
+        except ValueError:
+            return []
+
+
+def product_wcs(wcs, plane, channels):
+    """`wcs` restricted to the FITS axes `plane` (the image plane) and, for several target
+    channels, given a third axis whose world coordinate is the channel index: 0, 1, ... as
+    in the metrics' ch0_, ch1_ (README "Output files")."""
+    sub = wcs.sub(plane + [0] * (channels > 1))  # 0: a new linear axis
+    if channels > 1:
+        sub.wcs.ctype[2], sub.wcs.cname[2] = 'CHANNEL', 'target channel'
+        sub.wcs.crpix[2], sub.wcs.crval[2], sub.wcs.cdelt[2] = 1.0, 0.0, 1.0
+    return sub
+
+
+def with_product_wcs(header, plane, channels):
+    """`header` (the input's cards) with a WCS for the axes of the generated data: the
+    input's image plane (its FITS axes `plane`) and, when `channels` > 1, a channel axis
+    (`product_wcs`).
+
+    The input's WCS cards stay as they are when they already describe exactly those axes (a
+    2-D input, one target channel). Otherwise each of its descriptions is rewritten by
+    astropy: the wavelength axis of a C x H x W EUV cube would stay on a 2-D magnetogram, where
+    astropy and sunpy cannot use it. A description whose image plane is not separable from
+    its other axes has no WCS of its own and is left out. Cards astropy adds beside the WCS
+    (MJD-OBS, observer) are added only where the input has none.
+    """
+    from astropy.io import fits
+    if not any(WCS_CARD.fullmatch(key) for key in header):
+        return header
+    descriptions = world_descriptions(header)
+    if channels == 1 and plane == [1, 2] and all(wcs.wcs.naxis == 2 for wcs in descriptions):
+        return header
+    out = fits.Header([card for card in header.cards if not WCS_CARD.fullmatch(card.keyword)])
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore')  # astropy's notes on the cards it writes
+        for wcs in descriptions:
+            try:
+                cards = product_wcs(wcs, plane, channels).to_header(relax=True, key=wcs.wcs.alt)
+            except ValueError:
+                continue
+            out.extend(card for card in cards.cards if card.keyword not in out)
+    return out
+
+
+def generated_header(input_header, identity, unit, history, input_channels=1, channels=1):
     """Header of a generated FITS file.
 
-    input_header: the input's header (geometry, time, observer) or None; its identity cards
-    and ORIGIN are dropped. identity: the targets' identity cards ({} when they have none).
-    unit: BUNIT (None: the targets' own, if any). history: HISTORY lines.
+    input_header: the input's header (place, time, observer, WCS) or None; the cards that
+    `describes_the_input` are dropped, and its WCS is made that of the generated data's axes
+    (`with_product_wcs`; input_channels: the input's channel count, channels: the generated
+    data's). identity: the targets' identity cards ({} when they have none). unit: BUNIT
+    (None: the targets' own, if any). history: HISTORY lines.
     """
     from astropy.io import fits
     header = fits.Header()
     if input_header is not None:
         header.extend(card for card in input_header.cards
-                      if card.keyword not in FITS_IDENTITY_CARDS + ('ORIGIN',))
+                      if not describes_the_input(card.keyword))
+        header = with_product_wcs(header, image_plane_axes(input_header, input_channels),
+                                  channels)
     for key, value in identity.items():
         header[key] = value
     if unit:
@@ -632,14 +753,14 @@ def generated_header(input_header, identity, unit, history):
 
 
 def write_fits(path, data, header=None, history=(), **_):
-    """float32 FITS; `header` (e.g. from `generated_header`) is copied except the
-    data-shape/value cards."""
+    """float32 FITS; `header` (e.g. from `generated_header`) is copied except the cards of
+    how its data were stored (FITS_STORAGE_CARDS and NAXISn)."""
     from astropy.io import fits
     hdu = fits.PrimaryHDU(data.astype(np.float32))
     if header is not None:
         hdu.header.extend(card for card in header.cards
                           if not card.keyword.startswith('NAXIS')
-                          and card.keyword not in FITS_CARDS_NOT_COPIED)
+                          and card.keyword not in FITS_STORAGE_CARDS)
     for line in history:
         hdu.header.add_history(line)
     hdu.writeto(path, overwrite=True)

@@ -52,7 +52,8 @@ def output_header(opt, input_path, iteration):
     input_header = read_fits_header(input_path) if opt.data_format_input in FITS_FORMATS \
         else None
     return generated_header(input_header, getattr(opt, 'target_header', None) or {},
-                            scaled_unit(data_unit(opt), opt.save_scale), history)
+                            scaled_unit(data_unit(opt), opt.save_scale), history,
+                            input_channels=opt.input_ch, channels=opt.target_ch)
 
 
 def load_generator(opt, path, device):
