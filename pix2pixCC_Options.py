@@ -7,6 +7,7 @@ create folders and write the options file.
 """
 import argparse
 import difflib
+import math
 import os
 import sys
 
@@ -304,6 +305,9 @@ class BaseOption:
                 fail(f"--{name} must be at least 1, got {getattr(opt, name)}")
         if min(opt.metric_bins) < 1:
             fail(f"--metric_bins must be positive integers, got {opt.metric_bins}")
+        if opt.save_scale == 0 or not math.isfinite(opt.save_scale):
+            # FITS outputs' BUNIT is the unit divided by it (README "Output files")
+            fail(f"--save_scale must be a non-zero finite number, got {opt.save_scale:g}")
         for name in ('n_downsample', 'n_residual', 'n_CC', 'n_workers', 'padding_size',
                      'max_rotation_angle', 'n_epochs_decay', 'keep_states'):
             if getattr(opt, name, 0) < 0:  # (some are training options only)

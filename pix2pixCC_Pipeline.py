@@ -5,8 +5,10 @@ Data flow of one file:  read (one reader per format) -> C x H x W float32 -> `Sc
 (training only). Generated data go back through `Scaling.inverse` and one writer per format.
 """
 import atexit
+import contextlib
 import datetime
 import glob
+import math
 import multiprocessing.util  # noqa: F401 (see _kill_leftover_workers)
 import os
 import re
@@ -45,36 +47,47 @@ def read_npy(path):
     return np.load(path, allow_pickle=False)
 
 
-def read_fits(path):
-    """Data of the first HDU that holds an image (primary or extension, compressed too)."""
+@contextlib.contextmanager
+def open_fits(path):
+    """The HDU list of `path`, for reading data or headers; warnings stay quiet.
+
+    Archive files often hold cards astropy warns about (non-standard cards, a BLANK card in a
+    float file): they are silenced, or every file read would repeat them. astropy only warns
+    about a truncated file (then fails on the reshape, or not at all), so that warning
+    becomes a UserError.
+    """
     from astropy.io import fits
-    # astropy only warns about a truncated file (then fails on the reshape, or not at all);
-    # non-standard cards also warn, and are common in archives, so only truncation is fatal.
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter('always')
         try:
             with fits.open(path, memmap=False) as hdul:
-                for hdu in hdul:
-                    if hdu.is_image and hdu.data is not None and hdu.data.size > 0:
-                        data = np.array(hdu.data)
-                        break
-                else:
-                    raise UserError(f"{path}: no HDU with image data")
+                yield hdul
         finally:
             if any('truncated' in str(w.message) for w in caught):
                 raise UserError(f"{path} is truncated (the file is shorter than its header "
                                 f"says); copy it again")
-    return data
+
+
+def image_hdu(hdul, path):
+    """The first HDU that holds an image (primary or extension, compressed too), found from
+    the headers alone, so that reading a header does not read the data."""
+    for hdu in hdul:
+        naxis = hdu.header.get('NAXIS', 0) if hdu.is_image else 0
+        if naxis > 0 and all(hdu.header.get(f'NAXIS{i}', 0) > 0 for i in range(1, naxis + 1)):
+            return hdu
+    raise UserError(f"{path}: no HDU with image data")
+
+
+def read_fits(path):
+    """Data of the first HDU that holds an image."""
+    with open_fits(path) as hdul:
+        return np.array(image_hdu(hdul, path).data)
 
 
 def read_fits_header(path):
     """Header of the HDU that `read_fits` reads the data from."""
-    from astropy.io import fits
-    with fits.open(path, memmap=False) as hdul:
-        for hdu in hdul:
-            if hdu.is_image and hdu.header.get('NAXIS', 0) > 0:
-                return hdu.header.copy()
-    return None
+    with open_fits(path) as hdul:
+        return image_hdu(hdul, path).header.copy()
 
 
 READERS = {'png': read_image, 'jpg': read_image, 'jpeg': read_image,
@@ -95,13 +108,20 @@ def to_chw(array, channels, path, channels_last=False):
         array = array[None]
     if array.ndim != 3:
         raise UserError(f"{path}: expected a 2-D or 3-D array, got shape {array.shape}")
-    first, last = array.shape[0] == channels, array.shape[-1] == channels
-    if last and (channels_last or not first):
-        array = np.moveaxis(array, -1, 0)
-    elif not first:
+    axis = channel_axis(array.shape, channels, channels_last)
+    if axis is None:
         raise UserError(f"{path}: shape {array.shape} has no axis of {channels} channel(s); "
                         f"set --input_ch/--target_ch to the number of channels in the files")
-    return np.ascontiguousarray(array, dtype=np.float32)
+    return np.ascontiguousarray(np.moveaxis(array, axis, 0), dtype=np.float32)
+
+
+def channel_axis(shape, channels, channels_last=False):
+    """The axis of a 3-D `shape` that holds the `channels`: the first, unless the last is
+    (`channels_last`, or only the last has that length); None when neither has."""
+    first, last = shape[0] == channels, shape[-1] == channels
+    if last and (channels_last or not first):
+        return 2
+    return 0 if first else None
 
 
 def read_array(path, data_format, channels):
@@ -173,6 +193,12 @@ class Scaling:
         if self.log:
             return np.log10(self.lower), np.log10(self.upper)
         return self.lower, self.upper
+
+    def by_value(self, values):
+        """The finite `values` that the scaling maps by their value, the ones its limits are
+        for: with log scale, values <= 0 all become the lower limit by design (the zeros off
+        the limb of a full-disk image), so they are left out."""
+        return values[values > 0] if self.log else values
 
     def clean(self, x):
         """Replace NaN and +-Inf by values the network can take; returns (x, count).
@@ -319,23 +345,25 @@ class CustomDataset(Dataset):
 # ----------------------------------------------------------------------------------------
 
 
-NO_VALUES = {'finite': 0, 'outside': 0, 'inside_other': 0, 'min': np.inf, 'max': -np.inf}
+NO_VALUES = {'counted': 0, 'outside': 0, 'inside_other': 0, 'min': np.inf, 'max': -np.inf}
 
 
 def value_summary(array, own, other):
     """Counts that tell whether `array`'s values suit its scaling `own` (see `check_dataset`).
 
-    Returns {'finite', 'outside' (finite values beyond own's limits), 'inside_other'
-    (finite values within `other`'s limits, the other side's scaling), 'min', 'max'}.
+    Returns {'counted' (the finite values that `own` maps by their value, see
+    `Scaling.by_value`), 'outside' (those beyond own's limits), 'inside_other' (those within
+    `other`'s limits, the other side's scaling), 'min', 'max' (of all finite values)}.
     """
-    values = array[np.isfinite(array)]
-    if values.size == 0:
+    finite = array[np.isfinite(array)]
+    if finite.size == 0:
         return dict(NO_VALUES)
-    return {'finite': int(values.size),
+    values = own.by_value(finite)
+    return {'counted': int(values.size),
             'outside': int(np.count_nonzero((values < own.lower) | (values > own.upper))),
             'inside_other': int(np.count_nonzero((values >= other.lower) &
                                                  (values <= other.upper))),
-            'min': float(values.min()), 'max': float(values.max())}
+            'min': float(finite.min()), 'max': float(finite.max())}
 
 
 class _FileSummaries(Dataset):
@@ -393,8 +421,9 @@ def _kill_leftover_workers():
 atexit.register(_kill_leftover_workers)
 
 
-# Share of a side's finite values beyond its saturation limits above which the limits are
-# probably not those of the data (a few saturated pixels are normal; most are not).
+# Share of a side's counted values (`value_summary`) beyond its saturation limits above which
+# the limits are probably not those of the data (a few saturated pixels are normal; most are
+# not).
 OUTSIDE_SHARE_WARNING = 0.2
 
 
@@ -402,7 +431,8 @@ def scaling_warnings(values, dataset):
     """Lines that warn about limits that do not fit the data; [] when the scaling looks right.
 
     `values`: {'input': totals, 'target': totals} of `value_summary` over every file. A side
-    warns when more than OUTSIDE_SHARE_WARNING of its finite values lie outside its limits.
+    warns when more than OUTSIDE_SHARE_WARNING of its counted values (finite, and positive
+    with log scale) lie outside its limits.
     The folders look swapped when, besides, each side's values lie (all but that share)
     within the *other* side's limits: a magnetogram in the input folder fits the target's
     +-3000 G, and the EUV images in the target folder fit the input's 1..200.
@@ -416,15 +446,15 @@ def scaling_warnings(values, dataset):
         return f"{values[side]['min']:.4g} to {values[side]['max']:.4g}"
 
     warned = [side for side, v in values.items()
-              if v['finite'] and v['outside'] > OUTSIDE_SHARE_WARNING * v['finite']]
+              if v['counted'] and v['outside'] > OUTSIDE_SHARE_WARNING * v['counted']]
     if warned and len(values) == 2 and all(
-            v['finite'] and v['inside_other'] >= (1 - OUTSIDE_SHARE_WARNING) * v['finite']
+            v['counted'] and v['inside_other'] >= (1 - OUTSIDE_SHARE_WARNING) * v['counted']
             for v in values.values()):
         return [(f"warning: the input and target folders look swapped: the input values "
                  f"({observed('input')}) fit the target limits {limits('target')} and the "
                  f"target values ({observed('target')}) the input limits {limits('input')}; "
                  f"check --input_dir_train and --target_dir_train")]
-    return [(f"warning: {100 * values[side]['outside'] / values[side]['finite']:.0f}% of the "
+    return [(f"warning: {100 * values[side]['outside'] / values[side]['counted']:.0f}% of the "
              f"{side} values lie outside the saturation limits {limits(side)} (observed range "
              f"{observed(side)}); set --saturation_lower_limit_{side} and "
              f"--saturation_upper_limit_{side} to the range that matters")
@@ -436,47 +466,54 @@ def check_dataset(dataset, multiple, n_workers=0, log=print, progress=None):
 
     Checks: readable, channel count, input/target height and width equal, height and width
     multiples of `multiple` (the generator's stride). NaN/Inf values are counted and reported
-    once (they are replaced by the scaling). Limits that do not fit the data (a large share
-    of values outside them, or folders that look swapped) are warned about in one line each
-    (`scaling_warnings`). Returns the (height, width) of the first pair.
+    in one line per side that has any (`nonfinite_warning`; the scaling replaces them).
+    Limits that do not fit the data (a large share of values outside them, or folders that
+    look swapped) are warned about in one line each (`scaling_warnings`). Returns the
+    (height, width) of the first pair.
     """
     from torch.utils.data import DataLoader
     loader = DataLoader(_FileSummaries(dataset), batch_size=None, num_workers=n_workers,
                         worker_init_fn=ignore_stop_signals)
     if progress is not None:
         loader = progress(loader)
-    n_nonfinite, files_nonfinite, first_size = 0, [], None
-    totals = {}
+    paths = {'input': dataset.input_paths, 'target': dataset.target_paths}
+    nonfinite = {}  # side: [values, files, first file]
+    first_size, totals = None, {}
     for index, summary in enumerate(loader):
-        size, bad, _ = summary['input']
-        if 'target' in summary:
-            target_size, target_bad, _ = summary['target']
-            if target_size != size:
-                raise UserError(f"{dataset.input_paths[index]} is {size[0]}x{size[1]} but its "
-                                f"target {dataset.target_paths[index]} is "
-                                f"{target_size[0]}x{target_size[1]}")
-            bad += target_bad
+        size = summary['input'][0]
+        if 'target' in summary and summary['target'][0] != size:
+            target_size = summary['target'][0]
+            raise UserError(f"{dataset.input_paths[index]} is {size[0]}x{size[1]} but its "
+                            f"target {dataset.target_paths[index]} is "
+                            f"{target_size[0]}x{target_size[1]}")
         if multiple > 1 and (size[0] % multiple or size[1] % multiple):
             raise UserError(f"{dataset.input_paths[index]} is {size[0]}x{size[1]}, but the "
                             f"network needs height and width that are multiples of {multiple} "
                             f"(2**--n_downsample); crop or pad the data, or lower --n_downsample")
-        if bad:
-            n_nonfinite += bad
-            files_nonfinite.append(dataset.input_paths[index])
-        for side, (_, _, values) in summary.items():
+        for side, (_, bad, values) in summary.items():
+            if bad:
+                count = nonfinite.setdefault(side, [0, 0, paths[side][index]])
+                count[0] += bad
+                count[1] += 1
             total = totals.setdefault(side, dict(NO_VALUES))
-            for key in ('finite', 'outside', 'inside_other'):
+            for key in ('counted', 'outside', 'inside_other'):
                 total[key] += values[key]
             total['min'], total['max'] = min(total['min'], values['min']), \
                 max(total['max'], values['max'])
         first_size = first_size or size
-    if n_nonfinite:
-        log(f"warning: {n_nonfinite} NaN/Inf value(s) in {len(files_nonfinite)} pair(s) "
-            f"(first: {files_nonfinite[0]}); NaN becomes 0 (the lower limit with log scale), "
-            f"+Inf the upper and -Inf the lower limit")
+    for side, (n_values, n_files, first) in sorted(nonfinite.items()):  # input, then target
+        log(nonfinite_warning(side, n_values, n_files, first, getattr(dataset, f'{side}_scaling')))
     for line in scaling_warnings(totals, dataset):
         log(line)
     return first_size
+
+
+def nonfinite_warning(side, n_values, n_files, first, scaling):
+    """The line that reports the NaN/Inf values of one side (input or target) and what the
+    scaling makes of them: the side and file are named, as they are where to look."""
+    nan = 'the lower limit' if scaling.log else '0'
+    return (f"warning: {n_values} NaN/Inf value(s) in {n_files} {side} file(s) (first: "
+            f"{first}); NaN becomes {nan}, +Inf the upper and -Inf the lower limit")
 
 
 # YYYYMMDD, optionally followed by hhmm[ss]; separators - _ : T allowed; a time group must not
@@ -533,11 +570,41 @@ def check_pairing(input_paths, target_paths):
 # Writing generated data in the target's format and physical units.
 # ----------------------------------------------------------------------------------------
 
-# Cards that describe the input's values or storage, not the generated data's.
-FITS_CARDS_NOT_COPIED = ('SIMPLE', 'XTENSION', 'BITPIX', 'NAXIS', 'EXTEND', 'PCOUNT', 'GCOUNT',
-                         'BSCALE', 'BZERO', 'BLANK', 'CHECKSUM', 'DATASUM',
-                         'DATAMIN', 'DATAMAX', 'DATAMEAN', 'DATAMEDN', 'DATARMS', 'DATASKEW',
-                         'DATAKURT', 'DATAVALS', 'MISSVALS', 'EXTNAME')
+# Cards that describe how a header's data are stored: those of the written float32 array are
+# astropy's own.
+FITS_STORAGE_CARDS = ('SIMPLE', 'XTENSION', 'BITPIX', 'NAXIS', 'EXTEND', 'PCOUNT', 'GCOUNT',
+                      'BSCALE', 'BZERO', 'BLANK', 'CHECKSUM', 'DATASUM', 'EXTNAME')
+# Cards of the input that describe its exposure, calibration, values, processing or file
+# rather than its place and time (README "Output files"): on a generated map they would be
+# false (sunpy would report an HMI-like map from AIA with AIA's 2 s exposure and level 1).
+# Regular expressions, matched against whole keywords. Decided card by card from real AIA,
+# HMI (full disk, SHARP, synoptic), MDI, EIT, SECCHI (EUVI, COR1, HI), LASCO, EUI, SWAP, SUVI,
+# IRIS, Hinode, GONG, KCor and PUNCH headers. Kept: place, time and observer (DATE-OBS, T_OBS,
+# HGLN_OBS, DSUN_OBS, RSUN_OBS, CAR_ROT, ...), the WCS, what was observed (OBJECT, SCI_OBJ)
+# and instrument registers that only that instrument's software reads (AIA's AI*, AGT*,
+# temperatures): they stay with the rest of the input's record of its observation.
+FITS_INPUT_ONLY_CARDS = (
+    # exposure
+    'EXPTIME', 'XPOSURE', 'EXPSDEV', 'INT_TIME', 'EXPCMD', r'EXP\d', 'EXPMIN', 'EXPMAX',
+    'EXPDUR', 'EXPMODE', 'SHUTCLS', 'AECMODE', 'AECTYPE', 'AECDELAY', 'IMG_TYPE',
+    # calibration: how the input's values relate to the light on its detector
+    'DN_GAIN', 'EFF_AREA', 'EFF_AR_V', 'PIXLUNIT', 'CALVER64', 'CAL_FSN', 'FLAT_REC',
+    'BIASMEAN', 'BIASSDEV', 'GAINCMD', 'GAINMODE',
+    # statistics of the input's values (HMI has a second set: DATAMIN2 ...)
+    r'DATA(MIN|MAX|MEAN|MEDN|MDN|AVG|CENT|RMS|SIG|SKEW|KURT|VALS|ZER|SAT)',
+    r'DATA(MIN|MAX|MEA|MED|RMS|SKE|KUR)2', r'DATAP\d\d', 'DATASIGN', 'MISSVALS', 'TOTVALS',
+    'SATVALS', 'NSATPIX', 'DSATVAL', 'DSATMIN', 'PERCENTD', 'NSPIKES', 'NMISSING', 'MISSING',
+    'OSCNMEAN', 'OSCNRMS', r'IMG_(MIN|MAX|AVG|MEAN|DEV|SDEV)',
+    r'IMG(MIN|MAX|MN|RMS|VAR|SKW|KUR|ADV)\d\d', r'TD(MIN|MAX|MEAN|MEDN|RMS|SKEW|KURT|VALS)\d+',
+    r'TDP\d\d_\d+',
+    # processing level, quality, software
+    'LVL_NUM', 'LEVEL', 'DATA_LEV', 'F_LEVEL', 'QUALITY', r'QUALLEV\d', 'QUAL_S', 'BLD_VERS',
+    r'BLDVER\d+', r'CODEVER\d*', 'PIPEVRSN', 'VERSION', 'VERS_SW', 'CREATOR', 'DATE_DP',
+    # the input file and its archive record
+    'DATE', 'FILENAME', 'FILEORIG', 'FILE_RAW', 'FILEVRSN', 'F_NAME', 'F_VER', 'PARENT',
+    'SOURCE', 'DATASRC', 'DATA_SRC', 'FSN', 'ASQFSN', 'AIAHFSN', 'AIMGFSN', 'RECNUM', 'DRMS_ID',
+    'HEADSUM',
+)
 # Cards that say what the data are (quantity, unit, instrument, passband). A generated map is
 # the targets' kind of data seen with the input's geometry and time, so these come from the
 # training targets and never from the input (an EUV input's WAVELNTH on a magnetogram is
@@ -545,7 +612,14 @@ FITS_CARDS_NOT_COPIED = ('SIMPLE', 'XTENSION', 'BITPIX', 'NAXIS', 'EXTEND', 'PCO
 FITS_IDENTITY_CARDS = ('BUNIT', 'BTYPE', 'TELESCOP', 'INSTRUME', 'DETECTOR', 'OBSRVTRY',
                        'CONTENT', 'WAVELNTH', 'WAVEUNIT', 'WAVE_STR', 'WAVEMIN', 'WAVEMAX',
                        'FILTER')
+INPUT_ONLY_CARD = re.compile('|'.join(FITS_INPUT_ONLY_CARDS))
 FITS_FORMATS = FORMAT_FAMILIES[2]
+# Keywords of a FITS world coordinate description (FITS standard 4.0, section 8), primary or
+# alternate (a final letter A-Z).
+WCS_CARD = re.compile(r'(WCSAXES|WCSNAME|CTYPE\d+|CUNIT\d+|CRVAL\d+|CDELT\d+|CRPIX\d+|CROTA\d+|'
+                      r'CNAME\d+|CRDER\d+|CSYER\d+|(PC|CD|PV|PS)\d+_\d+|LONPOLE|LATPOLE|RADESYS|'
+                      r'EQUINOX|RESTFRQ|RESTFREQ|RESTWAV|SPECSYS|SSYSOBS|SSYSSRC|VELOSYS|ZSOURCE|'
+                      r'VELANGL)[A-Z]?')
 
 
 def target_identity(path, data_format):
@@ -553,7 +627,7 @@ def target_identity(path, data_format):
     other than FITS): what training records (as `target_header`) for the Test's headers."""
     if data_format not in FITS_FORMATS:
         return {}
-    header = read_fits_header(path) or {}
+    header = read_fits_header(path)
     return {key: header[key] for key in FITS_IDENTITY_CARDS
             if key in header and isinstance(header[key], (str, int, float, bool))}
 
@@ -565,18 +639,109 @@ def data_unit(opt):
         (getattr(opt, 'target_header', None) or {}).get('BUNIT') or None
 
 
-def generated_header(input_header, identity, unit, history):
+def scaled_unit(unit, save_scale):
+    """BUNIT of data multiplied by `save_scale`: `unit` divided by it, so that values times
+    BUNIT stay the same physical quantity (README "Output files"). Values in G times 1000 are
+    in units of 10**-3 G, the FITS standard's way of writing a power of ten, which astropy
+    reads in its FITS and generic formats; another factor is written as a number ('0.4 G'),
+    which astropy's generic format (and sunpy) reads. None when there is no unit."""
+    if not unit or save_scale == 1:
+        return unit
+    exponent = round(math.log10(abs(save_scale)))
+    if save_scale > 0 and math.isclose(save_scale, 10.0 ** exponent, rel_tol=1e-12):
+        return f'10**{-exponent} {unit}'
+    return f'{1 / save_scale!r} {unit}'
+
+
+def describes_the_input(keyword):
+    """Whether an input card is left out of a generated map's header: the input's identity
+    (FITS_IDENTITY_CARDS), ORIGIN, and its exposure, calibration, values, processing and file
+    (FITS_INPUT_ONLY_CARDS)."""
+    return keyword in FITS_IDENTITY_CARDS + ('ORIGIN',) or bool(INPUT_ONLY_CARD.fullmatch(keyword))
+
+
+def image_plane_axes(header, channels):
+    """FITS axis numbers [x, y] of the image plane of a file with `channels` channels, as
+    `read_array` reads it: beyond 3 axes, the axes of length 1 are dropped; of 3, the channel
+    axis is the one `channel_axis` finds."""
+    naxis = header.get('NAXIS', 0)
+    axes = [(i, header.get(f'NAXIS{i}', 1)) for i in range(naxis, 0, -1)]  # numpy's order
+    if len(axes) > 3:
+        axes = [(i, length) for i, length in axes if length != 1]
+    if len(axes) == 3:  # (a file that read_array accepted has a channel axis)
+        axes.pop(channel_axis([length for _, length in axes], channels) or 0)
+    return sorted(i for i, _ in axes) if len(axes) == 2 else [1, 2]
+
+
+def world_descriptions(header):
+    """astropy's WCS of every world coordinate description in `header` (primary and
+    alternates); [] when astropy cannot read them, as no reader could use them then."""
+    from astropy.wcs import find_all_wcs
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore')  # astropy's notes on what it fixes in archive headers
+        try:
+            return find_all_wcs(header)
+        except ValueError:
+            return []
+
+
+def product_wcs(wcs, plane, channels):
+    """`wcs` restricted to the FITS axes `plane` (the image plane) and, for several target
+    channels, given a third axis whose world coordinate is the channel index: 0, 1, ... as
+    in the metrics' ch0_, ch1_ (README "Output files")."""
+    sub = wcs.sub(plane + [0] * (channels > 1))  # 0: a new linear axis
+    if channels > 1:
+        sub.wcs.ctype[2], sub.wcs.cname[2] = 'CHANNEL', 'target channel'
+        sub.wcs.crpix[2], sub.wcs.crval[2], sub.wcs.cdelt[2] = 1.0, 0.0, 1.0
+    return sub
+
+
+def with_product_wcs(header, plane, channels):
+    """`header` (the input's cards) with a WCS for the axes of the generated data: the
+    input's image plane (its FITS axes `plane`) and, when `channels` > 1, a channel axis
+    (`product_wcs`).
+
+    The input's WCS cards stay as they are when they already describe exactly those axes (a
+    2-D input, one target channel). Otherwise each of its descriptions is rewritten by
+    astropy: the wavelength axis of a C x H x W EUV cube would stay on a 2-D magnetogram, where
+    astropy and sunpy cannot use it. A description whose image plane is not separable from
+    its other axes has no WCS of its own and is left out. Cards astropy adds beside the WCS
+    (MJD-OBS, observer) are added only where the input has none.
+    """
+    from astropy.io import fits
+    if not any(WCS_CARD.fullmatch(key) for key in header):
+        return header
+    descriptions = world_descriptions(header)
+    if channels == 1 and plane == [1, 2] and all(wcs.wcs.naxis == 2 for wcs in descriptions):
+        return header
+    out = fits.Header([card for card in header.cards if not WCS_CARD.fullmatch(card.keyword)])
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore')  # astropy's notes on the cards it writes
+        for wcs in descriptions:
+            try:
+                cards = product_wcs(wcs, plane, channels).to_header(relax=True, key=wcs.wcs.alt)
+            except ValueError:
+                continue
+            out.extend(card for card in cards.cards if card.keyword not in out)
+    return out
+
+
+def generated_header(input_header, identity, unit, history, input_channels=1, channels=1):
     """Header of a generated FITS file.
 
-    input_header: the input's header (geometry, time, observer) or None; its identity cards
-    and ORIGIN are dropped. identity: the targets' identity cards ({} when they have none).
-    unit: BUNIT (None: the targets' own, if any). history: HISTORY lines.
+    input_header: the input's header (place, time, observer, WCS) or None; the cards that
+    `describes_the_input` are dropped, and its WCS is made that of the generated data's axes
+    (`with_product_wcs`; input_channels: the input's channel count, channels: the generated
+    data's). identity: the targets' identity cards ({} when they have none). unit: BUNIT
+    (None: the targets' own, if any). history: HISTORY lines.
     """
     from astropy.io import fits
     header = fits.Header()
     if input_header is not None:
         header.extend(card for card in input_header.cards
-                      if card.keyword not in FITS_IDENTITY_CARDS + ('ORIGIN',))
+                      if not describes_the_input(card.keyword))
+        header = with_product_wcs(header, image_plane_axes(input_header, input_channels),
+                                  channels)
     for key, value in identity.items():
         header[key] = value
     if unit:
@@ -588,14 +753,14 @@ def generated_header(input_header, identity, unit, history):
 
 
 def write_fits(path, data, header=None, history=(), **_):
-    """float32 FITS; `header` (e.g. from `generated_header`) is copied except the
-    data-shape/value cards."""
+    """float32 FITS; `header` (e.g. from `generated_header`) is copied except the cards of
+    how its data were stored (FITS_STORAGE_CARDS and NAXISn)."""
     from astropy.io import fits
     hdu = fits.PrimaryHDU(data.astype(np.float32))
     if header is not None:
         hdu.header.extend(card for card in header.cards
                           if not card.keyword.startswith('NAXIS')
-                          and card.keyword not in FITS_CARDS_NOT_COPIED)
+                          and card.keyword not in FITS_STORAGE_CARDS)
     for line in history:
         hdu.header.add_history(line)
     hdu.writeto(path, overwrite=True)

@@ -21,7 +21,7 @@ from pix2pixCC_Networks import Generator
 from pix2pixCC_Options import DATA_OPTIONS, NETWORK_OPTIONS, TestOption, UserError, run_main
 from pix2pixCC_Pipeline import (FITS_FORMATS, CustomDataset, Scaling, check_pairing, data_unit,
                                 generated_header, ignore_stop_signals, read_fits_header,
-                                write_array)
+                                scaled_unit, write_array)
 from pix2pixCC_Utils import (Precision, atomic_path, checkpoint_path, image_metrics,
                              load_state_dict, make_dirs, memory_format, metrics_table,
                              prepare_network, read_json, require_checkpoint, save_panel,
@@ -44,15 +44,17 @@ def generate(G, input, n_downsample, precision=None):
 
 def output_header(opt, input_path, iteration):
     """FITS header of the file generated from `input_path`: the input's geometry and time
-    (FITS inputs), the training targets' identity cards and unit, and the provenance."""
+    (FITS inputs), the training targets' identity cards and unit (divided by --save_scale),
+    and the provenance."""
     history = [f'pix2pixCC: generated from {os.path.basename(input_path)}',
                f'pix2pixCC: run {opt.dataset_name}, iteration {iteration}']
-    if opt.save_scale != 1:  # BUNIT no longer holds exactly
+    if opt.save_scale != 1:  # why BUNIT carries a factor (scaled_unit)
         history.append(f'pix2pixCC: values multiplied by --save_scale {opt.save_scale:g}')
     input_header = read_fits_header(input_path) if opt.data_format_input in FITS_FORMATS \
         else None
     return generated_header(input_header, getattr(opt, 'target_header', None) or {},
-                            data_unit(opt), history)
+                            scaled_unit(data_unit(opt), opt.save_scale), history,
+                            input_channels=opt.input_ch, channels=opt.target_ch)
 
 
 def load_generator(opt, path, device):

@@ -193,6 +193,61 @@ def copy_sample(root, n_train=6, n_test=3):
     return tuple(dirs)
 
 
+# Cards of a real AIA 171 level-1 header (SDO/AIA, 2011-02-15, as sunpy's test data holds it;
+# 128x128, so 19.18 arcsec pixels), and a few from real HMI and EIT headers: place, time and
+# observer, which a generated map keeps, and the input's identity, exposure, calibration,
+# value statistics, processing and file bookkeeping, which it must not.
+AIA_PLACE_AND_TIME = [
+    ('DATE-OBS', '2011-02-15T00:00:00.34'), ('T_OBS', '2011-02-15T00:00:01.34Z'),
+    ('CTYPE1', 'HPLN-TAN'), ('CTYPE2', 'HPLT-TAN'), ('CUNIT1', 'arcsec'), ('CUNIT2', 'arcsec'),
+    ('CRVAL1', -4.532172209851069), ('CRVAL2', 2.865574805180813),
+    ('CDELT1', 19.183648), ('CDELT2', 19.183648), ('CROTA2', 0.019413),
+    ('DSUN_OBS', 147724815128.0), ('HGLN_OBS', 0.0), ('HGLT_OBS', -6.820544),
+    ('CRLN_OBS', 22.814522), ('CRLT_OBS', -6.820544), ('RSUN_OBS', 971.812597),
+    ('RSUN_REF', 696000000.0), ('CAR_ROT', 2106)]
+AIA_IDENTITY = [('TELESCOP', 'SDO/AIA'), ('INSTRUME', 'AIA_3'), ('WAVELNTH', 171),
+                ('WAVEUNIT', 'angstrom'), ('ORIGIN', 'SDO/JSOC-SDP')]
+INPUT_ONLY = [
+    ('EXPTIME', 2.000191), ('EXPSDEV', 0.000132), ('INT_TIME', 2.273438), ('IMG_TYPE', 'LIGHT'),
+    ('DN_GAIN', 17.7), ('EFF_AREA', 2.419), ('PIXLUNIT', 'DN'),
+    ('DATAMIN', -6), ('DATAMAX', 12115), ('DATAMEAN', 250.34), ('DATAP01', 0.0),
+    ('DATAP99', 1474.0), ('DATACENT', 240.91), ('NSATPIX', 0), ('TOTVALS', 16777216),
+    ('PERCENTD', 100.0), ('NSPIKES', 18263), ('MISSVALS', 0),
+    ('QUALITY', 0), ('LVL_NUM', 1.0), ('BLD_VERS', 'V5R12X'),
+    ('FSN', 20781661), ('RECNUM', 69981867), ('DATE', '2012-10-12T23:56:57'),
+    ('DATAMIN2', 185.617004), ('DATAMAX2', 69371.945312), ('CALVER64', 8466),  # HMI
+    ('XPOSURE', 12.592), ('FILENAME', 'efz20040301.000010')]  # EIT
+
+
+def aia_cube_header(size, channels=3, channels_last=False):
+    """Header of a channels x size x size cube of AIA passbands (FITS axis 3 the wavelength:
+    CTYPE3 = 'WAVE', as a user stacking AIA images writes it; axis 1 with channels_last),
+    with the cards above and a BLANK card, as archive float files have."""
+    from astropy.io import fits
+    header = fits.Header()
+    for key, value in AIA_PLACE_AND_TIME + AIA_IDENTITY + INPUT_ONLY:
+        header[key] = value
+    header['CRPIX1'] = header['CRPIX2'] = (size + 1) / 2
+    header['WCSAXES'] = 3
+    for key, value in (('CTYPE', 'WAVE'), ('CUNIT', 'Angstrom'), ('CRPIX', 1.0),
+                       ('CRVAL', 171.0), ('CDELT', 22.0)):
+        header[f'{key}3'] = value
+    header['BLANK'] = -32768
+    if channels_last:  # the wavelength is FITS axis 1: axes 1, 2, 3 -> 3, 1, 2 (roll)
+        header = roll_wcs_axes(header)
+    return header
+
+
+def roll_wcs_axes(header):
+    """`header` with its WCS axes 1, 2, 3 renumbered 2, 3, 1."""
+    renamed = header.copy()
+    for key in ('CTYPE', 'CUNIT', 'CRPIX', 'CRVAL', 'CDELT'):
+        for axis in (1, 2, 3):
+            renamed[f'{key}{axis % 3 + 1}'] = header[f'{key}{axis}']
+    renamed.rename_keyword('CROTA2', 'CROTA3')
+    return renamed
+
+
 # ----------------------------------------------------------------------------------------
 # Running the drivers
 # ----------------------------------------------------------------------------------------

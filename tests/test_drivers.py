@@ -12,21 +12,24 @@ import os
 import re
 import shutil
 import sys
+import warnings
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import tifffile
 import torch
+from astropy import units as u
 from astropy.io import fits
+from astropy.wcs import WCS
 from PIL import Image
 
 import pix2pixCC_Test
 import pix2pixCC_Train
-from conftest import (NPY_DATA, SAMPLE_SCALING, TINY, assert_ok, assert_same_weights,
-                      assert_usage_error, copy_sample, load, load_generator, make_pairs,
-                      make_test_opt, read_user_file, reports, run_test, run_train,
-                      saved_steps_in, train_opt, write_user_file)
+from conftest import (NPY_DATA, SAMPLE_SCALING, TINY, aia_cube_header, assert_ok,
+                      assert_same_weights, assert_usage_error, copy_sample, load,
+                      load_generator, make_pairs, make_test_opt, read_user_file, reports,
+                      run_test, run_train, saved_steps_in, train_opt, write_user_file)
 from pix2pixCC_Networks import Discriminator, Generator
 
 
@@ -468,6 +471,70 @@ def test_test_uses_save_scale(in_tmp):
     constant_generator_checkpoint(make_test_opt(*flags), 0.5)
     assert pix2pixCC_Test.main(TINY + flags + ['--iteration', '3']) == 0
     np.testing.assert_allclose(np.load('checkpoints/sc/Image/Test/3/a_AI.npy'), 1.5, rtol=1e-5)
+
+
+@pytest.mark.parametrize('save_scale, bunit, unit_format', [
+    ('1000', '10**-3 G', 'fits'),  # a power of ten: as the FITS standard writes it
+    ('2.5', '0.4 G', 'generic'),   # any other factor: astropy's (and sunpy's) generic format
+])
+def test_save_scale_scales_bunit_so_the_physical_values_stay(in_tmp, save_scale, bunit,
+                                                              unit_format):
+    """README "Output files": a product written with --save_scale, read with its own BUNIT,
+    is the same physical quantity as the product written without it."""
+    os.makedirs('inputs')
+    np.save('inputs/a.npy', np.zeros((32, 32), np.float32))
+    flags = ['--dataset_name', 'su', '--data_format_input', 'npy', '--data_format_target',
+             'fits', '--target_unit', 'G', '--saturation_lower_limit_target', '-3000',
+             '--saturation_upper_limit_target', '3000', '--input_dir_test', 'inputs',
+             '--n_workers', '0']
+    constant_generator_checkpoint(make_test_opt(*flags), 0.5)
+    quantities = {}
+    for scale in ('1', save_scale):
+        assert pix2pixCC_Test.main(TINY + flags + ['--save_scale', scale, '--iteration', '3']) == 0
+        with fits.open('checkpoints/su/Image/Test/3/a_AI.fits') as hdul:
+            header = hdul[0].header
+            quantities[scale] = hdul[0].data * u.Unit(header['BUNIT'])
+    assert header['BUNIT'] == bunit
+    assert u.Unit(bunit, format=unit_format) == u.Unit(1 / float(save_scale) * u.G)
+    np.testing.assert_allclose(quantities[save_scale].to_value(u.G), 1500.0, rtol=1e-6)
+    np.testing.assert_allclose(quantities[save_scale].to_value(u.G),
+                               quantities['1'].to_value(u.G), rtol=1e-6)
+    assert quantities['1'].unit == u.G
+
+
+@pytest.mark.filterwarnings('ignore::astropy.wcs.FITSFixedWarning')  # MJD-OBS noted
+def test_map_from_aia_cubes_is_usable_by_wcs_readers_and_carries_no_aia_exposure(in_tmp):
+    """A Test run on 3-passband AIA cubes (README "Output files"): the magnetogram's WCS is
+    the cubes' image plane (2 axes, the same sky at every pixel), the AIA exposure, values,
+    processing and file cards are gone, and the BLANK card of the float cubes gives no
+    warning at each header read."""
+    os.makedirs('inputs')
+    cards = aia_cube_header(32)
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore')  # astropy's note on the BLANK card
+        fits.PrimaryHDU(np.full((3, 32, 32), 100, np.float32), header=cards).writeto(
+            'inputs/aia_20110215.fits')
+        input_wcs = WCS(fits.getheader('inputs/aia_20110215.fits')).celestial
+    flags = ['--dataset_name', 'cube', '--data_format_input', 'fits', '--data_format_target',
+             'fits', '--input_ch', '3', '--target_unit', 'G', '--input_dir_test', 'inputs',
+             '--n_workers', '0']
+    constant_generator_checkpoint(make_test_opt(*flags), 0.5)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter('always')
+        assert pix2pixCC_Test.main(TINY + flags + ['--iteration', '3']) == 0
+    assert not [str(w.message) for w in caught if 'BLANK' in str(w.message)]
+    header = fits.getheader('checkpoints/cube/Image/Test/3/aia_20110215_AI.fits')
+    wcs = WCS(header)
+    assert wcs.wcs.naxis == 2 and (header['NAXIS1'], header['NAXIS2']) == (32, 32)
+    pixels = [[0, 0], [10, 20], [31, 31]]
+    np.testing.assert_allclose(wcs.wcs_pix2world(pixels, 0), input_wcs.wcs_pix2world(pixels, 0),
+                               rtol=0, atol=1e-9)
+    for key in ('EXPTIME', 'DN_GAIN', 'EFF_AREA', 'PIXLUNIT', 'QUALITY', 'LVL_NUM', 'FSN',
+                'DATE', 'DATAP01', 'DATAP99', 'DATACENT', 'NSATPIX', 'TOTVALS', 'PERCENTD',
+                'DATAMIN2', 'WAVELNTH', 'CTYPE3'):
+        assert key not in header, key
+    assert (header['DATE-OBS'], header['HGLN_OBS'], header['DSUN_OBS']) == \
+        (cards['DATE-OBS'], cards['HGLN_OBS'], cards['DSUN_OBS'])
 
 
 def test_test_copies_no_header_when_the_input_is_not_fits(in_tmp):

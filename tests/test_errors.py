@@ -22,6 +22,7 @@ from conftest import (NPY_DATA, TINY, assert_ok, assert_usage_error, data_args, 
                       snapshot, train_opt, write_pairs)
 from pix2pixCC_Networks import Discriminator, Generator
 from pix2pixCC_Options import run_main
+from pix2pixCC_Pipeline import CustomDataset, check_dataset
 
 NAME = ['--dataset_name', 'earlier']
 
@@ -248,12 +249,15 @@ def noisy_run(tmp_path_factory):
     return root, proc
 
 
-def test_nan_and_inf_give_one_warning_and_finite_losses(noisy_run):
+def test_nan_and_inf_give_one_warning_per_side_and_finite_losses(noisy_run):
     root, proc = noisy_run
     lines = [line for line in (proc.stdout + proc.stderr).splitlines()
              if re.search(r'nan|inf\b|warn', line, re.IGNORECASE)]
-    assert len(lines) == 1, lines
-    assert re.search(r'\b5\b', lines[0]) and 'img_001.npy' in lines[0], lines[0]
+    assert len(lines) == 2, lines
+    assert '3 NaN/Inf value(s) in 1 input file(s)' in lines[0], lines[0]
+    assert os.path.join('Input', 'img_001.npy') in lines[0], lines[0]
+    assert '2 NaN/Inf value(s) in 1 target file(s)' in lines[1], lines[1]
+    assert os.path.join('Target', 'img_003.npy') in lines[1], lines[1]
     rows = loss_rows(root)
     assert len(rows) == 8
     for row in rows:
@@ -262,6 +266,24 @@ def test_nan_and_inf_give_one_warning_and_finite_losses(noisy_run):
     for kind in ('G', 'D'):
         for value in load(os.path.join(model_dir(root), f'8_{kind}.pt')).values():
             assert torch.isfinite(value).all()
+
+
+def test_nan_in_the_targets_only_names_the_target_side_and_file(tmp_path):
+    """README "What happens when…": the warning names the side and the first file that hold
+    NaN/Inf, not the input of that pair (which has none)."""
+    input_dir, target_dir = make_pairs(tmp_path, 'npy', n=3, size=32)
+    for name in ('img_001.npy', 'img_002.npy'):
+        y = np.load(os.path.join(target_dir, name))
+        y[0, :4] = np.nan
+        np.save(os.path.join(target_dir, name), y)
+    lines = []
+    dataset = CustomDataset(train_opt(*NPY_DATA, '--input_dir_train', input_dir,
+                                      '--target_dir_train', target_dir))
+    check_dataset(dataset, 4, log=lines.append)
+    assert len(lines) == 1, lines
+    assert lines[0].startswith('warning: 8 NaN/Inf value(s) in 2 target file(s) (first: '
+                               f"{os.path.join(target_dir, 'img_001.npy')});"), lines[0]
+    assert 'NaN becomes 0' in lines[0] and input_dir not in lines[0]
 
 
 def test_data_size_differing_from_the_files_gives_one_notice(noisy_run):

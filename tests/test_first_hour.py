@@ -154,6 +154,38 @@ def test_swapped_folders_are_named(tmp_path):
     assert 'swapped' in lines[0] and '--input_dir_train' in lines[0]
 
 
+def full_disk_pairs(root, low, high):
+    """Two 32x32 npy pairs: EUV-like inputs, zero off a disk that covers a third of the frame
+    and uniform in [low, high] on it; targets in [0, 100]. Returns the training options."""
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[:32, :32]
+    disk = (yy - 15.5) ** 2 + (xx - 15.5) ** 2 < 10 ** 2
+    for folder in ('Input', 'Target'):
+        os.makedirs(root / folder)
+    for i in range(2):
+        np.save(root / 'Input' / f'{i}.npy', np.where(disk, rng.uniform(low, high, disk.shape), 0))
+        np.save(root / 'Target' / f'{i}.npy', rng.uniform(0, 100, disk.shape))
+    return ['--data_format_input', 'npy', '--data_format_target', 'npy',
+            '--input_dir_train', str(root / 'Input'), '--target_dir_train', str(root / 'Target'),
+            '--logscale_input', 'True', '--saturation_lower_limit_input', '1',
+            '--saturation_upper_limit_input', '200', '--saturation_lower_limit_target', '0',
+            '--saturation_upper_limit_target', '100']
+
+
+def test_zeros_off_the_limb_on_a_log_scale_give_no_scaling_warning(tmp_path):
+    """README "What happens when…": with log scale, values <= 0 become the lower limit by
+    design; a full-disk image whose disk lies within the limits is well scaled."""
+    assert checked_lines(*full_disk_pairs(tmp_path, 1, 200)) == []
+
+
+def test_a_disk_beyond_the_limits_on_a_log_scale_still_warns(tmp_path):
+    lines = checked_lines(*full_disk_pairs(tmp_path, 300, 3000))
+    assert len(lines) == 1, lines
+    # Every on-disk value is beyond the upper limit; the zeros off the disk are not counted.
+    assert lines[0].startswith('warning: 100% of the input values lie outside the saturation '
+                               'limits [1, 200] (observed range 0 to '), lines[0]
+
+
 def test_no_scaling_warning_on_the_sample(tmp_path):
     train_in, train_tg, _ = copy_sample(tmp_path, n_train=4, n_test=0)
     assert checked_lines(*SAMPLE_SCALING, '--data_format_input', 'fits', '--data_format_target',

@@ -239,6 +239,17 @@ def test_invalid_limits_are_usage_errors(argv, fragment, capsys):
         assert len(lines) == 1 and fragment in lines[0], err
 
 
+@pytest.mark.parametrize('value', ['0', 'nan', 'inf'])
+def test_save_scale_must_be_a_non_zero_finite_number(value, capsys):
+    """FITS outputs' BUNIT is the unit divided by --save_scale (README "Output files")."""
+    for option_class in (TrainOption, TEST_OPTION):
+        with pytest.raises(SystemExit) as exit_info:
+            option_class().parse(['--save_scale', value])
+        assert exit_info.value.code == 2
+        lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+        assert len(lines) == 1 and '--save_scale must be a non-zero finite number' in lines[0]
+
+
 def test_valid_log_limits_are_accepted():
     opt = TrainOption().parse(['--logscale_input', 'True', '--saturation_lower_limit_input', '1',
                                '--saturation_upper_limit_input', '200'])

@@ -1,19 +1,22 @@
 """Data pipeline (SPEC section 3 and the writers of section 7): reading every format, channel
 layouts, scaling and its inverse, augmentation, the paired Dataset, and writing."""
 import os
+import warnings
 
 import numpy as np
 import pytest
 import torch
 from astropy.io import fits
+from astropy.wcs import WCS
 from PIL import Image
 
-from conftest import (ALL_FORMATS, make_test_opt, read_user_file, smooth_field, train_opt,
-                      write_pairs, write_user_file)
+from conftest import (AIA_PLACE_AND_TIME, ALL_FORMATS, INPUT_ONLY, aia_cube_header,
+                      make_test_opt, read_user_file, smooth_field, train_opt, write_pairs,
+                      write_user_file)
 from pix2pixCC_Options import UserError
 from pix2pixCC_Pipeline import (CustomDataset, Scaling, generated_header, list_files,
-                                random_pad_and_crop, random_rotation, read_array, to_chw,
-                                write_array)
+                                random_pad_and_crop, random_rotation, read_array,
+                                read_fits_header, to_chw, write_array)
 
 H, W = 24, 40  # not square, so a transposed read shows
 
@@ -107,6 +110,24 @@ def test_fits_scaled_integers_are_read_in_physical_units(tmp_path):
     path = str(tmp_path / 'scaled.fits')
     hdu.writeto(path)
     np.testing.assert_allclose(read_array(path, 'fits', 1)[0], values * 0.5 + 100.0)
+
+
+def test_reading_a_float_fits_file_with_a_blank_card_is_quiet(tmp_path):
+    """Archive files (AIA, HMI, SECCHI) keep a BLANK card in float files, which astropy
+    warns about at every opening: the data and the header are read without a word (a Test
+    run reads the header of every input again)."""
+    header = fits.Header()
+    header['BLANK'] = -32768
+    path = str(tmp_path / 'archive.fits')
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore')  # astropy warns when writing it, too
+        fits.PrimaryHDU(field(1)[0], header=header).writeto(path)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter('always')
+        header = read_fits_header(path)
+        data = read_array(path, 'fits', 1)
+    assert [str(w.message) for w in caught] == []
+    assert header['BLANK'] == -32768 and data.shape == (1, H, W)
 
 
 @pytest.mark.parametrize('fmt', ALL_FORMATS)
@@ -566,6 +587,120 @@ def test_write_fits_copies_the_header_but_not_value_cards(tmp_path):
     assert 'calibrated by the instrument team' in history
     assert 'pix2pixCC: generated from in.fits' in history and 'pix2pixCC: iteration=7' in history
     assert list(out.keys()).count('SIMPLE') == 1
+
+
+def input_file_header(tmp_path, cards, shape):
+    """The header of a float32 FITS input of `shape` with `cards`, as the Test reads it."""
+    path = str(tmp_path / 'input.fits')
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore')  # astropy's note on the BLANK card
+        fits.PrimaryHDU(np.zeros(shape, np.float32), header=cards).writeto(path, overwrite=True)
+    return read_fits_header(path)
+
+
+def written_header(tmp_path, input_header, input_channels, channels):
+    """The header of a generated map written from an input with `input_header`, and its
+    shape (channels x 32 x 32, one channel written as 32 x 32)."""
+    out_header = generated_header(input_header, {'INSTRUME': 'HMI', 'TELESCOP': 'SDO/HMI'},
+                                  'G', ['pix2pixCC: generated from cube.fits'],
+                                  input_channels=input_channels, channels=channels)
+    path = str(tmp_path / 'out.fits')
+    write_array(path, np.zeros((channels, 32, 32), np.float32), 'fits', header=out_header)
+    with fits.open(path) as hdul:
+        return hdul[0].header, hdul[0].data.shape
+
+
+def plane_world(wcs, pixels, plane_axes=(0, 1), naxis=None):
+    """World coordinates of image-plane `pixels` [(x, y), ...] (0-based) under `wcs`, whose
+    image-plane axes are `plane_axes` of its `naxis` pixel axes (others at pixel 0)."""
+    naxis = naxis or wcs.wcs.naxis
+    coordinates = np.zeros((len(pixels), naxis))
+    coordinates[:, list(plane_axes)] = pixels
+    world = wcs.wcs_pix2world(coordinates, 0)
+    return world[:, list(plane_axes)]
+
+
+PIXELS = [(0, 0), (10, 20), (31, 5), (15.5, 15.5)]
+
+
+@pytest.mark.filterwarnings('ignore::astropy.wcs.FITSFixedWarning')  # MJD-OBS noted
+@pytest.mark.parametrize('channels_last', [False, True])
+def test_map_from_a_multi_channel_fits_cube_has_the_image_planes_wcs(tmp_path, channels_last):
+    """README "Output files": a 2-D magnetogram made from a 3 x H x W EUV cube whose header
+    describes its wavelength axis (WCSAXES = 3, CTYPE3 = 'WAVE') has a 2-axis WCS that maps
+    its pixels where the cube's image plane maps them (the wavelength axis would leave
+    astropy, sunpy and reproject unable to use it)."""
+    input_header = input_file_header(tmp_path, aia_cube_header(32, channels_last=channels_last),
+                                     (32, 32, 3) if channels_last else (3, 32, 32))
+    input_wcs = WCS(input_header)
+    header, shape = written_header(tmp_path, input_header, 3, 1)
+    wcs = WCS(header)
+    assert shape == (32, 32) and wcs.wcs.naxis == 2 and wcs.pixel_n_dim == 2
+    assert list(wcs.wcs.ctype) == ['HPLN-TAN', 'HPLT-TAN']
+    assert 'WAVE' not in repr(header) and 'WCSAXES' not in header or header['WCSAXES'] == 2
+    np.testing.assert_allclose(plane_world(wcs, PIXELS),
+                               plane_world(input_wcs, PIXELS, (1, 2) if channels_last else
+                                           (0, 1)), rtol=0, atol=1e-9)
+    for key in ('DATE-OBS', 'T_OBS', 'HGLN_OBS', 'HGLT_OBS', 'DSUN_OBS', 'RSUN_OBS',
+                'CRLN_OBS'):
+        assert header[key] == input_header[key], key
+
+
+@pytest.mark.filterwarnings('ignore::astropy.wcs.FITSFixedWarning')  # MJD-OBS noted
+def test_several_target_channels_get_a_channel_index_axis(tmp_path):
+    """README "Output files": C target channels are written C x H x W, and the third axis of
+    their WCS is the channel index 0, 1, ... (CTYPE3 'CHANNEL'), not the input's wavelength."""
+    input_header = input_file_header(tmp_path, aia_cube_header(32), (3, 32, 32))
+    header, shape = written_header(tmp_path, input_header, 3, 2)
+    wcs = WCS(header)
+    assert shape == (2, 32, 32) and wcs.wcs.naxis == 3
+    assert (header['CTYPE3'], header['CNAME3']) == ('CHANNEL', 'target channel')
+    world = wcs.wcs_pix2world([[10, 20, 0], [10, 20, 1]], 0)
+    np.testing.assert_allclose(world[:, 2], [0, 1])
+    np.testing.assert_allclose(world[:, :2], plane_world(WCS(input_header), [(10, 20)] * 2),
+                               rtol=0, atol=1e-9)
+
+
+@pytest.mark.filterwarnings('ignore::astropy.wcs.FITSFixedWarning')  # MJD-OBS noted
+def test_map_from_a_2d_input_gets_the_channel_axis_only_for_several_channels(tmp_path):
+    cards = aia_cube_header(32)
+    for key in ('WCSAXES', 'CTYPE3', 'CUNIT3', 'CRPIX3', 'CRVAL3', 'CDELT3'):
+        del cards[key]
+    input_header = input_file_header(tmp_path, cards, (32, 32))
+    input_wcs = WCS(input_header)
+    header, _ = written_header(tmp_path, input_header, 1, 1)
+    # Already the map's axes: the input's WCS cards as they are.
+    for key in ('CTYPE1', 'CRPIX1', 'CRVAL1', 'CDELT1', 'CUNIT1', 'CROTA2', 'CRVAL2'):
+        assert header[key] == input_header[key], key
+    header, _ = written_header(tmp_path, input_header, 1, 3)
+    assert WCS(header).wcs.naxis == 3 and header['CTYPE3'] == 'CHANNEL'
+    np.testing.assert_allclose(plane_world(WCS(header), PIXELS), plane_world(input_wcs, PIXELS),
+                               rtol=0, atol=1e-9)
+
+
+def test_image_plane_that_depends_on_the_channel_gives_a_map_without_a_wcs(tmp_path):
+    """A cube whose sky position moves with the wavelength (PC1_3) has no image-plane WCS of
+    its own: the map gets none rather than a wrong one, and keeps its time and observer."""
+    cards = aia_cube_header(32)
+    del cards['CROTA2']
+    cards['PC1_3'] = 0.5
+    header, _ = written_header(tmp_path, input_file_header(tmp_path, cards, (3, 32, 32)), 3, 1)
+    assert not [key for key in header if key.startswith(('CTYPE', 'CRPIX', 'PC', 'WCSAXES'))]
+    assert header['DATE-OBS'] == cards['DATE-OBS'] and header['HGLT_OBS'] == cards['HGLT_OBS']
+
+
+def test_generated_map_drops_the_inputs_exposure_values_processing_and_file_cards(tmp_path):
+    """README "Output files": sunpy would otherwise report an HMI-like map made from AIA with
+    AIA's 2 s exposure, level 1 and AIA's value percentiles."""
+    input_header = input_file_header(tmp_path, aia_cube_header(32), (3, 32, 32))
+    header, _ = written_header(tmp_path, input_header, 3, 1)
+    for key, _ in INPUT_ONLY + [('WAVELNTH', 0), ('WAVEUNIT', 0), ('BLANK', 0)]:
+        assert key not in header, key
+    assert (header['INSTRUME'], header['TELESCOP'], header['ORIGIN']) == \
+        ('HMI', 'SDO/HMI', 'pix2pixCC')
+    for key, value in AIA_PLACE_AND_TIME:
+        if not key.startswith('C') or key.startswith('CR') and key.endswith('_OBS'):
+            assert header[key] == value, key  # place, time, observer (the WCS: above)
 
 
 def test_write_three_channel_sixteen_bit_png_is_a_user_error(tmp_path):
