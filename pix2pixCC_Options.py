@@ -134,6 +134,9 @@ class BaseOption:
             help='targets of the test inputs: enables the metrics (CC, RMSE, flux)')
         add('checking', '--metric_bins', type=int, nargs='+', default=[1, 2, 4, 8],
             help='binning factors k (k x k block means) at which metrics are computed')
+        add('checking', '--check_pairing', boolean=True, default=True,
+            help='stop when input and target file names show a wrong pairing (training '
+                 'pairs; in the Test script, --input_dir_test with --target_dir_test)')
 
         add('training hyper-parameters', '--batch_size', type=int, default=1, training=True,
             help='samples per iteration')
@@ -181,8 +184,6 @@ class BaseOption:
             help='folder of the training inputs')
         add('data', '--target_dir_train', type=str, default='./datasets/Train/Target',
             help='folder of the training targets (input i pairs with target i by sorted name)')
-        add('checking', '--check_pairing', boolean=True, default=True,
-            help='stop when input and target file names show a wrong pairing')
         add('training hyper-parameters', '--n_epochs', type=int, default=150,
             help='epochs at the constant --lr')
         add('training hyper-parameters', '--n_epochs_decay', type=int, default=0,

@@ -181,6 +181,17 @@ def best_iteration(by_iteration, bins, channels):
     return best['iteration'], key, best[key]
 
 
+def check_test_pairs(dataset, opt):
+    """With targets: the pairing by names (unless --check_pairing False) and every pair's
+    size, from the names and the files' headers, so that a problem stops the run before
+    its first output."""
+    if dataset.target_paths is None:
+        return
+    if opt.check_pairing:
+        check_pairing(dataset.input_paths, dataset.target_paths)
+    dataset.check_sizes()
+
+
 def require_run(opt):
     """Raise UserError when ./checkpoints/<dataset_name> does not exist, naming the runs that
     do (without it, a typo in --dataset_name would surface later as a puzzling data or
@@ -221,8 +232,7 @@ def main(argv=None):
 
     # Data and checkpoints
     dataset = CustomDataset(opt)
-    if dataset.target_paths is not None:
-        check_pairing(dataset.input_paths, dataset.target_paths)
+    check_test_pairs(dataset, opt)
     if opt.iteration == -1:
         iterations = saved_steps(opt.model_dir, 'G')
         if not iterations:

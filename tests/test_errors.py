@@ -18,8 +18,8 @@ from astropy.io import fits
 
 import pix2pixCC_Train
 from conftest import (NPY_DATA, TINY, assert_ok, assert_usage_error, data_args, load,
-                      loss_rows, make_pairs, model_dir, run_test, run_train, saved_steps_in,
-                      snapshot, train_opt, write_pairs)
+                      loss_rows, make_pairs, model_dir, read_csv_rows, run_test, run_train,
+                      saved_steps_in, snapshot, train_opt, write_pairs, write_user_file)
 from pix2pixCC_Networks import Discriminator, Generator
 from pix2pixCC_Options import run_main
 
@@ -126,6 +126,19 @@ def test_input_and_target_sizes_differ(tmp_path, earlier_run):
                    os.path.join(target_dir, 'img_001.npy') + ' is 64x64')
 
 
+@pytest.mark.parametrize('fmt', ['npy', 'fits'])
+def test_test_target_of_another_size_is_refused_before_any_output(tmp_path, earlier_run, fmt):
+    """Checked for every pair from the files' headers before the first output (the last
+    pair differs here); nothing is written, not even the output folder."""
+    input_dir, target_dir = make_pairs(tmp_path, fmt, n=3, size=32)
+    write_user_file(os.path.join(target_dir, f'img_002.{fmt}'), np.zeros((64, 64), np.float32),
+                    fmt)
+    proc = translate_in(tmp_path, input_dir, '--iteration', '2', '--target_dir_test',
+                        target_dir, '--data_format_input', fmt, '--data_format_target', fmt)
+    assert_refused(proc, earlier_run, os.path.join(input_dir, f'img_002.{fmt}') + ' is 32x32',
+                   os.path.join(target_dir, f'img_002.{fmt}') + ' is 64x64')
+
+
 def test_channel_count_mismatch(tmp_path, earlier_run):
     input_dir, target_dir = make_pairs(tmp_path, 'npy', n=2, channels=3, target_channels=1)
     proc = train_in(tmp_path, input_dir, target_dir)  # --input_ch 1
@@ -226,6 +239,18 @@ def test_check_pairing_false_skips_the_check(tmp_path):
     input_dir, target_dir = named_pairs(tmp_path, ['a', 'b', 'c'], ['a', 'c', 'd'])
     assert_ok(train_in(tmp_path, input_dir, target_dir, '--check_pairing', 'False'))
     assert saved_steps_in(model_dir(tmp_path, 'earlier')) == [3]
+
+
+def test_test_checks_the_pairing_unless_check_pairing_false(tmp_path, earlier_run):
+    input_dir, target_dir = named_pairs(tmp_path, ['a', 'b', 'c'], ['a', 'c', 'd'])
+    pairs = ['--iteration', '2', '--target_dir_test', target_dir]
+    proc = translate_in(tmp_path, input_dir, *pairs)
+    assert_refused(proc, earlier_run, 'pair 1', 'b.npy', 'c.npy', '--check_pairing False')
+    proc = translate_in(tmp_path, input_dir, *pairs, '--check_pairing', 'False')
+    assert_ok(proc)
+    assert 'no effect' not in proc.stdout, proc.stdout
+    _, rows = read_csv_rows(earlier_run.dir / 'Image' / 'Test' / '2' / 'metrics.csv')
+    assert [row['file'] for row in rows] == ['a', 'b', 'c']
 
 
 # ----------------------------------------------------------------------------------------
