@@ -209,6 +209,24 @@ def require_run(opt):
                     f"{', '.join(runs) if runs else 'none'}; check --dataset_name")
 
 
+SATURATION_LIMITS = ('saturation_lower_limit_input', 'saturation_upper_limit_input',
+                     'saturation_lower_limit_target', 'saturation_upper_limit_target')
+
+
+def default_limits_notice(opt, explicit):
+    """A line for a run without train_options.json (a run of the published code) whose
+    saturation limits are left at this script's defaults, else None: the published code's
+    defaults differ (README "Differences from the reference code"), and wrong limits give
+    outputs in the wrong units without any error."""
+    left = [f'--{name}' for name in SATURATION_LIMITS if name not in explicit]
+    if not left:
+        return None
+    return (f"notice: {opt.checkpoint_dir} has no train_options.json and {' '.join(left)} "
+            f"{'is' if len(left) == 1 else 'are'} at this script's defaults (lower -1, upper "
+            f"1; the published code's are 0 and 255 since June 2022): pass the saturation "
+            f"limits the model was trained with")
+
+
 def main(argv=None):
     # Options: the network shape and the data's units travel with the model.
     option = TestOption()
@@ -218,9 +236,13 @@ def main(argv=None):
         print(f"note: training options have no effect here: "
               f"{' '.join('--' + name for name in option.ignored())}")
     trained = read_json(opt.checkpoint_dir, 'train_options.json')
-    if trained:
+    if trained is not None:
         option.adopt(opt, trained, NETWORK_OPTIONS + DATA_OPTIONS,
                      os.path.join(opt.checkpoint_dir, 'train_options.json'))
+    else:
+        notice = default_limits_notice(opt, option.explicit)
+        if notice:
+            print(notice)
     # The targets' FITS identity cards (unit, instrument, ...) for generated headers; None
     # when unknown (a run without train_options.json).
     opt.target_header = (trained or {}).get('target_header')
