@@ -334,6 +334,12 @@ class TestOption(BaseOption):
 
     def __init__(self):
         super().__init__()
+        # The defaults shown are the parser's; a run's own options decide (README "Options").
+        self.parser.description = (
+            "Translate the test inputs with a trained generator. The network and data "
+            "options (formats, channels, scaling, network shape) default to the run's "
+            "checkpoints/<dataset_name>/train_options.json when it exists; the defaults shown "
+            "below apply to a run without one (e.g. one trained with the published code).")
         self.add_training_options()
         self.add('test', '--input_dir_test', type=str, default='./datasets/Test/Input',
                  help='inputs to translate')

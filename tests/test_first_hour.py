@@ -223,6 +223,17 @@ def test_test_help_shows_only_test_options_but_training_ones_still_parse(tmp_pat
     assert opt.iteration == -1  # parsed, and nothing else changes
 
 
+def test_test_help_says_the_runs_options_replace_the_defaults_shown(tmp_path):
+    """The Test script takes the network and data options from train_options.json: --help
+    says so, rather than suggest its defaults (tif, -1/1, 4 downsamplings) apply."""
+    proc = run_script(TEST_SCRIPT, ['--help'], cwd=tmp_path)
+    assert_ok(proc)
+    description = ' '.join(proc.stdout.split('\n\n')[1].split())
+    assert 'train_options.json' in description and 'defaults shown' in description, \
+        description
+    assert 'network' in description and 'data options' in description
+
+
 # ----------------------------------------------------------------------------------------
 # 5. Errors that point at the real cause; extension families
 # ----------------------------------------------------------------------------------------
