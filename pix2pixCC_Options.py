@@ -348,6 +348,13 @@ class TestOption(BaseOption):
         self.add('test', '--save_panels', boolean=True, default=False,
                  help='with --target_dir_test: a PNG panel input | real | generated | '
                       'difference per file')
+        self.add('test', '--output_dir', type=str, default=None,
+                 help='folder of the outputs (default: checkpoints/<dataset_name>/Image/Test/'
+                      '<iteration>); with --iteration -1, each generator\'s go into '
+                      'DIR/<iteration>/ (default DIR: checkpoints/<dataset_name>/Image/Test)')
+        self.add('test', '--overwrite', boolean=True, default=False,
+                 help='replace the outputs of an earlier, different Test run in --output_dir '
+                      '(only the files a Test run writes are removed)')
         self.add('test', '--no_shuffle', boolean=True, default=True, training=True,
                  help='kept for compatibility; test order is by name')
 

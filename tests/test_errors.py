@@ -416,3 +416,58 @@ def test_pickled_checkpoint_is_refused_when_resuming(tmp_path, earlier_run, evil
     proc = train_in(tmp_path, input_dir, target_dir, '--latest_iter', '2', '--n_epochs', '2')
     assert_refused(proc, earlier_run, 'cannot load', f'2_{evil}.pt')
     assert not marker.exists()
+
+
+# ----------------------------------------------------------------------------------------
+# Test output folders: one run's outputs per folder
+# ----------------------------------------------------------------------------------------
+
+@pytest.fixture
+def tested(tmp_path, earlier_run):
+    """The earlier run's generator 2 tested on two inputs into the default folder."""
+    input_dir, _ = make_pairs(tmp_path / 'a', 'npy', n=2)
+    assert_ok(translate_in(tmp_path, input_dir, '--iteration', '2'))
+    earlier_run.remember()
+    return input_dir
+
+
+@pytest.mark.parametrize('change', ['other inputs', 'one more input', 'scaling'])
+def test_test_refuses_a_folder_holding_another_runs_outputs(tmp_path, earlier_run, tested,
+                                                            change):
+    input_dir, extra = tested, []
+    if change == 'other inputs':
+        input_dir, _ = make_pairs(tmp_path / 'b', 'npy', n=2, seed=1)
+    elif change == 'one more input':
+        np.save(os.path.join(input_dir, 'img_002.npy'), np.ones((32, 32), np.float32))
+        earlier_run.remember()
+    else:
+        extra = ['--saturation_upper_limit_target', '1000']
+    proc = translate_in(tmp_path, input_dir, '--iteration', '2', *extra)
+    line = assert_refused(proc, earlier_run, os.path.join('Image', 'Test', '2'),
+                          'holds outputs of another run', '--output_dir', '--overwrite')
+    assert ('--saturation_upper_limit_target' in line) == (change == 'scaling'), line
+
+
+def test_test_refuses_outputs_without_a_record(tmp_path, earlier_run, tested):
+    os.remove(earlier_run.dir / 'Image' / 'Test' / '2' / 'test_run.json')
+    earlier_run.remember()
+    proc = translate_in(tmp_path, tested, '--iteration', '2')
+    assert_refused(proc, earlier_run, 'no test_run.json', '--output_dir', '--overwrite')
+
+
+def test_test_every_generator_refused_before_the_first_is_run(tmp_path, earlier_run):
+    """--iteration -1 into a folder whose last generator's outputs are another run's: the
+    first generator's folder stays as it was (and empty)."""
+    (earlier_run.dir / 'Model' / '4_G.pt').write_bytes((earlier_run.dir / 'Model' /
+                                                        '2_G.pt').read_bytes())
+    input_dir, _ = make_pairs(tmp_path / 'a', 'npy', n=2)
+    other_dir, _ = make_pairs(tmp_path / 'b', 'npy', n=2, seed=1)
+    assert_ok(translate_in(tmp_path, other_dir, '--iteration', '4', '--output_dir',
+                           'results/4'))
+    earlier_run.remember()
+    results = snapshot(tmp_path / 'results', with_dirs=True)
+    proc = translate_in(tmp_path, input_dir, '--iteration', '-1', '--output_dir', 'results')
+    line = assert_refused(proc, earlier_run, os.path.join('results', '4'), '--output_dir',
+                          '--overwrite')
+    assert 'input folder' in line
+    assert snapshot(tmp_path / 'results', with_dirs=True) == results

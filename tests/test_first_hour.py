@@ -101,7 +101,8 @@ def test_target_unit_labels_npy_targets(in_tmp, capsys):
     capsys.readouterr()
     assert pix2pixCC_Test.main(['--gpu_ids', '-1', '--dataset_name', 'units', '--n_workers',
                                 '0', '--input_dir_test', train_in, '--target_dir_test',
-                                train_tg, '--iteration', '2', '--save_panels']) == 0
+                                train_tg, '--iteration', '2', '--save_panels',
+                                '--overwrite']) == 0
     stdout = capsys.readouterr().out
     assert '[G]' in stdout and '[G px]' in stdout and 'unsigned flux' in stdout
     title, description = panel_text('checkpoints/units/Image/Test/2/img_001_panel.png')
@@ -211,7 +212,8 @@ def test_test_help_shows_only_test_options_but_training_ones_still_parse(tmp_pat
     assert_ok(proc)
     entries = help_entries(proc.stdout)
     for name in ('--iteration', '--input_dir_test', '--target_dir_test', '--save_panels',
-                 '--dataset_name', '--saturation_upper_limit_target', '--target_unit'):
+                 '--dataset_name', '--saturation_upper_limit_target', '--target_unit',
+                 '--check_pairing', '--output_dir', '--overwrite'):
         assert name in entries and '(default:' in entries[name], name
     for name in ('--lr', '--lambda_CC', '--n_epochs', '--n_epochs_decay', '--keep_states',
                  '--tensorboard', '--beta1', '--seed', '--latest_iter', '--display_freq'):
@@ -265,7 +267,8 @@ def test_a_folder_of_tiff_files_with_format_tif(in_tmp):
                                          'Target', '--n_epochs', '1']) == 0
     assert pix2pixCC_Test.main(flags + ['--input_dir_test', 'Input', '--iteration', '2']) == 0
     # The output's extension is --data_format_target's.
-    assert sorted(os.listdir('checkpoints/tiffs/Image/Test/2')) == ['0_AI.tif', '1_AI.tif']
+    assert sorted(os.listdir('checkpoints/tiffs/Image/Test/2')) == ['0_AI.tif', '1_AI.tif',
+                                                                    'test_run.json']
 
 
 # ----------------------------------------------------------------------------------------

@@ -235,7 +235,8 @@ def test_reference_checkpoint_gives_reference_physical_values(tmp_path, save_sca
     UpIA, LoIA = 3000.0, -3000.0
     out_dir = tmp_path / 'checkpoints' / 'ref' / 'Image' / 'Test' / '7'
     names = sorted(os.listdir(test_input))
-    assert sorted(os.listdir(out_dir)) == sorted(n.replace('.fits', '_AI.fits') for n in names)
+    assert sorted(os.listdir(out_dir)) == \
+        sorted(n.replace('.fits', '_AI.fits') for n in names) + ['test_run.json']
     ref_dir = tmp_path / 'reference'
     os.makedirs(ref_dir)
     G.eval()
