@@ -151,6 +151,9 @@ class BaseOption:
             help='targets of the test inputs: enables the metrics (CC, RMSE, flux)')
         add('checking', '--metric_bins', type=int, nargs='+', default=[1, 2, 4, 8],
             help='binning factors k (k x k block means) at which metrics are computed')
+        add('checking', '--check_pairing', boolean=True, default=True,
+            help='stop when input and target file names show a wrong pairing (training '
+                 'pairs; in the Test script, --input_dir_test with --target_dir_test)')
 
         add('training hyper-parameters', '--batch_size', type=int, default=1, training=True,
             help='samples per iteration')
@@ -204,8 +207,6 @@ class BaseOption:
             help='folder of the training inputs')
         add('data', '--target_dir_train', type=str, default='./datasets/Train/Target',
             help='folder of the training targets (input i pairs with target i by sorted name)')
-        add('checking', '--check_pairing', boolean=True, default=True,
-            help='stop when input and target file names show a wrong pairing')
         add('training hyper-parameters', '--n_epochs', type=int, default=150,
             help='epochs at the constant --lr')
         add('training hyper-parameters', '--n_epochs_decay', type=int, default=0,
@@ -361,6 +362,12 @@ class TestOption(BaseOption):
 
     def __init__(self):
         super().__init__()
+        # The defaults shown are the parser's; a run's own options decide (README "Options").
+        self.parser.description = (
+            "Translate the test inputs with a trained generator. The network and data "
+            "options (formats, channels, scaling, network shape) default to the run's "
+            "checkpoints/<dataset_name>/train_options.json when it exists; the defaults shown "
+            "below apply to a run without one (e.g. one trained with the published code).")
         self.add_training_options()
         self.add('test', '--input_dir_test', type=str, default='./datasets/Test/Input',
                  help='inputs to translate')
@@ -369,6 +376,13 @@ class TestOption(BaseOption):
         self.add('test', '--save_panels', boolean=True, default=False,
                  help='with --target_dir_test: a PNG panel input | real | generated | '
                       'difference per file')
+        self.add('test', '--output_dir', type=str, default=None,
+                 help='folder of the outputs (default: checkpoints/<dataset_name>/Image/Test/'
+                      '<iteration>); with --iteration -1, each generator\'s go into '
+                      'DIR/<iteration>/ (default DIR: checkpoints/<dataset_name>/Image/Test)')
+        self.add('test', '--overwrite', boolean=True, default=False,
+                 help='replace the outputs of an earlier, different Test run in --output_dir '
+                      '(only the files a Test run writes are removed)')
         self.add('test', '--no_shuffle', boolean=True, default=True, training=True,
                  help='kept for compatibility; test order is by name')
 

@@ -97,22 +97,26 @@ READERS = {'png': read_image, 'jpg': read_image, 'jpeg': read_image,
 CHANNELS_LAST_FORMATS = ('png', 'jpg', 'jpeg')
 
 
-def to_chw(array, channels, path, channels_last=False):
-    """Return `array` as C x H x W with C == `channels`.
+def chw_layout(shape, channels, path, channels_last=False):
+    """How `to_chw` arranges an array of `shape`: (its 3-D shape, the axis of its channels,
+    which moves first).
 
-    H x W becomes 1 x H x W. A 3-D array is taken as C x H x W unless its channel axis is
-    last (`channels_last`, or when only the last axis equals `channels`).
+    H x W becomes 1 x H x W; axes of length 1 beyond three are dropped. A 3-D array is taken
+    as C x H x W unless its channel axis is last (`channels_last`, or when only the last
+    axis equals `channels`). Shared with `stored_size`, which knows only the shape.
     """
-    array = np.squeeze(array) if array.ndim > 3 else array
-    if array.ndim == 2:
-        array = array[None]
-    if array.ndim != 3:
-        raise UserError(f"{path}: expected a 2-D or 3-D array, got shape {array.shape}")
-    axis = channel_axis(array.shape, channels, channels_last)
+    shape = tuple(shape)
+    if len(shape) > 3:  # what np.squeeze does
+        shape = tuple(n for n in shape if n != 1)
+    if len(shape) == 2:
+        shape = (1,) + shape
+    if len(shape) != 3:
+        raise UserError(f"{path}: expected a 2-D or 3-D array, got shape {shape}")
+    axis = channel_axis(shape, channels, channels_last)
     if axis is None:
-        raise UserError(f"{path}: shape {array.shape} has no axis of {channels} channel(s); "
+        raise UserError(f"{path}: shape {shape} has no axis of {channels} channel(s); "
                         f"set --input_ch/--target_ch to the number of channels in the files")
-    return np.ascontiguousarray(np.moveaxis(array, axis, 0), dtype=np.float32)
+    return shape, axis
 
 
 def channel_axis(shape, channels, channels_last=False):
@@ -124,17 +128,80 @@ def channel_axis(shape, channels, channels_last=False):
     return 0 if first else None
 
 
-def read_array(path, data_format, channels):
-    """Read one file of `data_format` as a float32 C x H x W array."""
-    reader = READERS[data_format]
+def to_chw(array, channels, path, channels_last=False):
+    """Return `array` as C x H x W with C == `channels` (see `chw_layout`)."""
+    shape, axis = chw_layout(array.shape, channels, path, channels_last)
+    return np.ascontiguousarray(np.moveaxis(array.reshape(shape), axis, 0), dtype=np.float32)
+
+
+def call_reader(reader, path, data_format):
+    """reader(path), with any failure but a UserError turned into one naming the file."""
     try:
-        array = reader(path)
+        return reader(path)
     except UserError:
         raise
     except Exception as error:  # corrupt, truncated or pickled files: name the file
         reason = str(error).splitlines()[0] if str(error) else type(error).__name__
         raise UserError(f"cannot read {path} as {data_format}: {reason}") from None
+
+
+def read_array(path, data_format, channels):
+    """Read one file of `data_format` as a float32 C x H x W array."""
+    array = call_reader(READERS[data_format], path, data_format)
     return to_chw(array, channels, path, channels_last=data_format in CHANNELS_LAST_FORMATS)
+
+
+# Shapes from the files' headers alone: checking every pair's size before a Test run writes
+# anything must not read every file twice.
+
+def npy_shape(path):
+    # A memory map reads the header only (and, like read_npy, refuses pickled objects).
+    return np.load(path, mmap_mode='r', allow_pickle=False).shape
+
+
+def fits_shape(path):
+    """Shape of the HDU that `read_fits` reads, from its header."""
+    from astropy.io import fits
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore')  # read_fits reports what matters when it reads
+        with fits.open(path, memmap=False) as hdul:
+            for hdu in hdul:
+                if hdu.is_image and hdu.shape and all(hdu.shape):
+                    return tuple(hdu.shape)
+    raise UserError(f"{path}: no HDU with image data")
+
+
+def tiff_shape(path):
+    import tifffile
+    with tifffile.TiffFile(path) as tif:
+        return tuple(tif.series[0].shape)  # the series tifffile.imread reads
+
+
+def image_shape(path):
+    """Shape of the array `read_image` returns (palette images become RGB or RGBA)."""
+    with Image.open(path) as image:  # Pillow reads the header until the pixels are asked for
+        bands = (4 if 'transparency' in image.info else 3) if image.mode == 'P' \
+            else len(image.getbands())
+        return (image.height, image.width) + ((bands,) if bands > 1 else ())
+
+
+SHAPE_READERS = {'png': image_shape, 'jpg': image_shape, 'jpeg': image_shape,
+                 'tif': tiff_shape, 'tiff': tiff_shape, 'npy': npy_shape,
+                 'fits': fits_shape, 'fts': fits_shape, 'fit': fits_shape}
+
+
+def stored_size(path, data_format, channels):
+    """(height, width) of the array `read_array` would return, from the file's header."""
+    shape = call_reader(SHAPE_READERS[data_format], path, data_format)
+    shape, axis = chw_layout(shape, channels, path,
+                             channels_last=data_format in CHANNELS_LAST_FORMATS)
+    return tuple(n for i, n in enumerate(shape) if i != axis)
+
+
+def size_mismatch(input_path, size, target_path, target_size):
+    """The UserError for an input and its target of different heights or widths."""
+    return UserError(f"{input_path} is {size[0]}x{size[1]} but its target {target_path} is "
+                     f"{target_size[0]}x{target_size[1]}")
 
 
 # Extensions that name the same kind of file: `--data_format_input tif` also lists .tiff files.
@@ -307,6 +374,16 @@ class CustomDataset(Dataset):
     def __len__(self):
         return len(self.input_paths)
 
+    def check_sizes(self):
+        """Raise UserError naming the first input whose target differs in height or width,
+        reading only the files' headers (so a Test run stops before its first output)."""
+        for input_path, target_path in zip(self.input_paths, self.target_paths or []):
+            size = stored_size(input_path, self.opt.data_format_input, self.opt.input_ch)
+            target_size = stored_size(target_path, self.opt.data_format_target,
+                                      self.opt.target_ch)
+            if size != target_size:
+                raise size_mismatch(input_path, size, target_path, target_size)
+
     def load_input(self, index):
         array = read_array(self.input_paths[index], self.opt.data_format_input, self.opt.input_ch)
         return self.input_scaling.forward(array)
@@ -332,8 +409,8 @@ class CustomDataset(Dataset):
             return torch.from_numpy(self.load_input(index)), name
         x, y = self.load_input(index), self.load_target(index)
         if x.shape[1:] != y.shape[1:]:
-            raise UserError(f"{self.input_paths[index]} is {x.shape[1]}x{x.shape[2]} but its "
-                            f"target {self.target_paths[index]} is {y.shape[1]}x{y.shape[2]}")
+            raise size_mismatch(self.input_paths[index], x.shape[1:], self.target_paths[index],
+                                y.shape[1:])
         generator = torch.Generator().manual_seed(seed) if seed is not None else None
         x, y = random_rotation([x, y], self.opt.max_rotation_angle, generator)
         x, y = random_pad_and_crop([x, y], self.opt.padding_size, generator)
@@ -534,6 +611,11 @@ def name_time(path):
         return None
 
 
+# Names can mislead (a timestamp in the name that is not the observation's time): the user
+# may know the pairing is right.
+SKIP_PAIRING = '; --check_pairing False skips this check'
+
+
 def check_pairing(input_paths, target_paths):
     """Raise UserError when the pairing by sorted name visibly joins the wrong files.
 
@@ -549,7 +631,7 @@ def check_pairing(input_paths, target_paths):
             if a != b:
                 raise UserError(f"pair {i}: input {input_paths[i]} would be paired with target "
                                 f"{target_paths[i]} (files pair by sorted name); a file with the "
-                                f"same name is missing on one side")
+                                f"same name is missing on one side{SKIP_PAIRING}")
         return
     input_times = [name_time(p) for p in input_paths]
     target_times = [name_time(p) for p in target_paths]
@@ -563,7 +645,7 @@ def check_pairing(input_paths, target_paths):
             raise UserError(f"pair {i}: input {input_paths[i]} ({time}) would be paired with "
                             f"target {target_paths[i]} ({target_times[i]}), but "
                             f"{target_paths[rivals[0]]} is as close in time; a file is missing "
-                            f"on one side (files pair by sorted name)")
+                            f"on one side (files pair by sorted name){SKIP_PAIRING}")
 
 
 # ----------------------------------------------------------------------------------------

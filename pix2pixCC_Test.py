@@ -2,12 +2,15 @@
 
     python pix2pixCC_Test.py --iteration 10000 [data and network options as in training]
 
-writes ./checkpoints/<dataset_name>/Image/Test/<iteration>/<name>_AI.<data_format_target>,
-in the target's physical units.
+writes ./checkpoints/<dataset_name>/Image/Test/<iteration>/<name>_AI.<data_format_target>
+(or into --output_dir), in the target's physical units, beside a record of what made them
+(test_run.json).
 """
 import contextlib
 import difflib
+import fnmatch
 import functools
+import json
 import os
 import sys
 
@@ -138,9 +141,11 @@ def translate(G, dataset, out_dir, opt, device, iteration, precision=None, panel
     """Run G on every item of a test `dataset` and write `<name>_AI.<fmt>` into `out_dir`.
 
     When the dataset has targets, returns one metrics row per file (see `image_metrics`) and,
-    with `panels`, writes `<name>_panel.png`; otherwise returns [].
+    with `panels`, writes `<name>_panel.png`; otherwise returns []. The folder's record
+    (test_run.json) is written first (see `take_folder`).
     """
     make_dirs(out_dir)
+    take_folder(out_dir, run_record(opt, dataset, iteration, precision, panels))
     scaling = Scaling.from_options(opt, 'target')
     unit = data_unit(opt)
     loader = DataLoader(dataset, batch_size=None, num_workers=opt.n_workers,
@@ -176,12 +181,154 @@ def translate(G, dataset, out_dir, opt, device, iteration, precision=None, panel
     return rows
 
 
+# ----------------------------------------------------------------------------------------
+# Output folders: one Test run's outputs per folder (README "Output files").
+# ----------------------------------------------------------------------------------------
+
+RECORD = 'test_run.json'
+# The files a Test run writes into a folder: what marks a folder as holding a run's outputs,
+# and all that --overwrite removes (never other files a user keeps there).
+OUTPUT_PATTERNS = ('*_AI.*', '*_panel.png', 'metrics.csv', 'metrics_summary.json',
+                   'metrics_by_iteration.csv', RECORD)
+# Options that change the written files, besides the generator and the data.
+OUTPUT_OPTIONS = NETWORK_OPTIONS + DATA_OPTIONS + ('save_scale',)
+# How the refusal names each part of a record that differs.
+RECORD_LABELS = {'run': 'run (--dataset_name)', 'iteration': 'iteration (--iteration)',
+                 'input_dir': 'input folder (--input_dir_test)', 'input_files': 'input files',
+                 'target_dir': 'target folder (--target_dir_test)',
+                 'target_files': 'target files',
+                 'precision': 'precision (--data_type, --amp_dtype)'}
+
+
+def run_record(opt, dataset, iteration, precision=None, panels=False):
+    """What decides the outputs of one run into one folder, as its test_run.json holds it:
+    the generator (run folder and iteration; -1: every saved one), the inputs and targets
+    (folders and file names), the precision and every option that changes the files (the
+    metric bins and panels only count when there are targets)."""
+    def names(paths):
+        return [os.path.basename(path) for path in paths]
+
+    targets = dataset.target_paths is not None
+    options = {name: getattr(opt, name) for name in OUTPUT_OPTIONS}
+    if targets:
+        options.update(metric_bins=opt.metric_bins, save_panels=bool(panels))
+    record = {'run': os.path.abspath(opt.checkpoint_dir), 'iteration': iteration,
+              'input_dir': os.path.abspath(opt.input_dir_test),
+              'input_files': names(dataset.input_paths),
+              'target_dir': os.path.abspath(opt.target_dir_test) if targets else None,
+              'target_files': names(dataset.target_paths) if targets else None,
+              'precision': str(precision.dtype).replace('torch.', '')
+              if precision is not None and precision.enabled else 'float32',
+              'options': options}
+    return json.loads(json.dumps(record))  # as it reads back from the file
+
+
+def earlier_outputs(folder):
+    """The files in `folder` that a Test run writes (OUTPUT_PATTERNS), sorted."""
+    if not os.path.isdir(folder):
+        return []
+    return sorted(entry.path for entry in os.scandir(folder) if entry.is_file() and
+                  any(fnmatch.fnmatch(entry.name, pattern) for pattern in OUTPUT_PATTERNS))
+
+
+def difference(folder, record):
+    """None when `folder` may take the outputs of `record`'s run: it holds no Test outputs,
+    or those of the same run (the same command again writes the same files). Otherwise what
+    differs, in words for the refusal."""
+    if not earlier_outputs(folder):
+        return None
+    try:
+        earlier = read_json(folder, RECORD)
+    except UserError:
+        return f'its {RECORD} is unreadable'
+    if earlier is None:
+        return f'no {RECORD} says what made them'
+    if earlier == record:
+        return None
+    changed = [RECORD_LABELS.get(key, key) for key in record
+               if key != 'options' and earlier.get(key) != record[key]]
+    # (--metric_bins and --save_panels are recorded only with targets: a change of targets
+    # is named already.)
+    options = earlier.get('options') or {}
+    changed += [f'--{name}' for name in sorted(set(options) & set(record['options']))
+                if options[name] != record['options'][name]]
+    return f"made with another {', '.join(changed) or RECORD}"
+
+
+def remove_outputs(folder):
+    for path in earlier_outputs(folder):
+        os.remove(path)
+
+
+def take_folder(folder, record, log=print):
+    """Make `folder` hold the outputs of `record`'s run alone, writing the record before any
+    output (a run stopped half-way leaves a recorded folder that the same command completes).
+
+    The Test script has already refused a folder of another run, or emptied it for
+    --overwrite; so outputs of another run are found here only by training's
+    --val_during_train, which replaces them: the generator of their step was just saved
+    anew, so they no longer describe any checkpoint.
+    """
+    reason = difference(folder, record)
+    if reason:
+        remove_outputs(folder)
+        log(f"notice: removed the earlier outputs in {folder} ({reason})")
+    write_json(os.path.join(folder, RECORD), record)
+
+
+def numbered_folders(folder):
+    """The iterations of the <iteration>/ subfolders of `folder`."""
+    if not os.path.isdir(folder):
+        return []
+    return [int(entry.name) for entry in os.scandir(folder)
+            if entry.is_dir() and entry.name.isdigit()]
+
+
+def output_plan(opt, iterations):
+    """(the folder of each iteration's outputs, the folder of a --iteration -1 run's
+    metrics_by_iteration.csv or None). One iteration: straight into --output_dir (default
+    Image/Test/<iteration>); -1: into DIR/<iteration>/ (default DIR: Image/Test)."""
+    if opt.iteration != -1:
+        return {opt.iteration: opt.output_dir or os.path.join(opt.image_dir,
+                                                              str(opt.iteration))}, None
+    top = opt.output_dir or opt.image_dir
+    # Every <iteration>/ of DIR belongs to the run that DIR records, with this run's
+    # generators or not: all are checked, and all are emptied by --overwrite.
+    every = sorted(set(iterations) | set(numbered_folders(top)))
+    return {iteration: os.path.join(top, str(iteration)) for iteration in every}, top
+
+
+def claim_output_folders(opt, folders, record_of):
+    """Before anything is written: refuse (one line naming --output_dir and --overwrite) a
+    folder of `folders` ({iteration: folder}, -1 for DIR itself) that holds another run's
+    outputs; with --overwrite, remove every earlier output from them instead."""
+    for iteration, folder in folders.items():
+        if opt.overwrite:
+            remove_outputs(folder)
+            continue
+        reason = difference(folder, record_of(iteration))
+        if reason:
+            raise UserError(f"{folder} holds outputs of another run ({reason}); choose "
+                            f"another --output_dir, or add --overwrite to replace them")
+
+
 def best_iteration(by_iteration, bins, channels):
     """The iteration with the highest mean CC at the coarsest binning (8x8 by default), of
     the first channel."""
     key = f"{'ch0_' if channels > 1 else ''}cc_{max(bins)}x{max(bins)}"
     best = max(by_iteration, key=lambda row: row[key])
     return best['iteration'], key, best[key]
+
+
+def check_test_pairs(dataset, opt):
+    """With targets: the pairing by names (unless --check_pairing False) and every pair's
+    size, from the names and the files' headers, so that a problem stops the run before
+    its first output."""
+    if dataset.target_paths is None:
+        return
+    if opt.check_pairing:
+        check_pairing(dataset.input_paths, dataset.target_paths)
+    dataset.check_sizes()
 
 
 def require_run(opt):
@@ -203,6 +350,24 @@ def require_run(opt):
                     f"{', '.join(runs) if runs else 'none'}; check --dataset_name")
 
 
+SATURATION_LIMITS = ('saturation_lower_limit_input', 'saturation_upper_limit_input',
+                     'saturation_lower_limit_target', 'saturation_upper_limit_target')
+
+
+def default_limits_notice(opt, explicit):
+    """A line for a run without train_options.json (a run of the published code) whose
+    saturation limits are left at this script's defaults, else None: the published code's
+    defaults differ (README "Differences from the reference code"), and wrong limits give
+    outputs in the wrong units without any error."""
+    left = [f'--{name}' for name in SATURATION_LIMITS if name not in explicit]
+    if not left:
+        return None
+    return (f"notice: {opt.checkpoint_dir} has no train_options.json and {' '.join(left)} "
+            f"{'is' if len(left) == 1 else 'are'} at this script's defaults (lower -1, upper "
+            f"1; the published code's are 0 and 255 since June 2022): pass the saturation "
+            f"limits the model was trained with")
+
+
 def main(argv=None):
     # Options: the network shape and the data's units travel with the model.
     option = TestOption()
@@ -212,9 +377,13 @@ def main(argv=None):
         print(f"note: training options have no effect here: "
               f"{' '.join('--' + name for name in option.ignored())}")
     trained = read_json(opt.checkpoint_dir, 'train_options.json')
-    if trained:
+    if trained is not None:
         option.adopt(opt, trained, NETWORK_OPTIONS + DATA_OPTIONS,
                      os.path.join(opt.checkpoint_dir, 'train_options.json'))
+    else:
+        notice = default_limits_notice(opt, option.explicit)
+        if notice:
+            print(notice)
     # The targets' FITS identity cards (unit, instrument, ...) for generated headers; None
     # when unknown (a run without train_options.json).
     opt.target_header = (trained or {}).get('target_header')
@@ -228,8 +397,7 @@ def main(argv=None):
 
     # Data and checkpoints
     dataset = CustomDataset(opt)
-    if dataset.target_paths is not None:
-        check_pairing(dataset.input_paths, dataset.target_paths)
+    check_test_pairs(dataset, opt)
     if opt.iteration == -1:
         iterations = saved_steps(opt.model_dir, 'G')
         if not iterations:
@@ -239,11 +407,21 @@ def main(argv=None):
         require_checkpoint(opt.model_dir, opt.iteration, 'G')
         iterations = [opt.iteration]
 
+    # Output folders: refused or emptied (--overwrite) before anything is written.
+    def record_of(iteration):
+        return run_record(opt, dataset, iteration, precision, opt.save_panels)
+
+    folders, top = output_plan(opt, iterations)
+    claim_output_folders(opt, {**folders, **({-1: top} if top else {})}, record_of)
+    if top:
+        make_dirs(top)
+        take_folder(top, record_of(-1))
+
     # Translate with every generator asked for; metrics when targets are given.
     by_iteration = []
     for iteration in iterations:
         G = load_generator(opt, checkpoint_path(opt.model_dir, iteration, 'G'), device)
-        out_dir = os.path.join(opt.image_dir, str(iteration))
+        out_dir = folders[iteration]
         rows = translate(G, dataset, out_dir, opt, device, iteration, precision,
                          panels=opt.save_panels)
         print(f"iteration {iteration}: {len(dataset)} file(s) written to {out_dir}")
@@ -255,10 +433,10 @@ def main(argv=None):
             by_iteration.append({'iteration': iteration,
                                  **{key: value['mean'] for key, value in summary.items()}})
     if len(by_iteration) > 1:
-        write_csv(os.path.join(opt.image_dir, 'metrics_by_iteration.csv'), by_iteration)
+        write_csv(os.path.join(top, 'metrics_by_iteration.csv'), by_iteration)
         iteration, key, value = best_iteration(by_iteration, opt.metric_bins, opt.target_ch)
         print(f"best iteration by mean {key}: {iteration} ({value:.4f}); all in "
-              f"{os.path.join(opt.image_dir, 'metrics_by_iteration.csv')}")
+              f"{os.path.join(top, 'metrics_by_iteration.csv')}")
     return 0
 
 

@@ -102,14 +102,16 @@ class Checks:
                 '--save_freq', str(self.final_step // 2), '--report_freq', str(self.n_pairs),
                 '--display_freq', str(self.final_step), *extra]
 
-    def test(self, name, *extra):
+    def test(self, name, *extra, folder=None):
+        """Test run `name`'s final generator into `folder` (default: the run's Image/Test/
+        <step>/); returns (process, seconds, outputs)."""
+        folder = folder or os.path.join(self.root, 'checkpoints', name, 'Image', 'Test',
+                                        str(self.final_step))
         proc, seconds = run([sys.executable, TEST, '--dataset_name', name,
                              '--gpu_ids', self.gpu_ids, '--iteration', self.final_step,
                              '--input_dir_test', os.path.join(self.data, 'Input'),
                              '--target_dir_test', os.path.join(self.data, 'Target'),
-                             *extra], self.root)
-        folder = os.path.join(self.root, 'checkpoints', name, 'Image', 'Test',
-                              str(self.final_step))
+                             '--output_dir', folder, *extra], self.root)
         return proc, seconds, (outputs(folder) if proc.returncode == 0 else {})
 
     def add(self, check, ok, seconds, detail):
@@ -141,8 +143,10 @@ class Checks:
 
     def mixed_inference(self, check, amp_dtype):
         """The float32 model tested under autocast: outputs close to its float32 ones."""
-        proc, seconds, generated = self.test('float32', '--data_type', '16',
-                                             '--amp_dtype', amp_dtype)
+        # A folder of its own: the float32 outputs' folder refuses other precisions' outputs.
+        proc, seconds, generated = self.test(
+            'float32', '--data_type', '16', '--amp_dtype', amp_dtype,
+            folder=os.path.join(self.root, f'float32-test-{amp_dtype}'))
         if proc.returncode != 0:
             return self.failed(check, proc, seconds)
         difference = relative_rms(generated, self.reference)

@@ -220,8 +220,8 @@ def test_validation_during_training_under_torchrun(uneven_run):
     assert sorted(os.listdir(test_dir)) == ['13', '8']
     opt = train_opt(*DATA)
     for step in (8, 13):
-        assert sorted(os.listdir(os.path.join(test_dir, str(step)))) == ['val_000_AI.npy',
-                                                                         'val_001_AI.npy']
+        assert sorted(os.listdir(os.path.join(test_dir, str(step)))) == [
+            'test_run.json', 'val_000_AI.npy', 'val_001_AI.npy']
         G = load_generator(opt, os.path.join(model_dir(root), f'{step}_G.pt'))
         for name in ('val_000', 'val_001'):
             x = (np.load(os.path.join(test_in, f'{name}.npy')) - 50) / 50

@@ -29,9 +29,14 @@ import pix2pixCC_Train
 from conftest import (NPY_DATA, SAMPLE_SCALING, TINY, aia_cube_header, assert_ok,
                       assert_same_weights, assert_usage_error, copy_sample, load,
                       load_generator, make_pairs, make_test_opt, read_user_file, reports,
-                      run_test, run_train, saved_steps_in, train_opt, write_user_file)
+                      run_test, run_train, saved_steps_in, snapshot, train_opt, write_user_file)
 from pix2pixCC_Networks import Discriminator, Generator
+from pix2pixCC_Options import run_main
+from pix2pixCC_Pipeline import CustomDataset
 
+
+# What a Test output folder records (README "Output files").
+RECORD = 'test_run.json'
 
 
 def run_g(G, x):
@@ -130,13 +135,13 @@ def test_train_records_its_options(fits_run):
 
 def test_test_runs_every_checkpoint_in_ascending_order(fits_run):
     test_dir = fits_run.out / 'Image' / 'Test'
-    assert sorted(int(n) for n in os.listdir(test_dir)) == EXPECTED_SAVES
+    assert set(os.listdir(test_dir)) == {*map(str, EXPECTED_SAVES), RECORD}
     order = [int(m) for m in re.findall(r'iteration (\d+)', fits_run.test_proc.stdout)]
     assert order == sorted(order) and set(order) == set(EXPECTED_SAVES)
     inputs = sorted(os.listdir(fits_run.test_in))
     for step in EXPECTED_SAVES:
         assert sorted(os.listdir(test_dir / str(step))) == \
-            [n.replace('.fits', '_AI.fits') for n in inputs]
+            [n.replace('.fits', '_AI.fits') for n in inputs] + [RECORD]
 
 
 def test_test_fits_output_values_and_header(fits_run):
@@ -183,7 +188,9 @@ def test_test_single_iteration(fits_run, tmp_path):
                     cwd=tmp_path)
     assert_ok(proc)
     assert os.listdir(out / 'Image' / 'Test') == ['10']
-    for name in os.listdir(out / 'Image' / 'Test' / '10'):
+    names = sorted(os.listdir(out / 'Image' / 'Test' / '10'))
+    assert names == sorted(os.listdir(fits_run.out / 'Image' / 'Test' / '10'))
+    for name in names[:-1]:  # (the last is the record)
         np.testing.assert_array_equal(
             fits.getdata(out / 'Image' / 'Test' / '10' / name),
             fits.getdata(fits_run.out / 'Image' / 'Test' / '10' / name))
@@ -302,12 +309,13 @@ def test_val_during_train_writes_test_outputs_at_every_save(npy_run):
     assert sorted(int(n) for n in os.listdir(test_dir)) == EXPECTED_SAVES
     for step in EXPECTED_SAVES:
         assert sorted(os.listdir(test_dir / str(step))) == \
-            [f'val_{i:03d}_AI.npy' for i in range(3)]
+            [RECORD] + [f'val_{i:03d}_AI.npy' for i in range(3)]
 
 
 def test_npy_test_output_matches_validation_and_units(npy_run):
     folder = npy_run.out / 'Image' / 'Test' / '12'
-    validation = {name: np.load(folder / name) for name in os.listdir(folder)}
+    validation = {name: np.load(folder / name) for name in os.listdir(folder)
+                  if name.endswith('_AI.npy')}
     proc = run_test(npy_run.flags + ['--input_dir_test', npy_run.test_in, '--iteration', '12'],
                     cwd=npy_run.root)
     assert_ok(proc)
@@ -320,6 +328,43 @@ def test_npy_test_output_matches_validation_and_units(npy_run):
         x = np.load(os.path.join(npy_run.test_in, name.replace('_AI', '')))
         expected = run_g(G, (x - 50) / 50) * 50 + 50
         np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-4)
+
+
+def test_validation_records_its_outputs_and_a_test_with_the_same_options_adds_to_them(npy_run):
+    """--val_during_train writes the record a Test run with the same inputs and options
+    writes, so that Test is not refused (the same files again); another is."""
+    folder = npy_run.out / 'Image' / 'Test' / '10'
+    record = record_in(folder)
+    assert (record['iteration'], record['input_dir'], record['target_dir']) == \
+        (10, os.path.abspath(npy_run.test_in), None)
+    assert record['input_files'] == [f'val_{i:03d}.npy' for i in range(3)]
+    before = {name: (folder / name).read_bytes() for name in os.listdir(folder)}
+    test = npy_run.flags + ['--input_dir_test', npy_run.test_in, '--iteration', '10']
+    assert_ok(run_test(test, cwd=npy_run.root))
+    assert {name: (folder / name).read_bytes() for name in os.listdir(folder)} == before
+    assert_usage_error(run_test(test + ['--save_scale', '2'], cwd=npy_run.root),
+                       '--save_scale', '--output_dir', '--overwrite')
+    assert {name: (folder / name).read_bytes() for name in os.listdir(folder)} == before
+
+
+def test_validation_replaces_the_outputs_of_a_generator_saved_anew(tmp_path, capsys):
+    """At a save, the step's generator is new (a resumed run does the step again): what its
+    folder held came from another generator, and goes; a user's other files stay."""
+    input_dir, _ = make_pairs(tmp_path, 'npy', n=2)
+    opt = train_opt(*NPY_DATA, '--n_workers', '0', '--input_dir_test', input_dir)
+    folder = tmp_path / 'Image' / 'Test' / '6'
+    os.makedirs(folder)
+    for name in ('old_AI.npy', 'old_panel.png', 'metrics.csv', 'notes.txt'):
+        (folder / name).write_text('earlier')
+    (folder / RECORD).write_text('{"iteration": 6}')
+    pix2pixCC_Test.translate(Generator(opt), CustomDataset(opt, split='test'), str(folder),
+                             opt, torch.device('cpu'), 6)
+    assert sorted(os.listdir(folder)) == ['img_000_AI.npy', 'img_001_AI.npy', 'notes.txt',
+                                          RECORD]
+    notices = [line for line in capsys.readouterr().out.splitlines() if str(folder) in line]
+    assert len(notices) == 1 and 'removed' in notices[0], notices
+    record = record_in(folder)
+    assert record['iteration'] == 6 and record['input_files'] == ['img_000.npy', 'img_001.npy']
 
 
 # ----------------------------------------------------------------------------------------
@@ -672,7 +717,94 @@ def test_test_falls_back_to_the_cpu_with_one_notice(bn_run, monkeypatch, capsys)
     notices = [line for line in (output.out + output.err).splitlines() if 'CUDA' in line]
     assert len(notices) == 1, notices
     assert '--gpu_ids 0' in notices[0] and 'CPU' in notices[0] and '--gpu_ids -1' in notices[0]
-    assert sorted(os.listdir(out_dir)) == ['t_000_AI.npy', 't_001_AI.npy']
+    assert sorted(os.listdir(out_dir)) == ['t_000_AI.npy', 't_001_AI.npy', RECORD]
+
+
+# ----------------------------------------------------------------------------------------
+# Test output folders: --output_dir, one run's outputs per folder, --overwrite (README
+# "Output files"; the refusals are in test_errors.py)
+# ----------------------------------------------------------------------------------------
+
+FOLDER_FLAGS = TINY + NPY_DATA + ['--dataset_name', 'folders', '--n_workers', '0']
+
+
+@pytest.fixture
+def untrained(in_tmp):
+    """A run folder with (untrained) generators at steps 2 and 4, and two test pairs."""
+    model = in_tmp / 'checkpoints' / 'folders' / 'Model'
+    os.makedirs(model)
+    state = Generator(train_opt()).state_dict()
+    for step in (2, 4):
+        torch.save(state, model / f'{step}_G.pt')
+    input_dir, target_dir = make_pairs(in_tmp / 'a', 'npy', n=2)
+    return ['--input_dir_test', input_dir, '--target_dir_test', target_dir]
+
+
+def record_in(folder):
+    with open(os.path.join(folder, RECORD)) as f:
+        return json.load(f)
+
+
+def test_output_dir_takes_one_generator_straight_and_every_one_in_subfolders(untrained):
+    assert pix2pixCC_Test.main(FOLDER_FLAGS + untrained + ['--iteration', '4',
+                                                           '--output_dir', 'one']) == 0
+    outputs = ['img_000_AI.npy', 'img_001_AI.npy', 'metrics.csv', 'metrics_summary.json',
+               RECORD]
+    assert sorted(os.listdir('one')) == outputs
+    assert pix2pixCC_Test.main(FOLDER_FLAGS + untrained + ['--iteration', '-1',
+                                                           '--output_dir', 'every']) == 0
+    assert sorted(os.listdir('every')) == ['2', '4', 'metrics_by_iteration.csv', RECORD]
+    assert sorted(os.listdir('every/4')) == outputs
+    np.testing.assert_array_equal(np.load('every/4/img_001_AI.npy'),
+                                  np.load('one/img_001_AI.npy'))
+    assert not os.path.exists('checkpoints/folders/Image')
+    # The record: generator, inputs, targets and what changes the files.
+    record = record_in('one')
+    assert record == record_in('every/4')
+    assert record_in('every') == {**record, 'iteration': -1}
+    assert (record['run'], record['iteration']) == (os.path.abspath('checkpoints/folders'), 4)
+    assert (record['input_dir'], record['target_dir']) == tuple(
+        os.path.abspath(folder) for folder in untrained[1::2])
+    assert record['input_files'] == record['target_files'] == ['img_000.npy', 'img_001.npy']
+    assert record['precision'] == 'float32'
+    for name, value in (('n_gf', 8), ('n_downsample', 2), ('data_format_target', 'npy'),
+                        ('saturation_upper_limit_target', 100), ('logscale_input', False),
+                        ('save_scale', 1), ('metric_bins', [1, 2, 4, 8]),
+                        ('save_panels', False)):
+        assert record['options'][name] == value, name
+
+
+def test_the_same_command_again_writes_the_same_outputs(untrained):
+    command = FOLDER_FLAGS + untrained + ['--save_panels']  # every generator, default folders
+    assert pix2pixCC_Test.main(command) == 0
+    folder = 'checkpoints/folders/Image/Test'
+    first = {name: content for name, (content, _) in snapshot(folder).items()}
+    assert sorted(first) == sorted(
+        [RECORD, 'metrics_by_iteration.csv'] +
+        [os.path.join(step, name) for step in ('2', '4') for name in (
+            'img_000_AI.npy', 'img_000_panel.png', 'img_001_AI.npy', 'img_001_panel.png',
+            'metrics.csv', 'metrics_summary.json', RECORD)])
+    assert pix2pixCC_Test.main(command) == 0
+    assert {name: content for name, (content, _) in snapshot(folder).items()} == first
+
+
+def test_overwrite_removes_only_what_a_test_run_writes(untrained, capsys):
+    assert pix2pixCC_Test.main(FOLDER_FLAGS + untrained + ['--iteration', '2', '--output_dir',
+                                                           'out', '--save_panels']) == 0
+    os.makedirs('out/mine')
+    for path in ('out/notes.txt', 'out/mine/img_000_AI.npy', 'out/a.npy'):
+        with open(path, 'w') as f:
+            f.write('kept')
+    other_dir, _ = make_pairs('b', 'npy', n=1, prefix='other')
+    other = FOLDER_FLAGS + ['--input_dir_test', other_dir, '--iteration', '4',
+                            '--output_dir', 'out']
+    assert run_main(pix2pixCC_Test.main, other) == 2  # refused ...
+    assert '--overwrite' in capsys.readouterr().err
+    assert pix2pixCC_Test.main(other + ['--overwrite']) == 0  # ... unless asked
+    assert sorted(os.listdir('out')) == ['a.npy', 'mine', 'notes.txt', 'other_000_AI.npy',
+                                         RECORD]
+    assert os.listdir('out/mine') == ['img_000_AI.npy']
+    assert record_in('out')['input_files'] == ['other_000.npy']
 
 
 # ----------------------------------------------------------------------------------------

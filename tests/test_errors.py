@@ -18,8 +18,8 @@ from astropy.io import fits
 
 import pix2pixCC_Train
 from conftest import (NPY_DATA, TINY, assert_ok, assert_usage_error, data_args, load,
-                      loss_rows, make_pairs, model_dir, run_test, run_train, saved_steps_in,
-                      snapshot, train_opt, write_pairs)
+                      loss_rows, make_pairs, model_dir, read_csv_rows, run_test, run_train,
+                      saved_steps_in, snapshot, train_opt, write_pairs, write_user_file)
 from pix2pixCC_Networks import Discriminator, Generator
 from pix2pixCC_Options import run_main
 from pix2pixCC_Pipeline import CustomDataset, check_dataset
@@ -126,6 +126,19 @@ def test_input_and_target_sizes_differ(tmp_path, earlier_run):
                    os.path.join(target_dir, 'img_001.npy') + ' is 64x64')
 
 
+@pytest.mark.parametrize('fmt', ['npy', 'fits'])
+def test_test_target_of_another_size_is_refused_before_any_output(tmp_path, earlier_run, fmt):
+    """Checked for every pair from the files' headers before the first output (the last
+    pair differs here); nothing is written, not even the output folder."""
+    input_dir, target_dir = make_pairs(tmp_path, fmt, n=3, size=32)
+    write_user_file(os.path.join(target_dir, f'img_002.{fmt}'), np.zeros((64, 64), np.float32),
+                    fmt)
+    proc = translate_in(tmp_path, input_dir, '--iteration', '2', '--target_dir_test',
+                        target_dir, '--data_format_input', fmt, '--data_format_target', fmt)
+    assert_refused(proc, earlier_run, os.path.join(input_dir, f'img_002.{fmt}') + ' is 32x32',
+                   os.path.join(target_dir, f'img_002.{fmt}') + ' is 64x64')
+
+
 def test_channel_count_mismatch(tmp_path, earlier_run):
     input_dir, target_dir = make_pairs(tmp_path, 'npy', n=2, channels=3, target_channels=1)
     proc = train_in(tmp_path, input_dir, target_dir)  # --input_ch 1
@@ -226,6 +239,18 @@ def test_check_pairing_false_skips_the_check(tmp_path):
     input_dir, target_dir = named_pairs(tmp_path, ['a', 'b', 'c'], ['a', 'c', 'd'])
     assert_ok(train_in(tmp_path, input_dir, target_dir, '--check_pairing', 'False'))
     assert saved_steps_in(model_dir(tmp_path, 'earlier')) == [3]
+
+
+def test_test_checks_the_pairing_unless_check_pairing_false(tmp_path, earlier_run):
+    input_dir, target_dir = named_pairs(tmp_path, ['a', 'b', 'c'], ['a', 'c', 'd'])
+    pairs = ['--iteration', '2', '--target_dir_test', target_dir]
+    proc = translate_in(tmp_path, input_dir, *pairs)
+    assert_refused(proc, earlier_run, 'pair 1', 'b.npy', 'c.npy', '--check_pairing False')
+    proc = translate_in(tmp_path, input_dir, *pairs, '--check_pairing', 'False')
+    assert_ok(proc)
+    assert 'no effect' not in proc.stdout, proc.stdout
+    _, rows = read_csv_rows(earlier_run.dir / 'Image' / 'Test' / '2' / 'metrics.csv')
+    assert [row['file'] for row in rows] == ['a', 'b', 'c']
 
 
 # ----------------------------------------------------------------------------------------
@@ -412,3 +437,58 @@ def test_pickled_checkpoint_is_refused_when_resuming(tmp_path, earlier_run, evil
     proc = train_in(tmp_path, input_dir, target_dir, '--latest_iter', '2', '--n_epochs', '2')
     assert_refused(proc, earlier_run, 'cannot load', f'2_{evil}.pt')
     assert not marker.exists()
+
+
+# ----------------------------------------------------------------------------------------
+# Test output folders: one run's outputs per folder
+# ----------------------------------------------------------------------------------------
+
+@pytest.fixture
+def tested(tmp_path, earlier_run):
+    """The earlier run's generator 2 tested on two inputs into the default folder."""
+    input_dir, _ = make_pairs(tmp_path / 'a', 'npy', n=2)
+    assert_ok(translate_in(tmp_path, input_dir, '--iteration', '2'))
+    earlier_run.remember()
+    return input_dir
+
+
+@pytest.mark.parametrize('change', ['other inputs', 'one more input', 'scaling'])
+def test_test_refuses_a_folder_holding_another_runs_outputs(tmp_path, earlier_run, tested,
+                                                            change):
+    input_dir, extra = tested, []
+    if change == 'other inputs':
+        input_dir, _ = make_pairs(tmp_path / 'b', 'npy', n=2, seed=1)
+    elif change == 'one more input':
+        np.save(os.path.join(input_dir, 'img_002.npy'), np.ones((32, 32), np.float32))
+        earlier_run.remember()
+    else:
+        extra = ['--saturation_upper_limit_target', '1000']
+    proc = translate_in(tmp_path, input_dir, '--iteration', '2', *extra)
+    line = assert_refused(proc, earlier_run, os.path.join('Image', 'Test', '2'),
+                          'holds outputs of another run', '--output_dir', '--overwrite')
+    assert ('--saturation_upper_limit_target' in line) == (change == 'scaling'), line
+
+
+def test_test_refuses_outputs_without_a_record(tmp_path, earlier_run, tested):
+    os.remove(earlier_run.dir / 'Image' / 'Test' / '2' / 'test_run.json')
+    earlier_run.remember()
+    proc = translate_in(tmp_path, tested, '--iteration', '2')
+    assert_refused(proc, earlier_run, 'no test_run.json', '--output_dir', '--overwrite')
+
+
+def test_test_every_generator_refused_before_the_first_is_run(tmp_path, earlier_run):
+    """--iteration -1 into a folder whose last generator's outputs are another run's: the
+    first generator's folder stays as it was (and empty)."""
+    (earlier_run.dir / 'Model' / '4_G.pt').write_bytes((earlier_run.dir / 'Model' /
+                                                        '2_G.pt').read_bytes())
+    input_dir, _ = make_pairs(tmp_path / 'a', 'npy', n=2)
+    other_dir, _ = make_pairs(tmp_path / 'b', 'npy', n=2, seed=1)
+    assert_ok(translate_in(tmp_path, other_dir, '--iteration', '4', '--output_dir',
+                           'results/4'))
+    earlier_run.remember()
+    results = snapshot(tmp_path / 'results', with_dirs=True)
+    proc = translate_in(tmp_path, input_dir, '--iteration', '-1', '--output_dir', 'results')
+    line = assert_refused(proc, earlier_run, os.path.join('results', '4'), '--output_dir',
+                          '--overwrite')
+    assert 'input folder' in line
+    assert snapshot(tmp_path / 'results', with_dirs=True) == results

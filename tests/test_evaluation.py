@@ -304,9 +304,10 @@ def test_metric_bins_choose_the_columns_and_no_targets_no_metrics(run, tmp_path)
     proc = run_test(base, cwd=tmp_path)
     assert_ok(proc)
     folder = out / 'Image' / 'Test' / '12'
-    assert sorted(os.listdir(folder)) == [f'val_{i:03d}_AI.npy' for i in range(3)]
-    proc = run_test(base + ['--target_dir_test', run['test_tg'], '--metric_bins', '1', '4'],
-                    cwd=tmp_path)
+    assert sorted(os.listdir(folder)) == ['test_run.json'] + \
+        [f'val_{i:03d}_AI.npy' for i in range(3)]
+    proc = run_test(base + ['--target_dir_test', run['test_tg'], '--metric_bins', '1', '4',
+                            '--overwrite'], cwd=tmp_path)
     assert_ok(proc)
     columns, rows = read_csv_rows(folder / 'metrics.csv')
     assert columns == ['file'] + metric_columns([1, 4])

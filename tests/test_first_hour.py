@@ -102,7 +102,8 @@ def test_target_unit_labels_npy_targets(in_tmp, capsys):
     capsys.readouterr()
     assert pix2pixCC_Test.main(['--gpu_ids', '-1', '--dataset_name', 'units', '--n_workers',
                                 '0', '--input_dir_test', train_in, '--target_dir_test',
-                                train_tg, '--iteration', '2', '--save_panels']) == 0
+                                train_tg, '--iteration', '2', '--save_panels',
+                                '--overwrite']) == 0
     stdout = capsys.readouterr().out
     assert '[G]' in stdout and '[G px]' in stdout and 'unsigned flux' in stdout
     title, description = panel_text('checkpoints/units/Image/Test/2/img_001_panel.png')
@@ -244,7 +245,8 @@ def test_test_help_shows_only_test_options_but_training_ones_still_parse(tmp_pat
     assert_ok(proc)
     entries = help_entries(proc.stdout)
     for name in ('--iteration', '--input_dir_test', '--target_dir_test', '--save_panels',
-                 '--dataset_name', '--saturation_upper_limit_target', '--target_unit'):
+                 '--dataset_name', '--saturation_upper_limit_target', '--target_unit',
+                 '--check_pairing', '--output_dir', '--overwrite'):
         assert name in entries and '(default:' in entries[name], name
     for name in ('--lr', '--lambda_CC', '--n_epochs', '--n_epochs_decay', '--keep_states',
                  '--tensorboard', '--beta1', '--seed', '--latest_iter', '--display_freq'):
@@ -254,6 +256,17 @@ def test_test_help_shows_only_test_options_but_training_ones_still_parse(tmp_pat
     opt = pix2pixCC_Options.TestOption().parse(['--lr', '0.1', '--n_epochs', '5',
                                                 '--lambda_CC', '2'])
     assert opt.iteration == -1  # parsed, and nothing else changes
+
+
+def test_test_help_says_the_runs_options_replace_the_defaults_shown(tmp_path):
+    """The Test script takes the network and data options from train_options.json: --help
+    says so, rather than suggest its defaults (tif, -1/1, 4 downsamplings) apply."""
+    proc = run_script(TEST_SCRIPT, ['--help'], cwd=tmp_path)
+    assert_ok(proc)
+    description = ' '.join(proc.stdout.split('\n\n')[1].split())
+    assert 'train_options.json' in description and 'defaults shown' in description, \
+        description
+    assert 'network' in description and 'data options' in description
 
 
 # ----------------------------------------------------------------------------------------
@@ -288,7 +301,8 @@ def test_a_folder_of_tiff_files_with_format_tif(in_tmp):
                                          'Target', '--n_epochs', '1']) == 0
     assert pix2pixCC_Test.main(flags + ['--input_dir_test', 'Input', '--iteration', '2']) == 0
     # The output's extension is --data_format_target's.
-    assert sorted(os.listdir('checkpoints/tiffs/Image/Test/2')) == ['0_AI.tif', '1_AI.tif']
+    assert sorted(os.listdir('checkpoints/tiffs/Image/Test/2')) == ['0_AI.tif', '1_AI.tif',
+                                                                    'test_run.json']
 
 
 # ----------------------------------------------------------------------------------------

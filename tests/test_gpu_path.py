@@ -95,7 +95,8 @@ def test_compiled_training_and_test_write_plain_checkpoints(tmp_path):
                      '--input_dir_test', input_dir], cwd=tmp_path)
     assert_ok(proc)
     out_dir = tmp_path / 'checkpoints' / 'pix2pixCC' / 'Image' / 'Test' / '4'
-    assert sorted(os.listdir(out_dir)) == [f'img_{i:03d}_AI.npy' for i in range(4)]
+    assert sorted(os.listdir(out_dir)) == [f'img_{i:03d}_AI.npy' for i in range(4)] + \
+        ['test_run.json']
 
 
 GPU_CHECK = os.path.join(REPO, 'benchmarks', 'gpu_check.py')

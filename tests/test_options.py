@@ -1,5 +1,6 @@
 """Options (SPEC section 2): names, defaults, boolean parsing, derived values, validation."""
 import os
+import re
 
 import numpy as np
 import pytest
@@ -7,7 +8,7 @@ import torch
 import torch.nn as nn
 from scipy.stats import pearsonr
 
-from conftest import TINY, assert_usage_error, run_train, train_opt
+from conftest import REPO, TINY, assert_usage_error, run_train, train_opt
 from pix2pixCC_Networks import Generator, Loss, Discriminator
 import pix2pixCC_Options
 from pix2pixCC_Options import TrainOption, UserError, run_main, str2bool
@@ -98,6 +99,19 @@ def test_parse_has_no_side_effects(option_class, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     option_class().parse(['--dataset_name', 'nothing_here'])
     assert os.listdir(tmp_path) == []
+
+
+def test_readme_options_table_lists_every_option():
+    """README "Options": every option of both scripts has a row."""
+    with open(os.path.join(REPO, 'README.md')) as f:
+        section = f.read().split('\n## Options\n', 1)[1].split('\n## ', 1)[0]
+    first_cells = ' '.join(line.split('|')[1] for line in section.splitlines()
+                           if line.startswith('|'))
+    listed = set(re.findall(r'`(--\w+)', first_cells))
+    options = {name for option_class in (TrainOption, TEST_OPTION)
+               for action in option_class().parser._actions
+               for name in action.option_strings if name.startswith('--') and name != '--help'}
+    assert options - listed == set()
 
 
 # ----------------------------------------------------------------------------------------

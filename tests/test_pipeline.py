@@ -16,7 +16,7 @@ from conftest import (AIA_PLACE_AND_TIME, ALL_FORMATS, INPUT_ONLY, aia_cube_head
 from pix2pixCC_Options import UserError
 from pix2pixCC_Pipeline import (CustomDataset, Scaling, generated_header, list_files,
                                 random_pad_and_crop, random_rotation, read_array,
-                                read_fits_header, to_chw, write_array)
+                                read_fits_header, stored_size, to_chw, write_array)
 
 H, W = 24, 40  # not square, so a transposed read shows
 
@@ -61,6 +61,41 @@ def test_read_every_format(tmp_path, fmt, channels):
     if channels == 3:  # channels stay distinct and in order
         for c in range(3):
             assert np.corrcoef(array[c].ravel(), expected[c].ravel())[0, 1] > 0.98
+
+
+def unusual_layouts(tmp_path):
+    """(path, format, channels) of files whose layout the readers must work out."""
+    rgb = np.moveaxis(np.rint(field(3) * 2.55).astype(np.uint8), 0, -1)
+    files = [(write_user_file(str(tmp_path / 'rgb.tif'), rgb, 'tif'), 'tif', 3),
+             (write_user_file(str(tmp_path / 'hwc.npy'), np.moveaxis(field(3), 0, -1), 'npy'),
+              'npy', 3),
+             (write_user_file(str(tmp_path / '1chw.npy'), field(3)[None], 'npy'), 'npy', 3)]
+    path = str(tmp_path / 'ext.fits')
+    fits.HDUList([fits.PrimaryHDU(), fits.ImageHDU(field(1)[0])]).writeto(path)
+    files.append((path, 'fits', 1))
+    path = str(tmp_path / 'compressed.fits')
+    fits.HDUList([fits.PrimaryHDU(), fits.CompImageHDU(field(1)[0])]).writeto(path)
+    files.append((path, 'fits', 1))
+    path = str(tmp_path / 'palette.png')
+    Image.fromarray(rgb).convert('P').save(path)
+    files.append((path, 'png', 3))
+    return files
+
+
+@pytest.mark.parametrize('channels', [1, 3])
+@pytest.mark.parametrize('fmt', ALL_FORMATS)
+def test_size_from_the_header_is_the_read_arrays(tmp_path, fmt, channels):
+    """What the Test script checks every pair with before writing anything."""
+    stored, _, _ = user_data(fmt, channels)
+    files = [(write_user_file(str(tmp_path / f'x.{fmt}'), stored, fmt), fmt, channels)]
+    if fmt == 'npy' and channels == 3:
+        files += unusual_layouts(tmp_path)
+    for path, data_format, ch in files:
+        assert stored_size(path, data_format, ch) == read_array(path, data_format, ch).shape[1:]
+        assert stored_size(path, data_format, ch) == (H, W)
+    with pytest.raises(UserError) as error:  # the same message as reading the file
+        stored_size(files[0][0], fmt, 2)
+    assert 'x.' + fmt in str(error.value) and '--input_ch/--target_ch' in str(error.value)
 
 
 @pytest.mark.parametrize('fmt', ['png', 'tif'])

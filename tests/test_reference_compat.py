@@ -4,9 +4,12 @@ The published networks are transcribed below in the shape they have there (pytho
 layers, a custom Mish module, `ResidualBlock.block`, `Scale_<i>.block_<j>`), then:
 - state_dicts load strictly both ways and give the same outputs;
 - a generator saved by the reference code, run by our Test script, gives the same physical
-  values as the published Test script's inverse scaling.
+  values as the published Test script's inverse scaling;
+- a run of the reference code (no train_options.json) tested with the saturation limits left
+  at their defaults, which differ from the published code's, gets a notice.
 """
 import os
+import shutil
 from functools import partial
 
 import numpy as np
@@ -16,7 +19,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from astropy.io import fits
 
-from conftest import TINY, assert_ok, copy_sample, run_test, train_opt
+import pix2pixCC_Test
+from conftest import TINY, assert_ok, copy_sample, make_pairs, run_test, train_opt
 from pix2pixCC_Networks import Discriminator, Generator
 
 
@@ -231,7 +235,8 @@ def test_reference_checkpoint_gives_reference_physical_values(tmp_path, save_sca
     UpIA, LoIA = 3000.0, -3000.0
     out_dir = tmp_path / 'checkpoints' / 'ref' / 'Image' / 'Test' / '7'
     names = sorted(os.listdir(test_input))
-    assert sorted(os.listdir(out_dir)) == sorted(n.replace('.fits', '_AI.fits') for n in names)
+    assert sorted(os.listdir(out_dir)) == \
+        sorted(n.replace('.fits', '_AI.fits') for n in names) + ['test_run.json']
     ref_dir = tmp_path / 'reference'
     os.makedirs(ref_dir)
     G.eval()
@@ -255,3 +260,35 @@ def test_reference_checkpoint_gives_reference_physical_values(tmp_path, save_sca
         assert np.abs(reference).max() > 100  # physical units, not [-1, 1]
         relative = np.abs(ours - reference).max() / np.abs(reference).max()
         assert relative < 1e-4, relative
+
+
+def test_a_published_run_tested_with_the_default_limits_gets_a_notice(in_tmp, capsys):
+    """The published code's limits default to 0 and 255 (since June 2022), ours to -1 and 1
+    (README "Differences from the reference code"): a run without train_options.json
+    tested without its limits gets one line saying which to pass; with them, none."""
+    input_dir, _ = make_pairs(in_tmp, 'npy', n=1)
+    model_dir = in_tmp / 'checkpoints' / 'ref' / 'Model'
+    os.makedirs(model_dir)
+    torch.save(RefGenerator(train_opt()).state_dict(), model_dir / '7_G.pt')
+    base = TINY + ['--dataset_name', 'ref', '--data_format_input', 'npy',
+                   '--data_format_target', 'npy', '--n_workers', '0', '--iteration', '7',
+                   '--input_dir_test', input_dir]
+    input_limits = ['--saturation_lower_limit_input', '0', '--saturation_upper_limit_input',
+                    '100']
+    target_limits = ['--saturation_lower_limit_target', '0',
+                     '--saturation_upper_limit_target', '100']
+    for given, left in (([], input_limits[::2] + target_limits[::2]),
+                        (input_limits, target_limits[::2]),
+                        (input_limits + target_limits, [])):
+        shutil.rmtree(in_tmp / 'checkpoints' / 'ref' / 'Image', ignore_errors=True)
+        assert pix2pixCC_Test.main(base + given) == 0
+        output = capsys.readouterr()
+        notices = [line for line in (output.out + output.err).splitlines()
+                   if 'saturation' in line]
+        if not left:
+            assert notices == []
+            continue
+        assert len(notices) == 1, notices
+        for fragment in ['train_options.json', '0 and 255', 'trained with', *left]:
+            assert fragment in notices[0], (fragment, notices[0])
+        assert not set(given[::2]) & set(notices[0].split()), notices[0]

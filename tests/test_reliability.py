@@ -288,7 +288,7 @@ def units_run(tmp_path_factory, data):
 def outputs_of(root):
     folder = os.path.join(str(root), 'checkpoints', 'units', 'Image', 'Test', '6')
     return {name: open(os.path.join(folder, name), 'rb').read()
-            for name in sorted(os.listdir(folder))}
+            for name in sorted(os.listdir(folder)) if '_AI.' in name}
 
 
 def test_test_takes_network_and_units_from_the_training_run(units_run, tmp_path):
@@ -313,8 +313,9 @@ def test_an_option_given_to_test_wins_and_the_difference_is_printed(units_run, t
     copy_run(root, tmp_path, 'units')
     assert_ok(run_test(minimal, cwd=tmp_path))
     folder = tmp_path / 'checkpoints' / 'units' / 'Image' / 'Test' / '6'
-    adopted = {name: np.load(folder / name) for name in os.listdir(folder)}
-    proc = run_test(minimal + ['--saturation_upper_limit_target', '1000'], cwd=tmp_path)
+    adopted = {name: np.load(folder / name) for name in os.listdir(folder) if '_AI.' in name}
+    proc = run_test(minimal + ['--saturation_upper_limit_target', '1000', '--overwrite'],
+                    cwd=tmp_path)
     assert_ok(proc)
     lines = [line for line in proc.stdout.splitlines() if 'saturation_upper_limit_target' in line]
     assert len(lines) == 1 and '1000' in lines[0] and '100' in lines[0], proc.stdout
