@@ -149,8 +149,9 @@ def test_several_gpu_ids_without_cuda_fall_back_to_one_cpu_process(data, tmp_pat
         timeout=300)
     assert_ok(proc)
     output = proc.stdout + proc.stderr
-    notices = [line for line in output.splitlines() if 'CUDA' in line or 'cuda' in line]
+    notices = [line for line in output.splitlines() if 'CUDA' in line and 'notice' in line]
     assert len(notices) == 1 and '0,1' in notices[0] and 'CPU' in notices[0], notices
+    assert 'device: cpu (no CUDA GPU found)' in output
     assert 'distributed' not in output
     assert model_files(tmp_path) == ['16_D.pt', '16_G.pt', '16_state.pt',
                                      '8_D.pt', '8_G.pt', '8_state.pt']

@@ -535,8 +535,9 @@ def test_save_scale_scales_bunit_so_the_physical_values_stay(in_tmp, save_scale,
     constant_generator_checkpoint(make_test_opt(*flags), 0.5)
     quantities = {}
     for scale in ('1', save_scale):
-        assert pix2pixCC_Test.main(TINY + flags + ['--save_scale', scale, '--iteration', '3']) == 0
-        with fits.open('checkpoints/su/Image/Test/3/a_AI.fits') as hdul:
+        assert pix2pixCC_Test.main(TINY + flags + ['--save_scale', scale, '--iteration', '3',
+                                                   '--output_dir', f'scale_{scale}']) == 0
+        with fits.open(f'scale_{scale}/a_AI.fits') as hdul:
             header = hdul[0].header
             quantities[scale] = hdul[0].data * u.Unit(header['BUNIT'])
     assert header['BUNIT'] == bunit
