@@ -5,6 +5,7 @@ Generator keys are `model.<i>....`, Discriminator keys `Scale_<s>.block_<b>.<i>.
 """
 import functools
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -198,6 +199,16 @@ def correlation(target, fake, ccc=True, eps=1e-8):
     return numerator / (var_t + var_f + (mean_t - mean_f) ** 2 + eps)
 
 
+def finite_correlation(real, fake, ccc=True):
+    """`correlation` of two arrays of one shape over the pixels finite in both, in float64;
+    NaN where it is undefined (fewer than two pixels, or no variation): the CC of the
+    evaluation metrics and of the panels' titles."""
+    real, fake = np.asarray(real, np.float64), np.asarray(fake, np.float64)
+    keep = np.isfinite(real) & np.isfinite(fake)
+    return float(correlation(torch.from_numpy(real[keep])[None],
+                             torch.from_numpy(fake[keep])[None], ccc=ccc, eps=0)[0])
+
+
 class Loss:
     """The pix2pixCC objective: LSGAN + feature matching (pix2pixHD) + the Inspector's CC.
 
@@ -240,7 +251,7 @@ class Loss:
         real_features = D(real_pair)
         fake_features = D(make_pair(opt, input, fake.detach()))
         loss_D = 0
-        for real, fake_ in zip(real_features, fake_features):
+        for real, fake_ in zip(real_features, fake_features, strict=True):
             loss_D = loss_D + 0.5 * (F.mse_loss(real[-1], torch.ones_like(real[-1])) +
                                      F.mse_loss(fake_[-1], torch.zeros_like(fake_[-1])))
 
@@ -248,10 +259,10 @@ class Loss:
         with frozen(D):
             fake_features = D(make_pair(opt, input, fake))
         loss_LSGAN, loss_FM = 0, 0
-        for real, fake_ in zip(real_features, fake_features):
+        for real, fake_ in zip(real_features, fake_features, strict=True):
             loss_LSGAN = loss_LSGAN + 0.5 * opt.lambda_LSGAN * \
                 F.mse_loss(fake_[-1], torch.ones_like(fake_[-1]))
-            for real_j, fake_j in zip(real, fake_):
+            for real_j, fake_j in zip(real, fake_, strict=True):
                 loss_FM = loss_FM + F.l1_loss(fake_j, real_j.detach())
         loss_FM = loss_FM * (opt.lambda_FM / self.n_D)
         loss_CC, cc = self.inspector(target, fake)

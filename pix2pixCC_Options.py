@@ -12,6 +12,9 @@ import os
 import sys
 
 DATA_FORMATS = ('tif', 'tiff', 'png', 'jpg', 'jpeg', 'npy', 'fits', 'fts', 'fit')
+# Extensions that name the same kind of file: `--data_format_input tif` also lists .tiff files.
+FORMAT_FAMILIES = (('tif', 'tiff'), ('jpg', 'jpeg'), ('fits', 'fts', 'fit'))
+FITS_FORMATS = FORMAT_FAMILIES[2]
 
 
 class UserError(Exception):
@@ -49,7 +52,7 @@ class OneLineErrorParser(argparse.ArgumentParser):
 
     def __init__(self, **kwargs):
         super().__init__(**kwargs)
-        self.option_names = []  # filled by BaseOption.add
+        self.option_names = []  # filled by BaseOption.add, for the suggestions
 
     def error(self, message):
         if message.startswith('unrecognized arguments:'):
@@ -78,9 +81,13 @@ class BaseOption:
               'logging and saving', 'test')
 
     def __init__(self):
-        p = OneLineErrorParser(formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        p = OneLineErrorParser()
         self.parser = p
         self.groups = {title: p.add_argument_group(title) for title in self.GROUPS}
+        # Every option is declared without a default, so that what argparse returns is what
+        # the command line gave (`explicit`); `parse` adds these defaults after.
+        self.defaults = {}
+        self.ignored_here = set()  # training options that the Test script ignores
         add = self.add
 
         add('data', '--data_format_input', type=lower_str, default='tif', choices=DATA_FORMATS,
@@ -126,11 +133,11 @@ class BaseOption:
             choices=('InstanceNorm2d', 'BatchNorm2d'), help='normalisation of the generator')
         add('network', '--padding_type', type=lower_str, default='replication',
             choices=('reflection', 'replication', 'zero'), help='padding of the generator')
-        add('network', '--n_D', type=int, default=1, training=True,
+        add('network', '--n_D', type=int, default=1, in_test='hidden',
             help='number of discriminator scales')
-        add('network', '--n_df', type=int, default=64, training=True,
+        add('network', '--n_df', type=int, default=64, in_test='hidden',
             help='discriminator base width')
-        add('network', '--n_CC', type=int, default=4, training=True,
+        add('network', '--n_CC', type=int, default=4, in_test='hidden',
             help='number of Inspector (CC) scales')
         add('network', '--data_type', type=int, default=32, choices=(16, 32),
             help='32: float32; 16: mixed precision')
@@ -140,12 +147,12 @@ class BaseOption:
         add('network', '--compile', boolean=True, default=False,
             help='torch.compile the networks (faster steps after a slow first one)')
 
-        add('augmentation', '--padding_size', type=int, default=0, training=True,
+        add('augmentation', '--padding_size', type=int, default=0, in_test='hidden',
             help='pad by edge replication and crop back at a random offset')
-        add('augmentation', '--max_rotation_angle', type=int, default=0, training=True,
+        add('augmentation', '--max_rotation_angle', type=int, default=0, in_test='hidden',
             help='rotate by a random integer angle in degrees')
 
-        add('checking', '--val_during_train', boolean=True, default=False, training=True,
+        add('checking', '--val_during_train', boolean=True, default=False, in_test='hidden',
             help='at every save, translate the test inputs (--input_dir_test)')
         add('checking', '--target_dir_test', type=str, default=None,
             help='targets of the test inputs: enables the metrics (CC, RMSE, flux)')
@@ -155,53 +162,60 @@ class BaseOption:
             help='stop when input and target file names show a wrong pairing (training '
                  'pairs; in the Test script, --input_dir_test with --target_dir_test)')
 
-        add('training hyper-parameters', '--batch_size', type=int, default=1, training=True,
+        add('training hyper-parameters', '--batch_size', type=int, default=1, in_test='hidden',
             help='samples per iteration')
 
         add('logging and saving', '--dataset_name', type=str, default='pix2pixCC',
             help='name of the run: outputs go to ./checkpoints/<dataset_name>/')
         add('logging and saving', '--save_scale', type=float, default=1,
             help='generated data are multiplied by this when saved')
-        add('logging and saving', '--report_freq', type=int, default=100, training=True,
+        add('logging and saving', '--report_freq', type=int, default=100, in_test='hidden',
             help='samples between report lines')
-        add('logging and saving', '--save_freq', type=int, default=10000, training=True,
+        add('logging and saving', '--save_freq', type=int, default=10000, in_test='hidden',
             help='samples between checkpoints')
-        add('logging and saving', '--display_freq', type=int, default=100, training=True,
+        add('logging and saving', '--display_freq', type=int, default=100, in_test='hidden',
             help='samples between preview images')
-        add('logging and saving', '--display_scale', type=float, default=1, training=True,
+        add('logging and saving', '--display_scale', type=float, default=1, in_test='hidden',
             help='brightness factor of the preview images')
-        add('logging and saving', '--image_mode', type=lower_str, default='png', training=True,
+        add('logging and saving', '--image_mode', type=lower_str, default='png', in_test='hidden',
             choices=('png', 'jpg', 'jpeg', 'tif', 'tiff', 'bmp'),
             help='file type of the preview images')
 
         # The published scripts declare --is_train (True in training, False in test); it is
         # accepted so that their command lines run, and the script, not the flag, decides.
-        p.add_argument('--is_train', type=str2bool, nargs='?', const=True, default=None,
-                       help=argparse.SUPPRESS)
+        p.add_argument('--is_train', type=str2bool, nargs='?', const=True,
+                       default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+        p.option_names.append('--is_train')
 
-    def add(self, group, name, help, boolean=False, training=False, train_option=False,
-            **kwargs):
-        """Add option `name` to the --help section `group`.
+    def add(self, group, name, help, default, boolean=False, in_test='shown', **kwargs):
+        """Add option `name`, with its one line of `help` and its `default`, to the --help
+        section `group`.
 
-        boolean: parsed by `str2bool`; a bare `--flag` means True. training: the option only
-        matters in training, so the Test script's --help leaves it out (it still parses, so
-        a training command line run with the Test script works). train_option: declared by
-        TrainOption; in TestOption it is also absent from the options unless given.
+        boolean: parsed by `str2bool`; a bare `--flag` means True. in_test: how the Test
+        script treats the option: 'shown' in its --help; 'hidden' from its --help (it only
+        matters in training) but parsed, with its default; 'ignored': a training option,
+        parsed so that a training command line runs, absent from the options and named in a
+        note when given (`ignored`).
         """
         if boolean:
             # nargs='?' lets a bare `--flag` mean True while `--flag False` means False.
             kwargs.update(type=str2bool, nargs='?', const=True, metavar='BOOL')
-        if not self.is_train and (training or train_option):
+        dest = name.lstrip('-')
+        if self.is_train or in_test == 'shown':
+            help = help if '(default' in help else f'{help} (default: {default})'
+        else:
             help = argparse.SUPPRESS
-            if train_option:
-                kwargs['default'] = argparse.SUPPRESS
-        self.groups[group].add_argument(name, help=help, **kwargs)
+        if self.is_train or in_test != 'ignored':
+            self.defaults[dest] = default
+        else:
+            self.ignored_here.add(dest)
+        self.groups[group].add_argument(name, help=help, default=argparse.SUPPRESS, **kwargs)
         self.parser.option_names.append(name)
 
     def add_training_options(self):
         """The options of TrainOption (in TestOption: parsed, hidden, ignored)."""
         def add(group, name, **kwargs):
-            self.add(group, name, train_option=True, **kwargs)
+            self.add(group, name, in_test='ignored', **kwargs)
 
         add('data', '--input_dir_train', type=str, default='./datasets/Train/Input',
             help='folder of the training inputs')
@@ -244,8 +258,9 @@ class BaseOption:
 
         The names given explicitly on the command line are kept in `self.explicit`.
         """
-        opt = self.parser.parse_args(argv)
-        self.explicit = self.explicit_names(argv)
+        given = vars(self.parser.parse_args(argv))
+        self.explicit = set(given)
+        opt = argparse.Namespace(**{**self.defaults, **given})
         opt.is_train = self.is_train
         self.finish(opt)
         return opt
@@ -258,18 +273,6 @@ class BaseOption:
         opt.model_dir = os.path.join(opt.checkpoint_dir, 'Model')
         opt.image_dir = os.path.join(opt.checkpoint_dir, 'Image',
                                      'Train' if self.is_train else 'Test')
-
-    def explicit_names(self, argv):
-        """Option names given on the command line (parsed again with every default hidden)."""
-        actions = [a for a in self.parser._actions if a.dest != 'help']
-        defaults = [a.default for a in actions]
-        for action in actions:
-            action.default = argparse.SUPPRESS
-        try:
-            return set(vars(self.parser.parse_args(argv)))
-        finally:
-            for action, default in zip(actions, defaults):
-                action.default = default
 
     def adopt(self, opt, saved, names, source, log=print):
         """Take options `names` from `saved` (a dict from a training run) unless they were
@@ -290,38 +293,45 @@ class BaseOption:
                 f"{', '.join(overridden)}")
         self.finish(opt)
 
+    # Options that count something (at least 1), and options that must not be negative.
+    COUNTS = ('input_ch', 'target_ch', 'batch_size', 'n_D', 'n_gf', 'n_df', 'report_freq',
+              'save_freq', 'display_freq')
+    NON_NEGATIVE = ('n_downsample', 'n_residual', 'n_CC', 'n_workers', 'padding_size',
+                    'max_rotation_angle', 'n_epochs_decay', 'keep_states')
+
     def validate(self, opt):
         """Reject option values that cannot work, with a one-line message naming the option."""
-        def fail(message):
-            self.parser.error(message)
+        opt.gpu_ids = opt.gpu_ids.replace(' ', '')
+        for problem in (*self.number_problems(opt), *self.scaling_problems(opt)):
+            self.parser.error(problem)  # exits with the first
 
-        gpu_ids = opt.gpu_ids.replace(' ', '')
-        if not all(part.lstrip('-').isdigit() for part in gpu_ids.split(',')):
-            fail(f"--gpu_ids '{opt.gpu_ids}' must be '-1' (CPU) or GPU indices such as '0' "
-                 f"or '0,1'")
-        opt.gpu_ids = gpu_ids
-        for name in ('input_ch', 'target_ch', 'batch_size', 'n_D', 'n_gf', 'n_df',
-                     'report_freq', 'save_freq', 'display_freq'):
+    def number_problems(self, opt):
+        if not all(part.lstrip('-').isdigit() for part in opt.gpu_ids.split(',')):
+            yield (f"--gpu_ids '{opt.gpu_ids}' must be '-1' (CPU) or GPU indices such as '0' "
+                   f"or '0,1'")
+        for name in self.COUNTS:
             if getattr(opt, name) < 1:
-                fail(f"--{name} must be at least 1, got {getattr(opt, name)}")
+                yield f"--{name} must be at least 1, got {getattr(opt, name)}"
+        for name in self.NON_NEGATIVE:
+            if getattr(opt, name, 0) < 0:  # (some are training options only)
+                yield f"--{name} must not be negative, got {getattr(opt, name)}"
         if min(opt.metric_bins) < 1:
-            fail(f"--metric_bins must be positive integers, got {opt.metric_bins}")
+            yield f"--metric_bins must be positive integers, got {opt.metric_bins}"
+
+    @staticmethod
+    def scaling_problems(opt):
         if opt.save_scale == 0 or not math.isfinite(opt.save_scale):
             # FITS outputs' BUNIT is the unit divided by it (README "Output files")
-            fail(f"--save_scale must be a non-zero finite number, got {opt.save_scale:g}")
-        for name in ('n_downsample', 'n_residual', 'n_CC', 'n_workers', 'padding_size',
-                     'max_rotation_angle', 'n_epochs_decay', 'keep_states'):
-            if getattr(opt, name, 0) < 0:  # (some are training options only)
-                fail(f"--{name} must not be negative, got {getattr(opt, name)}")
+            yield f"--save_scale must be a non-zero finite number, got {opt.save_scale:g}"
         for side in ('input', 'target'):
             lower = getattr(opt, f'saturation_lower_limit_{side}')
             upper = getattr(opt, f'saturation_upper_limit_{side}')
             if not lower < upper:
-                fail(f"--saturation_lower_limit_{side} ({lower:g}) must be below "
-                     f"--saturation_upper_limit_{side} ({upper:g})")
+                yield (f"--saturation_lower_limit_{side} ({lower:g}) must be below "
+                       f"--saturation_upper_limit_{side} ({upper:g})")
             if getattr(opt, f'logscale_{side}') and lower <= 0:
-                fail(f"--logscale_{side} needs a positive --saturation_lower_limit_{side} "
-                     f"(got {lower:g}); log10 is undefined at or below 0")
+                yield (f"--logscale_{side} needs a positive --saturation_lower_limit_{side} "
+                       f"(got {lower:g}); log10 is undefined at or below 0")
 
     @staticmethod
     def describe(opt):
@@ -383,14 +393,12 @@ class TestOption(BaseOption):
         self.add('test', '--overwrite', boolean=True, default=False,
                  help='replace the outputs of an earlier, different Test run in --output_dir '
                       '(only the files a Test run writes are removed)')
-        self.add('test', '--no_shuffle', boolean=True, default=True, training=True,
+        self.add('test', '--no_shuffle', boolean=True, default=True, in_test='hidden',
                  help='kept for compatibility; test order is by name')
 
     def ignored(self):
         """Training options given on the command line (they have no effect here)."""
-        training = {a.dest for a in self.parser._actions if a.default is argparse.SUPPRESS
-                    and a.dest != 'help'}
-        return sorted(self.explicit & training)
+        return sorted(self.explicit & self.ignored_here)
 
 
 def run_main(main_function, argv=None):

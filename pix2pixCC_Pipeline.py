@@ -4,24 +4,26 @@ Data flow of one file:  read (one reader per format) -> C x H x W float32 -> `Sc
 (clean NaN/Inf -> clip -> log10 -> normalise to [-1, 1] at the saturation limits) -> augment
 (training only). Generated data go back through `Scaling.inverse` and one writer per format.
 """
-import atexit
 import contextlib
 import datetime
 import glob
 import math
-import multiprocessing.util  # noqa: F401 (see _kill_leftover_workers)
 import os
 import re
 import warnings
 from dataclasses import dataclass
 
 import numpy as np
+import tifffile
 import torch
+from astropy.io import fits
+from astropy.wcs import find_all_wcs
 from PIL import Image
 from scipy.ndimage import rotate
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset
 
-from pix2pixCC_Options import UserError
+from pix2pixCC_Options import FITS_FORMATS, FORMAT_FAMILIES, UserError
+from pix2pixCC_Utils import ignore_stop_signals
 
 # ----------------------------------------------------------------------------------------
 # Reading: each reader returns the array as stored; `to_chw` arranges the channels.
@@ -38,7 +40,6 @@ def read_image(path):
 
 def read_tiff(path):
     """TIFF via tifffile, which keeps float32 and multi-channel data that Pillow cannot."""
-    import tifffile
     return tifffile.imread(path)
 
 
@@ -56,7 +57,6 @@ def open_fits(path):
     about a truncated file (then fails on the reshape, or not at all), so that warning
     becomes a UserError.
     """
-    from astropy.io import fits
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter('always')
         try:
@@ -161,7 +161,6 @@ def npy_shape(path):
 
 def fits_shape(path):
     """Shape of the HDU that `read_fits` reads, from its header."""
-    from astropy.io import fits
     with warnings.catch_warnings():
         warnings.simplefilter('ignore')  # read_fits reports what matters when it reads
         with fits.open(path, memmap=False) as hdul:
@@ -172,7 +171,6 @@ def fits_shape(path):
 
 
 def tiff_shape(path):
-    import tifffile
     with tifffile.TiffFile(path) as tif:
         return tuple(tif.series[0].shape)  # the series tifffile.imread reads
 
@@ -204,8 +202,6 @@ def size_mismatch(input_path, size, target_path, target_size):
                      f"{target_size[0]}x{target_size[1]}")
 
 
-# Extensions that name the same kind of file: `--data_format_input tif` also lists .tiff files.
-FORMAT_FAMILIES = (('tif', 'tiff'), ('jpg', 'jpeg'), ('fits', 'fts', 'fit'))
 
 
 def extensions_of(data_format):
@@ -377,7 +373,9 @@ class CustomDataset(Dataset):
     def check_sizes(self):
         """Raise UserError naming the first input whose target differs in height or width,
         reading only the files' headers (so a Test run stops before its first output)."""
-        for input_path, target_path in zip(self.input_paths, self.target_paths or []):
+        if self.target_paths is None:
+            return
+        for input_path, target_path in zip(self.input_paths, self.target_paths, strict=True):
             size = stored_size(input_path, self.opt.data_format_input, self.opt.input_ch)
             target_size = stored_size(target_path, self.opt.data_format_target,
                                       self.opt.target_ch)
@@ -469,35 +467,6 @@ class _FileSummaries(Dataset):
         return summary
 
 
-def ignore_stop_signals(worker_id=None):
-    """worker_init_fn of DataLoaders: loading workers leave stop signals to the main process
-    (Ctrl-C and SLURM's SIGTERM reach the whole process group; a worker that died of them
-    would end the run with a DataLoader error instead of a clean stop)."""
-    import signal
-    for name in ('SIGINT', 'SIGTERM', 'SIGUSR1'):
-        if hasattr(signal, name):
-            signal.signal(getattr(signal, name), signal.SIG_IGN)
-
-
-def _kill_leftover_workers():
-    """At exit, end the loading workers an error left behind with SIGKILL: Python's own exit
-    handler ends daemonic children with SIGTERM, which they ignore, and would wait forever."""
-    import multiprocessing
-    import signal
-    workers = [child for child in multiprocessing.active_children() if child.daemon]
-    if workers and hasattr(signal, 'SIGCHLD'):
-        # PyTorch's SIGCHLD handler would report the killed workers as a failure.
-        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-    for worker in workers:
-        worker.kill()
-        worker.join()
-
-
-# Registered after multiprocessing's exit handler (multiprocessing.util, imported above,
-# registers it), so it runs before it: atexit is last in, first out.
-atexit.register(_kill_leftover_workers)
-
-
 # Share of a side's counted values (`value_summary`) beyond its saturation limits above which
 # the limits are probably not those of the data (a few saturated pixels are normal; most are
 # not).
@@ -548,7 +517,6 @@ def check_dataset(dataset, multiple, n_workers=0, log=print, progress=None):
     look swapped) are warned about in one line each (`scaling_warnings`). Returns the
     (height, width) of the first pair.
     """
-    from torch.utils.data import DataLoader
     loader = DataLoader(_FileSummaries(dataset), batch_size=None, num_workers=n_workers,
                         worker_init_fn=ignore_stop_signals)
     if progress is not None:
@@ -627,7 +595,7 @@ def check_pairing(input_paths, target_paths):
                        for paths in (input_paths, target_paths))
     shared = set(inputs) & set(targets)
     if len(shared) >= len(inputs) / 2:
-        for i, (a, b) in enumerate(zip(inputs, targets)):
+        for i, (a, b) in enumerate(zip(inputs, targets, strict=True)):
             if a != b:
                 raise UserError(f"pair {i}: input {input_paths[i]} would be paired with target "
                                 f"{target_paths[i]} (files pair by sorted name); a file with the "
@@ -695,7 +663,6 @@ FITS_IDENTITY_CARDS = ('BUNIT', 'BTYPE', 'TELESCOP', 'INSTRUME', 'DETECTOR', 'OB
                        'CONTENT', 'WAVELNTH', 'WAVEUNIT', 'WAVE_STR', 'WAVEMIN', 'WAVEMAX',
                        'FILTER')
 INPUT_ONLY_CARD = re.compile('|'.join(FITS_INPUT_ONLY_CARDS))
-FITS_FORMATS = FORMAT_FAMILIES[2]
 # Keywords of a FITS world coordinate description (FITS standard 4.0, section 8), primary or
 # alternate (a final letter A-Z).
 WCS_CARD = re.compile(r'(WCSAXES|WCSNAME|CTYPE\d+|CUNIT\d+|CRVAL\d+|CDELT\d+|CRPIX\d+|CROTA\d+|'
@@ -758,7 +725,6 @@ def image_plane_axes(header, channels):
 def world_descriptions(header):
     """astropy's WCS of every world coordinate description in `header` (primary and
     alternates); [] when astropy cannot read them, as no reader could use them then."""
-    from astropy.wcs import find_all_wcs
     with warnings.catch_warnings():
         warnings.simplefilter('ignore')  # astropy's notes on what it fixes in archive headers
         try:
@@ -790,7 +756,6 @@ def with_product_wcs(header, plane, channels):
     its other axes has no WCS of its own and is left out. Cards astropy adds beside the WCS
     (MJD-OBS, observer) are added only where the input has none.
     """
-    from astropy.io import fits
     if not any(WCS_CARD.fullmatch(key) for key in header):
         return header
     descriptions = world_descriptions(header)
@@ -817,7 +782,6 @@ def generated_header(input_header, identity, unit, history, input_channels=1, ch
     data's). identity: the targets' identity cards ({} when they have none). unit: BUNIT
     (None: the targets' own, if any). history: HISTORY lines.
     """
-    from astropy.io import fits
     header = fits.Header()
     if input_header is not None:
         header.extend(card for card in input_header.cards
@@ -837,7 +801,6 @@ def generated_header(input_header, identity, unit, history, input_channels=1, ch
 def write_fits(path, data, header=None, history=(), **_):
     """float32 FITS; `header` (e.g. from `generated_header`) is copied except the cards of
     how its data were stored (FITS_STORAGE_CARDS and NAXISn)."""
-    from astropy.io import fits
     hdu = fits.PrimaryHDU(data.astype(np.float32))
     if header is not None:
         hdu.header.extend(card for card in header.cards
@@ -853,7 +816,6 @@ def write_npy(path, data, **_):
 
 
 def write_tiff(path, data, **_):
-    import tifffile
     tifffile.imwrite(path, data.astype(np.float32), photometric='minisblack')
 
 

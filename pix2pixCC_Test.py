@@ -20,15 +20,15 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from pix2pixCC_Networks import Generator
-from pix2pixCC_Options import DATA_OPTIONS, NETWORK_OPTIONS, TestOption, UserError, run_main
-from pix2pixCC_Pipeline import (FITS_FORMATS, CustomDataset, Scaling, check_pairing, data_unit,
-                                generated_header, ignore_stop_signals, read_fits_header,
-                                scaled_unit, write_array)
-from pix2pixCC_Utils import (Precision, atomic_path, checkpoint_path, image_metrics,
-                             load_state_dict, make_dirs, memory_format, metrics_table,
-                             prepare_network, read_json, require_checkpoint, save_panel,
-                             saved_steps, select_device, silent, summarize, write_csv,
+from pix2pixCC_Networks import Generator, correlation
+from pix2pixCC_Options import (DATA_OPTIONS, FITS_FORMATS, NETWORK_OPTIONS, TestOption,
+                               UserError, run_main)
+from pix2pixCC_Pipeline import (CustomDataset, Scaling, check_pairing, data_unit,
+                                generated_header, read_fits_header, scaled_unit, write_array)
+from pix2pixCC_Utils import (Precision, atomic_path, checkpoint_path, ignore_stop_signals,
+                             load_state_dict, make_dirs, memory_format, prepare_network,
+                             read_json, release_mapped_weights_after_use, require_checkpoint,
+                             save_panel, saved_steps, select_device, silent, write_csv,
                              write_json)
 
 
@@ -74,67 +74,6 @@ def load_generator(opt, path, device):
     if not opt.compile:  # (a compiled graph runs no per-layer Python hooks)
         release_mapped_weights_after_use(G, path)
     return G
-
-
-MADV_DONTNEED = 4  # Linux: drop these pages; a file-backed page is read again when touched
-
-
-def mapped_ranges(path):
-    """The address ranges at which `path` is mapped into this process (Linux's
-    /proc/self/maps; empty elsewhere)."""
-    try:
-        with open('/proc/self/maps') as f:
-            lines = f.read().splitlines()
-    except OSError:
-        return []
-    real, ranges = os.path.realpath(path), []
-    for line in lines:
-        fields = line.split(maxsplit=5)
-        if len(fields) == 6 and fields[5] == real:
-            start, end = (int(value, 16) for value in fields[0].split('-'))
-            ranges.append((start, end))
-    return ranges
-
-
-def release_mapped_weights_after_use(G, path):
-    """After each layer of G has run, give the pages of its weights that are mapped from the
-    checkpoint `path` back to the operating system.
-
-    The weights stay in the OS's page cache (shared with any other process reading the file,
-    and reclaimable), and the next image maps them again from there. So the process holds a
-    layer's weights only while it runs: at 1024x1024 the full-resolution layers at the end,
-    where the activations peak, no longer sit on the 680 MB of residual-block weights.
-    Weights not mapped from the file (a legacy-format checkpoint, a GPU, bfloat16 copies) are
-    left alone. Returns the number of layers hooked.
-    """
-    ranges = mapped_ranges(path)
-    if not ranges or not sys.platform.startswith('linux'):
-        return 0
-    import ctypes
-    import mmap
-    madvise = ctypes.CDLL(None, use_errno=True).madvise
-    madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
-    page = mmap.PAGESIZE
-    hooked = 0
-    for layer in G.modules():
-        spans = []
-        for tensor in [*layer.parameters(recurse=False), *layer.buffers(recurse=False)]:
-            start = tensor.data_ptr()
-            end = start + tensor.numel() * tensor.element_size()
-            if tensor.device.type == 'cpu' and any(a <= start and end <= b for a, b in ranges):
-                first, last = -(-start // page) * page, end // page * page  # whole pages only
-                if last > first:
-                    spans.append((first, last - first))
-        if spans:
-            layer.register_forward_hook(functools.partial(release, madvise, spans))
-            hooked += 1
-    return hooked
-
-
-def release(madvise, spans, module, inputs, output):
-    """Forward hook of release_mapped_weights_after_use (returns None: output unchanged)."""
-    for start, size in spans:
-        madvise(start, size, MADV_DONTNEED)
 
 
 def translate(G, dataset, out_dir, opt, device, iteration, precision=None, panels=False):
@@ -312,6 +251,89 @@ def claim_output_folders(opt, folders, record_of):
                             f"another --output_dir, or add --overwrite to replace them")
 
 
+# ----------------------------------------------------------------------------------------
+# Evaluation: the numbers a paper reports (CC after binning, errors, flux)
+# ----------------------------------------------------------------------------------------
+
+
+def bin_mean(x, k):
+    """Mean over non-overlapping k x k blocks of (..., H, W); edges that do not fill a block
+    are dropped."""
+    if k == 1:
+        return x
+    h, w = x.shape[-2] // k * k, x.shape[-1] // k * k
+    x = x[..., :h, :w]
+    return x.reshape(*x.shape[:-2], h // k, k, w // k, k).mean(axis=(-3, -1))
+
+
+def image_metrics(real, fake, bins):
+    """Metrics of one generated map against its target, both C x H x W in physical units.
+
+    For every channel c and binning factor k: Pearson CC, concordance CC (the Inspector's own
+    `correlation`), RMSE and MAE; at full resolution the total unsigned flux sum|x| and the net
+    flux sum(x) of real and generated data. Pixels where the target is not finite are left
+    out. Keys: `cc_8x8`, `rmse_1x1`, `flux_net_real`, ... (prefixed `ch<c>_` for several
+    channels).
+    """
+    real, fake = np.asarray(real, np.float64), np.asarray(fake, np.float64)
+    row = {}
+    for c in range(real.shape[0]):
+        prefix = f'ch{c}_' if real.shape[0] > 1 else ''
+        for k in bins:
+            r, f = bin_mean(real[c], k), bin_mean(fake[c], k)
+            keep = np.isfinite(r) & np.isfinite(f)
+            r, f = torch.from_numpy(r[keep])[None], torch.from_numpy(f[keep])[None]
+            row[f'{prefix}cc_{k}x{k}'] = float(correlation(r, f, ccc=False, eps=0)[0])
+            row[f'{prefix}ccc_{k}x{k}'] = float(correlation(r, f, ccc=True, eps=0)[0])
+            row[f'{prefix}rmse_{k}x{k}'] = float(torch.sqrt(((r - f) ** 2).mean()))
+            row[f'{prefix}mae_{k}x{k}'] = float((r - f).abs().mean())
+        keep = np.isfinite(real[c]) & np.isfinite(fake[c])
+        r, f = real[c][keep], fake[c][keep]
+        row.update({f'{prefix}flux_unsigned_real': float(np.abs(r).sum()),
+                    f'{prefix}flux_unsigned_fake': float(np.abs(f).sum()),
+                    f'{prefix}flux_net_real': float(r.sum()),
+                    f'{prefix}flux_net_fake': float(f.sum())})
+    return row
+
+
+def summarize(rows):
+    """{metric: {'mean', 'std', 'median'}} over the rows' numeric columns (NaN ignored)."""
+    summary = {}
+    for key in rows[0]:
+        values = np.array([row[key] for row in rows], dtype=object)
+        if not all(isinstance(v, (int, float)) for v in values):
+            continue
+        values = values.astype(np.float64)
+        summary[key] = {'mean': float(np.nanmean(values)), 'std': float(np.nanstd(values)),
+                        'median': float(np.nanmedian(values))}
+    return summary
+
+
+def metrics_table(summary, bins, channels=1, unit=None):
+    """Two short text tables of the means: CC, CCC, RMSE, MAE per binning factor (and
+    channel), then the unsigned and net flux of real and generated data per channel. A line
+    under each header gives the units (`unit`, e.g. 'G'; flux is a sum over pixels)."""
+    unit = unit or 'target units'
+    lines = [f"{'channel':>7} {'bin':>5} {'CC':>7} {'CCC':>7} {'RMSE':>11} {'MAE':>11}",
+             f"{'':>29} {f'[{unit}]':>11} {f'[{unit}]':>11}"]
+    for c in range(channels):
+        prefix = f'ch{c}_' if channels > 1 else ''
+        for k in bins:
+            cc, ccc, rmse, mae = (summary[f'{prefix}{name}_{k}x{k}']['mean']
+                                  for name in ('cc', 'ccc', 'rmse', 'mae'))
+            lines.append(f"{c:>7} {f'{k}x{k}':>5} {cc:7.4f} {ccc:7.4f} {rmse:11.4g} {mae:11.4g}")
+    flux = f'[{unit} px]'
+    lines += ['', f"{'channel':>7} {'unsigned flux':^27} {'net flux':^27}",
+              f"{'':>7} {'real':>13} {'generated':>13} {'real':>13} {'generated':>13}",
+              f"{'':>7} {flux:>13} {flux:>13} {flux:>13} {flux:>13}"]
+    for c in range(channels):
+        prefix = f'ch{c}_' if channels > 1 else ''
+        values = [summary[f'{prefix}flux_{kind}']['mean'] for kind in
+                  ('unsigned_real', 'unsigned_fake', 'net_real', 'net_fake')]
+        lines.append(f"{c:>7} " + ' '.join(f'{v:13.5g}' for v in values))
+    return '\n'.join(lines)
+
+
 def best_iteration(by_iteration, bins, channels):
     """The iteration with the highest mean CC at the coarsest binning (8x8 by default), of
     the first channel."""
@@ -369,24 +391,12 @@ def default_limits_notice(opt, explicit):
 
 
 def main(argv=None):
-    # Options: the network shape and the data's units travel with the model.
+    """Options (the network and the data's units travel with the model), data and
+    checkpoints, the output folders, then every generator asked for."""
     option = TestOption()
     opt = option.parse(argv)
     require_run(opt)
-    if option.ignored():
-        print(f"note: training options have no effect here: "
-              f"{' '.join('--' + name for name in option.ignored())}")
-    trained = read_json(opt.checkpoint_dir, 'train_options.json')
-    if trained is not None:
-        option.adopt(opt, trained, NETWORK_OPTIONS + DATA_OPTIONS,
-                     os.path.join(opt.checkpoint_dir, 'train_options.json'))
-    else:
-        notice = default_limits_notice(opt, option.explicit)
-        if notice:
-            print(notice)
-    # The targets' FITS identity cards (unit, instrument, ...) for generated headers; None
-    # when unknown (a run without train_options.json).
-    opt.target_header = (trained or {}).get('target_header')
+    take_training_options(option, opt)
     # Without CUDA the default --gpu_ids 0 quietly runs on the CPU; a notice is for a GPU
     # asked for by name.
     device, _ = select_device(opt, print if 'gpu_ids' in option.explicit else silent)
@@ -398,19 +408,11 @@ def main(argv=None):
     # Data and checkpoints
     dataset = CustomDataset(opt)
     check_test_pairs(dataset, opt)
-    if opt.iteration == -1:
-        iterations = saved_steps(opt.model_dir, 'G')
-        if not iterations:
-            raise UserError(f"no generator checkpoints (*_G.pt) in {opt.model_dir}; "
-                            f"train first or check --dataset_name")
-    else:
-        require_checkpoint(opt.model_dir, opt.iteration, 'G')
-        iterations = [opt.iteration]
+    iterations = iterations_asked_for(opt)
 
     # Output folders: refused or emptied (--overwrite) before anything is written.
-    def record_of(iteration):
-        return run_record(opt, dataset, iteration, precision, opt.save_panels)
-
+    record_of = functools.partial(run_record, opt, dataset, precision=precision,
+                                  panels=opt.save_panels)
     folders, top = output_plan(opt, iterations)
     claim_output_folders(opt, {**folders, **({-1: top} if top else {})}, record_of)
     if top:
@@ -421,23 +423,63 @@ def main(argv=None):
     by_iteration = []
     for iteration in iterations:
         G = load_generator(opt, checkpoint_path(opt.model_dir, iteration, 'G'), device)
-        out_dir = folders[iteration]
-        rows = translate(G, dataset, out_dir, opt, device, iteration, precision,
+        rows = translate(G, dataset, folders[iteration], opt, device, iteration, precision,
                          panels=opt.save_panels)
-        print(f"iteration {iteration}: {len(dataset)} file(s) written to {out_dir}")
+        print(f"iteration {iteration}: {len(dataset)} file(s) written to {folders[iteration]}")
         if rows:
-            summary = summarize(rows)
-            write_csv(os.path.join(out_dir, 'metrics.csv'), rows)
-            write_json(os.path.join(out_dir, 'metrics_summary.json'), summary)
-            print(metrics_table(summary, opt.metric_bins, opt.target_ch, data_unit(opt)))
-            by_iteration.append({'iteration': iteration,
-                                 **{key: value['mean'] for key, value in summary.items()}})
+            by_iteration.append(write_metrics(rows, folders[iteration], iteration, opt))
     if len(by_iteration) > 1:
-        write_csv(os.path.join(top, 'metrics_by_iteration.csv'), by_iteration)
-        iteration, key, value = best_iteration(by_iteration, opt.metric_bins, opt.target_ch)
-        print(f"best iteration by mean {key}: {iteration} ({value:.4f}); all in "
-              f"{os.path.join(top, 'metrics_by_iteration.csv')}")
+        write_best_iteration(by_iteration, top, opt)
     return 0
+
+
+def take_training_options(option, opt):
+    """The network and data options of the training run (train_options.json) unless given
+    on the command line, and the targets' FITS identity cards (unit, instrument, ...) for
+    generated headers; for a run without that file (a run of the published code), a notice
+    when the saturation limits are left at this script's defaults."""
+    if option.ignored():
+        print(f"note: training options have no effect here: "
+              f"{' '.join('--' + name for name in option.ignored())}")
+    trained = read_json(opt.checkpoint_dir, 'train_options.json')
+    if trained is not None:
+        option.adopt(opt, trained, NETWORK_OPTIONS + DATA_OPTIONS,
+                     os.path.join(opt.checkpoint_dir, 'train_options.json'))
+    else:
+        notice = default_limits_notice(opt, option.explicit)
+        if notice:
+            print(notice)
+    opt.target_header = (trained or {}).get('target_header')
+
+
+def iterations_asked_for(opt):
+    """The steps of the generators to run: --iteration, or every saved one for -1."""
+    if opt.iteration != -1:
+        require_checkpoint(opt.model_dir, opt.iteration, 'G')
+        return [opt.iteration]
+    iterations = saved_steps(opt.model_dir, 'G')
+    if not iterations:
+        raise UserError(f"no generator checkpoints (*_G.pt) in {opt.model_dir}; train first or "
+                        f"check --dataset_name")
+    return iterations
+
+
+def write_metrics(rows, folder, iteration, opt):
+    """metrics.csv and metrics_summary.json of one generator, and their table on the
+    screen; returns the row of metrics_by_iteration.csv (the means)."""
+    summary = summarize(rows)
+    write_csv(os.path.join(folder, 'metrics.csv'), rows)
+    write_json(os.path.join(folder, 'metrics_summary.json'), summary)
+    print(metrics_table(summary, opt.metric_bins, opt.target_ch, data_unit(opt)))
+    return {'iteration': iteration, **{key: value['mean'] for key, value in summary.items()}}
+
+
+def write_best_iteration(by_iteration, folder, opt):
+    """metrics_by_iteration.csv of a --iteration -1 run, and which generator was best."""
+    path = os.path.join(folder, 'metrics_by_iteration.csv')
+    write_csv(path, by_iteration)
+    iteration, key, value = best_iteration(by_iteration, opt.metric_bins, opt.target_ch)
+    print(f"best iteration by mean {key}: {iteration} ({value:.4f}); all in {path}")
 
 
 if __name__ == '__main__':

@@ -5,25 +5,29 @@
 writes ./checkpoints/<dataset_name>/{Model/<step>_G.pt, <step>_D.pt, Image/Train/...}.
 """
 import contextlib
+import functools
 import os
+import random
 import shutil
 import sys
+from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
 from pix2pixCC_Networks import Discriminator, Generator, Loss, count_parameters, weights_init
 from pix2pixCC_Options import NOT_RESUMED, BaseOption, TrainOption, UserError, run_main
-from pix2pixCC_Pipeline import (CustomDataset, check_dataset, check_pairing, data_unit,
-                                ignore_stop_signals, target_identity)
-from pix2pixCC_Test import translate
+from pix2pixCC_Pipeline import (CustomDataset, Scaling, check_dataset, check_pairing, data_unit,
+                                target_identity)
+from pix2pixCC_Test import summarize, translate
 from pix2pixCC_Utils import (Distributed, GracefulStop, Manager, Precision, RunLock, WriteError,
-                             bare, checkpoint_path, cpu_requested, learning_rate,
+                             bare, checkpoint_path, cpu_requested, ignore_stop_signals,
                              load_state_dict, make_dirs, memory_format, newest_complete_step,
                              options_record, prepare_network, read_json, require_checkpoint,
                              require_tensorboard, rng_states, safe_load, saved_steps,
-                             set_rng_states, set_seed, silent, signal_name, state_path, summarize,
+                             set_rng_states, silent, signal_name, state_path,
                              supersede_newer_checkpoints, write_csv, write_json)
 
 
@@ -52,7 +56,7 @@ class EpochSampler(DistributedSampler):
         generator = torch.Generator().manual_seed(self.seed * 100003 + self.epoch)
         order = torch.randperm(n, generator=generator) if self.shuffle else torch.arange(n)
         seeds = torch.randint(0, 2**62, (n,), generator=generator)
-        items = list(zip(order.tolist(), seeds.tolist()))[self.start:]
+        items = list(zip(order.tolist(), seeds.tolist(), strict=True))[self.start:]
         items += items[:-len(items) % self.num_replicas or 0]  # equal shares, as DistributedSampler
         return items[self.rank::self.num_replicas]
 
@@ -231,6 +235,8 @@ def remove_if_refused(created, stop):
 
 
 def train(opt, state, cluster, device, gpu_ids, stop, log, given=()):
+    """The algorithm: the data, the networks (restored when resuming), then the loop of
+    step, report, save and validate (`loop`). Returns the exit status."""
     if opt.seed is None:
         opt.seed = cluster.broadcast(int(torch.randint(0, 2**31 - 1, (1,))))
     set_seed(opt.seed)
@@ -240,124 +246,67 @@ def train(opt, state, cluster, device, gpu_ids, stop, log, given=()):
         log(notice)
     cluster.on_main(lambda: make_dirs(opt.model_dir, opt.image_dir))
 
-    # Data. The first target's FITS identity cards (unit, instrument, ...) go into the
-    # options, and so into train_options.json, for the headers the Test script writes.
+    # Data
     dataset = CustomDataset(opt)
-    n_samples = len(dataset)
-    n_epochs = opt.n_epochs + opt.n_epochs_decay
-    if opt.latest_iter >= n_epochs * n_samples:
-        log(f"nothing left to train: the run is at step {opt.latest_iter}, and its "
-            f"{n_epochs} epochs (--n_epochs {opt.n_epochs} + --n_epochs_decay "
-            f"{opt.n_epochs_decay}) of {n_samples} samples end at step {n_epochs * n_samples}; "
-            f"to train longer, resume with a larger --n_epochs or --n_epochs_decay")
+    if opt.latest_iter >= last_step(opt, len(dataset)):
+        log(nothing_left_to_train(opt, len(dataset)))
         return 0
-    opt.target_header = target_identity(dataset.target_paths[0], opt.data_format_target)
-    height, width = cluster.on_main(lambda: check_data(dataset, opt, log, given))
-    if opt.latest_iter == 0 and saved_steps(opt.model_dir, 'G'):
-        steps = saved_steps(opt.model_dir, 'G')
-        raise UserError(f"{opt.model_dir} already holds checkpoints (steps "
-                        f"{steps[0]}..{steps[-1]}) that a new run would overwrite; resume with "
-                        f"--latest_iter -1, choose another --dataset_name, or move them away")
+    size = prepare_data(dataset, opt, cluster, log, given)
     val_dataset = CustomDataset(opt, split='test') if opt.val_during_train else None
-    sampler = EpochSampler(len(dataset), shuffle=not opt.no_shuffle, seed=opt.seed,
-                           num_replicas=cluster.world_size, rank=cluster.rank)
-    # Workers are not persistent: each epoch's end (or a stop) shuts them down with the
-    # epoch's iterator. They ignore stop signals, so none may outlive the run, where
-    # Python's exit would wait for them.
-    loader = DataLoader(dataset, batch_size=opt.batch_size, sampler=sampler,
-                        num_workers=opt.n_workers, pin_memory=device.type == 'cuda',
-                        worker_init_fn=ignore_stop_signals)
+    loader = make_loader(dataset, opt, cluster, device)
 
-    # Networks and optimisers
-    G = Generator(opt).apply(weights_init)
-    D = Discriminator(opt).apply(weights_init)
-    if opt.latest_iter > 0:
-        load_state_dict(G, checkpoint_path(opt.model_dir, opt.latest_iter, 'G'))
-        load_state_dict(D, checkpoint_path(opt.model_dir, opt.latest_iter, 'D'))
-
-    def wrap(module):  # one process per device under torchrun; else DataParallel for 0,1,...
-        module = cluster.wrap(module, device)
-        return torch.nn.DataParallel(module, device_ids=gpu_ids) if len(gpu_ids) > 1 else module
-
-    G, D = prepare_network(G, opt, device, wrap), prepare_network(D, opt, device, wrap)
-    criterion = Loss(opt)
-    G_optim, D_optim = make_optimizer(G.parameters(), opt), make_optimizer(D.parameters(), opt)
+    # Networks, optimisers and, when resuming, the training state
+    nets = build_networks(opt, cluster, device, gpu_ids, precision)
     if state is not None:
-        for optimizer, name in ((G_optim, 'G_optim'), (D_optim, 'D_optim')):
-            optimizer.load_state_dict(state[name])
-            for group in optimizer.param_groups:  # a new --beta1/--beta2 applies (and --lr,
-                group['betas'] = (opt.beta1, opt.beta2)  # through the schedule below)
-        precision.scaler.load_state_dict(state['scaler'])
-        set_rng_states(state['rng'])
-
-    def training_state():
-        return {'G_optim': G_optim.state_dict(), 'D_optim': D_optim.state_dict(),
-                'scaler': precision.scaler.state_dict(), 'rng': rng_states(),
-                'options': options_record(opt)}
-
+        nets.restore(state, opt)
     if cluster.is_main:
         supersede_newer_checkpoints(opt.model_dir, opt.latest_iter, log)
         write_json(os.path.join(opt.checkpoint_dir, 'train_options.json'), options_record(opt))
     if opt.verbose:
         log(BaseOption.describe(opt))
-    log(start_up_summary(opt, dataset, (height, width), G, D, device, precision))
+    log(start_up_summary(opt, dataset, size, nets.G, nets.D, device, precision))
 
-    def validate(step):
-        """Translate the test inputs; with --target_dir_test, log their mean metrics (and
-        return them)."""
-        rows = translate(bare(G), val_dataset, os.path.join(opt.checkpoint_dir, 'Image', 'Test',
-                                                            str(step)),
-                         opt, device, step, precision)
-        if not rows:
-            return None
-        means = {key: value['mean'] for key, value in summarize(rows).items()}
-        write_csv(os.path.join(opt.checkpoint_dir, 'val_metrics.csv'),
-                  [{'step': step, **means}], append=True)
-        return means
-
-    progress = tqdm(total=n_epochs * n_samples, initial=opt.latest_iter, unit='sample',
+    # The loop
+    progress = tqdm(total=last_step(opt, len(dataset)), initial=opt.latest_iter, unit='sample',
                     disable=None if cluster.is_main else True, dynamic_ncols=True)
-    manager = Manager(opt, G, D, training_state, log=progress.write, active=cluster.is_main,
-                      validate=validate if opt.val_during_train else None, resumed=state)
+    target_scaling = Scaling.from_options(opt, 'target')
+    target_scaling.save_scale = 1.0  # previews show the target's own units
+    validation = functools.partial(validate, nets.G, val_dataset, opt, device, precision)
+    manager = Manager(opt, nets.G, nets.D, functools.partial(nets.training_state, opt),
+                      target_scaling, data_unit(opt), log=progress.write,
+                      validate=validation if val_dataset is not None else None,
+                      active=cluster.is_main, resumed=state)
+    return loop(opt, loader, len(dataset), nets, manager, progress, cluster, device, stop, log)
 
-    # Loop: generate, score D on real and fake, step G (D frozen), step D. One epoch is one
-    # pass over the data; current_step counts samples of all processes. From here on a stop
-    # signal takes effect after the step in progress (every process stops at the same step).
-    current_step = opt.latest_iter
+
+def loop(opt, loader, n_samples, nets, manager, progress, cluster, device, stop, log):
+    """Epochs of steps from the step the run starts at, each followed by what falls due
+    (`after_step`); one epoch is one pass over the data, and a step counts the samples of
+    all processes. From here on a stop signal ends the run after the step in progress, every
+    process at the same step, with a checkpoint. Returns the exit status."""
+    current_step, stop_signal = opt.latest_iter, 0
     epoch = current_step // n_samples
-    stop_signal = 0
     stop.defer()
     try:
-        for epoch in range(current_step // n_samples + 1, n_epochs + 1):
+        for epoch in range(current_step // n_samples + 1, opt.n_epochs + opt.n_epochs_decay + 1):
             lr = learning_rate(opt, epoch)
-            for optimizer in (G_optim, D_optim):
-                for group in optimizer.param_groups:
-                    group['lr'] = lr
-            sampler.set_epoch(epoch, start=current_step - (epoch - 1) * n_samples)
+            nets.set_learning_rate(lr)
+            loader.sampler.set_epoch(epoch, start=current_step - (epoch - 1) * n_samples)
             for input, target in loader:
-                input = input.to(device, non_blocking=True, memory_format=memory_format(device))
-                target = target.to(device, non_blocking=True,
-                                   memory_format=memory_format(device))
+                input, target = (batch.to(device, non_blocking=True,
+                                          memory_format=memory_format(device))
+                                 for batch in (input, target))
                 # The last batches of an epoch may hold fewer samples (or, with several
                 # processes, repeats that even out the shares): count each sample once.
                 next_step = min(current_step + input.shape[0] * cluster.world_size,
                                 epoch * n_samples)
-
-                def check_finite(loss_D, loss_G):
-                    if not cluster.all_finite(loss_D + loss_G):
-                        raise UserError(f"the loss is not finite at step {next_step} (D "
-                                        f"{float(loss_D.detach()):.4g}, G "
-                                        f"{float(loss_G.detach()):.4g}); training stopped "
-                                        f"before updating the weights; last good checkpoint: "
-                                        f"{manager.last_good()}; a lower --lr may help")
-
-                loss_D, loss_G, target, fake = train_step(criterion, G, D, G_optim, D_optim,
-                                                          precision, input, target,
-                                                          check_finite)
+                loss_D, loss_G, target, fake = train_step(
+                    nets.criterion, nets.G, nets.D, nets.G_optim, nets.D_optim, nets.precision,
+                    input, target, functools.partial(check_finite, cluster, next_step, manager))
                 previous_step, current_step = current_step, next_step
                 progress.update(current_step - previous_step)
-                manager.after_step(epoch, previous_step, current_step, n_samples,
-                                   (input, target, fake), cluster.mean(criterion.terms), lr)
+                after_step(manager, opt, epoch, (previous_step, current_step), n_samples,
+                           (input, target, fake), cluster.mean(nets.criterion.terms), lr)
                 stop_signal = cluster.max(stop.signum or 0)
                 if stop_signal:
                     break
@@ -380,6 +329,170 @@ def train(opt, state, cluster, device, gpu_ids, stop, log, given=()):
             f"--latest_iter -1")
         return 128 + stop_signal
     return 0
+
+
+# ----------------------------------------------------------------------------------------
+# The steps of `train`
+# ----------------------------------------------------------------------------------------
+
+def set_seed(seed):
+    """Seed every random number generator the run draws from."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def last_step(opt, n_samples):
+    """The step at which training ends: every epoch, the decaying ones included."""
+    return (opt.n_epochs + opt.n_epochs_decay) * n_samples
+
+
+def nothing_left_to_train(opt, n_samples):
+    """The line of a resumed run that has reached its last step."""
+    n_epochs = opt.n_epochs + opt.n_epochs_decay
+    return (f"nothing left to train: the run is at step {opt.latest_iter}, and its {n_epochs} "
+            f"epochs (--n_epochs {opt.n_epochs} + --n_epochs_decay {opt.n_epochs_decay}) of "
+            f"{n_samples} samples end at step {last_step(opt, n_samples)}; to train longer, "
+            f"resume with a larger --n_epochs or --n_epochs_decay")
+
+
+def prepare_data(dataset, opt, cluster, log, given=()):
+    """Record the first target's FITS identity cards (unit, instrument, ...) in the options,
+    and so in train_options.json, for the headers the Test script writes; check every pair
+    (`check_data`, on the first process); refuse a new run where checkpoints are. Returns
+    the data's (height, width)."""
+    opt.target_header = target_identity(dataset.target_paths[0], opt.data_format_target)
+    size = cluster.on_main(lambda: check_data(dataset, opt, log, given))
+    steps = saved_steps(opt.model_dir, 'G')
+    if opt.latest_iter == 0 and steps:
+        raise UserError(f"{opt.model_dir} already holds checkpoints (steps "
+                        f"{steps[0]}..{steps[-1]}) that a new run would overwrite; resume with "
+                        f"--latest_iter -1, choose another --dataset_name, or move them away")
+    return size
+
+
+def make_loader(dataset, opt, cluster, device):
+    """The training DataLoader, its order and augmentation drawn by an `EpochSampler`.
+
+    Workers are not persistent: each epoch's end (or a stop) shuts them down with the
+    epoch's iterator. They ignore stop signals, so none may outlive the run, where Python's
+    exit would wait for them.
+    """
+    sampler = EpochSampler(len(dataset), shuffle=not opt.no_shuffle, seed=opt.seed,
+                           num_replicas=cluster.world_size, rank=cluster.rank)
+    return DataLoader(dataset, batch_size=opt.batch_size, sampler=sampler,
+                      num_workers=opt.n_workers, pin_memory=device.type == 'cuda',
+                      worker_init_fn=ignore_stop_signals)
+
+
+@dataclass
+class Networks:
+    """What a training step changes: the two networks, their optimisers, the objective and
+    the precision (with its GradScaler)."""
+    G: torch.nn.Module
+    D: torch.nn.Module
+    G_optim: torch.optim.Optimizer
+    D_optim: torch.optim.Optimizer
+    criterion: Loss
+    precision: Precision
+
+    def set_learning_rate(self, lr):
+        for optimizer in (self.G_optim, self.D_optim):
+            for group in optimizer.param_groups:
+                group['lr'] = lr
+
+    def training_state(self, opt):
+        """What, beside the two networks, a run needs to resume exactly."""
+        return {'G_optim': self.G_optim.state_dict(), 'D_optim': self.D_optim.state_dict(),
+                'scaler': self.precision.scaler.state_dict(), 'rng': rng_states(),
+                'options': options_record(opt)}
+
+    def restore(self, state, opt):
+        """Take up a saved training state: optimisers, GradScaler, random number generators."""
+        for optimizer, name in ((self.G_optim, 'G_optim'), (self.D_optim, 'D_optim')):
+            optimizer.load_state_dict(state[name])
+            for group in optimizer.param_groups:  # a new --beta1/--beta2 applies (and --lr,
+                group['betas'] = (opt.beta1, opt.beta2)  # through the schedule)
+        self.precision.scaler.load_state_dict(state['scaler'])
+        set_rng_states(state['rng'])
+
+
+def build_networks(opt, cluster, device, gpu_ids, precision):
+    """Generator and Discriminator, initialised (or loaded when resuming), placed on the
+    device(s), with their Adam optimisers and the Loss."""
+    G = Generator(opt).apply(weights_init)
+    D = Discriminator(opt).apply(weights_init)
+    if opt.latest_iter > 0:
+        load_state_dict(G, checkpoint_path(opt.model_dir, opt.latest_iter, 'G'))
+        load_state_dict(D, checkpoint_path(opt.model_dir, opt.latest_iter, 'D'))
+    wrap = functools.partial(parallel, cluster=cluster, device=device, gpu_ids=gpu_ids)
+    G, D = prepare_network(G, opt, device, wrap), prepare_network(D, opt, device, wrap)
+    criterion = Loss(opt)
+    return Networks(G, D, make_optimizer(G.parameters(), opt), make_optimizer(D.parameters(), opt),
+                    criterion, precision)
+
+
+def parallel(module, cluster, device, gpu_ids):
+    """One process per device under torchrun; else DataParallel for --gpu_ids 0,1,..."""
+    module = cluster.wrap(module, device)
+    return torch.nn.DataParallel(module, device_ids=gpu_ids) if len(gpu_ids) > 1 else module
+
+
+def learning_rate(opt, epoch):
+    """The lr of `epoch` (counted from 1): --lr for the first --n_epochs epochs, then falling
+    linearly over --n_epochs_decay more epochs, lr * (1 - (epoch - n_epochs) / (decay + 1))
+    (junyanz's pix2pix rule, so the last epoch still trains with a small positive lr)."""
+    if epoch <= opt.n_epochs:
+        return opt.lr
+    return opt.lr * (1.0 - (epoch - opt.n_epochs) / (opt.n_epochs_decay + 1))
+
+
+def check_finite(cluster, step, manager, loss_D, loss_G):
+    """`train_step`'s check: stop before any weight changes when a loss is not finite."""
+    if not cluster.all_finite(loss_D + loss_G):
+        raise UserError(f"the loss is not finite at step {step} (D {float(loss_D.detach()):.4g}, "
+                        f"G {float(loss_G.detach()):.4g}); training stopped before updating "
+                        f"the weights; last good checkpoint: {manager.last_good()}; a lower "
+                        f"--lr may help")
+
+
+def crossed(previous_step, current_step, frequency):
+    """True when a multiple of `frequency` lies in (previous_step, current_step].
+
+    The reference tests `current_step % frequency == 0`, which never fires when the batch
+    size does not divide the frequency.
+    """
+    return current_step // frequency > previous_step // frequency
+
+
+def after_step(manager, opt, epoch, steps, n_samples, batch, terms, lr):
+    """What falls due after a step (previous, current) = `steps`, on the first process only:
+    the losses are recorded, then a report, the previews and a checkpoint (with validation)
+    each when the step crosses a multiple of its frequency."""
+    if not manager.active:
+        return
+    previous_step, current_step = steps
+    manager.record(terms, current_step - previous_step, lr)
+    if crossed(previous_step, current_step, opt.report_freq):
+        manager.report(epoch, current_step, n_samples)
+    if crossed(previous_step, current_step, opt.display_freq):
+        manager.save_previews(current_step, batch)
+    if crossed(previous_step, current_step, opt.save_freq):
+        manager.save(current_step, epoch)
+
+
+def validate(G, val_dataset, opt, device, precision, step):
+    """Translate the test inputs with the generator of `step` (--val_during_train); with
+    --target_dir_test, log their mean metrics in val_metrics.csv and return them."""
+    rows = translate(bare(G), val_dataset,
+                     os.path.join(opt.checkpoint_dir, 'Image', 'Test', str(step)),
+                     opt, device, step, precision)
+    if not rows:
+        return None
+    means = {key: value['mean'] for key, value in summarize(rows).items()}
+    write_csv(os.path.join(opt.checkpoint_dir, 'val_metrics.csv'), [{'step': step, **means}],
+              append=True)
+    return means
 
 
 if __name__ == '__main__':

@@ -1,310 +1,71 @@
-"""Device and precision set-up, checkpoints, atomic file writes, and the training Manager."""
+"""What the two drivers share, in the order of a run's life.
+
+1. Errors and files: `WriteError`, `atomic_path` (every file is written under a temporary
+   name and renamed), `save_torch`, `save_image`, JSON and CSV files, `options_record`,
+   `make_dirs`, `silent` (a log that prints nothing).
+2. Devices, precision and memory: `select_device`, `Precision` (mixed precision),
+   `prepare_network` (placement, channels-last, torch.compile), `memory_format`,
+   `release_mapped_weights_after_use` (inference holds a layer's weights only while it runs).
+3. Distributed: `Distributed`, this process's place in a torchrun job.
+4. Checkpoints and the training state: file names (`checkpoint_path`, `state_path`,
+   `saved_steps`, `newest_complete_step`), `safe_load` (never runs code), `load_state_dict`
+   (with the option that differs on a mismatch), `supersede_newer_checkpoints` (a resumed
+   older step starts a new branch), `rng_states`.
+5. Run safety: `RunLock` (one run per folder), `GracefulStop` (stop signals end training
+   after the step in progress), `ignore_stop_signals` (loading workers leave them to the
+   main process) and the exit hook that ends workers an error left behind.
+6. The Manager and TensorBoard: `Manager` (report lines, loss log, previews, checkpoints,
+   validation), `tensorboard_writer`.
+7. Figures: `save_panel` (input | real | generated | difference), `save_loss_curve`.
+8. The optional CPU GEMM path: `GemmConv2d`, `use_gemm_convolutions` (performance only).
+
+The learning-rate schedule, the seed and when reports and saves fall due are in
+pix2pixCC_Train.py; the evaluation metrics are in pix2pixCC_Test.py; the CC as a loss is in
+pix2pixCC_Networks.py.
+"""
+import atexit
 import contextlib
+import csv
+import ctypes
 import datetime
 import errno
+import functools
 import glob
 import json
+import mmap
+import multiprocessing
+import multiprocessing.util  # noqa: F401 (see kill_leftover_workers)
 import os
+import random
 import re
+import signal
+import socket
+import sys
 import time
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 from PIL import Image
+from torch.nn.parallel import DistributedDataParallel
 
-from pix2pixCC_Options import UserError
+from pix2pixCC_Networks import finite_correlation
+from pix2pixCC_Options import FITS_FORMATS, UserError
+
+try:
+    import fcntl  # the run lock; absent on Windows, which runs unlocked
+except ImportError:
+    fcntl = None
+
 
 # ----------------------------------------------------------------------------------------
-# Device and precision
+# 1. Errors and files
 # ----------------------------------------------------------------------------------------
 
 
 def silent(*args):
     """A `log` that prints nothing."""
-
-
-def cpu_requested(opt):
-    """--gpu_ids -1 (any negative index) asks for the CPU."""
-    return any(int(i) < 0 for i in opt.gpu_ids.split(','))
-
-
-def select_device(opt, log=print):
-    """The device the options ask for, or the CPU with a notice when CUDA is absent.
-
-    Returns (device, gpu_ids); gpu_ids is empty on the CPU.
-    """
-    if cpu_requested(opt):
-        return torch.device('cpu'), []
-    ids = [int(i) for i in opt.gpu_ids.split(',')]
-    if not torch.cuda.is_available():
-        log(f"notice: --gpu_ids {opt.gpu_ids} asks for a GPU but CUDA is not available; "
-            f"running on the CPU (--gpu_ids -1 silences this)")
-        return torch.device('cpu'), []
-    n_visible = torch.cuda.device_count()
-    missing = [i for i in ids if i >= n_visible]
-    if missing:
-        raise UserError(f"--gpu_ids {opt.gpu_ids}: GPU {missing[0]} does not exist "
-                        f"({n_visible} visible: 0..{n_visible - 1})")
-    return torch.device(f'cuda:{ids[0]}'), ids
-
-
-class Distributed:
-    """This process's place in a torchrun job (DistributedDataParallel), or a lone process.
-
-    torchrun sets RANK, LOCAL_RANK and WORLD_SIZE. With more than one process, each drives
-    one device: GPU `LOCAL_RANK` with NCCL, or the CPU with Gloo when `--gpu_ids -1` or no
-    CUDA. Only rank 0 (`is_main`) writes files.
-    """
-
-    def __init__(self):
-        self.world_size = int(os.environ.get('WORLD_SIZE', 1))
-        self.rank = int(os.environ.get('RANK', 0))
-        self.local_rank = int(os.environ.get('LOCAL_RANK', 0))
-        self.enabled = self.world_size > 1
-        self.is_main = self.rank == 0
-
-    def setup(self, opt, log=print):
-        """Start the process group; returns (device, gpu_ids) like `select_device`."""
-        if not self.enabled:
-            return select_device(opt, log)
-        import torch.distributed as dist
-        use_cuda = not cpu_requested(opt) and torch.cuda.is_available()
-        if use_cuda:
-            torch.cuda.set_device(self.local_rank)
-        dist.init_process_group('nccl' if use_cuda else 'gloo')
-        device = torch.device(f'cuda:{self.local_rank}' if use_cuda else 'cpu')
-        log(f"distributed: {self.world_size} processes "
-            f"({'NCCL on GPUs' if use_cuda else 'Gloo on CPUs'})")
-        return device, []
-
-    def broadcast(self, value):
-        """Rank 0's `value` on every rank."""
-        if not self.enabled:
-            return value
-        import torch.distributed as dist
-        box = [value]
-        dist.broadcast_object_list(box, src=0)
-        return box[0]
-
-    def on_main(self, function):
-        """Run `function` on rank 0 only; every rank gets its result, or raises its UserError
-        (so a bad dataset stops all processes instead of leaving them waiting)."""
-        result, error = None, None
-        if self.is_main:
-            try:
-                result = function()
-            except UserError as caught:
-                if not self.enabled:
-                    raise
-                error = (str(caught), caught.exit_status)
-        result, error = self.broadcast((result, error))
-        if error is not None:
-            failure = UserError(error[0])
-            failure.exit_status = error[1]
-            raise failure
-        return result
-
-    def max(self, value):
-        """The largest of the ranks' integer `value`s (e.g. whether any rank was signalled)."""
-        if not self.enabled:
-            return value
-        import torch.distributed as dist
-        box = torch.tensor([value], dtype=torch.int64,
-                           device='cuda' if dist.get_backend() == 'nccl' else 'cpu')
-        dist.all_reduce(box, op=dist.ReduceOp.MAX)
-        return int(box)
-
-    def barrier(self):
-        if self.enabled:
-            import torch.distributed as dist
-            dist.barrier()
-
-    def mean(self, terms):
-        """{name: 0-d tensor} averaged over all processes (the loss of the global batch)."""
-        if not self.enabled:
-            return terms
-        import torch.distributed as dist
-        values = torch.stack([value.float() for value in terms.values()])
-        dist.all_reduce(values)
-        return dict(zip(terms, values / self.world_size))
-
-    def all_finite(self, value):
-        """True when `value` (a 0-d tensor) is finite on every rank."""
-        finite = torch.isfinite(value.detach()).float()
-        if self.enabled:
-            import torch.distributed as dist
-            dist.all_reduce(finite, op=dist.ReduceOp.MIN)
-        return bool(finite)
-
-    def wrap(self, module, device):
-        """DistributedDataParallel around `module`; on GPUs BatchNorm becomes SyncBatchNorm
-        (PyTorch has no SyncBatchNorm on the CPU, so there each process keeps its own batch
-        statistics)."""
-        if not self.enabled:
-            return module
-        from torch.nn.parallel import DistributedDataParallel
-        if device.type == 'cuda':
-            module = nn.SyncBatchNorm.convert_sync_batchnorm(module)
-        return DistributedDataParallel(module, device_ids=[device.index] if device.type == 'cuda'
-                                       else None)
-
-    def close(self):
-        if self.enabled:
-            import torch.distributed as dist
-            dist.destroy_process_group()
-
-
-class Precision:
-    """float32, or mixed precision for --data_type 16 (weights and optimiser stay float32).
-
-    Mixed precision autocasts to bfloat16 on the CPU and on GPUs that support it (its
-    exponent range needs no loss scaling), and otherwise to float16 with a GradScaler against
-    gradient underflow. `--amp_dtype float16|bfloat16` overrides the choice.
-    """
-
-    def __init__(self, opt, device):
-        self.device_type = device.type
-        self.enabled = opt.data_type == 16
-        choice = getattr(opt, 'amp_dtype', 'auto')
-        if choice == 'auto':
-            choice = 'bfloat16' if device.type == 'cpu' or torch.cuda.is_bf16_supported() \
-                else 'float16'
-        self.dtype = getattr(torch, choice)
-        self.scaler = torch.amp.GradScaler(device.type, enabled=self.enabled and
-                                           self.dtype == torch.float16 and device.type == 'cuda')
-
-    def autocast(self):
-        return torch.autocast(self.device_type, dtype=self.dtype, enabled=self.enabled)
-
-    def notice(self):
-        """A line for the user when the choice will be slow here, else None: bfloat16 on a CPU
-        without bfloat16 instructions falls back to kernels tens to hundreds of times slower
-        than float32 (measured on an AVX2 CPU: BENCHMARKS.md)."""
-        if self.enabled and self.device_type == 'cpu' and self.dtype == torch.bfloat16 \
-                and not cpu_has_bfloat16():
-            return ("notice: --data_type 16 computes in bfloat16, and this CPU has no bfloat16 "
-                    "instructions (AVX512-BF16 or AMX): expect it to run many times slower than "
-                    "float32; use --data_type 32")
-        return None
-
-
-def cpu_has_bfloat16():
-    """Whether this CPU computes bfloat16 natively (AVX512-BF16 or AMX). True when this torch
-    cannot tell (no warning rather than a wrong one)."""
-    checks = [getattr(torch.cpu, name, None)
-              for name in ('_is_avx512_bf16_supported', '_is_amx_tile_supported')]
-    checks = [check for check in checks if check is not None]
-    return not checks or any(check() for check in checks)
-
-
-# ----------------------------------------------------------------------------------------
-# CPU execution of the widest convolutions (performance only: same modules, same state_dict
-# keys, same result up to float rounding).
-#
-# PyTorch's default CPU convolution (oneDNN) re-lays-out the weights at every call. For the
-# generator's 1024-channel convolutions at training sizes (16x16 feature maps for 256x256
-# data, 9.4 M weights each) that copy costs as much as the arithmetic, forward and backward:
-# there, im2col + one matrix product (aten's thnn_conv2d, which the backward also uses) is
-# about 1.5x faster. Where the weights are few for the pixels (the discriminator's 4x4
-# convolution and the generator's 256->512 one at 32x32, inference at 1024x1024) oneDNN is
-# as fast or faster, so it keeps them. The step as a whole is measured in BENCHMARKS.md; per
-# convolution, forward and backward, GEMM against oneDNN (2 threads, torch 2.13): 1024->1024
-# 3x3 at 16x16 130-155 ms against 197-206 (batch 4: 476-499 against 590-770); 512->1024 5x5
-# at 16x16 169-195 against 244-275; 256->512 5x5 at 32x32 165-187 against 156-172; the
-# discriminator's 256->512 4x4 at 31x31 108-114 against 97-101.
-# ----------------------------------------------------------------------------------------
-
-GEMM_CONV_MAX_PIXELS = 1024        # batch x output height x width: at most this many pixels,
-GEMM_CONV_MIN_WEIGHTS = 2 ** 20    # at least this many weights,
-GEMM_CONV_WEIGHTS_PER_PIXEL = 4096  # and at least this many weights per pixel take the path
-
-
-class GemmConv2d(nn.Conv2d):
-    """nn.Conv2d that computes im2col + matrix product where that is faster (see above).
-
-    `use_gemm_convolutions` turns a network's Conv2d layers into this class in place: a
-    module is still called as a module (its hooks run), and its parameters and state_dict
-    keys are those of the nn.Conv2d it was.
-    """
-
-    def forward(self, x):
-        if self.gemm_pays(x):
-            return torch.ops.aten.thnn_conv2d(x, self.weight, list(self.kernel_size), self.bias,
-                                              list(self.stride), list(self.padding))
-        return super().forward(x)
-
-    def gemm_pays(self, x):
-        if not (x.device.type == 'cpu' and x.dtype == self.weight.dtype == torch.float32
-                and x.dim() == 4):
-            return False
-        kh, kw = self.kernel_size
-        (sh, sw), (ph, pw) = self.stride, self.padding
-        pixels = x.shape[0] * ((x.shape[2] + 2 * ph - kh) // sh + 1) * \
-            ((x.shape[3] + 2 * pw - kw) // sw + 1)
-        weights = self.weight.numel()
-        # Under bfloat16 autocast oneDNN's bfloat16 kernels are the fast ones; a compiled
-        # graph has its own convolution lowering.
-        return (pixels <= GEMM_CONV_MAX_PIXELS and weights >= GEMM_CONV_MIN_WEIGHTS
-                and weights >= GEMM_CONV_WEIGHTS_PER_PIXEL * pixels
-                and not torch.is_autocast_enabled('cpu')
-                and not torch.compiler.is_compiling())
-
-
-def use_gemm_convolutions(module, enabled=True):
-    """Let every plain Conv2d of `module` take the GEMM path where it is faster (or, with
-    enabled=False, never). The class changes in place, nothing else."""
-    if not hasattr(torch.ops.aten, 'thnn_conv2d'):
-        return module
-    for layer in module.modules():
-        plain = type(layer) is nn.Conv2d and layer.groups == 1 and \
-            tuple(layer.dilation) == (1, 1) and layer.padding_mode == 'zeros' and \
-            not isinstance(layer.padding, str)
-        if enabled and plain:
-            layer.__class__ = GemmConv2d
-        elif not enabled and type(layer) is GemmConv2d:
-            layer.__class__ = nn.Conv2d
-    return module
-
-
-def prepare_network(module, opt, device, wrap=None):
-    """Move a network to `device` for fast execution: on GPUs, cuDNN's autotuner and the
-    channels-last layout (what tensor cores want); on the CPU, the GEMM path for the widest
-    convolutions; then `wrap` (e.g. DistributedDataParallel); with --compile, torch.compile
-    around the whole."""
-    module = module.to(device)
-    if device.type == 'cuda':
-        torch.backends.cudnn.benchmark = True  # training sizes are fixed: tune once
-        module = module.to(memory_format=torch.channels_last)
-    else:
-        use_gemm_convolutions(module)
-    if wrap is not None:
-        module = wrap(module)
-    if getattr(opt, 'compile', False):
-        # torch.compile's meta kernel for the backward of replication padding has wrong
-        # strides (torch 2.13, CPU): leave those layers to eager mode.
-        for layer in module.modules():
-            if isinstance(layer, nn.ReplicationPad2d):
-                layer.forward = torch.compiler.disable(layer.forward)
-        module = torch.compile(module)
-    return module
-
-
-def memory_format(device):
-    """The layout inputs should have on `device` (matching `prepare_network`)."""
-    return torch.channels_last if device.type == 'cuda' else torch.contiguous_format
-
-
-def set_seed(seed):
-    import random
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
-# ----------------------------------------------------------------------------------------
-# Files
-# ----------------------------------------------------------------------------------------
 
 
 class WriteError(UserError):
@@ -398,6 +159,30 @@ def read_json(folder, name):
         raise UserError(f"cannot read {path}: {error}") from None
 
 
+def write_csv(path, rows, append=False):
+    """Write `rows` (dicts with the same keys) as CSV; with `append`, after the rows already
+    there. The whole file is rewritten under a temporary name and renamed, so a process
+    killed mid-write leaves the previous complete file."""
+    existing = []
+    if append and os.path.isfile(path):
+        with open(path, newline='') as f:
+            existing = list(csv.DictReader(f))
+    all_rows = existing + [dict(row) for row in rows]
+    columns = list(dict.fromkeys(key for row in all_rows for key in row))
+    with atomic_path(path) as temporary:
+        with open(temporary, 'w', newline='') as f:
+            writer = csv.DictWriter(f, fieldnames=columns)
+            writer.writeheader()
+            writer.writerows(all_rows)
+
+
+def read_csv(path):
+    if not os.path.isfile(path):
+        return []
+    with open(path, newline='') as f:
+        return list(csv.DictReader(f))
+
+
 def options_record(opt):
     """The options as a JSON-able dict (what train_options.json and the state file hold):
     scalars, and lists and dicts of scalars (--metric_bins, the targets' FITS cards)."""
@@ -424,7 +209,271 @@ def make_dirs(*folders):
 
 
 # ----------------------------------------------------------------------------------------
-# Checkpoints: plain state_dicts of the bare modules, loadable by the published code.
+# 2. Devices, precision and memory
+# ----------------------------------------------------------------------------------------
+
+
+def cpu_requested(opt):
+    """--gpu_ids -1 (any negative index) asks for the CPU."""
+    return any(int(i) < 0 for i in opt.gpu_ids.split(','))
+
+
+def select_device(opt, log=print):
+    """The device the options ask for, or the CPU with a notice when CUDA is absent.
+
+    Returns (device, gpu_ids); gpu_ids is empty on the CPU.
+    """
+    if cpu_requested(opt):
+        return torch.device('cpu'), []
+    ids = [int(i) for i in opt.gpu_ids.split(',')]
+    if not torch.cuda.is_available():
+        log(f"notice: --gpu_ids {opt.gpu_ids} asks for a GPU but CUDA is not available; "
+            f"running on the CPU (--gpu_ids -1 silences this)")
+        return torch.device('cpu'), []
+    n_visible = torch.cuda.device_count()
+    missing = [i for i in ids if i >= n_visible]
+    if missing:
+        raise UserError(f"--gpu_ids {opt.gpu_ids}: GPU {missing[0]} does not exist "
+                        f"({n_visible} visible: 0..{n_visible - 1})")
+    return torch.device(f'cuda:{ids[0]}'), ids
+
+
+class Precision:
+    """float32, or mixed precision for --data_type 16 (weights and optimiser stay float32).
+
+    Mixed precision autocasts to bfloat16 on the CPU and on GPUs that support it (its
+    exponent range needs no loss scaling), and otherwise to float16 with a GradScaler against
+    gradient underflow. `--amp_dtype float16|bfloat16` overrides the choice.
+    """
+
+    def __init__(self, opt, device):
+        self.device_type = device.type
+        self.enabled = opt.data_type == 16
+        choice = getattr(opt, 'amp_dtype', 'auto')
+        if choice == 'auto':
+            choice = 'bfloat16' if device.type == 'cpu' or torch.cuda.is_bf16_supported() \
+                else 'float16'
+        self.dtype = getattr(torch, choice)
+        self.scaler = torch.amp.GradScaler(device.type, enabled=self.enabled and
+                                           self.dtype == torch.float16 and device.type == 'cuda')
+
+    def autocast(self):
+        return torch.autocast(self.device_type, dtype=self.dtype, enabled=self.enabled)
+
+    def notice(self):
+        """A line for the user when the choice will be slow here, else None: bfloat16 on a CPU
+        without bfloat16 instructions falls back to kernels tens to hundreds of times slower
+        than float32 (measured on an AVX2 CPU: BENCHMARKS.md)."""
+        if self.enabled and self.device_type == 'cpu' and self.dtype == torch.bfloat16 \
+                and not cpu_has_bfloat16():
+            return ("notice: --data_type 16 computes in bfloat16, and this CPU has no bfloat16 "
+                    "instructions (AVX512-BF16 or AMX): expect it to run many times slower than "
+                    "float32; use --data_type 32")
+        return None
+
+
+def cpu_has_bfloat16():
+    """Whether this CPU computes bfloat16 natively (AVX512-BF16 or AMX). True when this torch
+    cannot tell (no warning rather than a wrong one)."""
+    checks = [getattr(torch.cpu, name, None)
+              for name in ('_is_avx512_bf16_supported', '_is_amx_tile_supported')]
+    checks = [check for check in checks if check is not None]
+    return not checks or any(check() for check in checks)
+
+
+def prepare_network(module, opt, device, wrap=None):
+    """Move a network to `device` for fast execution: on GPUs, cuDNN's autotuner and the
+    channels-last layout (what tensor cores want); on the CPU, the GEMM path for the widest
+    convolutions; then `wrap` (e.g. DistributedDataParallel); with --compile, torch.compile
+    around the whole."""
+    module = module.to(device)
+    if device.type == 'cuda':
+        torch.backends.cudnn.benchmark = True  # training sizes are fixed: tune once
+        module = module.to(memory_format=torch.channels_last)
+    else:
+        use_gemm_convolutions(module)
+    if wrap is not None:
+        module = wrap(module)
+    if getattr(opt, 'compile', False):
+        # torch.compile's meta kernel for the backward of replication padding has wrong
+        # strides (torch 2.13, CPU): leave those layers to eager mode.
+        for layer in module.modules():
+            if isinstance(layer, nn.ReplicationPad2d):
+                layer.forward = torch.compiler.disable(layer.forward)
+        module = torch.compile(module)
+    return module
+
+
+def memory_format(device):
+    """The layout inputs should have on `device` (matching `prepare_network`)."""
+    return torch.channels_last if device.type == 'cuda' else torch.contiguous_format
+
+
+MADV_DONTNEED = 4  # Linux: drop these pages; a file-backed page is read again when touched
+
+
+def mapped_ranges(path):
+    """The address ranges at which `path` is mapped into this process (Linux's
+    /proc/self/maps; empty elsewhere)."""
+    try:
+        with open('/proc/self/maps') as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return []
+    real, ranges = os.path.realpath(path), []
+    for line in lines:
+        fields = line.split(maxsplit=5)
+        if len(fields) == 6 and fields[5] == real:
+            start, end = (int(value, 16) for value in fields[0].split('-'))
+            ranges.append((start, end))
+    return ranges
+
+
+def release_mapped_weights_after_use(G, path):
+    """After each layer of G has run, give the pages of its weights that are mapped from the
+    checkpoint `path` back to the operating system.
+
+    The weights stay in the OS's page cache (shared with any other process reading the file,
+    and reclaimable), and the next image maps them again from there. So the process holds a
+    layer's weights only while it runs: at 1024x1024 the full-resolution layers at the end,
+    where the activations peak, no longer sit on the 680 MB of residual-block weights.
+    Weights not mapped from the file (a legacy-format checkpoint, a GPU, bfloat16 copies) are
+    left alone. Returns the number of layers hooked.
+    """
+    ranges = mapped_ranges(path)
+    if not ranges or not sys.platform.startswith('linux'):
+        return 0
+    madvise = ctypes.CDLL(None, use_errno=True).madvise
+    madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+    page = mmap.PAGESIZE
+    hooked = 0
+    for layer in G.modules():
+        spans = []
+        for tensor in [*layer.parameters(recurse=False), *layer.buffers(recurse=False)]:
+            start = tensor.data_ptr()
+            end = start + tensor.numel() * tensor.element_size()
+            if tensor.device.type == 'cpu' and any(a <= start and end <= b for a, b in ranges):
+                first, last = -(-start // page) * page, end // page * page  # whole pages only
+                if last > first:
+                    spans.append((first, last - first))
+        if spans:
+            layer.register_forward_hook(functools.partial(release, madvise, spans))
+            hooked += 1
+    return hooked
+
+
+def release(madvise, spans, module, inputs, output):
+    """Forward hook of release_mapped_weights_after_use (returns None: output unchanged)."""
+    for start, size in spans:
+        madvise(start, size, MADV_DONTNEED)
+
+
+# ----------------------------------------------------------------------------------------
+# 3. Distributed: one process per device under torchrun
+# ----------------------------------------------------------------------------------------
+
+
+class Distributed:
+    """This process's place in a torchrun job (DistributedDataParallel), or a lone process.
+
+    torchrun sets RANK, LOCAL_RANK and WORLD_SIZE. With more than one process, each drives
+    one device: GPU `LOCAL_RANK` with NCCL, or the CPU with Gloo when `--gpu_ids -1` or no
+    CUDA. Only rank 0 (`is_main`) writes files.
+    """
+
+    def __init__(self):
+        self.world_size = int(os.environ.get('WORLD_SIZE', 1))
+        self.rank = int(os.environ.get('RANK', 0))
+        self.local_rank = int(os.environ.get('LOCAL_RANK', 0))
+        self.enabled = self.world_size > 1
+        self.is_main = self.rank == 0
+
+    def setup(self, opt, log=print):
+        """Start the process group; returns (device, gpu_ids) like `select_device`."""
+        if not self.enabled:
+            return select_device(opt, log)
+        use_cuda = not cpu_requested(opt) and torch.cuda.is_available()
+        if use_cuda:
+            torch.cuda.set_device(self.local_rank)
+        dist.init_process_group('nccl' if use_cuda else 'gloo')
+        device = torch.device(f'cuda:{self.local_rank}' if use_cuda else 'cpu')
+        log(f"distributed: {self.world_size} processes "
+            f"({'NCCL on GPUs' if use_cuda else 'Gloo on CPUs'})")
+        return device, []
+
+    def broadcast(self, value):
+        """Rank 0's `value` on every rank."""
+        if not self.enabled:
+            return value
+        box = [value]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def on_main(self, function):
+        """Run `function` on rank 0 only; every rank gets its result, or raises its UserError
+        (so a bad dataset stops all processes instead of leaving them waiting)."""
+        result, error = None, None
+        if self.is_main:
+            try:
+                result = function()
+            except UserError as caught:
+                if not self.enabled:
+                    raise
+                error = (str(caught), caught.exit_status)
+        result, error = self.broadcast((result, error))
+        if error is not None:
+            failure = UserError(error[0])
+            failure.exit_status = error[1]
+            raise failure
+        return result
+
+    def max(self, value):
+        """The largest of the ranks' integer `value`s (e.g. whether any rank was signalled)."""
+        if not self.enabled:
+            return value
+        box = torch.tensor([value], dtype=torch.int64,
+                           device='cuda' if dist.get_backend() == 'nccl' else 'cpu')
+        dist.all_reduce(box, op=dist.ReduceOp.MAX)
+        return int(box)
+
+    def barrier(self):
+        if self.enabled:
+            dist.barrier()
+
+    def mean(self, terms):
+        """{name: 0-d tensor} averaged over all processes (the loss of the global batch)."""
+        if not self.enabled:
+            return terms
+        values = torch.stack([value.float() for value in terms.values()])
+        dist.all_reduce(values)
+        return dict(zip(terms, values / self.world_size, strict=True))
+
+    def all_finite(self, value):
+        """True when `value` (a 0-d tensor) is finite on every rank."""
+        finite = torch.isfinite(value.detach()).float()
+        if self.enabled:
+            dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+        return bool(finite)
+
+    def wrap(self, module, device):
+        """DistributedDataParallel around `module`; on GPUs BatchNorm becomes SyncBatchNorm
+        (PyTorch has no SyncBatchNorm on the CPU, so there each process keeps its own batch
+        statistics)."""
+        if not self.enabled:
+            return module
+        if device.type == 'cuda':
+            module = nn.SyncBatchNorm.convert_sync_batchnorm(module)
+        return DistributedDataParallel(module, device_ids=[device.index] if device.type == 'cuda'
+                                       else None)
+
+    def close(self):
+        if self.enabled:
+            dist.destroy_process_group()
+
+
+# ----------------------------------------------------------------------------------------
+# 4. Checkpoints and the training state: plain state_dicts of the bare modules, loadable
+#    by the published code
 # ----------------------------------------------------------------------------------------
 
 
@@ -439,6 +488,10 @@ def bare(module):
 def checkpoint_path(model_dir, step, kind):
     """kind is 'G' or 'D'."""
     return os.path.join(model_dir, f'{step}_{kind}.pt')
+
+
+def state_path(model_dir, step):
+    return os.path.join(model_dir, f'{step}_state.pt')
 
 
 def saved_steps(model_dir, kind='G'):
@@ -459,6 +512,45 @@ def require_checkpoint(model_dir, step, kind):
         raise UserError(f"checkpoint {path} does not exist (saved steps in {model_dir}: "
                         f"{listing})")
     return path
+
+
+def newest_complete_step(model_dir):
+    """Newest step with G, D and training state saved; else newest with G and D; else None."""
+    with_networks = [s for s in saved_steps(model_dir, 'G')
+                     if os.path.isfile(checkpoint_path(model_dir, s, 'D'))]
+    complete = [s for s in with_networks if os.path.isfile(state_path(model_dir, s))]
+    return (complete or with_networks or [None])[-1]
+
+
+CHECKPOINT_FILE = re.compile(r'(\d+)_(?:G|D|state)\.pt')
+
+
+def supersede_newer_checkpoints(model_dir, step, log=print):
+    """Move the checkpoints of steps after `step` to `Model/superseded/<time>/`.
+
+    A run resumed from an older step starts a new branch: without this, a later
+    `--latest_iter -1` (a requeued job) or `Test --iteration -1` would pick up the abandoned
+    branch's newer files. Nothing is deleted. Returns the steps moved.
+    """
+    newer = sorted((int(match.group(1)), name) for name in os.listdir(model_dir)
+                   if (match := CHECKPOINT_FILE.fullmatch(name)) and int(match.group(1)) > step)
+    if not newer:
+        return []
+    stamp = datetime.datetime.now().strftime('%Y%m%dT%H%M%S')
+    folder = os.path.join(model_dir, 'superseded', stamp)
+    suffix = 1
+    while os.path.exists(folder):
+        suffix += 1
+        folder = os.path.join(model_dir, 'superseded', f'{stamp}-{suffix}')
+    make_dirs(folder)
+    for _, name in newer:
+        os.replace(os.path.join(model_dir, name), os.path.join(folder, name))
+    steps = sorted({s for s, _ in newer})
+    listing = ', '.join(map(str, steps)) if len(steps) <= 4 else f'{steps[0]}..{steps[-1]}'
+    log(f"notice: resuming from step {step}, older than the newest checkpoint, starts a new "
+        f"branch: the {len(steps)} newer checkpoint(s) (step {listing}) were moved to "
+        f"{folder}")
+    return steps
 
 
 def save_state_dict(module, path):
@@ -540,52 +632,8 @@ def load_state_dict(module, path, assign=False):
     bare(module).load_state_dict(state, strict=True, assign=assign)
 
 
-def state_path(model_dir, step):
-    return os.path.join(model_dir, f'{step}_state.pt')
-
-
-def newest_complete_step(model_dir):
-    """Newest step with G, D and training state saved; else newest with G and D; else None."""
-    with_networks = [s for s in saved_steps(model_dir, 'G')
-                     if os.path.isfile(checkpoint_path(model_dir, s, 'D'))]
-    complete = [s for s in with_networks if os.path.isfile(state_path(model_dir, s))]
-    return (complete or with_networks or [None])[-1]
-
-
-CHECKPOINT_FILE = re.compile(r'(\d+)_(?:G|D|state)\.pt')
-
-
-def supersede_newer_checkpoints(model_dir, step, log=print):
-    """Move the checkpoints of steps after `step` to `Model/superseded/<time>/`.
-
-    A run resumed from an older step starts a new branch: without this, a later
-    `--latest_iter -1` (a requeued job) or `Test --iteration -1` would pick up the abandoned
-    branch's newer files. Nothing is deleted. Returns the steps moved.
-    """
-    newer = sorted((int(match.group(1)), name) for name in os.listdir(model_dir)
-                   if (match := CHECKPOINT_FILE.fullmatch(name)) and int(match.group(1)) > step)
-    if not newer:
-        return []
-    stamp = datetime.datetime.now().strftime('%Y%m%dT%H%M%S')
-    folder = os.path.join(model_dir, 'superseded', stamp)
-    suffix = 1
-    while os.path.exists(folder):
-        suffix += 1
-        folder = os.path.join(model_dir, 'superseded', f'{stamp}-{suffix}')
-    make_dirs(folder)
-    for _, name in newer:
-        os.replace(os.path.join(model_dir, name), os.path.join(folder, name))
-    steps = sorted({s for s, _ in newer})
-    listing = ', '.join(map(str, steps)) if len(steps) <= 4 else f'{steps[0]}..{steps[-1]}'
-    log(f"notice: resuming from step {step}, older than the newest checkpoint, starts a new "
-        f"branch: the {len(steps)} newer checkpoint(s) (step {listing}) were moved to "
-        f"{folder}")
-    return steps
-
-
 def rng_states():
     """The torch, numpy and python RNG states, as plain tensors/lists (weights_only-safe)."""
-    import random
     kind, keys, position, has_gauss, gauss = np.random.get_state()
     return {'torch': torch.get_rng_state(), 'numpy': [kind, torch.from_numpy(keys.astype(np.int64)),
                                                       position, has_gauss, gauss],
@@ -593,7 +641,6 @@ def rng_states():
 
 
 def set_rng_states(states):
-    import random
     torch.set_rng_state(states['torch'])
     kind, keys, position, has_gauss, gauss = states['numpy']
     np.random.set_state((kind, keys.numpy().astype(np.uint32), position, has_gauss, gauss))
@@ -602,7 +649,7 @@ def set_rng_states(states):
 
 
 # ----------------------------------------------------------------------------------------
-# Long runs: one run per folder, stopping on a signal, the learning-rate schedule
+# 5. Run safety: one run per folder, stop signals, loading workers
 # ----------------------------------------------------------------------------------------
 
 
@@ -623,9 +670,7 @@ class RunLock:
         self.fd = None
 
     def acquire(self):
-        try:
-            import fcntl
-        except ImportError:
+        if fcntl is None:
             return
         make_dirs(os.path.dirname(self.path))
         while True:
@@ -648,7 +693,6 @@ class RunLock:
             if self._is_current(fd):
                 break
             os.close(fd)  # a run that ended removed the file between our open and our lock
-        import socket
         started = datetime.datetime.now().astimezone().isoformat(timespec='seconds')
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"process {os.getpid()} on host {socket.gethostname()}, started "
@@ -696,7 +740,6 @@ class StopRequested(UserError):
 
 
 def signal_name(signum):
-    import signal
     return signal.Signals(signum).name
 
 
@@ -712,7 +755,6 @@ class GracefulStop:
     """
 
     def __init__(self):
-        import signal
         self.signals = [signal.SIGTERM, signal.SIGINT] + \
             ([signal.SIGUSR1] if hasattr(signal, 'SIGUSR1') else [])
         self.signum = None
@@ -721,7 +763,6 @@ class GracefulStop:
         self.previous = {}
 
     def __enter__(self):
-        import signal
         try:
             for signum in self.signals:
                 self.previous[signum] = signal.signal(signum, self.handle)
@@ -730,7 +771,6 @@ class GracefulStop:
         return self
 
     def __exit__(self, exc_type, exc, traceback):
-        import signal
         for signum, handler in self.previous.items():
             signal.signal(signum, handler)
         # A library that catches the StopRequested raised inside it (torch.load turns it into
@@ -748,7 +788,6 @@ class GracefulStop:
         self.deferring = True
 
     def handle(self, signum, frame):
-        import signal
         if not self.deferring:
             self.signum = signum
             raise StopRequested(signum)
@@ -763,266 +802,34 @@ class GracefulStop:
                     f"and saving a checkpoint (Ctrl-C again aborts at once)\n".encode())
 
 
-def learning_rate(opt, epoch):
-    """The lr of `epoch` (counted from 1): --lr for the first --n_epochs epochs, then falling
-    linearly over --n_epochs_decay more epochs, lr * (1 - (epoch - n_epochs) / (decay + 1))
-    (junyanz's pix2pix rule, so the last epoch still trains with a small positive lr)."""
-    if epoch <= opt.n_epochs:
-        return opt.lr
-    return opt.lr * (1.0 - (epoch - opt.n_epochs) / (opt.n_epochs_decay + 1))
+def ignore_stop_signals(worker_id=None):
+    """worker_init_fn of DataLoaders: loading workers leave stop signals to the main process
+    (Ctrl-C and SLURM's SIGTERM reach the whole process group; a worker that died of them
+    would end the run with a DataLoader error instead of a clean stop)."""
+    for name in ('SIGINT', 'SIGTERM', 'SIGUSR1'):
+        if hasattr(signal, name):
+            signal.signal(getattr(signal, name), signal.SIG_IGN)
 
 
-# ----------------------------------------------------------------------------------------
-# Metrics: the numbers a paper reports (CC after binning, errors, flux)
-# ----------------------------------------------------------------------------------------
+def kill_leftover_workers():
+    """At exit, end the loading workers an error left behind with SIGKILL: Python's own exit
+    handler ends daemonic children with SIGTERM, which they ignore, and would wait forever."""
+    workers = [child for child in multiprocessing.active_children() if child.daemon]
+    if workers and hasattr(signal, 'SIGCHLD'):
+        # PyTorch's SIGCHLD handler would report the killed workers as a failure.
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    for worker in workers:
+        worker.kill()
+        worker.join()
 
 
-def bin_mean(x, k):
-    """Mean over non-overlapping k x k blocks of (..., H, W); edges that do not fill a block
-    are dropped."""
-    if k == 1:
-        return x
-    h, w = x.shape[-2] // k * k, x.shape[-1] // k * k
-    x = x[..., :h, :w]
-    return x.reshape(*x.shape[:-2], h // k, k, w // k, k).mean(axis=(-3, -1))
-
-
-def image_metrics(real, fake, bins):
-    """Metrics of one generated map against its target, both C x H x W in physical units.
-
-    For every channel c and binning factor k: Pearson CC, concordance CC (the Inspector's own
-    `correlation`), RMSE and MAE; at full resolution the total unsigned flux sum|x| and the net
-    flux sum(x) of real and generated data. Pixels where the target is not finite are left
-    out. Keys: `cc_8x8`, `rmse_1x1`, `flux_net_real`, ... (prefixed `ch<c>_` for several
-    channels).
-    """
-    from pix2pixCC_Networks import correlation
-    real, fake = np.asarray(real, np.float64), np.asarray(fake, np.float64)
-    row = {}
-    for c in range(real.shape[0]):
-        prefix = f'ch{c}_' if real.shape[0] > 1 else ''
-        for k in bins:
-            r, f = bin_mean(real[c], k), bin_mean(fake[c], k)
-            keep = np.isfinite(r) & np.isfinite(f)
-            r, f = torch.from_numpy(r[keep])[None], torch.from_numpy(f[keep])[None]
-            row[f'{prefix}cc_{k}x{k}'] = float(correlation(r, f, ccc=False, eps=0)[0])
-            row[f'{prefix}ccc_{k}x{k}'] = float(correlation(r, f, ccc=True, eps=0)[0])
-            row[f'{prefix}rmse_{k}x{k}'] = float(torch.sqrt(((r - f) ** 2).mean()))
-            row[f'{prefix}mae_{k}x{k}'] = float((r - f).abs().mean())
-        keep = np.isfinite(real[c]) & np.isfinite(fake[c])
-        r, f = real[c][keep], fake[c][keep]
-        row.update({f'{prefix}flux_unsigned_real': float(np.abs(r).sum()),
-                    f'{prefix}flux_unsigned_fake': float(np.abs(f).sum()),
-                    f'{prefix}flux_net_real': float(r.sum()),
-                    f'{prefix}flux_net_fake': float(f.sum())})
-    return row
-
-
-def summarize(rows):
-    """{metric: {'mean', 'std', 'median'}} over the rows' numeric columns (NaN ignored)."""
-    summary = {}
-    for key in rows[0]:
-        values = np.array([row[key] for row in rows], dtype=object)
-        if not all(isinstance(v, (int, float)) for v in values):
-            continue
-        values = values.astype(np.float64)
-        summary[key] = {'mean': float(np.nanmean(values)), 'std': float(np.nanstd(values)),
-                        'median': float(np.nanmedian(values))}
-    return summary
-
-
-def write_csv(path, rows, append=False):
-    """Write `rows` (dicts with the same keys) as CSV; with `append`, after the rows already
-    there. The whole file is rewritten under a temporary name and renamed, so a process
-    killed mid-write leaves the previous complete file."""
-    import csv
-    existing = []
-    if append and os.path.isfile(path):
-        with open(path, newline='') as f:
-            existing = list(csv.DictReader(f))
-    all_rows = existing + [dict(row) for row in rows]
-    columns = list(dict.fromkeys(key for row in all_rows for key in row))
-    with atomic_path(path) as temporary:
-        with open(temporary, 'w', newline='') as f:
-            writer = csv.DictWriter(f, fieldnames=columns)
-            writer.writeheader()
-            writer.writerows(all_rows)
-
-
-def read_csv(path):
-    import csv
-    if not os.path.isfile(path):
-        return []
-    with open(path, newline='') as f:
-        return list(csv.DictReader(f))
-
-
-def metrics_table(summary, bins, channels=1, unit=None):
-    """Two short text tables of the means: CC, CCC, RMSE, MAE per binning factor (and
-    channel), then the unsigned and net flux of real and generated data per channel. A line
-    under each header gives the units (`unit`, e.g. 'G'; flux is a sum over pixels)."""
-    unit = unit or 'target units'
-    lines = [f"{'channel':>7} {'bin':>5} {'CC':>7} {'CCC':>7} {'RMSE':>11} {'MAE':>11}",
-             f"{'':>29} {f'[{unit}]':>11} {f'[{unit}]':>11}"]
-    for c in range(channels):
-        prefix = f'ch{c}_' if channels > 1 else ''
-        for k in bins:
-            cc, ccc, rmse, mae = (summary[f'{prefix}{name}_{k}x{k}']['mean']
-                                  for name in ('cc', 'ccc', 'rmse', 'mae'))
-            lines.append(f"{c:>7} {f'{k}x{k}':>5} {cc:7.4f} {ccc:7.4f} {rmse:11.4g} {mae:11.4g}")
-    flux = f'[{unit} px]'
-    lines += ['', f"{'channel':>7} {'unsigned flux':^27} {'net flux':^27}",
-              f"{'':>7} {'real':>13} {'generated':>13} {'real':>13} {'generated':>13}",
-              f"{'':>7} {flux:>13} {flux:>13} {flux:>13} {flux:>13}"]
-    for c in range(channels):
-        prefix = f'ch{c}_' if channels > 1 else ''
-        values = [summary[f'{prefix}flux_{kind}']['mean'] for kind in
-                  ('unsigned_real', 'unsigned_fake', 'net_real', 'net_fake')]
-        lines.append(f"{c:>7} " + ' '.join(f'{v:13.5g}' for v in values))
-    return '\n'.join(lines)
-
+# Registered after multiprocessing's exit handler (multiprocessing.util, imported above,
+# registers it), so it runs before it: atexit is last in, first out.
+atexit.register(kill_leftover_workers)
 
 # ----------------------------------------------------------------------------------------
-# Pictures: comparison panels and the loss curve (matplotlib, no display needed)
+# 6. The Manager (everything that hangs off the training loop) and TensorBoard
 # ----------------------------------------------------------------------------------------
-
-
-def _pyplot():
-    import matplotlib
-    matplotlib.use('Agg')
-    import matplotlib.pyplot as plt
-    return plt
-
-
-# Input channels a panel shows at most (a 20-channel input would make it unreadable); the
-# title says which are shown.
-PANEL_INPUT_CHANNELS = 6
-
-
-def as_drawn(image, data_format):
-    """The H x W `image` of a `data_format` file with its rows in the order a panel draws them,
-    top to bottom. FITS puts row 0 at the bottom (y grows upwards, as in its WCS); images
-    (png/jpg/tif) and npy put row 0 at the top, as the `<step>_real.png` previews do."""
-    from pix2pixCC_Pipeline import FITS_FORMATS
-    return image[::-1] if data_format in FITS_FORMATS else image
-
-
-def pearson(real, generated):
-    """Pearson CC of two arrays over the pixels finite in both (NaN when undefined)."""
-    keep = np.isfinite(real) & np.isfinite(generated)
-    r, g = real[keep].astype(np.float64), generated[keep].astype(np.float64)
-    if r.size < 2 or r.std() == 0 or g.std() == 0:
-        return float('nan')
-    return float(np.corrcoef(r, g)[0, 1])
-
-
-def save_panel(path, input, real, generated, target_scaling, unit=None, data_format='npy',
-               title=''):
-    """input channel(s) | real | generated | difference, one row per target channel.
-
-    input: C x H x W normalised (grey, [-1, 1]); real, generated: C x H x W in physical units
-    (`unit`, e.g. 'G'; None when unknown). Images are drawn in the orientation of
-    `data_format` files (see `as_drawn`). Real and generated share one colour scale: for
-    signed data (limits on both sides of 0) diverging around 0 up to the largest |real|
-    value, otherwise the target's saturation limits. The difference has its own symmetric
-    diverging scale. The figure's title is `title` and the CC of each target channel.
-    """
-    plt = _pyplot()
-    from matplotlib.colors import LogNorm
-
-    from pix2pixCC_Pipeline import FITS_FORMATS
-    lo, up = target_scaling.lower, target_scaling.upper
-    if lo < 0 < up:
-        peak = float(np.nanmax(np.abs(real))) if np.isfinite(real).any() else 0.0
-        peak = peak or max(-lo, up)
-        data_style = dict(cmap='RdBu_r', vmin=-peak, vmax=peak)
-    elif target_scaling.log:
-        data_style = dict(cmap='viridis', norm=LogNorm(vmin=lo, vmax=up))
-    else:
-        data_style = dict(cmap='viridis', vmin=lo, vmax=up)
-    difference = generated - real
-    spread = float(np.nanmax(np.abs(difference))) if np.isfinite(difference).any() else 1.0
-    diff_style = dict(cmap='RdBu_r', vmin=-spread or -1, vmax=spread or 1)
-    unit_label = unit or 'target units'
-
-    # Input channels fill the first columns, down the rows then across (3 EUV channels and
-    # one magnetogram: three input columns in one row).
-    rows = real.shape[0]
-    shown = min(input.shape[0], PANEL_INPUT_CHANNELS)
-    input_columns = -(-shown // rows)
-    ccs = [pearson(real[c], generated[c]) for c in range(rows)]
-    figure, axes = plt.subplots(rows, input_columns + 3,
-                                figsize=(3.3 * (input_columns + 3), 3.2 * rows + 0.5),
-                                squeeze=False)
-    for c in range(rows):
-        cells = []
-        for j in range(input_columns):
-            channel = j * rows + c
-            cells.append((input[channel], f'input ch {channel}' if input.shape[0] > 1
-                          else 'input', dict(cmap='gray', vmin=-1, vmax=1), 'normalised')
-                         if channel < shown else None)
-        suffix = f' ch {c}' if rows > 1 else ''
-        cells += [(real[c], 'real' + suffix, data_style, unit_label),
-                  (generated[c], f'generated{suffix} (CC {ccs[c]:.3f})', data_style,
-                   unit_label),
-                  (difference[c], 'generated - real' + suffix, diff_style, unit_label)]
-        for axis, cell in zip(axes[c], cells):
-            if cell is None:
-                axis.axis('off')
-                continue
-            image, name, style, label = cell
-            drawn = axis.imshow(as_drawn(image, data_format), origin='upper',
-                                interpolation='nearest', **style)
-            axis.set_title(name, fontsize=10)
-            axis.set_xticks([]), axis.set_yticks([])
-            figure.colorbar(drawn, ax=axis, fraction=0.046, pad=0.04).set_label(label)
-    heading = f"{title}: " if title else ''
-    heading += 'CC ' + ', '.join(f'{cc:.3f}' for cc in ccs)
-    if shown < input.shape[0]:
-        heading += f' (input channels 0-{shown - 1} of {input.shape[0]} shown)'
-    figure.suptitle(heading)
-    figure.tight_layout()
-    # The title and units also go into the PNG's text chunks, for scripts that sort panels.
-    row_0 = 'bottom' if data_format in FITS_FORMATS else 'top'
-    description = (f"input normalised [-1, 1]; real, generated and difference in {unit_label}; "
-                   f"row 0 of the files at the {row_0}")
-    with atomic_path(path) as temporary:
-        figure.savefig(temporary, dpi=80, format='png',
-                       metadata={'Title': heading, 'Description': description})
-    plt.close(figure)
-
-
-def save_loss_curve(path, rows):
-    """Loss terms of loss_log.csv rows against the step."""
-    if not rows:
-        return
-    plt = _pyplot()
-    steps = [int(row['step']) for row in rows]
-    figure, (losses, cc) = plt.subplots(1, 2, figsize=(12, 4))
-    for name in ('D', 'G', 'G_LSGAN', 'G_FM', 'G_CC'):
-        losses.plot(steps, [float(row[name]) for row in rows], label=name)
-    losses.set_xlabel('step (samples)'), losses.set_ylabel('loss'), losses.set_yscale('log')
-    losses.legend()
-    cc.plot(steps, [float(row['CC']) for row in rows], color='k')
-    cc.set_xlabel('step (samples)'), cc.set_ylabel('CC (training batch, full resolution)')
-    figure.tight_layout()
-    with atomic_path(path) as temporary:
-        figure.savefig(temporary, dpi=80)
-    plt.close(figure)
-
-
-# ----------------------------------------------------------------------------------------
-# Training bookkeeping
-# ----------------------------------------------------------------------------------------
-
-
-def crossed(previous_step, current_step, frequency):
-    """True when a multiple of `frequency` lies in (previous_step, current_step].
-
-    The reference tests `current_step % frequency == 0`, which never fires when the batch
-    size does not divide the frequency.
-    """
-    return current_step // frequency > previous_step // frequency
 
 
 def to_preview(tensor, display_scale=1.0):
@@ -1041,17 +848,16 @@ class Manager:
     """Everything that hangs off the training loop: report lines and the loss log, previews,
     checkpoints, TensorBoard.
 
-    `after_step` is called once per iteration; `finish` logs and saves what is not logged or
-    saved yet, so no finished or stopped run is lost whatever report_freq and save_freq are.
+    The training loop `record`s every step's losses and calls `report`, `save_previews` and
+    `save` when they fall due; `finish` logs and saves what is not logged or saved yet, so no
+    finished or stopped run is lost whatever report_freq and save_freq are.
     `training_state()` returns what, beside the two networks, a run needs to resume exactly
     (optimisers, RNGs, ...); `resumed` is the state a resumed run started from.
+    `target_scaling` maps the normalised previews to the target's units (`unit`).
     """
 
-    TERMS = ('D', 'G', 'G_LSGAN', 'G_FM', 'G_CC', 'CC')
-
-    def __init__(self, opt, G, D, training_state, log=print, validate=None, active=True,
-                 resumed=None):
-        from pix2pixCC_Pipeline import Scaling
+    def __init__(self, opt, G, D, training_state, target_scaling, unit=None, log=print,
+                 validate=None, active=True, resumed=None):
         self.active = active  # False on every process but the first of a distributed run
         self.opt, self.G, self.D = opt, G, D
         self.training_state = training_state
@@ -1068,8 +874,7 @@ class Manager:
         sums = (resumed or {}).get('loss_sums') or {}
         self.loss_sums = {name: float(value) for name, value in sums.items()}
         self.loss_samples = int((resumed or {}).get('loss_samples', 0))
-        self.target_scaling = Scaling.from_options(opt, 'target')
-        self.target_scaling.save_scale = 1.0  # previews show the target's own units
+        self.target_scaling, self.unit = target_scaling, unit
         self.loss_log = os.path.join(opt.checkpoint_dir, 'loss_log.csv')
         self.tensorboard = None
         if not active:
@@ -1083,25 +888,15 @@ class Manager:
         if opt.tensorboard:
             self.tensorboard = tensorboard_writer(opt)
 
-    def after_step(self, epoch, previous_step, current_step, n_samples, batch, terms, lr=None):
-        """batch = (input, target, fake), each (B, C, H, W) normalised; terms: {name: 0-d
-        tensor}, the means over the step's samples; lr: the learning rate of the step."""
-        opt = self.opt
-        if not self.active:
-            return
-        samples = current_step - previous_step
+    def record(self, terms, samples, lr):
+        """Add one step's loss terms ({name: 0-d tensor}, the means over its `samples`
+        samples), trained with learning rate `lr`, to the means of the next report."""
         for name, value in terms.items():
             # Kept as tensors until a report: converting now would stall a GPU every step.
             self.loss_sums[name] = self.loss_sums.get(name, 0.0) + value.detach() * samples
         self.loss_samples += samples
         self.iterations += 1
-        self.last_lr = opt.lr if lr is None else lr
-        if crossed(previous_step, current_step, opt.report_freq):
-            self.report(epoch, current_step, n_samples)
-        if crossed(previous_step, current_step, opt.display_freq):
-            self.save_previews(current_step, batch)
-        if crossed(previous_step, current_step, opt.save_freq):
-            self.save(current_step, epoch)
+        self.last_lr = lr
 
     def report(self, epoch, current_step, n_samples):
         """The report line (as published, plus how many samples its means cover) and a row
@@ -1130,7 +925,8 @@ class Manager:
             self.tensorboard.add_scalar('train/lr', self.last_lr, current_step)
 
     def save_previews(self, current_step, batch):
-        from pix2pixCC_Pipeline import data_unit
+        """batch = (input, target, fake), each (B, C, H, W) normalised: the first sample's
+        target and generated data as images, and its panel."""
         input, target, fake = (t[0].detach().float().cpu() for t in batch)
         stem = os.path.join(self.opt.image_dir, str(current_step))
         for name, tensor in (('real', target), ('fake', fake)):
@@ -1139,7 +935,7 @@ class Manager:
         save_panel(f'{stem}_panel.png', input.numpy(),
                    self.target_scaling.inverse(target.numpy()),
                    self.target_scaling.inverse(fake.numpy()), self.target_scaling,
-                   unit=data_unit(self.opt), data_format=self.opt.data_format_target,
+                   unit=self.unit, data_format=self.opt.data_format_target,
                    title=f'training step {current_step} (first sample of the batch)')
         if self.tensorboard is not None:
             with Image.open(f'{stem}_panel.png') as panel:
@@ -1249,3 +1045,191 @@ def require_tensorboard():
     except ImportError:
         raise UserError("--tensorboard needs the tensorboard package: pip install tensorboard "
                         "(or leave out --tensorboard)") from None
+
+
+# ----------------------------------------------------------------------------------------
+# 7. Figures: comparison panels and the loss curve (matplotlib, no display needed)
+# ----------------------------------------------------------------------------------------
+
+
+def _pyplot():
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    return plt
+
+
+
+# Input channels a panel shows at most (a 20-channel input would make it unreadable); the
+# title says which are shown.
+PANEL_INPUT_CHANNELS = 6
+
+
+def as_drawn(image, data_format):
+    """The H x W `image` of a `data_format` file with its rows in the order a panel draws them,
+    top to bottom. FITS puts row 0 at the bottom (y grows upwards, as in its WCS); images
+    (png/jpg/tif) and npy put row 0 at the top, as the `<step>_real.png` previews do."""
+    return image[::-1] if data_format in FITS_FORMATS else image
+
+
+def save_panel(path, input, real, generated, target_scaling, unit=None, data_format='npy',
+               title=''):
+    """input channel(s) | real | generated | difference, one row per target channel.
+
+    input: C x H x W normalised (grey, [-1, 1]); real, generated: C x H x W in physical units
+    (`unit`, e.g. 'G'; None when unknown). Images are drawn in the orientation of
+    `data_format` files (see `as_drawn`). Real and generated share one colour scale: for
+    signed data (limits on both sides of 0) diverging around 0 up to the largest |real|
+    value, otherwise the target's saturation limits. The difference has its own symmetric
+    diverging scale. The figure's title is `title` and the CC of each target channel.
+    """
+    plt = _pyplot()
+    from matplotlib.colors import LogNorm
+
+    lo, up = target_scaling.lower, target_scaling.upper
+    if lo < 0 < up:
+        peak = float(np.nanmax(np.abs(real))) if np.isfinite(real).any() else 0.0
+        peak = peak or max(-lo, up)
+        data_style = dict(cmap='RdBu_r', vmin=-peak, vmax=peak)
+    elif target_scaling.log:
+        data_style = dict(cmap='viridis', norm=LogNorm(vmin=lo, vmax=up))
+    else:
+        data_style = dict(cmap='viridis', vmin=lo, vmax=up)
+    difference = generated - real
+    spread = float(np.nanmax(np.abs(difference))) if np.isfinite(difference).any() else 1.0
+    diff_style = dict(cmap='RdBu_r', vmin=-spread or -1, vmax=spread or 1)
+    unit_label = unit or 'target units'
+
+    # Input channels fill the first columns, down the rows then across (3 EUV channels and
+    # one magnetogram: three input columns in one row).
+    rows = real.shape[0]
+    shown = min(input.shape[0], PANEL_INPUT_CHANNELS)
+    input_columns = -(-shown // rows)
+    ccs = [finite_correlation(real[c], generated[c], ccc=False) for c in range(rows)]
+    figure, axes = plt.subplots(rows, input_columns + 3,
+                                figsize=(3.3 * (input_columns + 3), 3.2 * rows + 0.5),
+                                squeeze=False)
+    for c in range(rows):
+        cells = []
+        for j in range(input_columns):
+            channel = j * rows + c
+            cells.append((input[channel], f'input ch {channel}' if input.shape[0] > 1
+                          else 'input', dict(cmap='gray', vmin=-1, vmax=1), 'normalised')
+                         if channel < shown else None)
+        suffix = f' ch {c}' if rows > 1 else ''
+        cells += [(real[c], 'real' + suffix, data_style, unit_label),
+                  (generated[c], f'generated{suffix} (CC {ccs[c]:.3f})', data_style,
+                   unit_label),
+                  (difference[c], 'generated - real' + suffix, diff_style, unit_label)]
+        for axis, cell in zip(axes[c], cells, strict=True):
+            if cell is None:
+                axis.axis('off')
+                continue
+            image, name, style, label = cell
+            drawn = axis.imshow(as_drawn(image, data_format), origin='upper',
+                                interpolation='nearest', **style)
+            axis.set_title(name, fontsize=10)
+            axis.set_xticks([]), axis.set_yticks([])
+            figure.colorbar(drawn, ax=axis, fraction=0.046, pad=0.04).set_label(label)
+    heading = f"{title}: " if title else ''
+    heading += 'CC ' + ', '.join(f'{cc:.3f}' for cc in ccs)
+    if shown < input.shape[0]:
+        heading += f' (input channels 0-{shown - 1} of {input.shape[0]} shown)'
+    figure.suptitle(heading)
+    figure.tight_layout()
+    # The title and units also go into the PNG's text chunks, for scripts that sort panels.
+    row_0 = 'bottom' if data_format in FITS_FORMATS else 'top'
+    description = (f"input normalised [-1, 1]; real, generated and difference in {unit_label}; "
+                   f"row 0 of the files at the {row_0}")
+    with atomic_path(path) as temporary:
+        figure.savefig(temporary, dpi=80, format='png',
+                       metadata={'Title': heading, 'Description': description})
+    plt.close(figure)
+
+
+def save_loss_curve(path, rows):
+    """Loss terms of loss_log.csv rows against the step."""
+    if not rows:
+        return
+    plt = _pyplot()
+    steps = [int(row['step']) for row in rows]
+    figure, (losses, cc) = plt.subplots(1, 2, figsize=(12, 4))
+    for name in ('D', 'G', 'G_LSGAN', 'G_FM', 'G_CC'):
+        losses.plot(steps, [float(row[name]) for row in rows], label=name)
+    losses.set_xlabel('step (samples)'), losses.set_ylabel('loss'), losses.set_yscale('log')
+    losses.legend()
+    cc.plot(steps, [float(row['CC']) for row in rows], color='k')
+    cc.set_xlabel('step (samples)'), cc.set_ylabel('CC (training batch, full resolution)')
+    figure.tight_layout()
+    with atomic_path(path) as temporary:
+        figure.savefig(temporary, dpi=80)
+    plt.close(figure)
+
+
+# ----------------------------------------------------------------------------------------
+# 8. The optional CPU GEMM path for the widest convolutions (performance only)
+# ----------------------------------------------------------------------------------------
+
+
+# On the CPU, im2col + one matrix product (aten's thnn_conv2d, which the backward also uses)
+# computes the generator's widest convolutions faster than PyTorch's default (oneDNN), which
+# re-lays-out the weights at every call: for the 1024-channel convolutions at training sizes
+# (16x16 feature maps for 256x256 data, 9.4 M weights each) that copy costs as much as the
+# arithmetic. Where the weights are few for the pixels (the discriminator's 4x4 convolution,
+# the generator's 256->512 one at 32x32, inference at 1024x1024) oneDNN is as fast or faster
+# and keeps them. Same modules, same state_dict keys, same result up to float rounding; the
+# measurements are in BENCHMARKS.md ("The GEMM convolution path").
+
+GEMM_CONV_MAX_PIXELS = 1024        # batch x output height x width: at most this many pixels,
+GEMM_CONV_MIN_WEIGHTS = 2 ** 20    # at least this many weights,
+
+GEMM_CONV_WEIGHTS_PER_PIXEL = 4096  # and at least this many weights per pixel take the path
+
+
+
+class GemmConv2d(nn.Conv2d):
+    """nn.Conv2d that computes im2col + matrix product where that is faster (see above).
+
+    `use_gemm_convolutions` turns a network's Conv2d layers into this class in place: a
+    module is still called as a module (its hooks run), and its parameters and state_dict
+    keys are those of the nn.Conv2d it was.
+    """
+
+    def forward(self, x):
+        if self.gemm_pays(x):
+            return torch.ops.aten.thnn_conv2d(x, self.weight, list(self.kernel_size), self.bias,
+                                              list(self.stride), list(self.padding))
+        return super().forward(x)
+
+    def gemm_pays(self, x):
+        if not (x.device.type == 'cpu' and x.dtype == self.weight.dtype == torch.float32
+                and x.dim() == 4):
+            return False
+        kh, kw = self.kernel_size
+        (sh, sw), (ph, pw) = self.stride, self.padding
+        pixels = x.shape[0] * ((x.shape[2] + 2 * ph - kh) // sh + 1) * \
+            ((x.shape[3] + 2 * pw - kw) // sw + 1)
+        weights = self.weight.numel()
+        # Under bfloat16 autocast oneDNN's bfloat16 kernels are the fast ones; a compiled
+        # graph has its own convolution lowering.
+        return (pixels <= GEMM_CONV_MAX_PIXELS and weights >= GEMM_CONV_MIN_WEIGHTS
+                and weights >= GEMM_CONV_WEIGHTS_PER_PIXEL * pixels
+                and not torch.is_autocast_enabled('cpu')
+                and not torch.compiler.is_compiling())
+
+
+def use_gemm_convolutions(module, enabled=True):
+    """Let every plain Conv2d of `module` take the GEMM path where it is faster (or, with
+    enabled=False, never). The class changes in place, nothing else."""
+    if not hasattr(torch.ops.aten, 'thnn_conv2d'):
+        return module
+    for layer in module.modules():
+        plain = type(layer) is nn.Conv2d and layer.groups == 1 and \
+            tuple(layer.dilation) == (1, 1) and layer.padding_mode == 'zeros' and \
+            not isinstance(layer.padding, str)
+        if enabled and plain:
+            layer.__class__ = GemmConv2d
+        elif not enabled and type(layer) is GemmConv2d:
+            layer.__class__ = nn.Conv2d
+    return module
+

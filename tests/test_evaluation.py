@@ -21,7 +21,7 @@ from scipy import stats
 from conftest import (NPY_DATA, REPO, SUBPROCESS_ENV, TINY, assert_ok, lin_ccc, make_pairs,
                       read_csv_rows, run_test, run_train, train_opt)
 from pix2pixCC_Networks import Loss
-from pix2pixCC_Utils import bin_mean, image_metrics
+from pix2pixCC_Test import bin_mean, image_metrics
 
 BINS = [1, 2, 4, 8]
 PER_BIN = ('cc', 'ccc', 'rmse', 'mae')

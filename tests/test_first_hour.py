@@ -19,7 +19,8 @@ from conftest import (SAMPLE_SCALING, TEST_SCRIPT, TINY, TRAIN_SCRIPT, assert_ok
 import pix2pixCC_Options
 from pix2pixCC_Options import TrainOption
 from pix2pixCC_Pipeline import CustomDataset, Scaling, check_dataset
-from pix2pixCC_Utils import metrics_table, save_panel
+from pix2pixCC_Test import metrics_table
+from pix2pixCC_Utils import save_panel
 
 NPY = ['--data_format_input', 'npy', '--data_format_target', 'npy', '--n_workers', '0',
        '--data_size', '32', '--saturation_lower_limit_input', '0',

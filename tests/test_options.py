@@ -109,8 +109,7 @@ def test_readme_options_table_lists_every_option():
                            if line.startswith('|'))
     listed = set(re.findall(r'`(--\w+)', first_cells))
     options = {name for option_class in (TrainOption, TEST_OPTION)
-               for action in option_class().parser._actions
-               for name in action.option_strings if name.startswith('--') and name != '--help'}
+               for name in option_class().parser.option_names}
     assert options - listed == set()
 
 

@@ -8,8 +8,9 @@ import torch
 from conftest import train_opt
 from pix2pixCC_Networks import Discriminator, Generator
 from pix2pixCC_Options import UserError
-from pix2pixCC_Utils import (Precision, atomic_path, crossed, load_state_dict,
-                             save_state_dict, saved_steps, select_device, to_preview)
+from pix2pixCC_Train import crossed
+from pix2pixCC_Utils import (Precision, atomic_path, load_state_dict, save_state_dict, saved_steps,
+                             select_device, to_preview)
 
 
 def test_select_device_cpu_when_asked():
