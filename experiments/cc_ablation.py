@@ -20,7 +20,6 @@ import argparse
 import json
 import math
 import os
-import platform
 import re
 import shlex
 import shutil
@@ -32,6 +31,10 @@ import numpy as np
 from scipy import stats
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# The benchmarks' description of the machine (benchmarks/common.py).
+sys.path.insert(0, os.path.join(ROOT, 'benchmarks'))
+from common import machine  # noqa: E402
+
 # Absolute, because the drivers run in --workdir, which need not be the repository.
 SAMPLE = os.path.join(ROOT, 'datasets', 'Sample')
 DATA = ['--data_format_input', 'fits', '--data_format_target', 'fits',
@@ -44,6 +47,7 @@ NETWORK = ['--n_gf', '32', '--n_df', '32', '--n_downsample', '2', '--n_residual'
 QUICK_NETWORK = ['--n_gf', '8', '--n_df', '8', '--n_downsample', '2', '--n_residual', '1',
                  '--n_CC', '3']
 MARKERS = ('<!-- cc_ablation:start -->', '<!-- cc_ablation:end -->')
+MACHINE = ('cpu', 'cpu_count', 'torch_threads', 'torch', 'python')  # what the results record
 ALPHA = 0.05
 
 # (lambda_CC, key in the results, name in the tables); differences are first minus second.
@@ -141,17 +145,6 @@ def train_and_evaluate(lambda_CC, objective, seed, n_epochs, network, workdir):
     with open(os.path.join(folder, RUN_RECORD), 'w') as f:
         json.dump(json_safe(row), f, indent=2)
     return row
-
-
-def machine():
-    import torch  # only for its version and thread count, which the drivers share (same env)
-    model = platform.processor() or platform.machine()
-    if os.path.exists('/proc/cpuinfo'):
-        with open('/proc/cpuinfo') as f:
-            names = [line.split(':', 1)[1].strip() for line in f if line.startswith('model name')]
-        model = names[0] if names else model
-    return {'cpu': model, 'cpu_count': os.cpu_count(), 'torch_threads': torch.get_num_threads(),
-            'torch': torch.__version__, 'python': platform.python_version()}
 
 
 # ----------------------------------------------------------------------------------------
@@ -450,6 +443,7 @@ def main(argv=None):
                                                   network, args.workdir))
             print(f"seed {seed}, lambda_CC {lambda_CC:g}: " + ', '.join(
                 f"{key} {runs[-1][key]:.4g}" for key, *_ in METRICS), flush=True)
+    info = machine()  # torch's version and threads are the drivers' too (same environment)
     results = {
         'config': {'seeds': seeds, 'n_epochs': args.n_epochs, 'steps': runs[0]['steps'],
                    'network': network, 'quick': args.quick,
@@ -457,7 +451,7 @@ def main(argv=None):
                    'n_train_pairs': n_train_pairs(),
                    'n_test_pairs': len(os.listdir(os.path.join(SAMPLE, 'Test', 'Input'))),
                    'command': shlex.join(['python', 'experiments/cc_ablation.py'] + argv)},
-        'machine': machine(),
+        'machine': {key: info[key] for key in MACHINE},
         # the runs' own times (with --reuse, some were made by an earlier invocation)
         'total_seconds': round(sum(r['train_seconds'] + r['test_seconds'] for r in runs), 1),
         'wall_seconds': round(time.perf_counter() - start, 1),
