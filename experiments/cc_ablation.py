@@ -228,7 +228,7 @@ def smallest_wilcoxon_p(n):
 
 
 # ----------------------------------------------------------------------------------------
-# Text: tables and a paragraph that follows from the numbers
+# Text: tables, and a paragraph that follows from the numbers
 # ----------------------------------------------------------------------------------------
 
 def number(value, fmt):
@@ -279,10 +279,12 @@ def differences_table(diffs):
     return '\n'.join(lines)
 
 
-def tests_table(tests):
+def tests_table(summary, tests):
+    spreads = {key: max(summary[objective][key]['std'] or 0.0 for _, objective, _ in OBJECTIVES)
+               for key, *_ in METRICS}  # the larger seed-to-seed std of the two objectives
     lines = ['| metric | mean Δ ± std | 95% t-interval of mean Δ | paired t-test p | '
-             'Wilcoxon exact p | λ_CC 5 closer to ideal |',
-             '|---|---|---|---|---|---|']
+             'Wilcoxon exact p | λ_CC 5 closer to ideal | the paired t-test says |',
+             '|---' * 7 + '|']
     for key, name, fmt, ideal in METRICS:
         t = tests[key]
         low, high = t['ci95']
@@ -290,41 +292,27 @@ def tests_table(tests):
                      f"{number(t['std_difference'], fmt)} | [{signed(low, fmt)}, "
                      f"{signed(high, fmt)}] | {p_value(t['ttest_rel_p'])} | "
                      f"{p_value(t['wilcoxon_p'])} | {t['n_closer_to_ideal']} of {t['n']} "
-                     f"seeds (ideal {ideal:g}) |")
+                     f"seeds (ideal {ideal:g}) | {verdict(t, spreads[key], fmt)} |")
     return '\n'.join(lines)
 
 
-def verdict(test, spread, fmt, ideal):
-    """What one metric's paired comparison shows, in words that follow from its numbers.
-
-    `spread` is the larger seed-to-seed std of the two objectives: a difference that is
-    "significant" but smaller than it is small next to what a change of seed does."""
+def verdict(test, spread, fmt):
+    """One metric's paired t-test in words. A difference that is "significant" but smaller
+    than `spread` (seed-to-seed std) is small next to what a change of seed does."""
     p = test['ttest_rel_p']
-    closer = f"λ_CC 5 is closer to the ideal ({ideal:g}) in {test['n_closer_to_ideal']} of " \
-             f"{test['n']} seeds"
     if p is None:
-        return f"no t-test possible (the differences have no spread, or a value is " \
-               f"undefined); {closer}"
+        return 'no t-test possible (the differences have no spread, or a value is undefined)'
     if p >= ALPHA:
-        return f"not distinguishable from seed noise with {test['n']} seeds on this sample " \
-               f"({closer})"
+        return f"not distinguishable from seed noise with {test['n']} seeds"
     size = 'larger' if abs(test['mean_difference']) > spread else 'smaller'
-    meaning = '' if size == 'larger' else ': a consistent shift, but small next to what a ' \
-                                          'change of seed does'
-    return f"different from zero at the 5% level by the paired t-test, and {size} than the " \
-           f"seed-to-seed spread (std up to {number(spread, fmt)}){meaning}; {closer}"
+    meaning = '' if size == 'larger' else ': a consistent but small shift'
+    return f"different from zero at the 5% level, {size} than the seed-to-seed spread " \
+           f"(std up to {number(spread, fmt)}){meaning}"
 
 
-def paragraph(summary, tests, config):
+def conclusion(tests, config):
+    """What the tests show together, and what they cannot show."""
     n_seeds = len(config['seeds'])
-    sentences = ["λ_CC 5 minus λ_CC 0, as mean ± std of the per-seed differences, with the "
-                 "paired t-test's p:", '']
-    for key, name, fmt, ideal in METRICS:
-        t = tests[key]
-        spread = max(summary[objective][key]['std'] or 0.0 for _, objective, _ in OBJECTIVES)
-        sentences.append(f"- {name}: difference {signed(t['mean_difference'], fmt)} ± "
-                         f"{number(t['std_difference'], fmt)}, p = {p_value(t['ttest_rel_p'])}:"
-                         f" {verdict(t, spread, fmt, ideal)}.")
     significant = [name for key, name, *_ in METRICS
                    if tests[key]['ttest_rel_p'] is not None and tests[key]['ttest_rel_p'] < ALPHA]
     others = ', and on no other metric' if len(significant) < len(METRICS) else ''
@@ -342,7 +330,7 @@ def paragraph(summary, tests, config):
               f"comparisons, and this is one small toy sample ({config['n_train_pairs']} "
               f"training and {config['n_test_pairs']} test pairs) with one network size and "
               f"step count: it shows nothing about full-size data or longer training.")
-    return '\n'.join(sentences) + '\n\n' + ' '.join((overall, wilcoxon, caveat))
+    return ' '.join((overall, wilcoxon, caveat))
 
 
 def report(results):
@@ -356,9 +344,9 @@ def report(results):
         summary_table(summary),
         "Per seed, λ_CC 5 minus λ_CC 0 (positive: higher with the Inspector):",
         differences_table(results['differences']),
-        "Paired over seeds:",
-        tests_table(tests),
-        paragraph(summary, tests, config),
+        "Paired over seeds (Δ: λ_CC 5 minus λ_CC 0):",
+        tests_table(summary, tests),
+        conclusion(tests, config),
         f"Each run: {config['steps']} steps (batch 1) on the {config['n_train_pairs']} training "
         f"pairs, network `{' '.join(config['network'])}` (generator "
         f"{parameter_count(config['generator_parameters'])}), evaluated on the "

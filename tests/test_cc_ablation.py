@@ -1,4 +1,5 @@
-"""experiments/cc_ablation.py: the seeds, the statistics and the text it writes.
+"""experiments/cc_ablation.py: the seeds, the statistics and the text it writes into the
+README's "Results" section.
 
 One --quick run (2 seeds x 2 objectives, one epoch of the tiny network, ~40 s on one thread)
 is checked against numpy and scipy recomputed from its own per-seed rows; the wording is
@@ -167,7 +168,8 @@ def hand_made_results(n_seeds=5):
 
 
 def line_of(text, name):
-    [line] = [line for line in text.splitlines() if line.startswith(f'- {name}:')]
+    """The row of metric `name` in the table of paired tests."""
+    [line] = [line for line in text.splitlines() if line.startswith(f'| {name} |')]
     return line
 
 
@@ -176,7 +178,7 @@ def test_wording_follows_the_numbers():
     clear, noise, small = (line_of(text, name) for name in ('CC 1×1', 'CC 8×8', 'RMSE 1×1 (G)'))
     assert 'different from zero at the 5% level' in clear
     assert 'larger than the seed-to-seed spread' in clear
-    assert 'closer to the ideal (1) in 5 of 5 seeds' in clear
+    assert '| 5 of 5 seeds (ideal 1) |' in clear  # λ_CC 5 closer to the ideal in every seed
     assert 'not distinguishable from seed noise with 5 seeds' in noise
     assert 'different from zero' not in noise
     assert 'smaller than the seed-to-seed spread' in small
