@@ -302,7 +302,7 @@ def variants(args, argv, parts):
 
 
 def parse_args(argv=None):
-    p = common.parser(__doc__, PARTS)
+    p = common.argument_parser(__doc__, PARTS)
     p.add_argument('--steps', type=int, default=7, help='timed training steps')
     p.add_argument('--warmup', type=int, default=2, help='untimed training steps first')
     p.add_argument('--inference_runs', type=int, default=3, help='timed runs after one warm-up')

@@ -187,7 +187,7 @@ def add_network_options(parser):
         parser.add_argument(f'--{name}', type=int, default=default)
 
 
-def parser(doc, parts):
+def argument_parser(doc, parts):
     """An argument parser with the options of both benchmark scripts (their script adds its
     own); --what chooses among `parts`, all by default."""
     p = argparse.ArgumentParser(description=doc.split('\n')[0],

@@ -38,6 +38,9 @@ import common
 
 PARTS = ('train', 'data', 'inference')
 
+# ----------------------------------------------------------------------------------------
+# The parent: both programs as whole processes, part by part
+# ----------------------------------------------------------------------------------------
 
 PUBLISHED_SCRIPTS = [f'pix2pixCC_{role}.py' for role in
                      ('Networks', 'Options', 'Pipeline', 'Test', 'Train', 'Utils')]
@@ -56,7 +59,7 @@ def published_copy(source, folder, gpu_ids):
     for name in PUBLISHED_SCRIPTS:
         path = os.path.join(source, name)
         if not os.path.isfile(path):
-            raise SystemExit(f"--published {source}: no {name} there; give the folder of a "
+            raise SystemExit(f"{source}: no {name} there; give the folder of a "
                              f"checkout of JeongHyunJin/Pix2PixCC")
         with open(path) as f:
             text = f.read()
@@ -66,7 +69,7 @@ def published_copy(source, folder, gpu_ids):
         with open(os.path.join(folder, name), 'w') as f:
             f.write(text)
     if gpu_ids == '-1' and replaced == 0:
-        raise SystemExit(f"--published {source}: no 'cuda:0' found to move to the CPU; is it "
+        raise SystemExit(f"{source}: no 'cuda:0' found to move to the CPU; is it "
                          f"the published code?")
     return folder
 
@@ -251,36 +254,6 @@ def compare_outputs(published_dir, ours_dir):
             'relative_to_range': largest / spread if spread else None}
 
 
-def child_data(args, program):
-    """The data part's child: a CustomDataset item of `program`, ours as benchmark.py's
-    `ours` variant measures it."""
-    if program == 'published':
-        return child_published_data(args, args.published_copy)
-    return benchmark.child_data(args, 'ours')
-
-
-def child_published_data(args, folder):
-    """The published CustomDataset's items, timed in this process: its modules imported from
-    the copy (this process has imported none of ours), its options parsed from the same
-    command line, in a scratch folder (its option parsing creates ./checkpoints)."""
-    if common.REPO in sys.path:  # the two programs' modules have the same names
-        sys.path.remove(common.REPO)
-    sys.path.insert(0, folder)
-    with tempfile.TemporaryDirectory(prefix='p2pcc-bench-') as scratch:
-        input_dir, target_dir = common.write_fits_pairs(os.path.join(scratch, 'data'),
-                                                        args.data_pairs, args.data_size)
-        os.chdir(scratch)
-        sys.argv = ['pix2pixCC_Train.py', *common.network_argv(args),
-                    '--data_format_input', 'fits', '--data_format_target', 'fits',
-                    '--input_dir_train', input_dir, '--target_dir_train', target_dir,
-                    '--data_size', str(args.data_size)]
-        with contextlib.redirect_stdout(sys.stderr):  # it prints the file counts
-            from pix2pixCC_Options import TrainOption
-            from pix2pixCC_Pipeline import CustomDataset
-            dataset = CustomDataset(TrainOption().parse())
-        return common.time_items(lambda i: dataset[i], len(dataset), args)
-
-
 def side_by_side(args, parts):
     """The published scripts and ours, part by part; prints each part's rows as it ends (a
     run cut short keeps what it measured), returns the figures."""
@@ -323,9 +296,42 @@ def side_by_side(args, parts):
 
 
 # ----------------------------------------------------------------------------------------
-# Options and the two sides: the parent runs the parts, a child times one data item
+# The data part's child: one program's CustomDataset items, timed in its own process
 # ----------------------------------------------------------------------------------------
 
+
+def child_data(args, program):
+    """`program`'s CustomDataset items: ours as benchmark.py's `ours` variant times them."""
+    if program == 'published':
+        return child_published_data(args, args.published_copy)
+    return benchmark.child_data(args, 'ours')
+
+
+def child_published_data(args, folder):
+    """The published CustomDataset's items, timed in this process: its modules imported from
+    the copy (this process has imported none of ours), its options parsed from the same
+    command line, in a scratch folder (its option parsing creates ./checkpoints)."""
+    if common.REPO in sys.path:  # the two programs' modules have the same names
+        sys.path.remove(common.REPO)
+    sys.path.insert(0, folder)
+    with tempfile.TemporaryDirectory(prefix='p2pcc-bench-') as scratch:
+        input_dir, target_dir = common.write_fits_pairs(os.path.join(scratch, 'data'),
+                                                        args.data_pairs, args.data_size)
+        os.chdir(scratch)
+        sys.argv = ['pix2pixCC_Train.py', *common.network_argv(args),
+                    '--data_format_input', 'fits', '--data_format_target', 'fits',
+                    '--input_dir_train', input_dir, '--target_dir_train', target_dir,
+                    '--data_size', str(args.data_size)]
+        with contextlib.redirect_stdout(sys.stderr):  # it prints the file counts
+            from pix2pixCC_Options import TrainOption
+            from pix2pixCC_Pipeline import CustomDataset
+            dataset = CustomDataset(TrainOption().parse())
+        return common.time_items(lambda i: dataset[i], len(dataset), args)
+
+
+# ----------------------------------------------------------------------------------------
+# Options and main
+# ----------------------------------------------------------------------------------------
 
 
 def counts(text):
@@ -339,9 +345,8 @@ def counts(text):
     return k1, k2
 
 
-
 def parse_args(argv=None):
-    p = common.parser(__doc__, PARTS)
+    p = common.argument_parser(__doc__, PARTS)
     p.add_argument('published', metavar='DIR',
                    help='a checkout of the published code, JeongHyunJin/Pix2PixCC')
     p.add_argument('--side_steps', type=counts, default=(2, 7), metavar='K1,K2',
