@@ -9,12 +9,11 @@ generated files all run for real.
 import json
 import os
 import shutil
-import subprocess
 import sys
 
 import pytest
 
-from conftest import NPY_DATA, REPO, SUBPROCESS_ENV, TINY, assert_ok, run_train, snapshot
+from conftest import NPY_DATA, REPO, TINY, assert_ok, run_script, run_train, snapshot
 
 sys.path.insert(0, os.path.join(REPO, 'benchmarks'))
 import benchmark  # noqa: E402
@@ -62,14 +61,13 @@ def test_side_by_side_runs_both_programs_and_compares_their_outputs(tmp_path):
     each program's CustomDataset in a child process (the 'published' one from the copy)."""
     source = fake_published(str(tmp_path / 'published'))
     out = tmp_path / 'side.json'
-    proc = subprocess.run(
-        [sys.executable, SIDE_BY_SIDE, source, '--what', 'train,data,inference',
-         '--n_gf', '8', '--n_df', '8', '--n_downsample', '2', '--n_residual', '1',
-         '--size', '32', '--data_size', '32', '--data_pairs', '2', '--data_repeats', '1',
-         '--inference_size', '32', '--side_steps', '1,2',
-         '--side_images', '1,2', '--side_repeats', '1', '--json', str(out)],
-        cwd=str(tmp_path), env=SUBPROCESS_ENV, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    proc = run_script(SIDE_BY_SIDE, [
+        source, '--what', 'train,data,inference',
+        '--n_gf', '8', '--n_df', '8', '--n_downsample', '2', '--n_residual', '1',
+        '--size', '32', '--data_size', '32', '--data_pairs', '2', '--data_repeats', '1',
+        '--inference_size', '32', '--side_steps', '1,2',
+        '--side_images', '1,2', '--side_repeats', '1', '--json', out], tmp_path)
+    assert_ok(proc)
     assert 'training step 32x32 (s)' in proc.stdout and 'inference peak RSS (MB)' in proc.stdout
     with open(out) as f:
         results = json.load(f)['results']
@@ -102,14 +100,13 @@ def test_benchmark_measures_every_part_in_its_own_process(tmp_path):
     """benchmark.py, every part on a tiny network: a row per (part, variant), each with the
     peak RSS of its own process, and the machine and options in the JSON."""
     out = tmp_path / 'bench.json'
-    proc = subprocess.run(
-        [sys.executable, BENCHMARK, '--n_gf', '8', '--n_df', '8', '--n_downsample', '2',
-         '--n_residual', '1', '--size', '32', '--steps', '1', '--warmup', '1',
-         '--data_size', '32', '--data_pairs', '2', '--data_repeats', '1',
-         '--data_variants', 'ours', '--inference_size', '32', '--inference_runs', '1',
-         '--matmul_size', '64', '--matmul_variants', 'float32', '--json', str(out)],
-        cwd=str(tmp_path), env=SUBPROCESS_ENV, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    proc = run_script(BENCHMARK, [
+        '--n_gf', '8', '--n_df', '8', '--n_downsample', '2', '--n_residual', '1',
+        '--size', '32', '--steps', '1', '--warmup', '1',
+        '--data_size', '32', '--data_pairs', '2', '--data_repeats', '1',
+        '--data_variants', 'ours', '--inference_size', '32', '--inference_runs', '1',
+        '--matmul_size', '64', '--matmul_variants', 'float32', '--json', out], tmp_path)
+    assert_ok(proc)
     with open(out) as f:
         written = json.load(f)
     assert set(written) == {'machine', 'config', 'results'}
@@ -138,12 +135,9 @@ def test_precision_accuracy_compares_the_two_precisions_without_touching_the_run
     assert_ok(run_train(TINY + NPY_DATA + data + ['--n_epochs', '1'], tmp_path))
     before = snapshot(tmp_path / 'checkpoints')
     out = tmp_path / 'precision.json'
-    proc = subprocess.run([sys.executable, PRECISION, '--dataset_name', 'pix2pixCC',
-                           '--iteration', '6', '--input_dir_test', data[1],
-                           '--target_dir_test', data[3], '--json', str(out)],
-                          cwd=str(tmp_path), env=SUBPROCESS_ENV, capture_output=True,
-                          text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert_ok(run_script(PRECISION, ['--dataset_name', 'pix2pixCC', '--iteration', '6',
+                                     '--input_dir_test', data[1], '--target_dir_test', data[3],
+                                     '--json', out], tmp_path))
     with open(out) as f:
         result = json.load(f)
     outputs = result['outputs']

@@ -8,14 +8,12 @@ checked on hand-made numbers whose answer is known.
 import importlib.util
 import json
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 from scipy import stats
 
-from conftest import REPO, SUBPROCESS_ENV, assert_ok, snapshot
+from conftest import REPO, assert_ok, run_script, snapshot
 
 SCRIPT = os.path.join(REPO, 'experiments', 'cc_ablation.py')
 README = os.path.join(REPO, 'README.md')
@@ -43,9 +41,7 @@ def quick(tmp_path_factory):
     """(process, results, README and experiments/ before the run) of one --quick run."""
     root = tmp_path_factory.mktemp('ablation')
     before = file_state(README), snapshot(os.path.join(REPO, 'experiments'))
-    proc = subprocess.run([sys.executable, SCRIPT, '--quick', '--workdir', str(root / 'runs'),
-                           '--out', str(root / 'out')], cwd=str(root), env=SUBPROCESS_ENV,
-                          capture_output=True, text=True, timeout=300)
+    proc = run_script(SCRIPT, ['--quick', '--workdir', root / 'runs', '--out', root / 'out'], root)
     assert_ok(proc)
     with open(root / 'out' / 'cc_ablation_results.json') as f:
         results = json.load(f)
@@ -265,9 +261,8 @@ def test_reuse_reads_the_finished_runs_instead_of_training_them_again(quick):
     _, results, _, root = quick
     runs = root / 'runs' / 'checkpoints'
     before = snapshot(str(runs))
-    proc = subprocess.run([sys.executable, SCRIPT, '--quick', '--reuse', '--workdir',
-                           str(root / 'runs'), '--out', str(root / 'again')], cwd=str(root),
-                          env=SUBPROCESS_ENV, capture_output=True, text=True, timeout=300)
+    proc = run_script(SCRIPT, ['--quick', '--reuse', '--workdir', root / 'runs', '--out',
+                               root / 'again'], root)
     assert_ok(proc)
     with open(root / 'again' / 'cc_ablation_results.json') as f:
         again = json.load(f)
