@@ -24,6 +24,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import benchmark  # noqa: E402
+import common  # noqa: E402
 
 
 INFERENCE_KINDS = {'aten::mish': 'Mish', 'aten::mish_': 'Mish',
@@ -143,10 +144,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     p.add_argument('--variant', default='driver')
     p.add_argument('--size', type=int, default=256)
-    p.add_argument('--n_gf', type=int, default=64)
-    p.add_argument('--n_df', type=int, default=64)
-    p.add_argument('--n_downsample', type=int, default=4)
-    p.add_argument('--n_residual', type=int, default=9)
+    common.add_network_options(p)
     p.add_argument('--warmup', type=int, default=2)
     p.add_argument('--steps', type=int, default=2, help='profiled steps')
     p.add_argument('--rows', type=int, default=15)

@@ -20,7 +20,6 @@ import argparse
 import json
 import math
 import os
-import platform
 import re
 import shlex
 import shutil
@@ -32,6 +31,10 @@ import numpy as np
 from scipy import stats
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# The benchmarks' description of the machine (benchmarks/common.py).
+sys.path.insert(0, os.path.join(ROOT, 'benchmarks'))
+from common import machine  # noqa: E402
+
 # Absolute, because the drivers run in --workdir, which need not be the repository.
 SAMPLE = os.path.join(ROOT, 'datasets', 'Sample')
 DATA = ['--data_format_input', 'fits', '--data_format_target', 'fits',
@@ -44,6 +47,7 @@ NETWORK = ['--n_gf', '32', '--n_df', '32', '--n_downsample', '2', '--n_residual'
 QUICK_NETWORK = ['--n_gf', '8', '--n_df', '8', '--n_downsample', '2', '--n_residual', '1',
                  '--n_CC', '3']
 MARKERS = ('<!-- cc_ablation:start -->', '<!-- cc_ablation:end -->')
+MACHINE = ('cpu', 'cpu_count', 'torch_threads', 'torch', 'python')  # what the results record
 ALPHA = 0.05
 
 # (lambda_CC, key in the results, name in the tables); differences are first minus second.
@@ -143,17 +147,6 @@ def train_and_evaluate(lambda_CC, objective, seed, n_epochs, network, workdir):
     return row
 
 
-def machine():
-    import torch  # only for its version and thread count, which the drivers share (same env)
-    model = platform.processor() or platform.machine()
-    if os.path.exists('/proc/cpuinfo'):
-        with open('/proc/cpuinfo') as f:
-            names = [line.split(':', 1)[1].strip() for line in f if line.startswith('model name')]
-        model = names[0] if names else model
-    return {'cpu': model, 'cpu_count': os.cpu_count(), 'torch_threads': torch.get_num_threads(),
-            'torch': torch.__version__, 'python': platform.python_version()}
-
-
 # ----------------------------------------------------------------------------------------
 # Statistics over seeds
 # ----------------------------------------------------------------------------------------
@@ -235,7 +228,7 @@ def smallest_wilcoxon_p(n):
 
 
 # ----------------------------------------------------------------------------------------
-# Text: tables and a paragraph that follows from the numbers
+# Text: tables, and a paragraph that follows from the numbers
 # ----------------------------------------------------------------------------------------
 
 def number(value, fmt):
@@ -286,10 +279,12 @@ def differences_table(diffs):
     return '\n'.join(lines)
 
 
-def tests_table(tests):
+def tests_table(summary, tests):
+    spreads = {key: max(summary[objective][key]['std'] or 0.0 for _, objective, _ in OBJECTIVES)
+               for key, *_ in METRICS}  # the larger seed-to-seed std of the two objectives
     lines = ['| metric | mean Δ ± std | 95% t-interval of mean Δ | paired t-test p | '
-             'Wilcoxon exact p | λ_CC 5 closer to ideal |',
-             '|---|---|---|---|---|---|']
+             'Wilcoxon exact p | λ_CC 5 closer to ideal | the paired t-test says |',
+             '|---' * 7 + '|']
     for key, name, fmt, ideal in METRICS:
         t = tests[key]
         low, high = t['ci95']
@@ -297,41 +292,27 @@ def tests_table(tests):
                      f"{number(t['std_difference'], fmt)} | [{signed(low, fmt)}, "
                      f"{signed(high, fmt)}] | {p_value(t['ttest_rel_p'])} | "
                      f"{p_value(t['wilcoxon_p'])} | {t['n_closer_to_ideal']} of {t['n']} "
-                     f"seeds (ideal {ideal:g}) |")
+                     f"seeds (ideal {ideal:g}) | {verdict(t, spreads[key], fmt)} |")
     return '\n'.join(lines)
 
 
-def verdict(test, spread, fmt, ideal):
-    """What one metric's paired comparison shows, in words that follow from its numbers.
-
-    `spread` is the larger seed-to-seed std of the two objectives: a difference that is
-    "significant" but smaller than it is small next to what a change of seed does."""
+def verdict(test, spread, fmt):
+    """One metric's paired t-test in words. A difference that is "significant" but smaller
+    than `spread` (seed-to-seed std) is small next to what a change of seed does."""
     p = test['ttest_rel_p']
-    closer = f"λ_CC 5 is closer to the ideal ({ideal:g}) in {test['n_closer_to_ideal']} of " \
-             f"{test['n']} seeds"
     if p is None:
-        return f"no t-test possible (the differences have no spread, or a value is " \
-               f"undefined); {closer}"
+        return 'no t-test possible (the differences have no spread, or a value is undefined)'
     if p >= ALPHA:
-        return f"not distinguishable from seed noise with {test['n']} seeds on this sample " \
-               f"({closer})"
+        return f"not distinguishable from seed noise with {test['n']} seeds"
     size = 'larger' if abs(test['mean_difference']) > spread else 'smaller'
-    meaning = '' if size == 'larger' else ': a consistent shift, but small next to what a ' \
-                                          'change of seed does'
-    return f"different from zero at the 5% level by the paired t-test, and {size} than the " \
-           f"seed-to-seed spread (std up to {number(spread, fmt)}){meaning}; {closer}"
+    meaning = '' if size == 'larger' else ': a consistent but small shift'
+    return f"different from zero at the 5% level, {size} than the seed-to-seed spread " \
+           f"(std up to {number(spread, fmt)}){meaning}"
 
 
-def paragraph(summary, tests, config):
+def conclusion(tests, config):
+    """What the tests show together, and what they cannot show."""
     n_seeds = len(config['seeds'])
-    sentences = ["λ_CC 5 minus λ_CC 0, as mean ± std of the per-seed differences, with the "
-                 "paired t-test's p:", '']
-    for key, name, fmt, ideal in METRICS:
-        t = tests[key]
-        spread = max(summary[objective][key]['std'] or 0.0 for _, objective, _ in OBJECTIVES)
-        sentences.append(f"- {name}: difference {signed(t['mean_difference'], fmt)} ± "
-                         f"{number(t['std_difference'], fmt)}, p = {p_value(t['ttest_rel_p'])}:"
-                         f" {verdict(t, spread, fmt, ideal)}.")
     significant = [name for key, name, *_ in METRICS
                    if tests[key]['ttest_rel_p'] is not None and tests[key]['ttest_rel_p'] < ALPHA]
     others = ', and on no other metric' if len(significant) < len(METRICS) else ''
@@ -349,7 +330,7 @@ def paragraph(summary, tests, config):
               f"comparisons, and this is one small toy sample ({config['n_train_pairs']} "
               f"training and {config['n_test_pairs']} test pairs) with one network size and "
               f"step count: it shows nothing about full-size data or longer training.")
-    return '\n'.join(sentences) + '\n\n' + ' '.join((overall, wilcoxon, caveat))
+    return ' '.join((overall, wilcoxon, caveat))
 
 
 def report(results):
@@ -363,9 +344,9 @@ def report(results):
         summary_table(summary),
         "Per seed, λ_CC 5 minus λ_CC 0 (positive: higher with the Inspector):",
         differences_table(results['differences']),
-        "Paired over seeds:",
-        tests_table(tests),
-        paragraph(summary, tests, config),
+        "Paired over seeds (Δ: λ_CC 5 minus λ_CC 0):",
+        tests_table(summary, tests),
+        conclusion(tests, config),
         f"Each run: {config['steps']} steps (batch 1) on the {config['n_train_pairs']} training "
         f"pairs, network `{' '.join(config['network'])}` (generator "
         f"{parameter_count(config['generator_parameters'])}), evaluated on the "
@@ -450,6 +431,7 @@ def main(argv=None):
                                                   network, args.workdir))
             print(f"seed {seed}, lambda_CC {lambda_CC:g}: " + ', '.join(
                 f"{key} {runs[-1][key]:.4g}" for key, *_ in METRICS), flush=True)
+    info = machine()  # torch's version and threads are the drivers' too (same environment)
     results = {
         'config': {'seeds': seeds, 'n_epochs': args.n_epochs, 'steps': runs[0]['steps'],
                    'network': network, 'quick': args.quick,
@@ -457,7 +439,7 @@ def main(argv=None):
                    'n_train_pairs': n_train_pairs(),
                    'n_test_pairs': len(os.listdir(os.path.join(SAMPLE, 'Test', 'Input'))),
                    'command': shlex.join(['python', 'experiments/cc_ablation.py'] + argv)},
-        'machine': machine(),
+        'machine': {key: info[key] for key in MACHINE},
         # the runs' own times (with --reuse, some were made by an earlier invocation)
         'total_seconds': round(sum(r['train_seconds'] + r['test_seconds'] for r in runs), 1),
         'wall_seconds': round(time.perf_counter() - start, 1),

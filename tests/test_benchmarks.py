@@ -1,30 +1,33 @@
-"""benchmarks/benchmark.py --published: the side-by-side machinery (issue 10).
+"""The tools of benchmarks/ (README "Speed", BENCHMARKS.md): benchmark.py, side_by_side.py,
+precision_accuracy.py and profile_step.py, each on a tiny network.
 
-The published code is not in this repository and cannot be downloaded here, so these tests
-give it our own scripts as the "published" folder: the copy, the whole-process runs over K1
-and K2 items, the peak memory and the comparison of the generated files all run for real.
+side_by_side.py needs the published code, which is not in this repository and cannot be
+downloaded here, so these tests give it our own scripts as the "published" folder: the copy,
+the whole-process runs over K1 and K2 items, the peak memory and the comparison of the
+generated files all run for real.
 """
 import json
 import os
 import shutil
-import subprocess
 import sys
 
 import pytest
 
-from conftest import NPY_DATA, REPO, SUBPROCESS_ENV, TINY, assert_ok, run_train, snapshot
+from conftest import NPY_DATA, REPO, TINY, assert_ok, run_script, run_train, snapshot
 
 sys.path.insert(0, os.path.join(REPO, 'benchmarks'))
 import benchmark  # noqa: E402
+import side_by_side  # noqa: E402
 
 BENCHMARK = os.path.join(REPO, 'benchmarks', 'benchmark.py')
+SIDE_BY_SIDE = os.path.join(REPO, 'benchmarks', 'side_by_side.py')
 PRECISION = os.path.join(REPO, 'benchmarks', 'precision_accuracy.py')
 
 
 def fake_published(folder, device_line="device = torch.device('cuda:0')\n"):
     """Our six scripts in `folder`, with a hard-coded CUDA device as the published code has."""
     os.makedirs(folder)
-    for name in benchmark.PUBLISHED_SCRIPTS:
+    for name in side_by_side.PUBLISHED_SCRIPTS:
         shutil.copy(os.path.join(REPO, name), folder)
     with open(os.path.join(folder, 'pix2pixCC_Utils.py'), 'a') as f:
         f.write(f'\nif False:\n    {device_line}')
@@ -33,9 +36,9 @@ def fake_published(folder, device_line="device = torch.device('cuda:0')\n"):
 
 def test_the_published_copy_changes_only_the_device(tmp_path):
     source = fake_published(str(tmp_path / 'published'))
-    cpu = benchmark.published_copy(source, str(tmp_path / 'cpu'), '-1')
-    gpu = benchmark.published_copy(source, str(tmp_path / 'gpu'), '0')
-    for name in benchmark.PUBLISHED_SCRIPTS:
+    cpu = side_by_side.published_copy(source, str(tmp_path / 'cpu'), '-1')
+    gpu = side_by_side.published_copy(source, str(tmp_path / 'gpu'), '0')
+    for name in side_by_side.PUBLISHED_SCRIPTS:
         with open(os.path.join(source, name)) as f:
             original = f.read()
         with open(os.path.join(cpu, name)) as f:
@@ -46,24 +49,25 @@ def test_the_published_copy_changes_only_the_device(tmp_path):
 
 def test_the_published_copy_refuses_a_folder_that_is_not_the_published_code(tmp_path):
     with pytest.raises(SystemExit, match='no pix2pixCC_Networks.py there'):
-        benchmark.published_copy(str(tmp_path), str(tmp_path / 'copy'), '-1')
+        side_by_side.published_copy(str(tmp_path), str(tmp_path / 'copy'), '-1')
     source = fake_published(str(tmp_path / 'published'), device_line='pass\n')
     with pytest.raises(SystemExit, match="no 'cuda:0' found"):
-        benchmark.published_copy(source, str(tmp_path / 'copy2'), '-1')
+        side_by_side.published_copy(source, str(tmp_path / 'copy2'), '-1')
 
 
 def test_side_by_side_runs_both_programs_and_compares_their_outputs(tmp_path):
     """Both 'programs' are ours here, so their generated files must agree exactly: the
-    comparison reads the real outputs of each program's last Test run."""
+    comparison reads the real outputs of each program's last Test run. The data part times
+    each program's CustomDataset in a child process (the 'published' one from the copy)."""
     source = fake_published(str(tmp_path / 'published'))
     out = tmp_path / 'side.json'
-    proc = subprocess.run(
-        [sys.executable, BENCHMARK, '--published', source, '--what', 'train,inference',
-         '--n_gf', '8', '--n_df', '8', '--n_downsample', '2', '--n_residual', '1',
-         '--size', '32', '--inference_size', '32', '--side_steps', '1,2',
-         '--side_images', '1,2', '--side_repeats', '1', '--json', str(out)],
-        cwd=str(tmp_path), env=SUBPROCESS_ENV, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    proc = run_script(SIDE_BY_SIDE, [
+        source, '--what', 'train,data,inference',
+        '--n_gf', '8', '--n_df', '8', '--n_downsample', '2', '--n_residual', '1',
+        '--size', '32', '--data_size', '32', '--data_pairs', '2', '--data_repeats', '1',
+        '--inference_size', '32', '--side_steps', '1,2',
+        '--side_images', '1,2', '--side_repeats', '1', '--json', out], tmp_path)
+    assert_ok(proc)
     assert 'training step 32x32 (s)' in proc.stdout and 'inference peak RSS (MB)' in proc.stdout
     with open(out) as f:
         results = json.load(f)['results']
@@ -73,15 +77,56 @@ def test_side_by_side_runs_both_programs_and_compares_their_outputs(tmp_path):
             assert figures['peak_rss_mb'] > 100  # a whole torch process
             assert len(figures['times']) == 1
             assert set(figures['process_seconds']) == {'1', '2'}
+    for program in ('published', 'ours'):  # each program's own dataset, in its own process
+        assert results['data'][program]['seconds'] > 0
+        assert results['data'][program]['peak_rss_mb'] > 100
     assert results['inference']['outputs']['files'] == 2
     assert results['inference']['outputs']['max_abs_difference'] == 0.0
+
+
+def test_the_old_published_option_runs_side_by_side(monkeypatch):
+    """`benchmark.py --published DIR ...`, the command from before side_by_side.py had its own
+    file, runs `side_by_side.py DIR ...`."""
+    forwarded = []
+    monkeypatch.setattr(side_by_side, 'main', lambda argv: forwarded.append(argv) or 0)
+    assert benchmark.main(['--published', 'DIR', '--what', 'train', '--gpu_ids', '-1',
+                           '--option=--norm_type', '--option=BatchNorm2d']) == 0
+    assert benchmark.main(['--size', '32', '--published=DIR']) == 0
+    assert forwarded == [['DIR', '--what', 'train', '--gpu_ids', '-1', '--option=--norm_type',
+                          '--option=BatchNorm2d'], ['DIR', '--size', '32']]
+
+
+def test_benchmark_measures_every_part_in_its_own_process(tmp_path):
+    """benchmark.py, every part on a tiny network: a row per (part, variant), each with the
+    peak RSS of its own process, and the machine and options in the JSON."""
+    out = tmp_path / 'bench.json'
+    proc = run_script(BENCHMARK, [
+        '--n_gf', '8', '--n_df', '8', '--n_downsample', '2', '--n_residual', '1',
+        '--size', '32', '--steps', '1', '--warmup', '1',
+        '--data_size', '32', '--data_pairs', '2', '--data_repeats', '1',
+        '--data_variants', 'ours', '--inference_size', '32', '--inference_runs', '1',
+        '--matmul_size', '64', '--matmul_variants', 'float32', '--json', out], tmp_path)
+    assert_ok(proc)
+    with open(out) as f:
+        written = json.load(f)
+    assert set(written) == {'machine', 'config', 'results'}
+    assert written['machine']['torch_threads'] == 1  # OMP_NUM_THREADS=1 of SUBPROCESS_ENV
+    assert written['config']['train_variants'] == 'driver' and 'argv' not in written['config']
+    rows = written['results']
+    assert [(r['part'], r['variant']) for r in rows] == [
+        ('train', 'driver'), ('data', 'ours'), ('inference', 'ours'), ('matmul', 'float32')]
+    for row in rows:
+        assert row['seconds'] > 0 and row['peak_rss_mb'] > 100  # a whole torch process
+        assert row['size'] == (64 if row['part'] == 'matmul' else 32)
+    assert 'first_step_seconds' in rows[0] and 'gflops' in rows[3]
+    assert f'written: {out}' in proc.stdout
 
 
 @pytest.mark.parametrize('text', ['3', '2,2', '0,4', 'a,b'])
 def test_item_counts_must_be_two_increasing_numbers(text):
     with pytest.raises(Exception):
-        benchmark.counts(text)
-    assert benchmark.counts('2,7') == (2, 7)
+        side_by_side.counts(text)
+    assert side_by_side.counts('2,7') == (2, 7)
 
 
 def test_precision_accuracy_compares_the_two_precisions_without_touching_the_run(tmp_path, data):
@@ -90,12 +135,9 @@ def test_precision_accuracy_compares_the_two_precisions_without_touching_the_run
     assert_ok(run_train(TINY + NPY_DATA + data + ['--n_epochs', '1'], tmp_path))
     before = snapshot(tmp_path / 'checkpoints')
     out = tmp_path / 'precision.json'
-    proc = subprocess.run([sys.executable, PRECISION, '--dataset_name', 'pix2pixCC',
-                           '--iteration', '6', '--input_dir_test', data[1],
-                           '--target_dir_test', data[3], '--json', str(out)],
-                          cwd=str(tmp_path), env=SUBPROCESS_ENV, capture_output=True,
-                          text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert_ok(run_script(PRECISION, ['--dataset_name', 'pix2pixCC', '--iteration', '6',
+                                     '--input_dir_test', data[1], '--target_dir_test', data[3],
+                                     '--json', out], tmp_path))
     with open(out) as f:
         result = json.load(f)
     outputs = result['outputs']

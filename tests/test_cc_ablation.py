@@ -1,4 +1,5 @@
-"""experiments/cc_ablation.py: the seeds, the statistics and the text it writes.
+"""experiments/cc_ablation.py: the seeds, the statistics and the text it writes into the
+README's "Results" section.
 
 One --quick run (2 seeds x 2 objectives, one epoch of the tiny network, ~40 s on one thread)
 is checked against numpy and scipy recomputed from its own per-seed rows; the wording is
@@ -7,14 +8,12 @@ checked on hand-made numbers whose answer is known.
 import importlib.util
 import json
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 from scipy import stats
 
-from conftest import REPO, SUBPROCESS_ENV, assert_ok, snapshot
+from conftest import REPO, assert_ok, run_script, snapshot
 
 SCRIPT = os.path.join(REPO, 'experiments', 'cc_ablation.py')
 README = os.path.join(REPO, 'README.md')
@@ -42,9 +41,7 @@ def quick(tmp_path_factory):
     """(process, results, README and experiments/ before the run) of one --quick run."""
     root = tmp_path_factory.mktemp('ablation')
     before = file_state(README), snapshot(os.path.join(REPO, 'experiments'))
-    proc = subprocess.run([sys.executable, SCRIPT, '--quick', '--workdir', str(root / 'runs'),
-                           '--out', str(root / 'out')], cwd=str(root), env=SUBPROCESS_ENV,
-                          capture_output=True, text=True, timeout=300)
+    proc = run_script(SCRIPT, ['--quick', '--workdir', root / 'runs', '--out', root / 'out'], root)
     assert_ok(proc)
     with open(root / 'out' / 'cc_ablation_results.json') as f:
         results = json.load(f)
@@ -167,7 +164,8 @@ def hand_made_results(n_seeds=5):
 
 
 def line_of(text, name):
-    [line] = [line for line in text.splitlines() if line.startswith(f'- {name}:')]
+    """The row of metric `name` in the table of paired tests."""
+    [line] = [line for line in text.splitlines() if line.startswith(f'| {name} |')]
     return line
 
 
@@ -176,7 +174,7 @@ def test_wording_follows_the_numbers():
     clear, noise, small = (line_of(text, name) for name in ('CC 1×1', 'CC 8×8', 'RMSE 1×1 (G)'))
     assert 'different from zero at the 5% level' in clear
     assert 'larger than the seed-to-seed spread' in clear
-    assert 'closer to the ideal (1) in 5 of 5 seeds' in clear
+    assert '| 5 of 5 seeds (ideal 1) |' in clear  # λ_CC 5 closer to the ideal in every seed
     assert 'not distinguishable from seed noise with 5 seeds' in noise
     assert 'different from zero' not in noise
     assert 'smaller than the seed-to-seed spread' in small
@@ -263,9 +261,8 @@ def test_reuse_reads_the_finished_runs_instead_of_training_them_again(quick):
     _, results, _, root = quick
     runs = root / 'runs' / 'checkpoints'
     before = snapshot(str(runs))
-    proc = subprocess.run([sys.executable, SCRIPT, '--quick', '--reuse', '--workdir',
-                           str(root / 'runs'), '--out', str(root / 'again')], cwd=str(root),
-                          env=SUBPROCESS_ENV, capture_output=True, text=True, timeout=300)
+    proc = run_script(SCRIPT, ['--quick', '--reuse', '--workdir', root / 'runs', '--out',
+                               root / 'again'], root)
     assert_ok(proc)
     with open(root / 'again' / 'cc_ablation_results.json') as f:
         again = json.load(f)
