@@ -70,8 +70,8 @@ class EpochSampler(DistributedSampler):
 def make_optimizer(parameters, opt):
     """Adam with the options' lr and betas; the fused kernel where this torch has it.
 
-    The fused kernel updates every weight in one pass (CUDA; the CPU from torch 2.4),
-    cutting the optimiser from a quarter of a CPU step to a fourteenth (BENCHMARKS.md).
+    The fused kernel updates every weight in one pass (CUDA; the CPU from torch 2.4), with
+    no temporaries per parameter (its effect on a CPU step: BENCHMARKS.md).
     """
     parameters, betas = list(parameters), (opt.beta1, opt.beta2)
     try:

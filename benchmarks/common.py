@@ -113,7 +113,8 @@ def timed(fn, count, max_interference, max_tries):
         fn()
         times.append(time.perf_counter() - start)
         shares.append(monitor.stop())
-        clean = [t for t, share in zip(times, shares) if share is None or share <= max_interference]
+        clean = [t for t, share in zip(times, shares, strict=True)
+                 if share is None or share <= max_interference]
         if len(clean) >= count:
             return clean, shares
     return times, shares

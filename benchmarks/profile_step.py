@@ -181,15 +181,25 @@ def main(argv=None):
     print(f"# {'inference' if args.inference else args.variant}, {args.size}x{args.size}, "
           f"{args.steps} profiled steps, "
           f'{torch.get_num_threads()} threads, times per step')
-    events = sorted(averages, key=lambda e: e.self_cpu_time_total, reverse=True)
     total = sum(e.self_cpu_time_total for e in averages)
+    print_operators(averages, total, args)
+    print_kinds(averages, total, args)
+    return 0
+
+
+def print_operators(averages, total, args):
+    """The --rows operators with the most time of their own, per step."""
+    events = sorted(averages, key=lambda e: e.self_cpu_time_total, reverse=True)
     print(f"{'operator':<44}{'self s/step':>12}{'share':>8}{'calls/step':>11}")
     for e in events[:args.rows]:
         name = e.key if len(e.key) <= 43 else e.key[:40] + '...'
         print(f'{name:<44}{e.self_cpu_time_total / 1e6 / args.steps:>12.3f}'
               f'{e.self_cpu_time_total / total:>8.1%}{e.count / args.steps:>11.0f}')
-    # Convolutions by their own time; the optimiser by the inclusive time of its step and
-    # zero_grad (the for-loop Adam runs as many small aten ops underneath); the rest.
+
+
+def print_kinds(averages, total, args):
+    """Convolutions by their own time; the optimiser by the inclusive time of its step and
+    zero_grad (the for-loop Adam runs as many small aten ops underneath); the rest."""
     kinds = {'convolution forward': 0, 'convolution backward': 0, 'optimiser': 0}
     if args.inference:
         kinds = {'convolution forward': 0, 'Mish': 0, 'normalisation': 0, 'padding': 0,
@@ -209,8 +219,6 @@ def main(argv=None):
     print('by kind (s/step): ' + ', '.join(f'{k} {v / 1e6 / args.steps:.3f} ({v / total:.0%})'
                                            for k, v in kinds.items())
           + f'; total {total / 1e6 / args.steps:.3f}')
-    return 0
-
 
 if __name__ == '__main__':
     sys.exit(main())

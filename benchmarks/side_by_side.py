@@ -173,7 +173,7 @@ class SideBySide:
         results = {}
         for program, by_count in raw.items():
             differences = [(b['seconds'] - a['seconds']) / (k2 - k1)
-                           for a, b in zip(by_count[k1], by_count[k2])]
+                           for a, b in zip(by_count[k1], by_count[k2], strict=True)]
             runs = by_count[k1] + by_count[k2]
             results[program] = {
                 'seconds': statistics.median(differences), 'times': differences,

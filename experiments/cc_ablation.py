@@ -192,7 +192,7 @@ def summarize(runs):
 def differences(runs):
     """Per seed, each metric of the first objective minus that of the second."""
     (_, first, _), (_, second, _) = OBJECTIVES
-    pairs = zip(rows_of(runs, first), rows_of(runs, second))
+    pairs = zip(rows_of(runs, first), rows_of(runs, second), strict=True)
     return [{'seed': a['seed'], **{key: a[key] - b[key] for key, *_ in METRICS}}
             for a, b in pairs]
 
