@@ -13,11 +13,9 @@ from PIL import Image
 
 import pix2pixCC_Test
 import pix2pixCC_Train
-from conftest import (SAMPLE_SCALING, TEST_SCRIPT, TINY, TRAIN_SCRIPT, assert_ok,
-                      assert_usage_error, copy_sample, make_pairs, run_script, run_test,
+from conftest import (SAMPLE_SCALING, TINY, TRAIN_SCRIPT, assert_ok,
+                      assert_usage_error, copy_sample, make_pairs, run_test,
                       run_train, train_opt, write_user_file)
-import pix2pixCC_Options
-from pix2pixCC_Options import TrainOption
 from pix2pixCC_Pipeline import CustomDataset, Scaling, check_dataset
 from pix2pixCC_Test import metrics_table
 from pix2pixCC_Utils import save_panel
@@ -193,81 +191,6 @@ def test_no_scaling_warning_on_the_sample(tmp_path):
     assert checked_lines(*SAMPLE_SCALING, '--data_format_input', 'fits', '--data_format_target',
                          'fits', '--input_dir_train', train_in, '--target_dir_train',
                          train_tg) == []
-
-
-# ----------------------------------------------------------------------------------------
-# 4. Help
-# ----------------------------------------------------------------------------------------
-
-GROUPS = ['data:', 'network:', 'augmentation:', 'checking:', 'training hyper-parameters:',
-          'logging and saving:']
-
-
-def help_entries(text):
-    """{'--name': its help entry} of a --help text."""
-    entries = re.split(r'\n  (?=--)', text.split('\n\n', 1)[1])
-    return {entry.split()[0]: ' '.join(entry.split()) for entry in entries
-            if entry.startswith('--')}
-
-
-def help_sections(text):
-    """{'section title:': [option names]} of a --help text."""
-    sections = {}
-    for block in text.split('\n\n')[1:]:
-        title, _, body = block.partition('\n')
-        sections[title] = re.findall(r'^  (--\w+)', body, re.MULTILINE)
-    return sections
-
-
-def test_train_help_groups_every_option_with_help_and_default(tmp_path):
-    proc = run_script(TRAIN_SCRIPT, ['--help'], cwd=tmp_path)
-    assert_ok(proc)
-    positions = [proc.stdout.index('\n' + group + '\n') for group in GROUPS]
-    assert positions == sorted(positions)
-    entries = help_entries(proc.stdout)
-    for name in vars(TrainOption().parse([])):
-        if name in ('is_train', 'eps', 'checkpoint_dir', 'model_dir', 'image_dir'):
-            continue  # derived, not options
-        assert f'--{name}' in entries, name
-        assert '(default:' in entries[f'--{name}'], entries[f'--{name}']
-    assert '(default: tif)' in entries['--data_format_input']
-    assert '(default: -1)' in entries['--saturation_lower_limit_input']
-    assert '-1' in entries['--latest_iter'].split('(default')[0]
-    sections = help_sections(proc.stdout)
-    for name in ('--n_epochs_decay', '--keep_states', '--tensorboard', '--lr', '--n_epochs'):
-        assert name in sections['training hyper-parameters:'], name
-    assert '--max_rotation_angle' in sections['augmentation:']
-    assert '--data_format_input' in sections['data:'] and '--n_gf' in sections['network:']
-    assert os.listdir(tmp_path) == []
-
-
-def test_test_help_shows_only_test_options_but_training_ones_still_parse(tmp_path):
-    proc = run_script(TEST_SCRIPT, ['--help'], cwd=tmp_path)
-    assert_ok(proc)
-    entries = help_entries(proc.stdout)
-    for name in ('--iteration', '--input_dir_test', '--target_dir_test', '--save_panels',
-                 '--dataset_name', '--saturation_upper_limit_target', '--target_unit',
-                 '--check_pairing', '--output_dir', '--overwrite'):
-        assert name in entries and '(default:' in entries[name], name
-    for name in ('--lr', '--lambda_CC', '--n_epochs', '--n_epochs_decay', '--keep_states',
-                 '--tensorboard', '--beta1', '--seed', '--latest_iter', '--display_freq'):
-        assert name not in proc.stdout, name
-    assert '--iteration' in help_sections(proc.stdout)['test:']
-    # Not imported by its own name: pytest would try to collect a class named Test*.
-    opt = pix2pixCC_Options.TestOption().parse(['--lr', '0.1', '--n_epochs', '5',
-                                                '--lambda_CC', '2'])
-    assert opt.iteration == -1  # parsed, and nothing else changes
-
-
-def test_test_help_says_the_runs_options_replace_the_defaults_shown(tmp_path):
-    """The Test script takes the network and data options from train_options.json: --help
-    says so, rather than suggest its defaults (tif, -1/1, 4 downsamplings) apply."""
-    proc = run_script(TEST_SCRIPT, ['--help'], cwd=tmp_path)
-    assert_ok(proc)
-    description = ' '.join(proc.stdout.split('\n\n')[1].split())
-    assert 'train_options.json' in description and 'defaults shown' in description, \
-        description
-    assert 'network' in description and 'data options' in description
 
 
 # ----------------------------------------------------------------------------------------
