@@ -25,7 +25,6 @@ from astropy.wcs import WCS
 from PIL import Image
 
 import pix2pixCC_Test
-import pix2pixCC_Train
 from conftest import (NPY_DATA, SAMPLE_SCALING, TINY, aia_cube_header, assert_ok,
                       assert_same_weights, assert_usage_error, copy_sample, load,
                       load_generator, make_pairs, make_test_opt, read_user_file, reports,
@@ -602,35 +601,6 @@ def test_test_copies_no_header_when_the_input_is_not_fits(in_tmp):
 
 
 # ----------------------------------------------------------------------------------------
-# Mixed precision on the CPU (bfloat16 autocast), in-process
-# ----------------------------------------------------------------------------------------
-
-def test_mixed_precision_training_on_cpu(in_tmp, capsys):
-    train_in, train_tg = make_pairs(in_tmp / 'data', 'npy', n=2, size=32)
-    flags = ['--dataset_name', 'mp', '--data_format_input', 'npy', '--data_format_target', 'npy',
-             '--saturation_lower_limit_input', '0', '--saturation_upper_limit_input', '100',
-             '--saturation_lower_limit_target', '0', '--saturation_upper_limit_target', '100',
-             '--data_type', '16', '--n_workers', '0', '--data_size', '32']
-    assert pix2pixCC_Train.main(TINY + flags + ['--input_dir_train', train_in,
-                                                '--target_dir_train', train_tg,
-                                                '--n_epochs', '2', '--report_freq', '1',
-                                                '--save_freq', '2']) == 0
-    stdout = capsys.readouterr().out
-    lines = reports(stdout)
-    assert [step for _, step, _, _ in lines] == [1, 2, 3, 4]
-    assert all(math.isfinite(d) and math.isfinite(g) for _, _, d, g in lines)
-    for step in (2, 4):
-        for kind in ('G', 'D'):
-            state = torch.load(f'checkpoints/mp/Model/{step}_{kind}.pt', weights_only=True)
-            for key, value in state.items():
-                assert value.dtype == torch.float32 and torch.isfinite(value).all(), key
-    assert pix2pixCC_Test.main(TINY + flags + ['--input_dir_test', train_in,
-                                               '--iteration', '4']) == 0
-    out = np.load('checkpoints/mp/Image/Test/4/img_000_AI.npy')
-    assert out.dtype == np.float32 and out.shape == (32, 32) and np.all(np.isfinite(out))
-
-
-# ----------------------------------------------------------------------------------------
 # BatchNorm (README "maps to simulations"), JPEG previews, resuming with new Adam betas
 # ----------------------------------------------------------------------------------------
 
@@ -705,20 +675,6 @@ def test_adam_betas_given_when_resuming_take_effect(bn_run, tmp_path):
     # ... and the steps after 6 used them: not the uninterrupted run's weights.
     new, old = load(resumed / '12_G.pt'), load(bn_run.out / 'Model' / '12_G.pt')
     assert float((new['model.1.weight'] - old['model.1.weight']).abs().max()) > 1e-5
-
-
-def test_test_falls_back_to_the_cpu_with_one_notice(bn_run, monkeypatch, capsys):
-    """--gpu_ids 0 on a machine without CUDA (made so here, whatever the machine)."""
-    monkeypatch.chdir(bn_run.root)
-    monkeypatch.setattr(torch.cuda, 'is_available', lambda: False)
-    out_dir = bn_run.out / 'Image' / 'Test' / '6'
-    assert pix2pixCC_Test.main(BN_FLAGS + ['--gpu_ids', '0', '--input_dir_test', bn_run.test_in,
-                                           '--iteration', '6']) == 0
-    output = capsys.readouterr()
-    notices = [line for line in (output.out + output.err).splitlines() if 'CUDA' in line]
-    assert len(notices) == 1, notices
-    assert '--gpu_ids 0' in notices[0] and 'CPU' in notices[0] and '--gpu_ids -1' in notices[0]
-    assert sorted(os.listdir(out_dir)) == ['t_000_AI.npy', 't_001_AI.npy', RECORD]
 
 
 # ----------------------------------------------------------------------------------------

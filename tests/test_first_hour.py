@@ -7,7 +7,6 @@ import re
 
 import numpy as np
 import pytest
-import torch
 from astropy.io import fits
 from PIL import Image
 
@@ -313,31 +312,3 @@ def test_a_short_run_on_the_sample_learns_the_magnetograms(tmp_path):
         summary = json.load(f)
     assert summary['cc_1x1']['mean'] > 0.4, summary['cc_1x1']
     assert summary['cc_8x8']['mean'] > 0.4, summary['cc_8x8']
-
-
-def test_the_quick_start_command_lines_print_no_notices(tmp_path):
-    """The README's quick start leaves --gpu_ids and --data_size at their defaults: without
-    CUDA the run says 'device: cpu (no CUDA GPU found)' in its start-up lines, and neither
-    script prints a notice. The notices are for what the user asked for by name."""
-    train_in, train_tg, test_in = copy_sample(tmp_path / 'data', n_train=2, n_test=1)
-    quick = SAMPLE_SCALING + ['--n_gf', '8', '--n_df', '8', '--n_downsample', '2',
-                              '--n_residual', '1', '--data_format_input', 'fits',
-                              '--data_format_target', 'fits', '--n_workers', '0']
-    train = run_train(quick + ['--input_dir_train', train_in, '--target_dir_train', train_tg,
-                               '--n_epochs', '1', '--seed', '1'], cwd=tmp_path)
-    assert_ok(train)
-    test = run_test(['--iteration', '2', '--input_dir_test', test_in, '--n_workers', '0'],
-                    cwd=tmp_path)
-    assert_ok(test)
-    for proc in (train, test):
-        assert 'notice' not in proc.stdout + proc.stderr, proc.stdout + proc.stderr
-    if not torch.cuda.is_available():
-        assert 'device: cpu (no CUDA GPU found)' in train.stdout
-
-    asked = run_train(quick + ['--input_dir_train', train_in, '--target_dir_train', train_tg,
-                               '--n_epochs', '1', '--dataset_name', 'asked', '--data_size',
-                               '1024', '--gpu_ids', '0'], cwd=tmp_path)
-    assert_ok(asked)
-    assert 'notice: the data are 64x64; --data_size 1024 is ignored' in asked.stdout
-    if not torch.cuda.is_available():
-        assert 'notice: --gpu_ids 0 asks for a GPU but CUDA is not available' in asked.stdout

@@ -33,7 +33,6 @@ from pix2pixCC_Train import make_optimizer, train_step
 from pix2pixCC_Utils import Precision, prepare_network
 
 sys.path.insert(0, os.path.join(REPO, 'benchmarks'))
-import benchmark  # noqa: E402
 
 CPU = torch.device('cpu')
 # 512-channel residual convolutions on 8x8 feature maps (128x128 data): wide enough for the
@@ -149,86 +148,6 @@ def test_a_failing_check_stops_the_step_before_any_weight_changes():
     assert_same_weights(G, before[0], 0)
     assert_same_weights(D, before[1], 0)
     assert not G_optim.state and not D_optim.state
-
-
-def test_benchmark_driver_variant_is_the_driver_step():
-    """benchmarks/benchmark.py's `driver` variant trains as the driver does: from the same
-    seed, its weights after two steps are those of train_step on the same data."""
-    opt = train_opt()
-    step, G, D = benchmark.training_setup('driver', opt, CPU, 32)
-    for _ in range(2):
-        step()
-    G_ref, D_ref, input, target = models_and_data(opt)  # the benchmark's seed and data
-    optims = make_optimizer(G_ref.parameters(), opt), make_optimizer(D_ref.parameters(), opt)
-    for _ in range(2):
-        train_step(Loss(opt), G_ref, D_ref, *optims, Precision(opt, CPU), input, target)
-    assert_same_weights(G, G_ref, 0)
-    assert_same_weights(D, D_ref, 0)
-
-
-def profiled(function):
-    """(function's result, {aten operator: number of calls}) (PyTorch's profiler)."""
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profiler:
-        result = function()
-    return result, {event.key: event.count for event in profiler.key_averages()}
-
-
-def forward_backward(G, input):
-    output = G(input)
-    return output.detach(), torch.autograd.grad(output.square().mean(), list(G.parameters()))
-
-
-def test_gemm_convolution_path_gives_the_same_outputs_and_gradients():
-    opt = train_opt(**WIDE)
-    G, _, input, _ = models_and_data(opt, size=128)
-    plain = copy.deepcopy(G)
-    keys = list(G.state_dict())
-    prepared = prepare_network(G, opt, CPU)
-    assert list(prepared.state_dict()) == keys
-    (out_ref, grads_ref), calls_ref = profiled(lambda: forward_backward(plain, input))
-    (out, grads), calls = profiled(lambda: forward_backward(prepared, input))
-    # The 512-channel convolutions (two per residual block, the last downsampling) took it.
-    assert GEMM_KERNEL not in calls_ref and calls[GEMM_KERNEL] == 3
-    np.testing.assert_allclose(out.numpy(), out_ref.numpy(), rtol=1e-5, atol=1e-5)
-    # Noise-gradient biases: compare on the scale of all gradients.
-    overall = max(float(g.abs().max()) for g in grads_ref)
-    noise = biases_before_norm(G)
-    for (name, _), g, g_ref in zip(G.named_parameters(), grads, grads_ref):
-        scale = 1e-2 * overall if name in noise else float(g_ref.abs().max())
-        assert float((g - g_ref).abs().max()) <= 1e-4 * scale, name
-
-
-def test_a_prepared_network_runs_the_hooks_a_user_adds():
-    """Forward pre-hooks, forward hooks that change the output, backward hooks and global
-    module hooks run on the widest convolutions as on any module, and give the result they
-    give on the network as built."""
-    opt = train_opt(**WIDE)
-    G, _, input, _ = models_and_data(opt, size=128)
-    plain = copy.deepcopy(G)
-    prepare_network(G, opt, CPU)
-    results = []
-    for network in (plain, G):
-        conv = network.model[16].block[1]  # a 512-channel residual convolution
-        assert conv.weight.shape == (512, 512, 3, 3)
-        seen = []
-        handles = [
-            conv.register_forward_pre_hook(lambda module, args: seen.append('pre')),
-            conv.register_forward_hook(lambda module, args, output: output.flip(-1)),
-            conv.register_full_backward_hook(lambda module, gin, gout: seen.append('backward')),
-            torch.nn.modules.module.register_module_forward_hook(
-                lambda module, args, output: seen.append('global') if module is conv else None)]
-        try:
-            (output, _), calls = profiled(lambda: forward_backward(network, input))
-        finally:
-            for handle in handles:
-                handle.remove()
-        assert seen == ['pre', 'global', 'backward'], seen
-        results.append((output, calls.get(GEMM_KERNEL, 0)))
-    (out_plain, gemm_plain), (out, gemm) = results
-    assert gemm_plain == 0 and gemm == 3
-    np.testing.assert_allclose(out.numpy(), out_plain.numpy(), rtol=1e-5, atol=1e-5)
-    with torch.no_grad():  # the flipping hook changed the result: it really ran
-        assert float((G(input) - out).abs().max()) > 1e-3
 
 
 def test_fused_and_plain_adam_states_interchange():
@@ -406,48 +325,3 @@ def test_no_augmentation_drawn_gives_identical_output(tmp_path):
     assert 0 < identical < 100
 
 
-# ----------------------------------------------------------------------------------------
-# (c) bfloat16 on the CPU, (d) torch.compile
-# ----------------------------------------------------------------------------------------
-
-
-def test_bfloat16_autocast_step_keeps_float32_weights():
-    opt = train_opt(data_type=16)
-    G, D, input, target = models_and_data(opt)
-    before = copy.deepcopy(G.state_dict())
-    precision = Precision(opt, torch.device('cpu'))
-    assert precision.enabled and precision.dtype == torch.bfloat16
-    G_optim, D_optim = make_optimizer(G.parameters(), opt), make_optimizer(D.parameters(), opt)
-    seen = []
-    hook = G.model[1].register_forward_hook(lambda m, a, out: seen.append(out.dtype))
-    loss_D, loss_G, _, _ = train_step(Loss(opt), G, D, G_optim, D_optim, precision, input,
-                                      target)
-    hook.remove()
-    assert seen == [torch.bfloat16]  # the convolutions ran in bfloat16
-    assert torch.isfinite(loss_D) and torch.isfinite(loss_G)
-    for module in (G, D):
-        for name, p in module.named_parameters():
-            assert p.dtype == torch.float32, name
-            assert p.grad is None or p.grad.dtype == torch.float32, name
-    for state in list(G_optim.state.values()) + list(D_optim.state.values()):
-        assert state['exp_avg'].dtype == state['exp_avg_sq'].dtype == torch.float32
-    assert any(not torch.equal(before[k], v) for k, v in G.state_dict().items())
-
-
-def test_compiled_generator_matches_eager():
-    """--compile as the drivers apply it (prepare_network): same output and same gradients
-    as eager mode."""
-    opt = train_opt(n_gf=4, n_downsample=1, n_residual=1, compile=True)
-    G, _, input, _ = models_and_data(opt, size=16)
-    eager = copy.deepcopy(G)
-    expected = eager(input)
-    expected.square().mean().backward()
-    compiled = prepare_network(G, opt, CPU)
-    out = compiled(input)
-    out.square().mean().backward()
-    assert compiled is not G  # it was compiled, not just moved
-    np.testing.assert_allclose(out.detach().numpy(), expected.detach().numpy(), rtol=1e-4,
-                               atol=1e-5)
-    overall = max(float(p.grad.abs().max()) for p in eager.parameters())
-    for (name, p), p_ref in zip(G.named_parameters(), eager.parameters()):
-        assert float((p.grad - p_ref.grad).abs().max()) <= 1e-4 * overall, name

@@ -9,42 +9,8 @@ from conftest import train_opt
 from pix2pixCC_Networks import Discriminator, Generator
 from pix2pixCC_Options import UserError
 from pix2pixCC_Train import crossed
-from pix2pixCC_Utils import (Precision, atomic_path, load_state_dict, save_state_dict, saved_steps,
-                             select_device, to_preview)
-
-
-def test_select_device_cpu_when_asked():
-    messages = []
-    device, ids = select_device(train_opt(), log=messages.append)
-    assert device.type == 'cpu' and ids == [] and messages == []
-
-
-def test_select_device_falls_back_to_cpu_with_one_notice(monkeypatch):
-    monkeypatch.setattr(torch.cuda, 'is_available', lambda: False)
-    messages = []
-    opt = train_opt('--gpu_ids', '0')
-    device, ids = select_device(opt, log=messages.append)
-    assert device.type == 'cpu' and ids == []
-    assert len(messages) == 1 and '\n' not in messages[0] and 'CPU' in messages[0]
-
-
-def test_select_device_missing_gpu_is_a_user_error(monkeypatch):
-    monkeypatch.setattr(torch.cuda, 'is_available', lambda: True)
-    monkeypatch.setattr(torch.cuda, 'device_count', lambda: 1)
-    with pytest.raises(UserError):
-        select_device(train_opt('--gpu_ids', '0,3'), log=lambda m: None)
-    device, ids = select_device(train_opt('--gpu_ids', '0'), log=lambda m: None)
-    assert str(device) == 'cuda:0' and ids == [0]
-
-
-@pytest.mark.parametrize('data_type, enabled', [('16', True), ('32', False)])
-def test_precision_on_cpu(data_type, enabled):
-    precision = Precision(train_opt('--data_type', data_type), torch.device('cpu'))
-    assert precision.enabled is enabled
-    with precision.autocast():
-        y = torch.nn.Linear(4, 4)(torch.randn(2, 4))
-    assert y.dtype == (torch.bfloat16 if enabled else torch.float32)
-    assert not precision.scaler.is_enabled()  # no GradScaler on the CPU
+from pix2pixCC_Utils import (atomic_path, load_state_dict, save_state_dict, saved_steps,
+                             to_preview)
 
 
 def test_atomic_path(tmp_path):
