@@ -14,8 +14,8 @@ import pix2pixCC_Test
 import pix2pixCC_Train
 from conftest import (SAMPLE_SCALING, TINY, TRAIN_SCRIPT, assert_ok,
                       assert_usage_error, copy_sample, make_pairs, run_test,
-                      run_train, train_opt, write_user_file)
-from pix2pixCC_Pipeline import CustomDataset, Scaling, check_dataset
+                      run_train)
+from pix2pixCC_Pipeline import Scaling
 from pix2pixCC_Test import metrics_table
 from pix2pixCC_Utils import save_panel
 
@@ -110,89 +110,6 @@ def test_target_unit_labels_npy_targets(in_tmp, capsys):
 
 
 # ----------------------------------------------------------------------------------------
-# 3. Scaling sanity before training
-# ----------------------------------------------------------------------------------------
-
-def checked_lines(*argv):
-    """The lines check_dataset logs for the training folders in argv."""
-    lines = []
-    dataset = CustomDataset(train_opt(*argv))
-    check_dataset(dataset, 4, log=lines.append)
-    return lines
-
-
-def test_scaling_warning_names_the_side_the_range_and_the_options(tmp_path):
-    train_in, train_tg = make_pairs(tmp_path, 'npy', n=3, size=32)  # values 0..100
-    lines = checked_lines('--data_format_input', 'npy', '--data_format_target', 'npy',
-                          '--input_dir_train', train_in, '--target_dir_train', train_tg,
-                          '--saturation_lower_limit_target', '0',
-                          '--saturation_upper_limit_target', '100')  # input: default -1..1
-    assert len(lines) == 1, lines
-    line = lines[0]
-    assert 'input' in line and '[-1, 1]' in line and '0 to 100' in line
-    assert '--saturation_lower_limit_input' in line and '--saturation_upper_limit_input' in line
-    assert re.search(r'\b\d+% of the input values', line)
-    assert 'swapped' not in line
-
-
-def test_swapped_folders_are_named(tmp_path):
-    """Magnetograms in the input folder and EUV images in the target folder."""
-    rng = np.random.default_rng(0)
-    for folder, low, high in (('Input', -1000, 1000), ('Target', 1, 200)):
-        os.makedirs(tmp_path / folder)
-        for i in range(2):
-            np.save(tmp_path / folder / f'{i}.npy', rng.uniform(low, high, (32, 32)))
-    lines = checked_lines('--data_format_input', 'npy', '--data_format_target', 'npy',
-                          '--input_dir_train', str(tmp_path / 'Input'),
-                          '--target_dir_train', str(tmp_path / 'Target'),
-                          '--logscale_input', '--saturation_lower_limit_input', '1',
-                          '--saturation_upper_limit_input', '200',
-                          '--saturation_lower_limit_target', '-3000',
-                          '--saturation_upper_limit_target', '3000')
-    assert len(lines) == 1, lines
-    assert 'swapped' in lines[0] and '--input_dir_train' in lines[0]
-
-
-def full_disk_pairs(root, low, high):
-    """Two 32x32 npy pairs: EUV-like inputs, zero off a disk that covers a third of the frame
-    and uniform in [low, high] on it; targets in [0, 100]. Returns the training options."""
-    rng = np.random.default_rng(0)
-    yy, xx = np.mgrid[:32, :32]
-    disk = (yy - 15.5) ** 2 + (xx - 15.5) ** 2 < 10 ** 2
-    for folder in ('Input', 'Target'):
-        os.makedirs(root / folder)
-    for i in range(2):
-        np.save(root / 'Input' / f'{i}.npy', np.where(disk, rng.uniform(low, high, disk.shape), 0))
-        np.save(root / 'Target' / f'{i}.npy', rng.uniform(0, 100, disk.shape))
-    return ['--data_format_input', 'npy', '--data_format_target', 'npy',
-            '--input_dir_train', str(root / 'Input'), '--target_dir_train', str(root / 'Target'),
-            '--logscale_input', 'True', '--saturation_lower_limit_input', '1',
-            '--saturation_upper_limit_input', '200', '--saturation_lower_limit_target', '0',
-            '--saturation_upper_limit_target', '100']
-
-
-def test_zeros_off_the_limb_on_a_log_scale_give_no_scaling_warning(tmp_path):
-    """README "What happens when…": with log scale, values <= 0 become the lower limit by
-    design; a full-disk image whose disk lies within the limits is well scaled."""
-    assert checked_lines(*full_disk_pairs(tmp_path, 1, 200)) == []
-
-
-def test_a_disk_beyond_the_limits_on_a_log_scale_still_warns(tmp_path):
-    lines = checked_lines(*full_disk_pairs(tmp_path, 300, 3000))
-    assert len(lines) == 1, lines
-    # Every on-disk value is beyond the upper limit; the zeros off the disk are not counted.
-    assert lines[0].startswith('warning: 100% of the input values lie outside the saturation '
-                               'limits [1, 200] (observed range 0 to '), lines[0]
-
-
-def test_no_scaling_warning_on_the_sample(tmp_path):
-    train_in, train_tg, _ = copy_sample(tmp_path, n_train=4, n_test=0)
-    assert checked_lines(*SAMPLE_SCALING, '--data_format_input', 'fits', '--data_format_target',
-                         'fits', '--input_dir_train', train_in, '--target_dir_train',
-                         train_tg) == []
-
-
-# ----------------------------------------------------------------------------------------
 # 5. Errors that point at the real cause; extension families
 # ----------------------------------------------------------------------------------------
 
@@ -206,26 +123,6 @@ def test_typo_in_the_run_name_lists_the_runs(tmp_path):
                      str(tmp_path / 'in')], cwd=tmp_path)
     line = assert_usage_error(proc, "'my_nyp'", 'my_run', 'EUV2Mag', '--dataset_name')
     assert 'did you mean' in line and 'tif' not in line
-
-
-def test_a_folder_of_tiff_files_with_format_tif(in_tmp):
-    rng = np.random.default_rng(1)
-    for folder in ('Input', 'Target'):
-        os.makedirs(folder)
-        for i in range(2):
-            write_user_file(f'{folder}/{i}.tiff', rng.uniform(0, 100, (32, 32)).astype(
-                np.float32), 'tiff')
-    flags = TINY + ['--dataset_name', 'tiffs', '--data_format_input', 'tif',
-                    '--data_format_target', 'tif', '--n_workers', '0',
-                    '--saturation_lower_limit_input', '0', '--saturation_upper_limit_input',
-                    '100', '--saturation_lower_limit_target', '0',
-                    '--saturation_upper_limit_target', '100']
-    assert pix2pixCC_Train.main(flags + ['--input_dir_train', 'Input', '--target_dir_train',
-                                         'Target', '--n_epochs', '1']) == 0
-    assert pix2pixCC_Test.main(flags + ['--input_dir_test', 'Input', '--iteration', '2']) == 0
-    # The output's extension is --data_format_target's.
-    assert sorted(os.listdir('checkpoints/tiffs/Image/Test/2')) == ['0_AI.tif', '1_AI.tif',
-                                                                    'test_run.json']
 
 
 # ----------------------------------------------------------------------------------------
