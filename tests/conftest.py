@@ -62,6 +62,9 @@ def formats_and_limits(fmt, upper=100):
 # npy pairs as make_pairs writes them (32x32, values in [0, 100]), scaled at those limits.
 NPY_DATA = formats_and_limits('npy') + ['--data_size', '32']
 
+# Random rotations and shifts: the augmentation a resume must draw again exactly.
+AUGMENT = ['--max_rotation_angle', '10', '--padding_size', '4']
+
 ALL_FORMATS = ('tif', 'tiff', 'png', 'jpg', 'jpeg', 'npy', 'fits', 'fts', 'fit')
 
 
