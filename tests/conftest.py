@@ -1,12 +1,9 @@
-"""Shared helpers for the pix2pixCC test suite: each is defined here once.
-
-Everything runs on the CPU with tiny networks (TINY) and 32-64 px data written by the tests
-themselves into pytest's tmp_path. Drivers are run either in-process (`main(argv)`) or as
-scripts (`run_script`, `run_train`, `run_test`, `run_torchrun`, or `Training` to read a run's
-output while it trains), with `--gpu_ids -1` unless a test is about the device choice.
-
-The sections: options and data of the tests; writing data files as a user would; running the
-drivers; reading what a run wrote; comparing numbers; fixtures.
+"""Shared helpers of the pix2pixCC test suite, each defined here once (README "Tests"):
+options and data of the tests, writing data files as a user would, running the drivers
+(in-process with `main(argv)`, as scripts with `run_script`, `run_train`, `run_test`,
+`run_torchrun`, or as a `Training` whose output is read while it trains), reading what a
+run wrote, comparing numbers, and fixtures. Everything runs on the CPU with tiny networks
+(TINY) and 32-64 px data written by the tests themselves into pytest's tmp_path.
 """
 import csv
 import itertools

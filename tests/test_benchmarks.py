@@ -1,12 +1,9 @@
-"""The tools of benchmarks/, each on a tiny network: benchmark.py (whose `driver` variant is
-the driver's own training step), side_by_side.py, precision_accuracy.py, profile_step.py
-(README "Speed", BENCHMARKS.md) and gpu_check.py (README "CPU and GPU"), which on a CPU
-runs the checks a CPU can make.
-
-side_by_side.py needs the published code, which is not in this repository and cannot be
-downloaded here, so these tests give it our own scripts as the "published" folder: the copy,
-the whole-process runs over K1 and K2 items, the peak memory and the comparison of the
-generated files all run for real.
+"""The tools of benchmarks/, each run for real on a tiny network: benchmark.py (whose
+`driver` variant is the driver's own training step), side_by_side.py (given our own scripts
+as the "published" folder, since the published code cannot be downloaded here),
+precision_accuracy.py and profile_step.py, documented in README "Speed" and BENCHMARKS.md,
+and gpu_check.py, documented in README "CPU and GPU", which on a CPU runs the checks a CPU
+can make.
 """
 import argparse
 import json

@@ -1,9 +1,7 @@
-"""experiments/cc_ablation.py: its command line, the seeds, the statistics and the text it
-writes into the README's "Results" section.
-
-One --quick run (2 seeds x 2 objectives, one epoch of the tiny network, ~40 s on one thread)
-is checked against numpy and scipy recomputed from its own per-seed rows; the wording is
-checked on hand-made numbers whose answer is known.
+"""experiments/cc_ablation.py, which writes README "Results": its command line, the seeds,
+the statistics (one --quick run, 2 seeds x 2 objectives, checked against numpy and scipy
+recomputed from its own per-seed rows) and the wording of its text (checked on hand-made
+numbers whose answer is known).
 """
 import importlib.util
 import json

@@ -1,14 +1,11 @@
-"""The data: reading every format and channel layout, finding the files, the scaling to
-[-1, 1] and its inverse, augmentation, the paired Dataset, the checks and warnings before
-training, and the writers of the generated data.
-
-README "Your own data" documents the formats, the channel layouts and the scaling (NaN -> 0
-or the lower limit with log, +-Inf -> the limits, clip -> log10 -> normalise, the lower
-limit -> -1 and the upper -> +1); "Output files" the formats written; "What happens when…"
-the warnings about the saturation limits; "Differences from the reference code" the scaling
-order, the channels, each side's own format and the rotation. The FITS headers of the
-generated maps are in test_inference_and_products.py; a whole run refused for its data, in
-test_errors.py.
+"""The data, as README "Your own data" documents them: reading every format and channel
+layout, finding the files (one extension family), the scaling to [-1, 1] (NaN -> 0 or the
+lower limit with log, +-Inf -> the limits, clip -> log10 -> normalise) and its inverse,
+augmentation, the paired Dataset, the warnings about the saturation limits before training
+(README "What happens when…"), and the writers of the formats README "Output files" lists;
+README "Differences from the reference code" covers the scaling order, the channels, each
+side's own format and the rotation. FITS headers of generated maps are in
+test_inference_and_products.py, whole runs refused for their data in test_errors.py.
 """
 import os
 import re

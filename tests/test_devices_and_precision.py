@@ -1,13 +1,10 @@
-"""Where the computation runs and in which precision: the choice of device and its notices,
-mixed precision on the CPU (bfloat16 autocast with float32 weights, optimiser and CC), the
-placement of the networks (channels-last, the GEMM path of the widest CPU convolutions, a
-user's hooks on them), torch.compile through both drivers, and the wrappers that
-checkpoints never show.
-
-README "CPU and GPU" documents the device and the precision, "Quick start" the start-up
-line `device: cpu (no CUDA GPU found)`, "Speed" why the networks are placed as they are.
-A CPU checks what it can of the accelerator path; benchmarks/gpu_check.py, which checks a
-CUDA machine in one command, is in test_benchmarks.py.
+"""Where the computation runs and in which precision, as README "CPU and GPU" documents
+it: the choice of device and its notices (also the quick start's `device: cpu (no CUDA GPU
+found)`), mixed precision on the CPU (bfloat16 autocast with float32 weights, optimiser and
+CC), the placement of the networks that README "Speed" explains (channels-last, the GEMM path
+of the widest CPU convolutions, a user's hooks on them), torch.compile through both drivers,
+and the wrappers that checkpoints never show. benchmarks/gpu_check.py, which checks a CUDA
+machine, is in test_benchmarks.py.
 """
 import copy
 import math

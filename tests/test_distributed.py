@@ -1,10 +1,8 @@
-"""Several processes (torchrun, DistributedDataParallel with Gloo on the CPU) train the same
-model as one process with the same global batch, write one set of files named by global
-sample counts, resume, and share an uneven last batch, the previews and the validation;
---gpu_ids 0,1 without CUDA falls back to one CPU process.
-
-README "Several GPUs and nodes" documents it ("with --batch_size B on N processes, training
-matches one process with batch N·B"). That a signal to one process stops them all is in
+"""Several processes, as README "Several GPUs and nodes" documents them: under torchrun
+(DistributedDataParallel with Gloo on the CPU) two processes train the model of one process
+with the same global batch, write one set of files named by global sample counts, resume,
+and share an uneven last batch, the previews and the validation; --gpu_ids 0,1 without CUDA
+falls back to one CPU process. That a signal to one process stops them all is in
 test_long_runs.py.
 """
 import os

@@ -1,10 +1,9 @@
-"""Bad input: the README's "What happens when…" table, row by row.
-
-Every mistake a user can make with the data, the options or the checkpoints is found before
-the first training step and ends with exit status 2 and one line on stderr that names the
-file or option and what to do, never a traceback; and it touches nothing already saved: each
-test runs beside the files of an earlier run (the `earlier_run` fixture) and checks that no
-step ran and that every one of those files is byte-identical afterwards, with nothing added.
+"""Bad input: README "What happens when…", row by row. Every mistake a user can make with
+the data, the options or the checkpoints is found before the first training step and ends
+with exit status 2 and one line on stderr that names the file or option and what to do,
+never a traceback; and it touches nothing already saved: each test runs beside the files of
+an earlier run (the `earlier_run` fixture) and checks that no step ran and that every one of
+those files is byte-identical afterwards, with nothing added.
 """
 import errno
 import os

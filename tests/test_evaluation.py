@@ -1,12 +1,10 @@
-"""Judging a model: the metrics (CC and CCC after binning, RMSE, MAE, flux), the Test
-script's metric files and table, the comparison panels, and what training writes to judge
-it by (loss_log.csv, the loss curve, the training panels, val_metrics.csv, also after a
-resume); and a shortened quick start that must learn.
-
-README "Evaluating a model" documents the metrics and their files, "Output files" the log,
-the curve and the panels, "Quick start" and "Results" what the sample reaches. Reference
-values are computed here independently (numpy block means, scipy's Pearson, the closed-form
-Lin CCC with population moments), never with the package's own metric code.
+"""Judging a model, as README "Evaluating a model" and "Output files" document it: the
+metrics (CC and CCC after binning, RMSE, MAE, flux), the Test script's metric files and
+table, the comparison panels, what training writes to judge it by (loss_log.csv, the loss
+curve, the training panels, val_metrics.csv, also after a resume), and a shortened quick
+start (README "Quick start") that must learn. Reference values are computed here
+independently (numpy block means, scipy's Pearson, the closed-form Lin CCC with population
+moments), never with the package's own metric code.
 """
 import json
 import os
@@ -176,16 +174,15 @@ def run(tmp_path_factory):
                 train_in=train_in, train_tg=train_tg)
 
 
-def fresh_copy(run, dest):
-    """The trained models and options only, in a new working folder."""
-    return copy_run(run['root'], dest, 'ev', only=('Model', 'train_options.json'))
+# What a Test run needs of the run: its generators and options (a new working folder).
+MODELS_AND_OPTIONS = ('Model', 'train_options.json')
 
 
 @pytest.fixture(scope='module')
 def evaluated(run, tmp_path_factory):
     """Test with targets on every saved generator, with panels and --save_scale 2."""
     root = tmp_path_factory.mktemp('evaluated')
-    out = fresh_copy(run, root)
+    out = copy_run(run['root'], root, 'ev', only=MODELS_AND_OPTIONS)
     proc = run_test(['--gpu_ids', '-1', '--dataset_name', 'ev', '--iteration', '-1',
                      '--input_dir_test', run['test_in'], '--target_dir_test', run['test_tg'],
                      '--save_panels', '--save_scale', '2'], cwd=root)
@@ -291,7 +288,7 @@ def test_metrics_table_has_units_and_flux_columns():
 
 
 def test_metric_bins_choose_the_columns_and_no_targets_no_metrics(run, tmp_path):
-    out = fresh_copy(run, tmp_path)
+    out = copy_run(run['root'], tmp_path, 'ev', only=MODELS_AND_OPTIONS)
     base = ['--gpu_ids', '-1', '--dataset_name', 'ev', '--iteration', '12', '--input_dir_test',
             run['test_in']]
     proc = run_test(base, cwd=tmp_path)

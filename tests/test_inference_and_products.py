@@ -1,13 +1,11 @@
-"""The Test script and what it writes: the generated files in every format and in the
-target's units, the FITS header of a generated map (the input's geometry, time and
-observer, the training targets' identity and unit, a WCS for its own axes, none of the
-input's exposure, value, processing and file cards), the output folders and their records,
-and a generator loaded for inference that computes what it computes for training.
-
-README "Output files" documents the files, formats, cards and folders; "Evaluating a model"
-the metric files (tested in test_evaluation.py). The Test outputs of a trained run of each
-data format are checked beside that run in test_training_and_resume.py; a Test refused for
-its inputs or folders, in test_errors.py.
+"""The Test script and what it writes, as README "Output files" documents it: the generated
+files in every format and in the target's units, the FITS header of a generated map (the
+input's geometry, time and observer, the training targets' identity and unit, a WCS for its
+own axes, none of the input's exposure, value, processing and file cards), the output
+folders and their records, and a generator loaded for inference that gives each layer's
+weights back once it has run and computes what it computes in training. The Test outputs of
+a trained run of each format are checked beside that run in test_training_and_resume.py,
+the metric files in test_evaluation.py, a refused Test in test_errors.py.
 """
 import ctypes
 import json

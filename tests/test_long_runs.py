@@ -1,14 +1,11 @@
-"""Long runs on shared clusters: a signal stops the run with a checkpoint and the resume
+"""Long runs on shared clusters, as README "Long runs on a cluster" and "Resuming and
+reproducibility" document them: a signal stops the run with a checkpoint and the resume
 gives the uninterrupted weights, SIGKILL at any moment leaves every saved file whole, one run
-per folder (the lock), write failures as one line, atomic writes, training states kept to
-the newest, branches when resuming from an older step, the learning-rate decay, and
-TensorBoard.
-
-README "Long runs on a cluster" documents the signals, the lock, the lr decay and
-TensorBoard; "Resuming and reproducibility" the atomic saves, the states kept and the
-branches; "What happens when…" the full disk, the lock, a file system without flock and a
-finished run. Real training processes (`python pix2pixCC_Train.py`, or conftest.Training to
-signal one once it has reported a given step) with the TINY network on six 32x32 npy pairs.
+per folder (the lock, on any file system), write failures as one line (README "What happens
+when…"), atomic writes, training states kept to the newest, branches when resuming from an
+older step, the learning-rate decay and TensorBoard; real training processes
+(conftest.Training signals one once it has reported a given step) with the TINY network on
+six 32x32 npy pairs.
 """
 import errno
 import json

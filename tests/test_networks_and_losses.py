@@ -1,12 +1,9 @@
-"""The networks and the objective: the Generator's and the Discriminator's layout (state_dict
+"""The networks and the objective, as README's introduction and "Differences from the
+reference code" describe them: the Generator's and the Discriminator's layout (state_dict
 keys and shapes, module order, padding, normalisation, channel balance), their
-initialisation and outputs; the Loss terms and the Inspector's correlation coefficient; and
-checkpoints that interchange with the published pix2pixCC.
-
-README: the introduction (Generator, Discriminator, Inspector), "Differences from the
-reference code" (initialisation, feature matching with several scales, CC per sample and
-channel, saturation defaults) and "Repository layout" (the published shape of Generator,
-Discriminator and Loss). The CC under mixed precision is in test_devices_and_precision.py.
+initialisation and outputs, the Loss terms and the Inspector's correlation coefficient, and
+checkpoints that interchange with the published pix2pixCC in the shape README "Repository
+layout" keeps. The CC under mixed precision is in test_devices_and_precision.py.
 """
 import gc
 import os

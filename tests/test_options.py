@@ -1,10 +1,8 @@
-"""The options of both scripts: names, defaults, boolean parsing, derived values, the
---help text, and option errors (one line, exit status 2).
-
-README "Options" lists every option with its default (a test checks that the table is
-complete); the rows of "What happens when…" about options are here at the parser's level
-(test_errors.py has them as a whole run meets them). What an option does to the networks,
-the data or the outputs is tested where that behaviour lives.
+"""The options of both scripts, as README "Options" lists them (a test checks that the
+table is complete): names, defaults, boolean parsing, derived values, the --help text, and
+option errors (one line, exit status 2: the parser's side of README "What happens when…",
+whose whole runs are in test_errors.py). What an option does to the networks, the data or
+the outputs is tested where that behaviour lives.
 """
 import argparse
 import os

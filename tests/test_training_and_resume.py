@@ -1,19 +1,12 @@
-"""Training, and resuming it: the driver's step, when it reports, saves and previews, one
-run of each data format trained and then tested, the checkpoints and training states it
-writes, exact resumes, which checkpoint --latest_iter takes, seeds, the options that travel
-from training to the Test script, and a loss that becomes NaN.
-
-The scripts run as a user runs them (`python /abs/pix2pixCC_Train.py ...` in a fresh tmp
-folder, outputs under ./checkpoints/<dataset_name>/) with the TINY network on six small
-files. Each run that several tests inspect is made once per module (a module-scoped
-fixture); a test that changes a run works on a copy of it (conftest.copy_run). The Test
-outputs of each format's run are checked here, beside the run they come from.
-
-README "Quick start" and "Output files" document what a run writes, "Resuming and
-reproducibility" the resume, the seeds and the options Test takes from the run, "What
-happens when…" the refusals of --latest_iter and the NaN loss, "Differences from the
-reference code" the "every N samples" rule. Signals, the lock and write failures are in
-test_long_runs.py; the training log, in test_evaluation.py.
+"""Training and resuming it, as README "Quick start", "Output files" and "Resuming and
+reproducibility" document them: the driver's step, when it reports, saves and previews
+(README "Differences from the reference code": every N samples), one run of each data format
+trained and then tested (its Test outputs checked here, beside the run they come from), the
+checkpoints and training states, exact resumes, which checkpoint --latest_iter takes, seeds,
+the options that travel from training to the Test script, and a loss that becomes NaN
+(README "What happens when…"). Runs inspected by several tests are module-scoped fixtures; a
+test that changes a run works on a copy (conftest.copy_run). Signals, the lock and write
+failures are in test_long_runs.py, the training log in test_evaluation.py.
 """
 import copy
 import json
