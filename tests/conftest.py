@@ -34,6 +34,8 @@ torch.set_num_threads(1)
 SUBPROCESS_ENV = dict(os.environ, OMP_NUM_THREADS='1', MKL_NUM_THREADS='1',
                       PYTHONDONTWRITEBYTECODE='1')
 
+CPU = torch.device('cpu')
+
 # A network small enough to train for a few steps in seconds, and with it the CPU.
 TINY_NETWORK = ['--n_gf', '8', '--n_df', '8', '--n_downsample', '2', '--n_residual', '1']
 TINY = ['--gpu_ids', '-1'] + TINY_NETWORK

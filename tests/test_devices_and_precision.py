@@ -17,7 +17,7 @@ import torch
 import pix2pixCC_Test
 import pix2pixCC_Train
 import pix2pixCC_Utils
-from conftest import (NPY_DATA, RECORD, SAMPLE_DATA, TINY, TINY_NETWORK, assert_ok,
+from conftest import (CPU, NPY_DATA, RECORD, SAMPLE_DATA, TINY, TINY_NETWORK, assert_ok,
                       biases_before_norm, constant_generator_checkpoint, copy_sample, lin_ccc,
                       make_pairs, make_test_opt, models_and_data, profiled, reports, run_test,
                       run_train, train_opt)
@@ -25,8 +25,6 @@ from pix2pixCC_Networks import Generator, Loss, weights_init
 from pix2pixCC_Options import UserError
 from pix2pixCC_Train import make_optimizer, train_step
 from pix2pixCC_Utils import Precision, bare, memory_format, prepare_network, select_device
-
-CPU = torch.device('cpu')
 
 
 # ----------------------------------------------------------------------------------------

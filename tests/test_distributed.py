@@ -49,26 +49,29 @@ def assert_same_generator(state_a, state_b):
 
 
 @pytest.fixture(scope='module')
-def data(tmp_path_factory):
+def sixteen_pairs(tmp_path_factory):
+    """Training arguments for 16 npy pairs (four global batches of 4)."""
     root = tmp_path_factory.mktemp('ddp_data')
     input_dir, target_dir = make_pairs(root, 'npy', n=N_PAIRS, size=32)
     return ['--input_dir_train', input_dir, '--target_dir_train', target_dir]
 
 
 @pytest.fixture(scope='module')
-def two_processes(tmp_path_factory, data):
+def two_processes(tmp_path_factory, sixteen_pairs):
     """torchrun, 2 processes of batch 2 (global batch 4), one epoch."""
     root = tmp_path_factory.mktemp('ddp')
-    proc = run_torchrun(TINY + RUN + data + ['--batch_size', '2', '--n_epochs', '1'], cwd=root)
+    proc = run_torchrun(TINY + RUN + sixteen_pairs + ['--batch_size', '2', '--n_epochs', '1'],
+                        cwd=root)
     assert_ok(proc)
     return root, proc
 
 
 @pytest.fixture(scope='module')
-def one_process(tmp_path_factory, data):
+def one_process(tmp_path_factory, sixteen_pairs):
     """One process of batch 4, one epoch."""
     root = tmp_path_factory.mktemp('single')
-    assert_ok(run_train(TINY + RUN + data + ['--batch_size', '4', '--n_epochs', '1'], cwd=root))
+    assert_ok(run_train(TINY + RUN + sixteen_pairs + ['--batch_size', '4', '--n_epochs', '1'],
+                        cwd=root))
     return root
 
 
@@ -113,18 +116,19 @@ def test_resume_under_torchrun_continues_from_the_saved_step(resumed_two_process
     assert checkpoint(root, '32_state.pt')['epoch'] == 2
 
 
-def test_resumed_two_processes_match_two_epochs_of_one_process(resumed_two_processes, data,
-                                                              tmp_path):
+def test_resumed_two_processes_match_two_epochs_of_one_process(resumed_two_processes,
+                                                              sixteen_pairs, tmp_path):
     root, _ = resumed_two_processes
-    assert_ok(run_train(TINY + RUN + data + ['--batch_size', '4', '--n_epochs', '2'],
+    assert_ok(run_train(TINY + RUN + sixteen_pairs + ['--batch_size', '4', '--n_epochs', '2'],
                         cwd=tmp_path))
     assert_same_generator(checkpoint(root, '32_G.pt'), checkpoint(tmp_path, '32_G.pt'))
 
 
-def test_several_gpu_ids_without_cuda_fall_back_to_one_cpu_process(data, tmp_path):
+def test_several_gpu_ids_without_cuda_fall_back_to_one_cpu_process(sixteen_pairs, tmp_path):
     # No GPU visible, whatever the machine has.
-    proc = run_train(TINY + RUN + data + ['--gpu_ids', '0,1', '--batch_size', '4',
-                                          '--n_epochs', '1'], tmp_path, CUDA_VISIBLE_DEVICES='')
+    proc = run_train(TINY + RUN + sixteen_pairs + ['--gpu_ids', '0,1', '--batch_size', '4',
+                                                   '--n_epochs', '1'], tmp_path,
+                     CUDA_VISIBLE_DEVICES='')
     assert_ok(proc)
     output = proc.stdout + proc.stderr
     notices = [line for line in output.splitlines() if 'CUDA' in line and 'notice' in line]

@@ -27,7 +27,7 @@ from PIL import Image
 import pix2pixCC_Networks
 import pix2pixCC_Train
 import pix2pixCC_Utils
-from conftest import (AUGMENT, NPY_DATA, RECORD, SAMPLE_DATA, TINY, TINY_NETWORK,
+from conftest import (AUGMENT, CPU, NPY_DATA, RECORD, SAMPLE_DATA, TINY, TINY_NETWORK,
                       assert_identical_weights, assert_ok, assert_same_weights,
                       assert_usage_error, biases_before_norm, copy_run, copy_sample,
                       formats_and_limits, generate, load, load_generator, loss_rows,
@@ -40,7 +40,6 @@ from pix2pixCC_Train import crossed, make_optimizer, train_step
 from pix2pixCC_Utils import (Precision, load_state_dict, prepare_network, save_state_dict,
                              saved_steps, to_preview)
 
-CPU = torch.device('cpu')
 
 
 # ----------------------------------------------------------------------------------------
@@ -561,23 +560,23 @@ def test_previews_in_another_image_mode(bn_run):
 # ----------------------------------------------------------------------------------------
 
 # Batch 1 over 6 files, 2 epochs: saves at 4, 8 (mid-epoch 2) and the final 12.
-RUN = TINY + NPY_DATA + AUGMENT + ['--seed', '5', '--n_workers', '0', '--save_freq', '4',
-                                   '--report_freq', '1', '--display_freq', '1000',
-                                   '--keep_states', '0']
+AUGMENTED_RUN = TINY + NPY_DATA + AUGMENT + ['--seed', '5', '--n_workers', '0',
+                                             '--save_freq', '4', '--report_freq', '1',
+                                             '--display_freq', '1000', '--keep_states', '0']
 
 
 @pytest.fixture(scope='module')
-def full_run(tmp_path_factory, data):
+def two_epochs(tmp_path_factory, data):
     """Two uninterrupted epochs with augmentation and shuffling, no loading workers."""
-    root = tmp_path_factory.mktemp('full_run')
-    proc = run_train(RUN + data + ['--n_epochs', '2'], cwd=root)
+    root = tmp_path_factory.mktemp('two_epochs')
+    proc = run_train(AUGMENTED_RUN + data + ['--n_epochs', '2'], cwd=root)
     assert_ok(proc)
     assert saved_steps_in(model_dir(root)) == [4, 8, 12]
     return root
 
 
-def test_state_file_holds_everything_a_resume_needs(full_run):
-    folder = model_dir(full_run)
+def test_state_file_holds_everything_a_resume_needs(two_epochs):
+    folder = model_dir(two_epochs)
     for step, epoch in ((4, 1), (8, 2), (12, 2)):
         for kind in ('G', 'D'):
             assert os.path.isfile(os.path.join(folder, f'{step}_{kind}.pt'))
@@ -720,10 +719,10 @@ def test_resume_with_a_new_learning_rate_uses_it(fits_run, tmp_path):
                                      out / 'Model' / f'6_{kind}.pt')
 
 
-def test_resume_at_an_epoch_boundary_is_exact(full_run, data, tmp_path):
+def test_resume_at_an_epoch_boundary_is_exact(two_epochs, data, tmp_path):
     """One epoch, then `--latest_iter -1 --n_epochs 2` with nothing else on the command line
     (every option comes from the saved run): the weights of the uninterrupted run."""
-    assert_ok(run_train(RUN + data + ['--n_epochs', '1'], cwd=tmp_path))
+    assert_ok(run_train(AUGMENTED_RUN + data + ['--n_epochs', '1'], cwd=tmp_path))
     assert saved_steps_in(model_dir(tmp_path)) == [4, 6]
     proc = run_train(['--gpu_ids', '-1', '--latest_iter', '-1', '--n_epochs', '2'], cwd=tmp_path)
     assert_ok(proc)
@@ -731,13 +730,13 @@ def test_resume_at_an_epoch_boundary_is_exact(full_run, data, tmp_path):
     assert saved_steps_in(model_dir(tmp_path)) == [4, 6, 8, 12]
     for name in ('8_G.pt', '12_G.pt', '12_D.pt'):
         assert_identical_weights(os.path.join(model_dir(tmp_path), name),
-                                 os.path.join(model_dir(full_run), name))
+                                 os.path.join(model_dir(two_epochs), name))
 
 
-def test_resume_in_the_middle_of_an_epoch_is_exact(full_run, tmp_path):
+def test_resume_in_the_middle_of_an_epoch_is_exact(two_epochs, tmp_path):
     """Step 4 is two thirds into epoch 1 (save_freq 4, 6 samples per epoch)."""
-    copy_run(full_run, tmp_path)
-    reference = {name: os.path.join(model_dir(full_run), name) for name in ('8_G.pt', '12_G.pt',
+    copy_run(two_epochs, tmp_path)
+    reference = {name: os.path.join(model_dir(two_epochs), name) for name in ('8_G.pt', '12_G.pt',
                                                                               '12_D.pt')}
     for step in (8, 12):
         for kind in ('G', 'D', 'state'):
@@ -749,24 +748,25 @@ def test_resume_in_the_middle_of_an_epoch_is_exact(full_run, tmp_path):
         assert_identical_weights(os.path.join(model_dir(tmp_path), name), path)
 
 
-def test_loading_workers_do_not_change_the_run(full_run, data, tmp_path):
+def test_loading_workers_do_not_change_the_run(two_epochs, data, tmp_path):
     """--n_workers 2 here, 0 in the reference run: the same augmentation and order."""
-    assert_ok(run_train(RUN + data + ['--n_epochs', '2', '--n_workers', '2'], cwd=tmp_path))
+    assert_ok(run_train(AUGMENTED_RUN + data + ['--n_epochs', '2', '--n_workers', '2'],
+                        cwd=tmp_path))
     for name in ('12_G.pt', '12_D.pt'):
         assert_identical_weights(os.path.join(model_dir(tmp_path), name),
-                                 os.path.join(model_dir(full_run), name))
+                                 os.path.join(model_dir(two_epochs), name))
 
 
 # ----------------------------------------------------------------------------------------
 # 10. Which checkpoint --latest_iter takes; a new run never overwrites an earlier one
 # ----------------------------------------------------------------------------------------
 
-def test_latest_iter_minus_one_takes_the_newest_complete_step(full_run, tmp_path):
+def test_latest_iter_minus_one_takes_the_newest_complete_step(two_epochs, tmp_path):
     """Step 12 lost its state file (a run killed between writing D and the state), so the
     newest complete step is 8. With --lr 0 the weights stay those of the step resumed from:
     the new 12_G.pt must equal 8_G.pt (resuming from 12 would train nothing and leave the
     old 12_G.pt)."""
-    copy_run(full_run, tmp_path)
+    copy_run(two_epochs, tmp_path)
     folder = model_dir(tmp_path)
     os.remove(os.path.join(folder, '12_state.pt'))
     proc = run_train(['--gpu_ids', '-1', '--latest_iter', '-1', '--n_epochs', '2', '--lr', '0'],
@@ -779,12 +779,12 @@ def test_latest_iter_minus_one_takes_the_newest_complete_step(full_run, tmp_path
                                  os.path.join(folder, f'8_{kind}.pt'))
 
 
-def test_latest_iter_of_a_missing_step_changes_nothing(full_run, data, tmp_path):
-    copy_run(full_run, tmp_path)
+def test_latest_iter_of_a_missing_step_changes_nothing(two_epochs, data, tmp_path):
+    copy_run(two_epochs, tmp_path)
     run_dir = tmp_path / 'checkpoints'
     before = snapshot(run_dir, with_dirs=True)
     time.sleep(0.01)  # so that a rewrite would show in the mtimes
-    proc = run_train(RUN + data + ['--n_epochs', '2', '--latest_iter', '7'], cwd=tmp_path)
+    proc = run_train(AUGMENTED_RUN + data + ['--n_epochs', '2', '--latest_iter', '7'], cwd=tmp_path)
     assert_usage_error(proc, '7_G.pt', '4, 8, 12')
     assert snapshot(run_dir, with_dirs=True) == before
 
@@ -796,28 +796,29 @@ def test_latest_iter_minus_one_without_a_checkpoint(data, tmp_path, existing):
         torch.save(Generator(train_opt()).state_dict(), os.path.join(model_dir(tmp_path),
                                                                      '3_G.pt'))  # no 3_D.pt
     before = snapshot(tmp_path, with_dirs=True)
-    proc = run_train(RUN + data + ['--n_epochs', '1', '--latest_iter', '-1'], cwd=tmp_path)
+    proc = run_train(AUGMENTED_RUN + data + ['--n_epochs', '1', '--latest_iter', '-1'],
+                     cwd=tmp_path)
     assert_usage_error(proc, '--latest_iter')
     assert snapshot(tmp_path, with_dirs=True) == before  # no folder made, nothing written
 
 
-def test_a_fresh_run_never_overwrites_an_earlier_one(full_run, data, tmp_path):
+def test_a_fresh_run_never_overwrites_an_earlier_one(two_epochs, data, tmp_path):
     """A new run (no --latest_iter) under the name of a run with checkpoints is refused: it
     would overwrite them at equal step numbers. Nothing of the old run changes."""
-    copy_run(full_run, tmp_path)
+    copy_run(two_epochs, tmp_path)
     before = snapshot(tmp_path / 'checkpoints')
-    assert_usage_error(run_train(RUN + data + ['--n_epochs', '1'], cwd=tmp_path),
+    assert_usage_error(run_train(AUGMENTED_RUN + data + ['--n_epochs', '1'], cwd=tmp_path),
                        'already holds checkpoints', '--latest_iter -1')
     assert snapshot(tmp_path / 'checkpoints') == before
 
 
-def test_a_fresh_run_does_not_mix_its_log_with_an_earlier_one(full_run, data, tmp_path):
+def test_a_fresh_run_does_not_mix_its_log_with_an_earlier_one(two_epochs, data, tmp_path):
     """Checkpoints moved away but logs left behind: loss_log.csv must not hold the same step
     twice (the old rows followed by the new run's 1, 2, ... would make the curve run
     backwards)."""
-    copy_run(full_run, tmp_path)
+    copy_run(two_epochs, tmp_path)
     shutil.rmtree(model_dir(tmp_path))
-    assert_ok(run_train(RUN + data + ['--n_epochs', '1'], cwd=tmp_path))
+    assert_ok(run_train(AUGMENTED_RUN + data + ['--n_epochs', '1'], cwd=tmp_path))
     steps = [int(row['step']) for row in loss_rows(tmp_path)]
     assert len(steps) == len(set(steps)), steps
 
