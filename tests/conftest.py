@@ -1,15 +1,20 @@
-"""Shared helpers for the pix2pixCC test suite.
-
-Everything runs on the CPU with tiny networks (TINY) and 32-64 px data written by the tests
-themselves into pytest's tmp_path. Drivers are run either in-process (`main(argv)`) or as
-scripts (`run_script`), always with `--gpu_ids -1`.
+"""Shared helpers of the pix2pixCC test suite, each defined here once (README "Tests"):
+options and data of the tests, writing data files as a user would, running the drivers
+(in-process with `main(argv)`, as scripts with `run_script`, `run_train`, `run_test`,
+`run_torchrun`, or as a `Training` whose output is read while it trains), reading what a
+run wrote, comparing numbers, and fixtures. Everything runs on the CPU with tiny networks
+(TINY) and 32-64 px data written by the tests themselves into pytest's tmp_path.
 """
 import csv
+import itertools
+import json
 import os
+import pathlib
 import re
 import shutil
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -29,9 +34,11 @@ torch.set_num_threads(1)
 SUBPROCESS_ENV = dict(os.environ, OMP_NUM_THREADS='1', MKL_NUM_THREADS='1',
                       PYTHONDONTWRITEBYTECODE='1')
 
-# A network small enough to train for a few steps in seconds.
-TINY = ['--gpu_ids', '-1', '--n_gf', '8', '--n_df', '8', '--n_downsample', '2',
-        '--n_residual', '1']
+CPU = torch.device('cpu')
+
+# A network small enough to train for a few steps in seconds, and with it the CPU.
+TINY_NETWORK = ['--n_gf', '8', '--n_df', '8', '--n_downsample', '2', '--n_residual', '1']
+TINY = ['--gpu_ids', '-1'] + TINY_NETWORK
 
 # Scaling of the shipped sample: EUV input 1..200 DN/s on a log scale, magnetogram target
 # +-3000 G (clipped).
@@ -40,11 +47,22 @@ SAMPLE_SCALING = ['--logscale_input', 'True', '--saturation_lower_limit_input', 
                   '--saturation_lower_limit_target', '-3000',
                   '--saturation_upper_limit_target', '3000',
                   '--saturation_clip_target', 'True']
+SAMPLE_DATA = SAMPLE_SCALING + ['--data_format_input', 'fits', '--data_format_target', 'fits']
 
-# npy pairs as make_pairs writes them (values in [0, 100]), scaled at those limits.
-NPY_DATA = ['--data_format_input', 'npy', '--data_format_target', 'npy', '--data_size', '32',
-            '--saturation_lower_limit_input', '0', '--saturation_upper_limit_input', '100',
-            '--saturation_lower_limit_target', '0', '--saturation_upper_limit_target', '100']
+
+def formats_and_limits(fmt, upper=100):
+    """Both sides in format `fmt`, both scaled from the limits [0, upper]: the data make_pairs
+    writes (values in [0, 100]; 0 to 255 for 8-bit images)."""
+    return ['--data_format_input', fmt, '--data_format_target', fmt,
+            '--saturation_lower_limit_input', '0', '--saturation_upper_limit_input', str(upper),
+            '--saturation_lower_limit_target', '0', '--saturation_upper_limit_target', str(upper)]
+
+
+# npy pairs as make_pairs writes them (32x32, values in [0, 100]), scaled at those limits.
+NPY_DATA = formats_and_limits('npy') + ['--data_size', '32']
+
+# Random rotations and shifts: the augmentation a resume must draw again exactly.
+AUGMENT = ['--max_rotation_angle', '10', '--padding_size', '4']
 
 ALL_FORMATS = ('tif', 'tiff', 'png', 'jpg', 'jpeg', 'npy', 'fits', 'fts', 'fit')
 
@@ -64,6 +82,7 @@ def train_opt(*argv, **options):
 
 
 def make_test_opt(*argv, **options):
+    """Options namespace of TestOption for TINY + argv + options."""
     from pix2pixCC_Options import TestOption
     return TestOption().parse(TINY + list(argv) + argv_from(**options))
 
@@ -136,6 +155,17 @@ def smooth_field(rng, size, channels=1, low=0.0, high=1.0, noise=0.1):
         field = (field - field.min()) / (field.max() - field.min())
         out.append(low + (high - low) * field)
     return np.stack(out).astype(np.float32)
+
+
+H, W = 24, 40  # field()'s default size: not square, so a transposed read shows
+
+
+def field(channels, low=0.0, high=100.0, seed=0, size=None, noise=0.1):
+    """Smooth random data (C, H, W) in [low, high]; (C, size, size) when size is given."""
+    rng = np.random.default_rng(seed)
+    if size is not None:
+        return smooth_field(rng, size, channels, low, high, noise)
+    return smooth_field(rng, max(H, W), channels, low, high, noise)[:, :H, :W]
 
 
 def make_pairs(root, fmt, n=6, size=32, channels=1, target_fmt=None, target_channels=None,
@@ -253,18 +283,70 @@ def roll_wcs_axes(header):
 # ----------------------------------------------------------------------------------------
 
 
-def run_script(script, args, cwd, timeout=300):
-    """Run a driver script as a user would (`python <script> args` in `cwd`)."""
-    return subprocess.run([sys.executable, script] + [str(a) for a in args], cwd=str(cwd),
-                          env=SUBPROCESS_ENV, capture_output=True, text=True, timeout=timeout)
+def run_command(command, cwd, timeout=300, **env):
+    """Run `command` in `cwd` with SUBPROCESS_ENV (plus `env`), capturing its output."""
+    return subprocess.run([str(a) for a in command], cwd=str(cwd),
+                          env=dict(SUBPROCESS_ENV, **env), capture_output=True, text=True,
+                          timeout=timeout)
 
 
-def run_train(args, cwd):
-    return run_script(TRAIN_SCRIPT, args, cwd)
+def run_script(script, args, cwd, timeout=300, **env):
+    """Run a script as a user would (`python <script> args` in `cwd`)."""
+    return run_command([sys.executable, script, *args], cwd, timeout, **env)
+
+
+def run_train(args, cwd, **env):
+    return run_script(TRAIN_SCRIPT, args, cwd, **env)
 
 
 def run_test(args, cwd):
     return run_script(TEST_SCRIPT, args, cwd)
+
+
+# The training script under torchrun: two processes on this machine.
+TORCHRUN = [sys.executable, '-m', 'torch.distributed.run', '--standalone',
+            '--nproc_per_node=2', TRAIN_SCRIPT]
+
+
+def run_torchrun(args, cwd, timeout=300):
+    return run_command(TORCHRUN + list(args), cwd, timeout)
+
+
+class Training:
+    """A training process whose output is read line by line (to signal it at a given step)."""
+
+    def __init__(self, args, cwd, command=None):
+        command = command or [sys.executable, TRAIN_SCRIPT]
+        self.proc = subprocess.Popen(command + [str(a) for a in args], cwd=str(cwd),
+                                     env=dict(SUBPROCESS_ENV, PYTHONUNBUFFERED='1'),
+                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                     text=True, bufsize=1)
+        self.lines = []
+
+    def wait_for(self, pattern, timeout=120):
+        """Read output until a line matches `pattern`; returns the match."""
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            line = self.proc.stdout.readline()
+            if not line:
+                break
+            self.lines.append(line)
+            match = re.search(pattern, line)
+            if match:
+                return match
+        self.kill()
+        raise AssertionError(f"no line matching {pattern!r}:\n{''.join(self.lines)[-3000:]}")
+
+    def finish(self, timeout=120):
+        """Wait for the end; (exit status, the whole output)."""
+        out, _ = self.proc.communicate(timeout=timeout)
+        self.lines.append(out)
+        return self.proc.returncode, ''.join(self.lines)
+
+    def kill(self):
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
 
 
 def assert_ok(proc):
@@ -283,6 +365,26 @@ def assert_usage_error(proc, *fragments):
     for fragment in fragments:
         assert fragment in lines[0], f"{fragment!r} not in {lines[0]!r}"
     return lines[0]
+
+
+def checked_lines(*argv):
+    """The lines check_dataset logs for the training folders in argv (TINY + argv)."""
+    from pix2pixCC_Pipeline import CustomDataset, check_dataset
+    lines = []
+    check_dataset(CustomDataset(train_opt(*argv)), 4, log=lines.append)
+    return lines
+
+
+def constant_generator_checkpoint(opt, value, step=3):
+    """Save a generator whose output is `value` everywhere (last conv: weight 0, bias value)
+    as step `step` of the run of `opt`."""
+    from pix2pixCC_Networks import Generator
+    G = Generator(opt)
+    with torch.no_grad():
+        G.model[-1].weight.zero_()
+        G.model[-1].bias.fill_(value)
+    os.makedirs(opt.model_dir, exist_ok=True)
+    torch.save(G.state_dict(), os.path.join(opt.model_dir, f'{step}_G.pt'))
 
 
 # ----------------------------------------------------------------------------------------
@@ -309,9 +411,30 @@ def reported_steps(stdout):
     return [step for _, step, _, _ in reports(stdout)]
 
 
+def run_dir(root, name='pix2pixCC'):
+    """./checkpoints/<name> of a run made in `root`."""
+    return os.path.join(str(root), 'checkpoints', name)
+
+
 def model_dir(root, name='pix2pixCC'):
     """./checkpoints/<name>/Model of a run made in `root`."""
-    return os.path.join(str(root), 'checkpoints', name, 'Model')
+    return os.path.join(run_dir(root, name), 'Model')
+
+
+def copy_run(source_root, dest_root, name='pix2pixCC', only=None):
+    """A private copy of the run folder `name` made in source_root, into dest_root (for tests
+    that add, remove or resume; module-scoped runs stay as they are): the whole folder, or
+    the entries `only` of it. Returns the copy's run folder."""
+    source, dest = run_dir(source_root, name), pathlib.Path(run_dir(dest_root, name))
+    if only is None:
+        shutil.copytree(source, dest)
+    for entry in only or ():
+        if os.path.isdir(os.path.join(source, entry)):
+            shutil.copytree(os.path.join(source, entry), dest / entry)
+        else:
+            os.makedirs(dest, exist_ok=True)
+            shutil.copy(os.path.join(source, entry), dest)
+    return dest
 
 
 def saved_steps_in(folder, kind='G'):
@@ -326,12 +449,23 @@ def load(path):
     return torch.load(str(path), map_location='cpu', weights_only=True)
 
 
+def checkpoint(root, file_name, name='pix2pixCC'):
+    """The tensors of ./checkpoints/<name>/Model/<file_name> of a run made in `root`."""
+    return load(os.path.join(model_dir(root, name), file_name))
+
+
 def load_generator(opt, path):
     """The Generator of `opt` with the weights of `path`, in eval mode."""
     from pix2pixCC_Networks import Generator
     G = Generator(opt)
     G.load_state_dict(load(path), strict=True)
     return G.eval()
+
+
+def generate(G, x):
+    """G's output (C, H, W) for one normalised input x (C, H, W), as numpy."""
+    with torch.no_grad():
+        return G(torch.from_numpy(np.ascontiguousarray(x, np.float32))[None])[0].numpy()
 
 
 def read_csv_rows(path):
@@ -343,7 +477,29 @@ def read_csv_rows(path):
 
 def loss_rows(root, name='pix2pixCC'):
     """The rows of loss_log.csv of a run made in `root`."""
-    return read_csv_rows(os.path.join(str(root), 'checkpoints', name, 'loss_log.csv'))[1]
+    return read_csv_rows(os.path.join(run_dir(root, name), 'loss_log.csv'))[1]
+
+
+def logged_steps(root, name='pix2pixCC'):
+    """The steps of the rows of loss_log.csv of a run made in `root`."""
+    return [int(row['step']) for row in loss_rows(root, name)]
+
+
+# What a Test output folder records (README "Output files").
+RECORD = 'test_run.json'
+
+
+def record_in(folder):
+    """The test_run.json of a Test output folder."""
+    with open(os.path.join(str(folder), RECORD)) as f:
+        return json.load(f)
+
+
+def panel_text(path):
+    """The Title and Description text chunks of a panel PNG."""
+    from PIL import Image
+    with Image.open(path) as image:
+        return image.text.get('Title', ''), image.text.get('Description', '')
 
 
 def snapshot(folder, with_dirs=False):
@@ -386,15 +542,23 @@ def state_of(weights):
 
 
 def assert_same_weights(a, b, tolerance=1e-6, skip=()):
-    """Same keys, and every tensor within `tolerance` (absolute), except the keys in `skip`.
-    a, b: modules, checkpoint paths or state_dicts."""
+    """Same keys, and every tensor of the same shape and type and within `tolerance`
+    (absolute), except the keys in `skip`. a, b: modules, checkpoint paths or state_dicts."""
     a, b = state_of(a), state_of(b)
-    assert list(a) == list(b) or set(a) == set(b)
+    assert set(a) == set(b), sorted(set(a) ^ set(b))
     for key in a:
-        if key in skip or not a[key].numel():
+        if key in skip:
+            continue
+        assert (a[key].shape, a[key].dtype) == (b[key].shape, b[key].dtype), key
+        if not a[key].numel():
             continue
         difference = float((a[key].double() - b[key].double()).abs().max())
         assert difference <= tolerance, f"{key}: max |difference| {difference:g}"
+
+
+def assert_identical_weights(a, b):
+    """The same weights bit for bit (what resuming on the CPU gives)."""
+    assert_same_weights(a, b, tolerance=0)
 
 
 def biases_before_norm(module):
@@ -411,14 +575,36 @@ def biases_before_norm(module):
     for prefix, seq in module.named_modules():
         if not isinstance(seq, torch.nn.Sequential):
             continue
-        children = list(seq.named_children())
-        for (name, layer), (_, following) in zip(children, children[1:]):
+        for (name, layer), (_, following) in itertools.pairwise(seq.named_children()):
             if isinstance(layer, (torch.nn.Conv2d, torch.nn.ConvTranspose2d)) and \
                     layer.bias is not None and \
                     isinstance(following, (torch.nn.InstanceNorm2d, torch.nn.BatchNorm2d)):
                 names.add(f'{prefix}.{name}.bias' if prefix else f'{name}.bias')
     return names
 
+
+def models_and_data(opt, size=32, seed=0):
+    """(G, D, input, target) from `seed`: the networks of `opt` initialised as for training,
+    and a batch of random data in [-1, 1]."""
+    from pix2pixCC_Networks import Discriminator, Generator, weights_init
+    torch.manual_seed(seed)
+    G = Generator(opt).apply(weights_init)
+    D = Discriminator(opt).apply(weights_init)
+    input = torch.rand(opt.batch_size, opt.input_ch, size, size) * 2 - 1
+    target = torch.rand(opt.batch_size, opt.target_ch, size, size) * 2 - 1
+    return G, D, input, target
+
+
+def profiled(function):
+    """(function's result, {aten operator: number of calls}) (PyTorch's profiler)."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profiler:
+        result = function()
+    return result, {event.key: event.count for event in profiler.key_averages()}
+
+
+# ----------------------------------------------------------------------------------------
+# Fixtures
+# ----------------------------------------------------------------------------------------
 
 @pytest.fixture(scope='module')
 def data(tmp_path_factory):

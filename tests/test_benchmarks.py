@@ -1,25 +1,31 @@
-"""The tools of benchmarks/ (README "Speed", BENCHMARKS.md): benchmark.py, side_by_side.py,
-precision_accuracy.py and profile_step.py, each on a tiny network.
-
-side_by_side.py needs the published code, which is not in this repository and cannot be
-downloaded here, so these tests give it our own scripts as the "published" folder: the copy,
-the whole-process runs over K1 and K2 items, the peak memory and the comparison of the
-generated files all run for real.
+"""The tools of benchmarks/, each run for real on a tiny network: benchmark.py (whose
+`driver` variant is the driver's own training step), side_by_side.py (given our own scripts
+as the "published" folder, since the published code cannot be downloaded here),
+precision_accuracy.py and profile_step.py, documented in README "Speed" and BENCHMARKS.md,
+and gpu_check.py, documented in README "CPU and GPU", which on a CPU runs the checks a CPU
+can make.
 """
+import argparse
 import json
 import os
 import shutil
 import sys
 
 import pytest
+import torch
 
-from conftest import NPY_DATA, REPO, TINY, assert_ok, run_script, run_train, snapshot
+from conftest import (NPY_DATA, REPO, TINY, TINY_NETWORK, assert_identical_weights, assert_ok,
+                      models_and_data, run_script, run_train, snapshot, train_opt)
+from pix2pixCC_Networks import Loss
+from pix2pixCC_Train import make_optimizer, train_step
+from pix2pixCC_Utils import Precision
 
 sys.path.insert(0, os.path.join(REPO, 'benchmarks'))
 import benchmark  # noqa: E402
 import side_by_side  # noqa: E402
 
 BENCHMARK = os.path.join(REPO, 'benchmarks', 'benchmark.py')
+GPU_CHECK = os.path.join(REPO, 'benchmarks', 'gpu_check.py')
 SIDE_BY_SIDE = os.path.join(REPO, 'benchmarks', 'side_by_side.py')
 PRECISION = os.path.join(REPO, 'benchmarks', 'precision_accuracy.py')
 
@@ -62,8 +68,7 @@ def test_side_by_side_runs_both_programs_and_compares_their_outputs(tmp_path):
     source = fake_published(str(tmp_path / 'published'))
     out = tmp_path / 'side.json'
     proc = run_script(SIDE_BY_SIDE, [
-        source, '--what', 'train,data,inference',
-        '--n_gf', '8', '--n_df', '8', '--n_downsample', '2', '--n_residual', '1',
+        source, '--what', 'train,data,inference', *TINY_NETWORK,
         '--size', '32', '--data_size', '32', '--data_pairs', '2', '--data_repeats', '1',
         '--inference_size', '32', '--side_steps', '1,2',
         '--side_images', '1,2', '--side_repeats', '1', '--json', out], tmp_path)
@@ -101,8 +106,7 @@ def test_benchmark_measures_every_part_in_its_own_process(tmp_path):
     peak RSS of its own process, and the machine and options in the JSON."""
     out = tmp_path / 'bench.json'
     proc = run_script(BENCHMARK, [
-        '--n_gf', '8', '--n_df', '8', '--n_downsample', '2', '--n_residual', '1',
-        '--size', '32', '--steps', '1', '--warmup', '1',
+        *TINY_NETWORK, '--size', '32', '--steps', '1', '--warmup', '1',
         '--data_size', '32', '--data_pairs', '2', '--data_repeats', '1',
         '--data_variants', 'ours', '--inference_size', '32', '--inference_runs', '1',
         '--matmul_size', '64', '--matmul_variants', 'float32', '--json', out], tmp_path)
@@ -122,9 +126,24 @@ def test_benchmark_measures_every_part_in_its_own_process(tmp_path):
     assert f'written: {out}' in proc.stdout
 
 
+def test_benchmark_driver_variant_is_the_driver_step():
+    """benchmarks/benchmark.py's `driver` variant trains as the driver does: from the same
+    seed, its weights after two steps are those of train_step on the same data."""
+    opt, cpu = train_opt(), torch.device('cpu')
+    step, G, D = benchmark.training_setup('driver', opt, cpu, 32)
+    for _ in range(2):
+        step()
+    G_ref, D_ref, input, target = models_and_data(opt)  # the benchmark's seed and data
+    optims = make_optimizer(G_ref.parameters(), opt), make_optimizer(D_ref.parameters(), opt)
+    for _ in range(2):
+        train_step(Loss(opt), G_ref, D_ref, *optims, Precision(opt, cpu), input, target)
+    assert_identical_weights(G, G_ref)
+    assert_identical_weights(D, D_ref)
+
+
 @pytest.mark.parametrize('text', ['3', '2,2', '0,4', 'a,b'])
 def test_item_counts_must_be_two_increasing_numbers(text):
-    with pytest.raises(Exception):
+    with pytest.raises(argparse.ArgumentTypeError, match=f'{text!r}: '):
         side_by_side.counts(text)
     assert side_by_side.counts('2,7') == (2, 7)
 
@@ -148,11 +167,9 @@ def test_precision_accuracy_compares_the_two_precisions_without_touching_the_run
     assert snapshot(tmp_path / 'checkpoints') == before
 
 
-
 def test_conv_rates_count_the_arithmetic_as_torch_does(monkeypatch, capsys):
     """profile_step.py --conv_rates: the FLOP it gives each convolution of the Test generator,
     transposed ones included, add up exactly to what torch's FlopCounterMode counts."""
-    import torch
     from torch.utils.flop_counter import FlopCounterMode
 
     import profile_step
@@ -180,3 +197,30 @@ def test_conv_rates_count_the_arithmetic_as_torch_does(monkeypatch, capsys):
     rows = {line[:40].strip(): line[40:].split() for line in capsys.readouterr().out.splitlines()}
     assert rows['transposed 3x3 16->8 at 32x32'][0] == '1'
     assert rows['all convolutions'][0] == '8'
+
+
+def test_gpu_check_without_cuda_says_so_and_exits_0(tmp_path):
+    proc = run_script(GPU_CHECK, ['--json', tmp_path / 'g.json'], tmp_path, timeout=120,
+                      CUDA_VISIBLE_DEVICES='')
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip().startswith('no CUDA device: nothing to check'), proc.stdout
+
+
+def test_gpu_check_runs_its_checks_on_the_cpu(tmp_path):
+    """What exists on a CPU: float32, bfloat16 (train, and the float32 model under autocast
+    close to its float32 outputs) and an exact resume; the CUDA-only ones say so."""
+    out = tmp_path / 'g.json'
+    proc = run_script(GPU_CHECK, ['--device', 'cpu', '--skip', 'compile', '--json', out],
+                      tmp_path, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
+    with open(out) as f:
+        rows = {row['check']: row for row in json.load(f)['checks']}
+    for check in ('float32', 'bfloat16', 'bfloat16 test', 'float32 again', 'resume'):
+        assert rows[check]['ok'] is True, rows[check]
+    for check in ('float16', 'float16 test', 'DataParallel', 'torchrun NCCL'):
+        assert rows[check]['ok'] is None, rows[check]
+    assert 'compile' not in rows
+    assert 'relative RMS difference from the first float32 run 0.00e+00' in \
+        rows['float32 again']['detail']  # the CPU repeats a run exactly ...
+    assert 'relative RMS difference from the uninterrupted run 0.00e+00' in \
+        rows['resume']['detail']  # ... and a resumed one

@@ -1,9 +1,7 @@
-"""experiments/cc_ablation.py: the seeds, the statistics and the text it writes into the
-README's "Results" section.
-
-One --quick run (2 seeds x 2 objectives, one epoch of the tiny network, ~40 s on one thread)
-is checked against numpy and scipy recomputed from its own per-seed rows; the wording is
-checked on hand-made numbers whose answer is known.
+"""experiments/cc_ablation.py, which writes README "Results": its command line, the seeds,
+the statistics (one --quick run, 2 seeds x 2 objectives, checked against numpy and scipy
+recomputed from its own per-seed rows) and the wording of its text (checked on hand-made
+numbers whose answer is known).
 """
 import importlib.util
 import json
@@ -192,7 +190,7 @@ def test_wording_without_any_separable_metric():
     changes sign from seed to seed."""
     results = hand_made_results()
     runs = results['runs']
-    pattern = dict(zip(range(1, 6), (1.0, -1.0, 0.5, -0.6, 0.2)))
+    pattern = dict(zip(range(1, 6), (1.0, -1.0, 0.5, -0.6, 0.2), strict=True))
     baseline = {r['seed']: r for r in runs if r['objective'] == 'pix2pixHD_objective'}
     for row in runs:
         if row['objective'] == 'pix2pixCC':
@@ -241,6 +239,14 @@ def test_a_collapsed_run_still_gives_strict_json_and_a_text():
     assert strict['runs'][0]['cc_8x8'] is None
     assert strict['paired_tests']['cc_8x8']['ttest_rel_p'] is None
     assert strict['runs'][1]['cc_8x8'] == results['runs'][1]['cc_8x8']
+
+
+def test_help_trains_nothing(tmp_path):
+    assert os.path.isfile(SCRIPT)
+    proc = run_script(SCRIPT, ['--help'], tmp_path, timeout=60)
+    assert_ok(proc)
+    assert 'usage' in proc.stdout.lower() and '--n_epochs' in proc.stdout
+    assert os.listdir(tmp_path) == []  # --help trains nothing
 
 
 def test_which_readme_is_written():

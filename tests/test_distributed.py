@@ -1,47 +1,32 @@
-"""Several processes (torchrun, DistributedDataParallel with Gloo on the CPU) train the same
-model as one process with the same global batch, write one set of files named by global
-sample counts, and resume; --gpu_ids 0,1 without CUDA falls back to the CPU.
+"""Several processes, as README "Several GPUs and nodes" documents them: under torchrun
+(DistributedDataParallel with Gloo on the CPU) two processes train the model of one process
+with the same global batch, write one set of files named by global sample counts, resume,
+and share an uneven last batch, the previews and the validation; --gpu_ids 0,1 without CUDA
+falls back to one CPU process. That a signal to one process stops them all is in
+test_long_runs.py.
 """
 import os
 import re
-import shutil
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from conftest import (NPY_DATA, SUBPROCESS_ENV, TINY, TRAIN_SCRIPT, assert_ok,
-                      biases_before_norm, load, load_generator, loss_rows, make_pairs,
-                      model_dir, run_train, saved_steps_in, train_opt)
+from conftest import (NPY_DATA, TINY, assert_ok, assert_same_weights, biases_before_norm,
+                      checkpoint, copy_run, generate, load_generator, logged_steps, make_pairs,
+                      model_dir, run_torchrun, run_train, saved_steps_in, train_opt)
 from pix2pixCC_Networks import Generator
 
-DATA = NPY_DATA + ['--n_D', '1', '--no_shuffle', '--seed', '3', '--report_freq', '4',
+RUN = NPY_DATA + ['--n_D', '1', '--no_shuffle', '--seed', '3', '--report_freq', '4',
                    '--save_freq', '8', '--display_freq', '1000', '--keep_states', '0']
 N_PAIRS = 16
 WEIGHT_TOLERANCE = 1e-5
 OUTPUT_TOLERANCE = 1e-4
 
 
-def torchrun(args, cwd, timeout=300):
-    command = [sys.executable, '-m', 'torch.distributed.run', '--standalone',
-               '--nproc_per_node=2', TRAIN_SCRIPT] + [str(a) for a in args]
-    return subprocess.run(command, cwd=str(cwd), env=SUBPROCESS_ENV, capture_output=True,
-                          text=True, timeout=timeout)
-
-
 def model_files(root):
     return sorted(os.listdir(model_dir(root)))
-
-
-def checkpoint(root, name):
-    return load(os.path.join(model_dir(root), name))
-
-
-def log_steps(root):
-    return [int(row['step']) for row in loss_rows(root)]
 
 
 def assert_same_generator(state_a, state_b):
@@ -52,12 +37,7 @@ def assert_same_generator(state_a, state_b):
     excluded = biases_before_norm(G)
     assert excluded and excluded < set(state_a)  # found some, not everything
     assert 'model.1.bias' in excluded and f'model.{len(G.model) - 1}.bias' not in excluded
-    assert set(state_a) == set(state_b)
-    for key in state_a:
-        if key in excluded:
-            continue
-        difference = float((state_a[key] - state_b[key]).abs().max())
-        assert difference <= WEIGHT_TOLERANCE, f"{key}: max |difference| {difference:g}"
+    assert_same_weights(state_a, state_b, WEIGHT_TOLERANCE, skip=excluded)
     outputs = []
     x = torch.rand(2, 1, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1
     for state in (state_a, state_b):
@@ -69,26 +49,29 @@ def assert_same_generator(state_a, state_b):
 
 
 @pytest.fixture(scope='module')
-def data(tmp_path_factory):
+def sixteen_pairs(tmp_path_factory):
+    """Training arguments for 16 npy pairs (four global batches of 4)."""
     root = tmp_path_factory.mktemp('ddp_data')
     input_dir, target_dir = make_pairs(root, 'npy', n=N_PAIRS, size=32)
     return ['--input_dir_train', input_dir, '--target_dir_train', target_dir]
 
 
 @pytest.fixture(scope='module')
-def two_processes(tmp_path_factory, data):
+def two_processes(tmp_path_factory, sixteen_pairs):
     """torchrun, 2 processes of batch 2 (global batch 4), one epoch."""
     root = tmp_path_factory.mktemp('ddp')
-    proc = torchrun(TINY + DATA + data + ['--batch_size', '2', '--n_epochs', '1'], cwd=root)
+    proc = run_torchrun(TINY + RUN + sixteen_pairs + ['--batch_size', '2', '--n_epochs', '1'],
+                        cwd=root)
     assert_ok(proc)
     return root, proc
 
 
 @pytest.fixture(scope='module')
-def one_process(tmp_path_factory, data):
+def one_process(tmp_path_factory, sixteen_pairs):
     """One process of batch 4, one epoch."""
     root = tmp_path_factory.mktemp('single')
-    assert_ok(run_train(TINY + DATA + data + ['--batch_size', '4', '--n_epochs', '1'], cwd=root))
+    assert_ok(run_train(TINY + RUN + sixteen_pairs + ['--batch_size', '4', '--n_epochs', '1'],
+                        cwd=root))
     return root
 
 
@@ -101,7 +84,7 @@ def test_one_set_of_files_named_by_global_sample_counts(two_processes):
     root, proc = two_processes
     assert model_files(root) == ['16_D.pt', '16_G.pt', '16_state.pt',
                                  '8_D.pt', '8_G.pt', '8_state.pt']
-    assert log_steps(root) == [4, 8, 12, 16]
+    assert logged_steps(root) == [4, 8, 12, 16]
     # Only the first process reports and saves.
     for step in (4, 8, 12, 16):
         assert len(re.findall(rf'Current_step: {step}\b', proc.stdout)) == 1, proc.stdout
@@ -117,8 +100,8 @@ def test_one_set_of_files_named_by_global_sample_counts(two_processes):
 @pytest.fixture(scope='module')
 def resumed_two_processes(two_processes, tmp_path_factory):
     root = tmp_path_factory.mktemp('ddp_resumed')
-    shutil.copytree(os.path.join(str(two_processes[0]), 'checkpoints'), root / 'checkpoints')
-    proc = torchrun(['--gpu_ids', '-1', '--latest_iter', '-1', '--n_epochs', '2'], cwd=root)
+    copy_run(two_processes[0], root)
+    proc = run_torchrun(['--gpu_ids', '-1', '--latest_iter', '-1', '--n_epochs', '2'], cwd=root)
     assert_ok(proc)
     return root, proc
 
@@ -129,24 +112,23 @@ def test_resume_under_torchrun_continues_from_the_saved_step(resumed_two_process
     assert steps == [20, 24, 28, 32]
     assert model_files(root) == sorted(f'{step}_{kind}.pt' for step in (8, 16, 24, 32)
                                        for kind in ('G', 'D', 'state'))
-    assert log_steps(root) == [4, 8, 12, 16, 20, 24, 28, 32]
+    assert logged_steps(root) == [4, 8, 12, 16, 20, 24, 28, 32]
     assert checkpoint(root, '32_state.pt')['epoch'] == 2
 
 
-def test_resumed_two_processes_match_two_epochs_of_one_process(resumed_two_processes, data,
-                                                              tmp_path):
+def test_resumed_two_processes_match_two_epochs_of_one_process(resumed_two_processes,
+                                                              sixteen_pairs, tmp_path):
     root, _ = resumed_two_processes
-    assert_ok(run_train(TINY + DATA + data + ['--batch_size', '4', '--n_epochs', '2'],
+    assert_ok(run_train(TINY + RUN + sixteen_pairs + ['--batch_size', '4', '--n_epochs', '2'],
                         cwd=tmp_path))
     assert_same_generator(checkpoint(root, '32_G.pt'), checkpoint(tmp_path, '32_G.pt'))
 
 
-def test_several_gpu_ids_without_cuda_fall_back_to_one_cpu_process(data, tmp_path):
+def test_several_gpu_ids_without_cuda_fall_back_to_one_cpu_process(sixteen_pairs, tmp_path):
     # No GPU visible, whatever the machine has.
-    proc = subprocess.run([sys.executable, TRAIN_SCRIPT] + TINY + DATA + data + [
-        '--gpu_ids', '0,1', '--batch_size', '4', '--n_epochs', '1'], cwd=str(tmp_path),
-        env=dict(SUBPROCESS_ENV, CUDA_VISIBLE_DEVICES=''), capture_output=True, text=True,
-        timeout=300)
+    proc = run_train(TINY + RUN + sixteen_pairs + ['--gpu_ids', '0,1', '--batch_size', '4',
+                                                   '--n_epochs', '1'], tmp_path,
+                     CUDA_VISIBLE_DEVICES='')
     assert_ok(proc)
     output = proc.stdout + proc.stderr
     notices = [line for line in output.splitlines() if 'CUDA' in line and 'notice' in line]
@@ -174,7 +156,7 @@ def uneven_run(tmp_path_factory):
     root = tmp_path_factory.mktemp('ddp_uneven')
     input_dir, target_dir = make_pairs(root / 'train', 'npy', n=UNEVEN_PAIRS, size=32)
     test_in, _ = make_pairs(root / 'test', 'npy', n=2, size=32, seed=5, prefix='val')
-    proc = torchrun(TINY + DATA + ['--input_dir_train', input_dir, '--target_dir_train',
+    proc = run_torchrun(TINY + RUN + ['--input_dir_train', input_dir, '--target_dir_train',
                                    target_dir, '--batch_size', '2', '--n_epochs', '1',
                                    '--display_freq', '4', '--val_during_train',
                                    '--input_dir_test', test_in], cwd=root)
@@ -188,7 +170,7 @@ def test_an_uneven_last_batch_counts_each_sample_once(uneven_run):
     the last sample's at the end)."""
     root, proc, _, _ = uneven_run
     assert [int(s) for s in re.findall(r'Current_step: (\d+)', proc.stdout)] == [4, 8, 12, 13]
-    assert log_steps(root) == [4, 8, 12, 13]
+    assert logged_steps(root) == [4, 8, 12, 13]
     assert saved_steps_in(model_dir(root)) == [8, 13]  # the final save at 13
     assert checkpoint(root, '13_state.pt')['step'] == 13
     assert all(torch.isfinite(v).all() for v in checkpoint(root, '13_G.pt').values())
@@ -219,14 +201,13 @@ def test_validation_during_training_under_torchrun(uneven_run):
     root, _, _, test_in = uneven_run
     test_dir = os.path.join(str(root), 'checkpoints', 'pix2pixCC', 'Image', 'Test')
     assert sorted(os.listdir(test_dir)) == ['13', '8']
-    opt = train_opt(*DATA)
+    opt = train_opt(*RUN)
     for step in (8, 13):
         assert sorted(os.listdir(os.path.join(test_dir, str(step)))) == [
             'test_run.json', 'val_000_AI.npy', 'val_001_AI.npy']
         G = load_generator(opt, os.path.join(model_dir(root), f'{step}_G.pt'))
         for name in ('val_000', 'val_001'):
             x = (np.load(os.path.join(test_in, f'{name}.npy')) - 50) / 50
-            with torch.no_grad():
-                expected = G(torch.from_numpy(x.astype(np.float32))[None, None])[0, 0] * 50 + 50
+            expected = generate(G, x[None])[0] * 50 + 50
             out = np.load(os.path.join(test_dir, str(step), f'{name}_AI.npy'))
-            np.testing.assert_allclose(out, expected.numpy(), rtol=1e-5, atol=1e-4)
+            np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-4)

@@ -1,10 +1,9 @@
-"""Bad input: the README's "What happens when…" table, row by row.
-
-Every mistake a user can make with the data, the options or the checkpoints is found before
-the first training step and ends with exit status 2 and one line on stderr that names the
-file or option and what to do, never a traceback; and it touches nothing already saved: each
-test runs beside the files of an earlier run (the `earlier_run` fixture) and checks that no
-step ran and that every one of those files is byte-identical afterwards, with nothing added.
+"""Bad input: README "What happens when…", row by row. Every mistake a user can make with
+the data, the options or the checkpoints is found before the first training step and ends
+with exit status 2 and one line on stderr that names the file or option and what to do,
+never a traceback; and it touches nothing already saved: each test runs beside the files of
+an earlier run (the `earlier_run` fixture) and checks that no step ran and that every one of
+those files is byte-identical afterwards, with nothing added.
 """
 import errno
 import os
@@ -17,12 +16,11 @@ import torch
 from astropy.io import fits
 
 import pix2pixCC_Train
-from conftest import (NPY_DATA, TINY, assert_ok, assert_usage_error, data_args, load,
+from conftest import (NPY_DATA, TINY, assert_ok, assert_usage_error, checked_lines, data_args, load,
                       loss_rows, make_pairs, model_dir, read_csv_rows, run_test, run_train,
                       saved_steps_in, snapshot, train_opt, write_pairs, write_user_file)
 from pix2pixCC_Networks import Discriminator, Generator
 from pix2pixCC_Options import run_main
-from pix2pixCC_Pipeline import CustomDataset, check_dataset
 
 NAME = ['--dataset_name', 'earlier']
 
@@ -301,10 +299,8 @@ def test_nan_in_the_targets_only_names_the_target_side_and_file(tmp_path):
         y = np.load(os.path.join(target_dir, name))
         y[0, :4] = np.nan
         np.save(os.path.join(target_dir, name), y)
-    lines = []
-    dataset = CustomDataset(train_opt(*NPY_DATA, '--input_dir_train', input_dir,
-                                      '--target_dir_train', target_dir))
-    check_dataset(dataset, 4, log=lines.append)
+    lines = checked_lines(*NPY_DATA, '--input_dir_train', input_dir, '--target_dir_train',
+                          target_dir)
     assert len(lines) == 1, lines
     assert lines[0].startswith('warning: 8 NaN/Inf value(s) in 2 target file(s) (first: '
                                f"{os.path.join(target_dir, 'img_001.npy')});"), lines[0]
@@ -354,6 +350,19 @@ def test_checkpoints_folder_not_writable(in_tmp, monkeypatch, capsys):
 # ----------------------------------------------------------------------------------------
 # Checkpoints
 # ----------------------------------------------------------------------------------------
+
+def test_typo_in_the_run_name_lists_the_runs(tmp_path):
+    """Test with a --dataset_name that has no run folder: the runs there, and the closest."""
+    for run in ('my_run', 'EUV2Mag'):
+        os.makedirs(tmp_path / 'checkpoints' / run / 'Model')
+        (tmp_path / 'checkpoints' / run / 'Model' / '100_G.pt').touch()
+    os.makedirs(tmp_path / 'in')
+    np.save(tmp_path / 'in' / 'a.npy', np.zeros((32, 32), np.float32))
+    proc = run_test(['--gpu_ids', '-1', '--dataset_name', 'my_nyp', '--input_dir_test',
+                     str(tmp_path / 'in')], cwd=tmp_path)
+    line = assert_usage_error(proc, "'my_nyp'", 'my_run', 'EUV2Mag', '--dataset_name')
+    assert 'did you mean' in line and 'tif' not in line
+
 
 def test_test_without_any_checkpoint(tmp_path, earlier_run):
     """A run folder without generators (e.g. a run stopped before its first save)."""

@@ -1,11 +1,14 @@
-"""Long runs on shared clusters (SPEC §8): stop on a signal with a checkpoint and resume to
-the uninterrupted weights, one run per folder, write failures as one line, training states
-kept to the newest, the learning-rate decay, TensorBoard.
-
-Real training processes (`python pix2pixCC_Train.py`) with the TINY network on six 32x32 npy
-pairs; signals are sent once the run has reported a given step.
+"""Long runs on shared clusters, as README "Long runs on a cluster" and "Resuming and
+reproducibility" document them: a signal stops the run with a checkpoint and the resume
+gives the uninterrupted weights, SIGKILL at any moment leaves every saved file whole, one run
+per folder (the lock, on any file system), write failures as one line (README "What happens
+when…"), atomic writes, training states kept to the newest, branches when resuming from an
+older step, the learning-rate decay and TensorBoard; real training processes
+(conftest.Training signals one once it has reported a given step) with the TINY network on
+six 32x32 npy pairs.
 """
 import errno
+import json
 import os
 import pickle
 import re
@@ -15,67 +18,26 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 import torch
 
 import pix2pixCC_Train
 import pix2pixCC_Utils
-from conftest import (NPY_DATA, SUBPROCESS_ENV, TINY, TRAIN_SCRIPT, assert_ok,
-                      assert_same_weights, assert_usage_error, load, loss_rows, model_dir,
-                      reported_steps, run_test, run_train, saved_steps_in, snapshot)
+from conftest import (AUGMENT, NPY_DATA, TINY, TORCHRUN, TRAIN_SCRIPT, Training,
+                      assert_identical_weights, assert_ok, assert_usage_error, copy_run, load,
+                      logged_steps, loss_rows, model_dir, reported_steps, run_command, run_dir,
+                      run_test, run_train, saved_steps_in, snapshot, train_opt)
+from pix2pixCC_Networks import Generator
 from pix2pixCC_Options import run_main
+from pix2pixCC_Utils import atomic_path
 
-DATA = NPY_DATA
 # Six pairs, batch 1: one epoch at the full lr, then two decaying ones (18 steps); saves at
 # 4, 8, 12, 16 and the final 18.
-RUN = TINY + DATA + ['--max_rotation_angle', '10', '--padding_size', '4', '--seed', '7',
-                     '--n_workers', '0', '--save_freq', '4', '--report_freq', '1',
-                     '--display_freq', '1000', '--n_epochs', '1', '--n_epochs_decay', '2']
+RUN = TINY + NPY_DATA + AUGMENT + ['--seed', '7', '--n_workers', '0', '--save_freq', '4',
+                                   '--report_freq', '1', '--display_freq', '1000',
+                                   '--n_epochs', '1', '--n_epochs_decay', '2']
 FINAL = 18
-
-
-def run_dir(root):
-    return os.path.join(str(root), 'checkpoints', 'pix2pixCC')
-
-
-def assert_identical_weights(path_a, path_b):
-    assert_same_weights(path_a, path_b, tolerance=0)
-
-
-class Training:
-    """A training process whose output is read line by line (to signal it at a given step)."""
-
-    def __init__(self, args, cwd, command=None):
-        command = command or [sys.executable, TRAIN_SCRIPT]
-        self.proc = subprocess.Popen(command + [str(a) for a in args], cwd=str(cwd),
-                                     env=dict(SUBPROCESS_ENV, PYTHONUNBUFFERED='1'),
-                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                     text=True, bufsize=1)
-        self.lines = []
-
-    def wait_for(self, pattern, timeout=120):
-        """Read output until a line matches `pattern`; returns the match."""
-        deadline = time.time() + timeout
-        while time.time() < deadline:
-            line = self.proc.stdout.readline()
-            if not line:
-                break
-            self.lines.append(line)
-            match = re.search(pattern, line)
-            if match:
-                return match
-        self.kill()
-        raise AssertionError(f"no line matching {pattern!r}:\n{''.join(self.lines)[-3000:]}")
-
-    def finish(self, timeout=120):
-        out, _ = self.proc.communicate(timeout=timeout)
-        self.lines.append(out)
-        return self.proc.returncode, ''.join(self.lines)
-
-    def kill(self):
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
 
 
 @pytest.fixture(scope='module')
@@ -87,7 +49,7 @@ def full_run(tmp_path_factory, data):
 
 
 # ----------------------------------------------------------------------------------------
-# 1. Graceful stop
+# 1. Stopped by a signal, or killed
 # ----------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize('signum', [signal.SIGTERM, signal.SIGINT, signal.SIGUSR1])
@@ -120,7 +82,7 @@ def test_a_signal_saves_the_step_reached_and_the_resume_is_exact(signum, full_ru
     for name in (f'{FINAL}_G.pt', f'{FINAL}_D.pt'):
         assert_identical_weights(os.path.join(model_dir(tmp_path), name),
                                  os.path.join(model_dir(full_run), name))
-    assert [int(r['step']) for r in loss_rows(tmp_path)] == list(range(1, FINAL + 1))
+    assert logged_steps(tmp_path) == list(range(1, FINAL + 1))
 
 
 def test_a_sigkill_during_the_decay_resumes_to_the_uninterrupted_weights(full_run, data,
@@ -136,6 +98,59 @@ def test_a_sigkill_during_the_decay_resumes_to_the_uninterrupted_weights(full_ru
     assert reported_steps(resumed.stdout)[0] == newest + 1
     assert_identical_weights(os.path.join(model_dir(tmp_path), f'{FINAL}_G.pt'),
                              os.path.join(model_dir(full_run), f'{FINAL}_G.pt'))
+
+
+def test_killed_run_leaves_loadable_checkpoints_and_resumes(data, tmp_path):
+    """SIGKILL while a checkpoint is most likely being written: every file under a final
+    name loads, the log is consistent, and the newest complete step resumes, continuing the
+    log without a step twice."""
+    folder = model_dir(tmp_path)
+    run = Training(TINY + NPY_DATA + AUGMENT + data + [
+        '--seed', '2', '--n_workers', '0', '--n_epochs', '1000', '--save_freq', '2',
+        '--report_freq', '1', '--display_freq', '1000'], tmp_path)
+    try:
+        deadline = time.time() + 120
+        # Kill as soon as the third generator file appears: most likely while the D or
+        # state file of that step is still being written.
+        while time.time() < deadline and run.proc.poll() is None:
+            if os.path.isdir(folder) and len(saved_steps_in(folder)) >= 3:
+                break
+            time.sleep(0.02)
+        run.proc.send_signal(signal.SIGKILL)
+    finally:
+        run.kill()
+    code, out = run.finish()
+    assert code == -signal.SIGKILL, out[-3000:]
+
+    # Every file under a final name is complete; only hidden temporaries may be partial.
+    for name in os.listdir(folder):
+        if name.startswith('.tmp-'):
+            continue
+        assert re.fullmatch(r'\d+_(G|D|state)\.pt', name), name
+        load(os.path.join(folder, name))
+    with open(os.path.join(run_dir(tmp_path), 'train_options.json')) as f:
+        assert json.load(f)['seed'] == 2
+    rows_before = loss_rows(tmp_path)
+    assert rows_before and all(set(row) == set(rows_before[0]) for row in rows_before)
+    assert all(int(row['step']) >= 1 for row in rows_before)
+
+    complete = [s for s in saved_steps_in(folder) if all(
+        os.path.isfile(os.path.join(folder, f'{s}_{k}.pt')) for k in ('D', 'state'))]
+    assert complete, os.listdir(folder)
+    newest = complete[-1]
+    n_epochs = newest // 6 + 2
+    proc = run_train(['--gpu_ids', '-1', '--latest_iter', '-1', '--n_epochs', str(n_epochs)],
+                     cwd=tmp_path)
+    assert_ok(proc)
+    assert reported_steps(proc.stdout)[0] == newest + 1
+    final = n_epochs * 6
+    assert max(saved_steps_in(folder)) == final > newest
+    assert load(os.path.join(folder, f'{final}_state.pt'))['step'] == final
+    # One log row per step, none twice; the rows up to the checkpoint are kept as they were.
+    rows = loss_rows(tmp_path)
+    assert [int(row['step']) for row in rows] == list(range(1, final + 1))
+    assert [row for row in rows if int(row['step']) <= newest] == \
+        [row for row in rows_before if int(row['step']) <= newest]
 
 
 def sigint_after_step(n):
@@ -196,11 +211,6 @@ def test_a_signal_before_the_first_step_exits_cleanly(tmp_path, data, monkeypatc
     assert signal.getsignal(signal.SIGTERM) is previous  # the handlers are given back
 
 
-def torchrun_command():
-    return [sys.executable, '-m', 'torch.distributed.run', '--standalone',
-            '--nproc_per_node=2', TRAIN_SCRIPT]
-
-
 def parent_pid(pid):
     with open(f'/proc/{pid}/stat') as f:
         return int(f.read().rsplit(')', 1)[1].split()[1])
@@ -226,7 +236,7 @@ def test_under_torchrun_a_signal_to_one_process_stops_every_process_at_one_step(
     """SIGTERM to rank 1 only: both processes stop at the same step and rank 0 saves it.
     (That a resumed torchrun run continues exactly is test_distributed's.)"""
     args = RUN + data + ['--n_epochs_decay', '0', '--n_epochs', '100']
-    run = Training(args, tmp_path, torchrun_command())
+    run = Training(args, tmp_path, TORCHRUN)
     run.wait_for(r'Current_step: 8 ')
     os.kill(rank_pid(run.proc.pid, 1), signal.SIGTERM)
     code, out = run.finish()
@@ -240,8 +250,76 @@ def test_under_torchrun_a_signal_to_one_process_stops_every_process_at_one_step(
     assert state['step'] == step
 
 
+@pytest.mark.parametrize('wrapped', [False, True], ids=['plain', 'wrapped-by-the-library'])
+def test_a_stop_signal_while_the_resumed_checkpoint_loads_is_a_stop(full_run, tmp_path,
+                                                                    monkeypatch, capsys,
+                                                                    wrapped):
+    """SIGUSR1 arrives inside torch.load: exit 138 with the stop line, not 'cannot load' (which
+    would tell the user to delete a good file and keep a requeue script from requeueing),
+    also when the library turns the interruption into an error of its own."""
+    copy_run(full_run, tmp_path)
+    monkeypatch.chdir(tmp_path)
+    before = snapshot(run_dir(tmp_path))
+    real_load = torch.load
+
+    def interrupted_load(*args, **kwargs):
+        try:
+            os.kill(os.getpid(), signal.SIGUSR1)
+            return real_load(*args, **kwargs)
+        except Exception as error:
+            if wrapped:  # as torch's weights-only unpickler reports what went wrong inside
+                raise pickle.UnpicklingError(f'Weights only load failed: {error}') from None
+            raise
+
+    monkeypatch.setattr(torch, 'load', interrupted_load)
+    assert run_main(pix2pixCC_Train.main, ['--gpu_ids', '-1', '--latest_iter', '-1']) == 138
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].endswith(
+        'error: stopped by SIGUSR1 before the first training step; nothing was saved'), err
+    assert 'cannot load' not in err
+    assert snapshot(run_dir(tmp_path)) == before
+
+
+@pytest.mark.parametrize('kind', ['G', 'D', 'state'])
+def test_a_second_sigint_inside_any_write_of_the_stop_checkpoint_aborts_cleanly(
+        kind, data, tmp_path, monkeypatch, capfd):
+    """Ctrl-C at step 6, and Ctrl-C again while torch.save is writing the stop's `6_<kind>.pt`
+    (torch then reports a broken stream): exit 130 with one line and no traceback; no file of
+    step 6 remains, and step 4 is complete."""
+    monkeypatch.chdir(tmp_path)
+    real_save = torch.save
+
+    def save_interrupted_inside(data, file, *args, **kwargs):
+        if getattr(getattr(file, 'file', None), 'name', '').endswith(f'-6_{kind}.pt'):
+            write, writes = file.write, []
+
+            def write_then_interrupt(chunk):
+                writes.append(len(chunk))
+                if len(writes) == 2:
+                    os.kill(os.getpid(), signal.SIGINT)
+                return write(chunk)
+            file.write = write_then_interrupt
+        return real_save(data, file, *args, **kwargs)
+
+    monkeypatch.setattr(pix2pixCC_Train, 'train_step', sigint_after_step(6))
+    monkeypatch.setattr(torch, 'save', save_interrupted_inside)
+    assert run_main(pix2pixCC_Train.main, RUN + data + ['--n_epochs', '100']) == 130
+    err = capfd.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert 'Traceback' not in err
+    assert 'SIGINT received' in lines[0] and len(lines) == 2, lines
+    assert lines[-1].endswith('aborted by a second SIGINT after step 6; the newest complete '
+                              'checkpoint, ./checkpoints/pix2pixCC/Model/4_G.pt (step 4), is '
+                              'intact; resume with --latest_iter -1'), lines
+    folder = model_dir(tmp_path)
+    assert sorted(os.listdir(folder)) == ['4_D.pt', '4_G.pt', '4_state.pt']
+    for name in os.listdir(folder):
+        load(os.path.join(folder, name))
+
+
 # ----------------------------------------------------------------------------------------
-# 2. One run per folder
+# 2. One run per folder: the lock, on any file system
 # ----------------------------------------------------------------------------------------
 
 def test_a_second_run_in_the_same_folder_is_refused_while_the_first_runs(data, tmp_path):
@@ -258,7 +336,7 @@ def test_a_second_run_in_the_same_folder_is_refused_while_the_first_runs(data, t
         assert_usage_error(resumed, f'process {first.proc.pid}')
         # The Test script only reads checkpoints: never blocked.
         test_in = data[1]
-        assert_ok(run_test(TINY + DATA + ['--input_dir_test', test_in, '--iteration', '4'],
+        assert_ok(run_test(TINY + NPY_DATA + ['--input_dir_test', test_in, '--iteration', '4'],
                            cwd=tmp_path))
         first.wait_for(r'Current_step: 14 ')
         first.proc.send_signal(signal.SIGTERM)
@@ -266,12 +344,68 @@ def test_a_second_run_in_the_same_folder_is_refused_while_the_first_runs(data, t
         assert code == 143, out[-3000:]
     finally:
         first.kill()
-    steps = [int(r['step']) for r in loss_rows(tmp_path)]
+    steps = logged_steps(tmp_path)
     assert steps == list(range(1, steps[-1] + 1))  # the first run's log, each step once
 
 
+@pytest.mark.parametrize('code', [errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS])
+def test_a_file_system_without_flock_trains_with_one_warning(code, data, tmp_path,
+                                                             monkeypatch, capsys):
+    """NFS without lockd, Lustre without flock: flock fails with something other than 'held
+    by another process'. The run trains, saying once that a second run would go unnoticed."""
+    import fcntl
+    monkeypatch.chdir(tmp_path)
+
+    def no_flock(fd, operation):
+        raise OSError(code, os.strerror(code))
+
+    monkeypatch.setattr(fcntl, 'flock', no_flock)
+    assert run_main(pix2pixCC_Train.main, TINY + NPY_DATA + data + ['--n_workers', '0',
+                                                                 '--n_epochs', '1']) == 0
+    out = capsys.readouterr().out
+    warnings = [line for line in out.splitlines() if line.startswith('warning: cannot lock')]
+    assert len(warnings) == 1, out
+    assert os.strerror(code) in warnings[0] and 'would not be detected' in warnings[0]
+    assert saved_steps_in(model_dir(tmp_path)) == [6]
+
+
+def test_the_lock_file_is_never_written_through_a_symbolic_link(data, tmp_path):
+    """A run folder copied with links (cp -s) has a train.lock that points into another run:
+    the run replaces the link with a file of its own, and the file it pointed to is as it
+    was."""
+    other = tmp_path / 'other_run.lock'
+    other.write_text('process 4242 on host elsewhere, started 2026-11-25T14:02:11+00:00\n')
+    os.makedirs(run_dir(tmp_path))
+    os.symlink(other, os.path.join(run_dir(tmp_path), 'train.lock'))
+    assert_ok(run_train(TINY + NPY_DATA + data + ['--n_workers', '0', '--n_epochs', '1'],
+                        cwd=tmp_path))
+    assert other.read_text() == 'process 4242 on host elsewhere, started ' \
+                                '2026-11-25T14:02:11+00:00\n'
+    assert not os.path.lexists(os.path.join(run_dir(tmp_path), 'train.lock'))
+
+
+def test_a_finished_run_leaves_no_lock_file_and_a_refused_one_no_folder(data, tmp_path):
+    assert_ok(run_train(TINY + NPY_DATA + data + ['--n_workers', '0', '--n_epochs', '1'],
+                        cwd=tmp_path))
+    assert 'train.lock' not in os.listdir(run_dir(tmp_path))
+
+    # Refused before its first step (a folder that does not exist, then files of another
+    # format): no run folder, no ./checkpoints, nothing for the Test script to list.
+    elsewhere = tmp_path / 'elsewhere'
+    elsewhere.mkdir()
+    for mistake in (['--input_dir_train', str(tmp_path / 'nowhere')],
+                    ['--data_format_input', 'fits']):
+        assert_usage_error(run_train(TINY + NPY_DATA + data + ['--n_workers', '0', *mistake],
+                                     cwd=elsewhere))
+        assert os.listdir(elsewhere) == []
+    os.makedirs(tmp_path / 'checkpoints' / 'refused' / 'Model')  # as an older version left it
+    listing = run_test(TINY + NPY_DATA + ['--dataset_name', 'pix2pixCX', '--input_dir_test',
+                                      data[1]], cwd=tmp_path)
+    assert_usage_error(listing, "did you mean 'pix2pixCC'", 'runs there: pix2pixCC;')
+
+
 # ----------------------------------------------------------------------------------------
-# 3. Write failures
+# 3. Write failures and atomic writes
 # ----------------------------------------------------------------------------------------
 
 def mount_tmpfs(folder, size):
@@ -357,6 +491,53 @@ def test_write_errors_name_the_file_and_the_checkpoint(target, code, data, tmp_p
         assert not [n for n in names if n.startswith('.tmp-')], (folder, names)
 
 
+def test_atomic_path_writes_a_whole_file_or_nothing(tmp_path):
+    """A file takes its name only once written whole; a block that fails (an error, or
+    Ctrl-C mid-write) leaves the old file as it was, or none, and no temporary."""
+    target = tmp_path / 'out.npy'
+    with atomic_path(str(target)) as temporary:
+        assert temporary.endswith('.npy') and temporary != str(target)
+        np.save(temporary, np.arange(3))
+        assert not target.exists()
+    np.testing.assert_array_equal(np.load(target), np.arange(3))
+    with pytest.raises(RuntimeError):
+        with atomic_path(str(tmp_path / 'bad.npy')) as temporary:
+            np.save(temporary, np.arange(3))
+            raise RuntimeError('killed mid-write')
+    assert sorted(os.listdir(tmp_path)) == ['out.npy']  # nothing partial, no temporary left
+    path = tmp_path / 'model.pt'
+    path.write_bytes(b'old complete file')
+    with pytest.raises(KeyboardInterrupt):
+        with atomic_path(str(path)) as temporary:
+            with open(temporary, 'wb') as f:
+                f.write(b'half of a new')
+            raise KeyboardInterrupt  # as if interrupted mid-write
+    assert path.read_bytes() == b'old complete file'
+    assert sorted(os.listdir(tmp_path)) == ['model.pt', 'out.npy']
+
+
+def test_an_interrupted_checkpoint_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    G = Generator(train_opt())
+    path = str(tmp_path / '4_G.pt')
+    pix2pixCC_Utils.save_state_dict(G, path)
+    before = open(path, 'rb').read()
+
+    def dies_half_way(obj, f, *args, **kwargs):
+        f.write(before[:len(before) // 2])
+        raise OSError(28, 'No space left on device')
+
+    monkeypatch.setattr(pix2pixCC_Utils.torch, 'save', dies_half_way)
+    with torch.no_grad():
+        for p in G.parameters():
+            p.add_(1.0)
+    with pytest.raises(pix2pixCC_Utils.WriteError, match='4_G.pt: No space left on device'):
+        pix2pixCC_Utils.save_state_dict(G, path)
+    monkeypatch.undo()
+    assert open(path, 'rb').read() == before
+    assert os.listdir(tmp_path) == ['4_G.pt']
+    load(path)
+
+
 # ----------------------------------------------------------------------------------------
 # 4. Disk use
 # ----------------------------------------------------------------------------------------
@@ -402,36 +583,17 @@ def test_the_lr_of_every_epoch_follows_the_linear_decay(full_run):
 
 
 def test_a_new_schedule_given_on_resume_applies_from_the_resumed_epoch(full_run, tmp_path):
-    shutil.copytree(run_dir(full_run), run_dir(tmp_path))
+    copy_run(full_run, tmp_path)
     proc = run_train(['--gpu_ids', '-1', '--latest_iter', '12', '--lr', '0.001',
                       '--n_epochs_decay', '4'], cwd=tmp_path)
     assert_ok(proc)
     rows = loss_rows(tmp_path)
-    assert [int(r['step']) for r in rows] == list(range(1, 6 * 5 + 1))
+    assert logged_steps(tmp_path) == list(range(1, 6 * 5 + 1))
     for row in rows:
         epoch = int(row['epoch'])
         expected = 2e-4 * (1 - (epoch - 1) / 3) if epoch <= 2 else 1e-3 * (1 - (epoch - 1) / 5)
         assert float(row['lr']) == pytest.approx(expected, rel=1e-12), row
     assert 'Epoch: 5/5' in proc.stdout
-
-
-def test_log_rows_are_means_since_the_last_report_and_a_short_run_logs_at_the_end(
-        data, tmp_path):
-    proc = run_train(TINY + DATA + data + ['--n_workers', '0', '--report_freq', '4',
-                                           '--n_epochs', '1', '--save_freq', '100'],
-                     cwd=tmp_path)
-    assert_ok(proc)
-    rows = loss_rows(tmp_path)
-    assert [(int(r['step']), int(r['samples'])) for r in rows] == [(4, 4), (6, 2)]
-    assert '(means of 4 samples)' in proc.stdout
-    assert os.path.isfile(os.path.join(run_dir(tmp_path), 'loss_curve.png'))
-
-    shorter = tmp_path / 'shorter'
-    shorter.mkdir()
-    assert_ok(run_train(TINY + DATA + data + ['--n_workers', '0', '--n_epochs', '1'],
-                        cwd=shorter))  # report_freq 100 > 6 samples
-    assert [int(r['step']) for r in loss_rows(shorter)] == [6]
-    assert os.path.isfile(os.path.join(run_dir(shorter), 'loss_curve.png'))
 
 
 # ----------------------------------------------------------------------------------------
@@ -479,9 +641,8 @@ def test_tensorboard_asked_for_but_not_installed_is_one_line(data, tmp_path):
             f"sys.path.insert(0, {os.path.dirname(TRAIN_SCRIPT)!r}); "
             "import pix2pixCC_Train as t; from pix2pixCC_Options import run_main; "
             "sys.exit(run_main(t.main))")
-    proc = subprocess.run([sys.executable, '-c', code, *RUN, *data, '--tensorboard'],
-                          cwd=str(tmp_path), env=SUBPROCESS_ENV, capture_output=True,
-                          text=True, timeout=120)
+    proc = run_command([sys.executable, '-c', code, *RUN, *data, '--tensorboard'], tmp_path,
+                       timeout=120)
     assert_usage_error(proc, '--tensorboard', 'pip install tensorboard')
     assert not os.path.exists(os.path.join(run_dir(tmp_path), 'Model'))
 
@@ -490,7 +651,7 @@ def test_a_new_run_where_an_earlier_one_saved_nothing_starts_fresh_curves(data, 
     """An earlier run's events stay only with its checkpoints: a new run in a folder whose
     earlier run ended before its first save draws each step once."""
     pytest.importorskip('tensorboard', reason='tensorboard is an optional dependency')
-    short = TINY + DATA + data + ['--n_workers', '0', '--n_epochs', '1', '--report_freq', '1',
+    short = TINY + NPY_DATA + data + ['--n_workers', '0', '--n_epochs', '1', '--report_freq', '1',
                                   '--tensorboard']
     assert_ok(run_train(short + ['--seed', '1'], cwd=tmp_path))
     for name in os.listdir(model_dir(tmp_path)):  # as if it had died before its first save
@@ -516,7 +677,7 @@ def test_resuming_from_an_older_step_starts_a_new_branch(full_run, data, tmp_pat
     branch = ['--gpu_ids', '-1', '--latest_iter', '8', '--lr', '0.0001']
     whole, stopped = tmp_path / 'whole', tmp_path / 'stopped'
     for root in (whole, stopped):
-        shutil.copytree(run_dir(full_run), run_dir(root))
+        copy_run(full_run, root)
     assert_ok(run_train(branch, cwd=whole))
 
     run = Training(branch, stopped)
@@ -537,7 +698,7 @@ def test_resuming_from_an_older_step_starts_a_new_branch(full_run, data, tmp_pat
                 open(os.path.join(model_dir(full_run), name), 'rb') as original:
             assert moved.read() == original.read()
     assert saved_steps_in(model_dir(stopped)) == [4, 8, step]
-    test = run_test(TINY + DATA + ['--input_dir_test', data[1], '--iteration', '-1',
+    test = run_test(TINY + NPY_DATA + ['--input_dir_test', data[1], '--iteration', '-1',
                                    '--n_workers', '0'], cwd=stopped)
     assert_ok(test)
     assert [int(n) for n in re.findall(r'^iteration (\d+): ', test.stdout, re.MULTILINE)] == \
@@ -553,7 +714,7 @@ def test_resuming_from_an_older_step_starts_a_new_branch(full_run, data, tmp_pat
 
 
 def test_resuming_a_finished_run_says_that_nothing_is_left_to_train(full_run, tmp_path):
-    shutil.copytree(run_dir(full_run), run_dir(tmp_path))
+    copy_run(full_run, tmp_path)
     before = snapshot(run_dir(tmp_path))
     proc = run_train(['--gpu_ids', '-1', '--latest_iter', '-1'], cwd=tmp_path)
     assert_ok(proc)
@@ -568,7 +729,7 @@ def test_a_run_folder_copied_under_another_name_is_resumed_where_the_command_say
     original run, whose name the saved options hold, is not touched."""
     assert_ok(run_train(RUN + data + ['--dataset_name', 'original', '--n_epochs_decay', '0'],
                         cwd=tmp_path))
-    original = os.path.join(str(tmp_path), 'checkpoints', 'original')
+    original = run_dir(tmp_path, 'original')
     shutil.copytree(original, run_dir(tmp_path))
     before = snapshot(original)
     proc = run_train(['--gpu_ids', '-1', '--latest_iter', '-1', '--n_epochs', '2'],
@@ -577,135 +738,3 @@ def test_a_run_folder_copied_under_another_name_is_resumed_where_the_command_say
     assert snapshot(original) == before
     assert saved_steps_in(model_dir(tmp_path))[-1] == 12
     assert 'run: ./checkpoints/pix2pixCC (resuming from step 6' in proc.stdout
-
-
-# ----------------------------------------------------------------------------------------
-# 8. Signals while a run starts or saves
-# ----------------------------------------------------------------------------------------
-
-@pytest.mark.parametrize('wrapped', [False, True], ids=['plain', 'wrapped-by-the-library'])
-def test_a_stop_signal_while_the_resumed_checkpoint_loads_is_a_stop(full_run, tmp_path,
-                                                                    monkeypatch, capsys,
-                                                                    wrapped):
-    """SIGUSR1 arrives inside torch.load: exit 138 with the stop line, not 'cannot load' (which
-    would tell the user to delete a good file and keep a requeue script from requeueing),
-    also when the library turns the interruption into an error of its own."""
-    shutil.copytree(run_dir(full_run), run_dir(tmp_path))
-    monkeypatch.chdir(tmp_path)
-    before = snapshot(run_dir(tmp_path))
-    real_load = torch.load
-
-    def interrupted_load(*args, **kwargs):
-        try:
-            os.kill(os.getpid(), signal.SIGUSR1)
-            return real_load(*args, **kwargs)
-        except Exception as error:
-            if wrapped:  # as torch's weights-only unpickler reports what went wrong inside
-                raise pickle.UnpicklingError(f'Weights only load failed: {error}') from None
-            raise
-
-    monkeypatch.setattr(torch, 'load', interrupted_load)
-    assert run_main(pix2pixCC_Train.main, ['--gpu_ids', '-1', '--latest_iter', '-1']) == 138
-    err = capsys.readouterr().err
-    lines = [line for line in err.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].endswith(
-        'error: stopped by SIGUSR1 before the first training step; nothing was saved'), err
-    assert 'cannot load' not in err
-    assert snapshot(run_dir(tmp_path)) == before
-
-
-@pytest.mark.parametrize('kind', ['G', 'D', 'state'])
-def test_a_second_sigint_inside_any_write_of_the_stop_checkpoint_aborts_cleanly(
-        kind, data, tmp_path, monkeypatch, capfd):
-    """Ctrl-C at step 6, and Ctrl-C again while torch.save is writing the stop's `6_<kind>.pt`
-    (torch then reports a broken stream): exit 130 with one line and no traceback; no file of
-    step 6 remains, and step 4 is complete."""
-    monkeypatch.chdir(tmp_path)
-    real_save = torch.save
-
-    def save_interrupted_inside(data, file, *args, **kwargs):
-        if getattr(getattr(file, 'file', None), 'name', '').endswith(f'-6_{kind}.pt'):
-            write, writes = file.write, []
-
-            def write_then_interrupt(chunk):
-                writes.append(len(chunk))
-                if len(writes) == 2:
-                    os.kill(os.getpid(), signal.SIGINT)
-                return write(chunk)
-            file.write = write_then_interrupt
-        return real_save(data, file, *args, **kwargs)
-
-    monkeypatch.setattr(pix2pixCC_Train, 'train_step', sigint_after_step(6))
-    monkeypatch.setattr(torch, 'save', save_interrupted_inside)
-    assert run_main(pix2pixCC_Train.main, RUN + data + ['--n_epochs', '100']) == 130
-    err = capfd.readouterr().err
-    lines = [line for line in err.splitlines() if line.strip()]
-    assert 'Traceback' not in err
-    assert 'SIGINT received' in lines[0] and len(lines) == 2, lines
-    assert lines[-1].endswith('aborted by a second SIGINT after step 6; the newest complete '
-                              'checkpoint, ./checkpoints/pix2pixCC/Model/4_G.pt (step 4), is '
-                              'intact; resume with --latest_iter -1'), lines
-    folder = model_dir(tmp_path)
-    assert sorted(os.listdir(folder)) == ['4_D.pt', '4_G.pt', '4_state.pt']
-    for name in os.listdir(folder):
-        load(os.path.join(folder, name))
-
-
-# ----------------------------------------------------------------------------------------
-# 9. The run lock on any file system, and what a run leaves behind
-# ----------------------------------------------------------------------------------------
-
-@pytest.mark.parametrize('code', [errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS])
-def test_a_file_system_without_flock_trains_with_one_warning(code, data, tmp_path,
-                                                             monkeypatch, capsys):
-    """NFS without lockd, Lustre without flock: flock fails with something other than 'held
-    by another process'. The run trains, saying once that a second run would go unnoticed."""
-    import fcntl
-    monkeypatch.chdir(tmp_path)
-
-    def no_flock(fd, operation):
-        raise OSError(code, os.strerror(code))
-
-    monkeypatch.setattr(fcntl, 'flock', no_flock)
-    assert run_main(pix2pixCC_Train.main, TINY + DATA + data + ['--n_workers', '0',
-                                                                 '--n_epochs', '1']) == 0
-    out = capsys.readouterr().out
-    warnings = [line for line in out.splitlines() if line.startswith('warning: cannot lock')]
-    assert len(warnings) == 1, out
-    assert os.strerror(code) in warnings[0] and 'would not be detected' in warnings[0]
-    assert saved_steps_in(model_dir(tmp_path)) == [6]
-
-
-def test_the_lock_file_is_never_written_through_a_symbolic_link(data, tmp_path):
-    """A run folder copied with links (cp -s) has a train.lock that points into another run:
-    the run replaces the link with a file of its own, and the file it pointed to is as it
-    was."""
-    other = tmp_path / 'other_run.lock'
-    other.write_text('process 4242 on host elsewhere, started 2026-11-25T14:02:11+00:00\n')
-    os.makedirs(run_dir(tmp_path))
-    os.symlink(other, os.path.join(run_dir(tmp_path), 'train.lock'))
-    assert_ok(run_train(TINY + DATA + data + ['--n_workers', '0', '--n_epochs', '1'],
-                        cwd=tmp_path))
-    assert other.read_text() == 'process 4242 on host elsewhere, started ' \
-                                '2026-11-25T14:02:11+00:00\n'
-    assert not os.path.lexists(os.path.join(run_dir(tmp_path), 'train.lock'))
-
-
-def test_a_finished_run_leaves_no_lock_file_and_a_refused_one_no_folder(data, tmp_path):
-    assert_ok(run_train(TINY + DATA + data + ['--n_workers', '0', '--n_epochs', '1'],
-                        cwd=tmp_path))
-    assert 'train.lock' not in os.listdir(run_dir(tmp_path))
-
-    # Refused before its first step (a folder that does not exist, then files of another
-    # format): no run folder, no ./checkpoints, nothing for the Test script to list.
-    elsewhere = tmp_path / 'elsewhere'
-    elsewhere.mkdir()
-    for mistake in (['--input_dir_train', str(tmp_path / 'nowhere')],
-                    ['--data_format_input', 'fits']):
-        assert_usage_error(run_train(TINY + DATA + data + ['--n_workers', '0', *mistake],
-                                     cwd=elsewhere))
-        assert os.listdir(elsewhere) == []
-    os.makedirs(tmp_path / 'checkpoints' / 'refused' / 'Model')  # as an older version left it
-    listing = run_test(TINY + DATA + ['--dataset_name', 'pix2pixCX', '--input_dir_test',
-                                      data[1]], cwd=tmp_path)
-    assert_usage_error(listing, "did you mean 'pix2pixCC'", 'runs there: pix2pixCC;')

@@ -1,15 +1,17 @@
-"""Options (SPEC section 2): names, defaults, boolean parsing, derived values, validation."""
+"""The options of both scripts, as README "Options" lists them (a test checks that the
+table is complete): names, defaults, boolean parsing, derived values, the --help text, and
+option errors (one line, exit status 2: the parser's side of README "What happens when…",
+whose whole runs are in test_errors.py). What an option does to the networks, the data or
+the outputs is tested where that behaviour lives.
+"""
+import argparse
 import os
 import re
 
-import numpy as np
 import pytest
-import torch
-import torch.nn as nn
-from scipy.stats import pearsonr
 
-from conftest import REPO, TINY, assert_usage_error, run_train, train_opt
-from pix2pixCC_Networks import Generator, Loss, Discriminator
+from conftest import REPO, TEST_SCRIPT, TINY, TRAIN_SCRIPT, assert_ok, assert_usage_error, \
+    run_script, run_train
 import pix2pixCC_Options
 from pix2pixCC_Options import TrainOption, UserError, run_main, str2bool
 
@@ -49,7 +51,7 @@ BOOLEAN_OPTIONS = ['logscale_input', 'logscale_target', 'saturation_clip_input',
 
 @pytest.mark.parametrize('option_class, own_defaults', [(TrainOption, TRAIN_DEFAULTS),
                                                          (TEST_OPTION, TEST_DEFAULTS)])
-def test_every_default_matches_spec(option_class, own_defaults):
+def test_every_default_is_the_documented_one(option_class, own_defaults):
     opt = option_class().parse([])
     expected = {**BASE_DEFAULTS, **own_defaults}
     def differs(got, want):
@@ -114,7 +116,8 @@ def test_readme_options_table_lists_every_option():
 
 
 # ----------------------------------------------------------------------------------------
-# Booleans ([fix]: the reference's type=bool makes 'False' true)
+# Booleans (README "Differences from the reference code": the published type=bool made
+# 'False' true)
 # ----------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize('text, value', [
@@ -165,7 +168,7 @@ def test_bad_boolean_is_a_usage_error(text, capsys):
 def test_str2bool():
     assert str2bool(True) is True and str2bool(False) is False
     assert str2bool(' Yes ') is True and str2bool('N') is False
-    with pytest.raises(Exception):
+    with pytest.raises(argparse.ArgumentTypeError, match="got 'perhaps'"):
         str2bool('perhaps')
 
 
@@ -173,37 +176,6 @@ def test_bad_boolean_on_the_command_line_exits_2_with_one_line(tmp_path):
     proc = run_train(TINY + ['--logscale_input', 'perhaps'], cwd=tmp_path)
     assert_usage_error(proc, '--logscale_input', 'perhaps')
     assert not os.path.exists(tmp_path / 'checkpoints')
-
-
-def test_trans_conv_false_builds_bilinear_upsampling():
-    G = Generator(train_opt('--trans_conv', 'False'))
-    kinds = [type(m) for m in G.modules()]
-    assert nn.UpsamplingBilinear2d in kinds
-    assert nn.ConvTranspose2d not in kinds
-    assert kinds.count(nn.UpsamplingBilinear2d) == 2  # n_downsample 2
-    G = Generator(train_opt('--trans_conv', 'True'))
-    kinds = [type(m) for m in G.modules()]
-    assert nn.ConvTranspose2d in kinds and nn.UpsamplingBilinear2d not in kinds
-
-
-@pytest.mark.parametrize('ccc', ['False', 'True'])
-def test_ccc_false_gives_pearson(ccc):
-    torch.manual_seed(0)
-    opt = train_opt('--ccc', ccc, '--n_CC', '1')
-    G, D = Generator(opt), Discriminator(opt)
-    input = torch.randn(1, 1, 32, 32)
-    target = input * 0.5 + 0.3 * torch.randn(1, 1, 32, 32) + 0.4
-    criterion = Loss(opt)
-    _, _, _, fake = criterion(D, G, input, target)
-    t = target.double().flatten().numpy()
-    f = fake.detach().double().flatten().numpy()
-    rho = pearsonr(t, f)[0]
-    ccc_value = 2 * np.cov(t, f, bias=True)[0, 1] / (t.var() + f.var() + (t.mean() - f.mean()) ** 2)
-    expected = rho if ccc == 'False' else ccc_value
-    other = ccc_value if ccc == 'False' else rho
-    assert abs(rho - ccc_value) > 1e-3  # the two measures differ for these data
-    assert float(criterion.terms['CC']) == pytest.approx(expected, abs=2e-5)
-    assert float(criterion.terms['CC']) != pytest.approx(other, abs=1e-4)
 
 
 # ----------------------------------------------------------------------------------------
@@ -293,3 +265,77 @@ def test_run_main_turns_user_error_into_one_line_and_status_2(capsys):
     assert err.count('\n') == 1 and 'bad file x.fits' in err and 'Traceback' not in err
 
     assert run_main(lambda argv: 0, []) == 0
+
+
+# ----------------------------------------------------------------------------------------
+# --help
+# ----------------------------------------------------------------------------------------
+
+GROUPS = ['data:', 'network:', 'augmentation:', 'checking:', 'training hyper-parameters:',
+          'logging and saving:']
+
+
+def help_entries(text):
+    """{'--name': its help entry} of a --help text."""
+    entries = re.split(r'\n  (?=--)', text.split('\n\n', 1)[1])
+    return {entry.split()[0]: ' '.join(entry.split()) for entry in entries
+            if entry.startswith('--')}
+
+
+def help_sections(text):
+    """{'section title:': [option names]} of a --help text."""
+    sections = {}
+    for block in text.split('\n\n')[1:]:
+        title, _, body = block.partition('\n')
+        sections[title] = re.findall(r'^  (--\w+)', body, re.MULTILINE)
+    return sections
+
+
+def test_train_help_groups_every_option_with_help_and_default(tmp_path):
+    proc = run_script(TRAIN_SCRIPT, ['--help'], cwd=tmp_path)
+    assert_ok(proc)
+    positions = [proc.stdout.index('\n' + group + '\n') for group in GROUPS]
+    assert positions == sorted(positions)
+    entries = help_entries(proc.stdout)
+    for name in vars(TrainOption().parse([])):
+        if name in ('is_train', 'eps', 'checkpoint_dir', 'model_dir', 'image_dir'):
+            continue  # derived, not options
+        assert f'--{name}' in entries, name
+        assert '(default:' in entries[f'--{name}'], entries[f'--{name}']
+    assert '(default: tif)' in entries['--data_format_input']
+    assert '(default: -1)' in entries['--saturation_lower_limit_input']
+    assert '-1' in entries['--latest_iter'].split('(default')[0]
+    sections = help_sections(proc.stdout)
+    for name in ('--n_epochs_decay', '--keep_states', '--tensorboard', '--lr', '--n_epochs'):
+        assert name in sections['training hyper-parameters:'], name
+    assert '--max_rotation_angle' in sections['augmentation:']
+    assert '--data_format_input' in sections['data:'] and '--n_gf' in sections['network:']
+    assert os.listdir(tmp_path) == []
+
+
+def test_test_help_shows_only_test_options_but_training_ones_still_parse(tmp_path):
+    proc = run_script(TEST_SCRIPT, ['--help'], cwd=tmp_path)
+    assert_ok(proc)
+    entries = help_entries(proc.stdout)
+    for name in ('--iteration', '--input_dir_test', '--target_dir_test', '--save_panels',
+                 '--dataset_name', '--saturation_upper_limit_target', '--target_unit',
+                 '--check_pairing', '--output_dir', '--overwrite'):
+        assert name in entries and '(default:' in entries[name], name
+    for name in ('--lr', '--lambda_CC', '--n_epochs', '--n_epochs_decay', '--keep_states',
+                 '--tensorboard', '--beta1', '--seed', '--latest_iter', '--display_freq'):
+        assert name not in proc.stdout, name
+    assert '--iteration' in help_sections(proc.stdout)['test:']
+    opt = TEST_OPTION().parse(['--lr', '0.1', '--n_epochs', '5',
+                                                '--lambda_CC', '2'])
+    assert opt.iteration == -1  # parsed, and nothing else changes
+
+
+def test_test_help_says_the_runs_options_replace_the_defaults_shown(tmp_path):
+    """The Test script takes the network and data options from train_options.json: --help
+    says so, rather than suggest its defaults (tif, -1/1, 4 downsamplings) apply."""
+    proc = run_script(TEST_SCRIPT, ['--help'], cwd=tmp_path)
+    assert_ok(proc)
+    description = ' '.join(proc.stdout.split('\n\n')[1].split())
+    assert 'train_options.json' in description and 'defaults shown' in description, \
+        description
+    assert 'network' in description and 'data options' in description

@@ -1,36 +1,34 @@
-"""Data pipeline (SPEC section 3 and the writers of section 7): reading every format, channel
-layouts, scaling and its inverse, augmentation, the paired Dataset, and writing."""
+"""The data, as README "Your own data" documents them: reading every format and channel
+layout, finding the files (one extension family), the scaling to [-1, 1] (NaN -> 0 or the
+lower limit with log, +-Inf -> the limits, clip -> log10 -> normalise) and its inverse,
+augmentation, the paired Dataset, the warnings about the saturation limits before training
+(README "What happens when…"), and the writers of the formats README "Output files" lists;
+README "Differences from the reference code" covers the scaling order, the channels, each
+side's own format and the rotation. FITS headers of generated maps are in
+test_inference_and_products.py, whole runs refused for their data in test_errors.py.
+"""
 import os
+import re
 import warnings
 
 import numpy as np
 import pytest
 import torch
 from astropy.io import fits
-from astropy.wcs import WCS
 from PIL import Image
 
-from conftest import (AIA_PLACE_AND_TIME, ALL_FORMATS, INPUT_ONLY, aia_cube_header,
-                      make_test_opt, read_user_file, smooth_field, train_opt, write_pairs,
-                      write_user_file)
+import pix2pixCC_Test
+import pix2pixCC_Train
+from conftest import (ALL_FORMATS, RECORD, SAMPLE_DATA, TINY, H, W, checked_lines, copy_sample,
+                      field, formats_and_limits, make_pairs, make_test_opt, read_user_file,
+                      train_opt, write_pairs, write_user_file)
 from pix2pixCC_Options import UserError
-from pix2pixCC_Pipeline import (CustomDataset, Scaling, generated_header, list_files,
-                                random_pad_and_crop, random_rotation, read_array,
-                                read_fits_header, stored_size, to_chw, write_array)
-
-H, W = 24, 40  # not square, so a transposed read shows
-
-
-def field(channels, low=0.0, high=100.0, seed=0, size=None, noise=0.1):
-    """Smooth random data (C, H, W) in [low, high]; (C, size, size) when size is given."""
-    rng = np.random.default_rng(seed)
-    if size is not None:
-        return smooth_field(rng, size, channels, low, high, noise)
-    return smooth_field(rng, max(H, W), channels, low, high, noise)[:, :H, :W]
-
+from pix2pixCC_Pipeline import (CustomDataset, Scaling, list_files, random_pad_and_crop,
+                                random_rotation, read_array, read_fits, read_fits_header,
+                                stored_size, to_chw, write_array)
 
 # ----------------------------------------------------------------------------------------
-# Reading: every extension, 1 and 3 channels
+# 1. Reading: every format, 1 and 3 channels
 # ----------------------------------------------------------------------------------------
 
 def user_data(fmt, channels):
@@ -206,8 +204,23 @@ def test_to_chw_layouts():
         to_chw(np.zeros(5, np.float32), 1, 'p')
 
 
+@pytest.mark.parametrize('dtype', ['>f4', '>f8', '>i2', '<f4'])
+def test_fits_reading_paths_agree_bit_for_bit(tmp_path, dtype):
+    """read_fits + to_chw gives, bit for bit, what astropy's array cast to float32 gives."""
+    rng = np.random.default_rng(2)
+    data = fits_data(rng, np.dtype(dtype))
+    path = os.path.join(str(tmp_path), 'a.fits')
+    fits.PrimaryHDU(data).writeto(path)
+    with fits.open(path, memmap=False) as hdul:
+        expected = np.array(hdul[0].data).astype(np.float32)[None]
+    got = read_array(path, 'fits', 1)
+    assert got.dtype == np.float32 and got.flags.c_contiguous and got.flags.writeable
+    assert got.tobytes() == expected.tobytes()
+    assert to_chw(read_fits(path), 1, path).tobytes() == expected.tobytes()
+
+
 # ----------------------------------------------------------------------------------------
-# list_files
+# 2. Finding the files: sorted names, one extension family
 # ----------------------------------------------------------------------------------------
 
 def test_list_files_sorted_by_name_and_filtered_by_extension(tmp_path):
@@ -234,9 +247,109 @@ def test_list_files_errors(tmp_path):
     assert '.npy' in message and '.png' in message and '--data_format_' in message
 
 
+def test_a_folder_of_tiff_files_with_format_tif(in_tmp):
+    """--data_format_input tif also finds .tiff files (README "Your own data")."""
+    rng = np.random.default_rng(1)
+    for folder in ('Input', 'Target'):
+        os.makedirs(folder)
+        for i in range(2):
+            write_user_file(f'{folder}/{i}.tiff', rng.uniform(0, 100, (32, 32)).astype(
+                np.float32), 'tiff')
+    flags = TINY + formats_and_limits('tif') + ['--dataset_name', 'tiffs', '--n_workers', '0']
+    assert pix2pixCC_Train.main(flags + ['--input_dir_train', 'Input', '--target_dir_train',
+                                         'Target', '--n_epochs', '1']) == 0
+    assert pix2pixCC_Test.main(flags + ['--input_dir_test', 'Input', '--iteration', '2']) == 0
+    # The output's extension is --data_format_target's.
+    assert sorted(os.listdir('checkpoints/tiffs/Image/Test/2')) == ['0_AI.tif', '1_AI.tif',
+                                                                    RECORD]
+
+
 # ----------------------------------------------------------------------------------------
-# Scaling
+# 3. Scaling and its inverse
 # ----------------------------------------------------------------------------------------
+
+def documented_scaling(x, lower, upper, clip=False, log=False):
+    """README "Your own data", Scaling, written out plainly in float64: NaN -> 0 (the lower
+    limit with log scale), +-Inf -> the limits; clip to the limits; log10 (values <= 0
+    become the lower limit); then the lower limit -> -1 and the upper -> +1."""
+    x = np.array(x, dtype=np.float64)
+    x = np.where(np.isnan(x), lower if log else 0.0, x)
+    x = np.where(np.isposinf(x), upper, x)
+    x = np.where(np.isneginf(x), lower, x)
+    if clip:
+        x = np.clip(x, lower, upper)
+    if log:
+        x = np.log10(np.where(x <= 0, lower, x))
+        lower, upper = np.log10(lower), np.log10(upper)
+    return (x - (upper + lower) / 2) / ((upper - lower) / 2)
+
+
+def awkward_arrays(rng, dtype):
+    """Arrays of `dtype` as Scaling.forward may get them: C-ordered, Fortran-ordered and a
+    strided view; spread over 1, 100 or 10^4 around 0, with NaN and +-Inf when the type has
+    them."""
+    for layout in ('C', 'F', 'view'):
+        x = rng.normal(0, 1, (2, 37, 41)) * rng.choice([1, 100, 1e4])
+        if np.dtype(dtype).kind == 'f':
+            u = rng.random(x.shape)
+            x[u < 0.05], x[(u > 0.05) & (u < 0.08)], x[(u > 0.08) & (u < 0.1)] = \
+                np.nan, np.inf, -np.inf
+        x = np.nan_to_num(x) if np.dtype(dtype).kind == 'i' else x
+        x = x.astype(dtype)
+        yield layout, np.asfortranarray(x) if layout == 'F' else x[:, ::2, 1::3] \
+            if layout == 'view' else x
+
+
+@pytest.mark.parametrize('limits,log', [((-1, 1), False), ((-3000, 3000), False),
+                                        ((1, 200), True), ((1e-3, 7.3), True)])
+@pytest.mark.parametrize('clip', [False, True])
+def test_scaling_gives_the_documented_values_for_any_array(limits, log, clip):
+    """Any dtype and memory layout, NaN and +-Inf included: float32 out, the input left as
+    it was, the documented values (to a few float32 ulps of the rule in float64: NaN -> 0 or
+    the lower limit, +-Inf -> +-1, the limits -> -1 and +1), and the non-finite values
+    counted."""
+    rng = np.random.default_rng(4)
+    lower, upper = float(limits[0]), float(limits[1])
+    scaling = Scaling(lower=lower, upper=upper, clip=clip, log=log)
+    nan_becomes = documented_scaling(lower if log else 0.0, lower, upper, clip, log)
+    for dtype in (np.float32, np.float64, np.int16, '>f4'):
+        for layout, x in awkward_arrays(rng, dtype):
+            before = x.copy()
+            with np.errstate(all='ignore'):
+                got = scaling.forward(x)
+                expected = documented_scaling(x, lower, upper, clip, log)
+            assert got.dtype == np.float32 and got.shape == expected.shape
+            np.testing.assert_allclose(got, expected, rtol=1e-6, atol=2e-7,
+                                       err_msg=f'{dtype} {layout}')
+            np.testing.assert_array_equal(x, before)  # the input is not modified
+            x32 = np.asarray(x, dtype=np.float32)
+            np.testing.assert_allclose(got[np.isnan(x32)], nan_becomes, rtol=0, atol=1e-6)
+            np.testing.assert_allclose(got[np.isposinf(x32)], 1, rtol=0, atol=1e-6)
+            np.testing.assert_allclose(got[np.isneginf(x32)], -1, rtol=0, atol=1e-6)
+            n_bad = int((~np.isfinite(x32)).sum())
+            assert scaling.clean(x32)[1] == n_bad
+    np.testing.assert_allclose(scaling.forward(np.float32([lower, upper])), [-1, 1], rtol=0,
+                               atol=1e-6)
+
+
+@pytest.mark.parametrize('limits,log', [((-1, 1), False), ((-3000, 3000), False),
+                                        ((1, 200), True), ((1e-3, 7.3), True)])
+@pytest.mark.parametrize('clip', [False, True])
+def test_inverse_of_forward_is_the_value_to_1e_6_relative(limits, log, clip):
+    """What the Test script relies on to write outputs in the target's units: inside the
+    limits, inverse(forward(x)) is x to 1e-6 relative (float32 arithmetic)."""
+    rng = np.random.default_rng(5)
+    lower, upper = float(limits[0]), float(limits[1])
+    if log:
+        x = 10 ** rng.uniform(np.log10(lower), np.log10(upper), (2, 37, 41))
+    else:
+        x = rng.uniform(lower, upper, (2, 37, 41))
+    x = x.astype(np.float32)
+    scaling = Scaling(lower=lower, upper=upper, clip=clip, log=log)
+    back = scaling.inverse(scaling.forward(x))
+    assert back.dtype == np.float32
+    np.testing.assert_allclose(back, x, rtol=1e-6, atol=0)
+
 
 SCALINGS = [  # lower, upper, log
     (-3000.0, 3000.0, False),
@@ -340,8 +453,58 @@ def test_scaling_from_options():
     assert s_tg.save_scale == 2
 
 
+def write_fits_pair(folder, array_in, array_tg, name='sun_0000'):
+    """One FITS pair; returns the paths of the input and the target."""
+    input_dir, target_dir = write_pairs(folder, {name: array_in}, {name: array_tg}, 'fits')
+    return os.path.join(input_dir, f'{name}.fits'), os.path.join(target_dir, f'{name}.fits')
+
+
+def reference_scaling(path, lower, upper, clip=False, log=False):
+    """The documented scaling of a FITS file's data in float64, rounded to float32 at the
+    end."""
+    return documented_scaling(fits.getdata(path), lower, upper, clip, log).astype(
+        np.float32)[None]
+
+
+def fits_data(rng, dtype, size=64, low=-50.0, high=250.0):
+    x = rng.uniform(low, high, (size, size))
+    x[3, 4], x[10, 11], x[20, 21], x[30, 31] = np.nan, np.inf, -np.inf, 0.0
+    if np.issubdtype(dtype, np.integer):
+        x = np.nan_to_num(x, nan=0, posinf=high, neginf=low)
+    return x.astype(dtype)
+
+
+OPTION_SCALINGS = [
+    dict(),  # defaults: -1..1, no clip, no log
+    dict(saturation_lower_limit_input=-50, saturation_upper_limit_input=250,
+         saturation_lower_limit_target=-50, saturation_upper_limit_target=250,
+         saturation_clip_input=True, saturation_clip_target=True),
+    dict(logscale_input=True, saturation_lower_limit_input=1, saturation_upper_limit_input=200,
+         logscale_target=True, saturation_lower_limit_target=0.5,
+         saturation_upper_limit_target=300, saturation_clip_target=True),
+]
+
+
+@pytest.mark.parametrize('scaling', OPTION_SCALINGS, ids=['default', 'clip', 'log'])
+@pytest.mark.parametrize('dtype', ['>f4', '>f8', '>i2'])
+def test_data_preparation_matches_reference(tmp_path, scaling, dtype):
+    rng = np.random.default_rng(1)
+    in_path, tg_path = write_fits_pair(str(tmp_path), fits_data(rng, np.dtype(dtype)),
+                                       fits_data(rng, np.dtype(dtype)))
+    opt = train_opt(data_format_input='fits', data_format_target='fits',
+                    input_dir_train=os.path.dirname(in_path),
+                    target_dir_train=os.path.dirname(tg_path), **scaling)
+    x, y = CustomDataset(opt)[0]
+    assert x.dtype == y.dtype == torch.float32 and x.shape == y.shape == (1, 64, 64)
+    for tensor, path, side in ((x, in_path, 'input'), (y, tg_path, 'target')):
+        s = Scaling.from_options(opt, side)
+        expected = reference_scaling(path, s.lower, s.upper, s.clip, s.log)
+        # float32 arithmetic against float64 arithmetic rounded once: a few float32 ulps
+        np.testing.assert_allclose(tensor.numpy(), expected, rtol=1e-6, atol=2e-7)
+
+
 # ----------------------------------------------------------------------------------------
-# Augmentation
+# 4. Augmentation
 # ----------------------------------------------------------------------------------------
 
 def write_pair_dirs(root, inputs, targets, fmt='npy'):
@@ -437,7 +600,7 @@ def test_rotation_by_zero_is_bit_exact():
     for seed in range(40):
         torch.manual_seed(seed)
         out = random_rotation(data, 1)
-        same = [np.array_equal(o, d) for o, d in zip(out, data)]
+        same = [np.array_equal(o, d) for o, d in zip(out, data, strict=True)]
         assert same[0] == same[1]
         outcomes.add(same[0])
     assert outcomes == {True, False}
@@ -475,12 +638,34 @@ def test_no_augmentation_returns_the_scaled_files_unchanged(tmp_path):
         np.testing.assert_allclose(y.numpy()[0], (targets[i] - 25) / 25, atol=1e-6)
 
 
+def test_no_augmentation_drawn_gives_identical_output(tmp_path):
+    """max_rotation_angle / padding_size set: whenever the draw is the identity (angle 0 and
+    the crop at the padding's offset, 1 in 27 here) the sample is bit for bit the
+    un-augmented one; the other draws change it."""
+    rng = np.random.default_rng(3)
+    in_path, tg_path = write_fits_pair(str(tmp_path), fits_data(rng, np.dtype('>f4')),
+                                       fits_data(rng, np.dtype('>f4')))
+    dirs = dict(data_format_input='fits', data_format_target='fits',
+                input_dir_train=os.path.dirname(in_path),
+                target_dir_train=os.path.dirname(tg_path))
+    plain = [t.numpy().tobytes() for t in CustomDataset(train_opt(**dirs))[0]]
+    augmented = CustomDataset(train_opt(max_rotation_angle=1, padding_size=1, **dirs))
+    torch.manual_seed(0)
+    identical = 0
+    for _ in range(300):
+        x, y = (t.numpy().tobytes() for t in augmented[0])
+        assert (x == plain[0]) == (y == plain[1])  # input and target drawn together
+        identical += x == plain[0]
+    assert 0 < identical < 100
+
+
 # ----------------------------------------------------------------------------------------
-# Dataset
+# 5. The paired Dataset
 # ----------------------------------------------------------------------------------------
 
 def test_dataset_pairs_by_sorted_name_and_uses_each_side_format(tmp_path):
-    # Input npy, target FITS: each side is read with its own format ([fix]).
+    # Input npy, target FITS: each side is read with its own format (the reference read both
+    # with the input's).
     os.makedirs(tmp_path / 'in')
     os.makedirs(tmp_path / 'tg')
     for i in (2, 0, 1):
@@ -523,7 +708,81 @@ def test_test_split_returns_input_and_name(tmp_path):
 
 
 # ----------------------------------------------------------------------------------------
-# Writing
+# 6. Checking the data before training: the saturation limits
+# ----------------------------------------------------------------------------------------
+
+def test_scaling_warning_names_the_side_the_range_and_the_options(tmp_path):
+    train_in, train_tg = make_pairs(tmp_path, 'npy', n=3, size=32)  # values 0..100
+    lines = checked_lines('--data_format_input', 'npy', '--data_format_target', 'npy',
+                          '--input_dir_train', train_in, '--target_dir_train', train_tg,
+                          '--saturation_lower_limit_target', '0',
+                          '--saturation_upper_limit_target', '100')  # input: default -1..1
+    assert len(lines) == 1, lines
+    line = lines[0]
+    assert 'input' in line and '[-1, 1]' in line and '0 to 100' in line
+    assert '--saturation_lower_limit_input' in line and '--saturation_upper_limit_input' in line
+    assert re.search(r'\b\d+% of the input values', line)
+    assert 'swapped' not in line
+
+
+def test_swapped_folders_are_named(tmp_path):
+    """Magnetograms in the input folder and EUV images in the target folder."""
+    rng = np.random.default_rng(0)
+    for folder, low, high in (('Input', -1000, 1000), ('Target', 1, 200)):
+        os.makedirs(tmp_path / folder)
+        for i in range(2):
+            np.save(tmp_path / folder / f'{i}.npy', rng.uniform(low, high, (32, 32)))
+    lines = checked_lines('--data_format_input', 'npy', '--data_format_target', 'npy',
+                          '--input_dir_train', str(tmp_path / 'Input'),
+                          '--target_dir_train', str(tmp_path / 'Target'),
+                          '--logscale_input', '--saturation_lower_limit_input', '1',
+                          '--saturation_upper_limit_input', '200',
+                          '--saturation_lower_limit_target', '-3000',
+                          '--saturation_upper_limit_target', '3000')
+    assert len(lines) == 1, lines
+    assert 'swapped' in lines[0] and '--input_dir_train' in lines[0]
+
+
+def full_disk_pairs(root, low, high):
+    """Two 32x32 npy pairs: EUV-like inputs, zero off a disk that covers a third of the frame
+    and uniform in [low, high] on it; targets in [0, 100]. Returns the training options."""
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[:32, :32]
+    disk = (yy - 15.5) ** 2 + (xx - 15.5) ** 2 < 10 ** 2
+    for folder in ('Input', 'Target'):
+        os.makedirs(root / folder)
+    for i in range(2):
+        np.save(root / 'Input' / f'{i}.npy', np.where(disk, rng.uniform(low, high, disk.shape), 0))
+        np.save(root / 'Target' / f'{i}.npy', rng.uniform(0, 100, disk.shape))
+    return ['--data_format_input', 'npy', '--data_format_target', 'npy',
+            '--input_dir_train', str(root / 'Input'), '--target_dir_train', str(root / 'Target'),
+            '--logscale_input', 'True', '--saturation_lower_limit_input', '1',
+            '--saturation_upper_limit_input', '200', '--saturation_lower_limit_target', '0',
+            '--saturation_upper_limit_target', '100']
+
+
+def test_zeros_off_the_limb_on_a_log_scale_give_no_scaling_warning(tmp_path):
+    """README "What happens when…": with log scale, values <= 0 become the lower limit by
+    design; a full-disk image whose disk lies within the limits is well scaled."""
+    assert checked_lines(*full_disk_pairs(tmp_path, 1, 200)) == []
+
+
+def test_a_disk_beyond_the_limits_on_a_log_scale_still_warns(tmp_path):
+    lines = checked_lines(*full_disk_pairs(tmp_path, 300, 3000))
+    assert len(lines) == 1, lines
+    # Every on-disk value is beyond the upper limit; the zeros off the disk are not counted.
+    assert lines[0].startswith('warning: 100% of the input values lie outside the saturation '
+                               'limits [1, 200] (observed range 0 to '), lines[0]
+
+
+def test_no_scaling_warning_on_the_sample(tmp_path):
+    train_in, train_tg, _ = copy_sample(tmp_path, n_train=4, n_test=0)
+    assert checked_lines(*SAMPLE_DATA, '--input_dir_train', train_in, '--target_dir_train',
+                         train_tg) == []
+
+
+# ----------------------------------------------------------------------------------------
+# 7. Writing the generated data
 # ----------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize('channels', [1, 3])
@@ -584,158 +843,6 @@ def test_jpeg_is_8_bit_even_with_a_large_upper_limit(tmp_path):
     with Image.open(path) as image:
         assert image.mode == 'L'
         assert np.asarray(image).max() == 255
-
-
-def test_write_fits_copies_the_header_but_not_value_cards(tmp_path):
-    header = fits.Header()
-    for key, value in [('TELESCOP', 'SYNTHETIC'), ('DATE-OBS', '2011-01-01T00:00:00'),
-                       ('CTYPE1', 'HPLN-TAN'), ('CRPIX1', 32.5), ('CDELT1', 0.6),
-                       ('CTYPE2', 'HPLT-TAN'), ('CRPIX2', 12.5), ('BUNIT', 'DN/s'),
-                       ('INSTRUME', 'AIA'), ('WAVELNTH', 304), ('ORIGIN', 'JSOC'),
-                       ('DATAMIN', 1.0), ('DATAMAX', 200.0)]:
-        header[key] = value
-    header.add_history('calibrated by the instrument team')
-    source = str(tmp_path / 'in.fits')
-    fits.PrimaryHDU(np.ones((64, 64), np.int16), header=header).writeto(source)
-    with fits.open(source) as hdul:
-        input_header = hdul[0].header.copy()
-    data = field(1, -3000, 3000)
-    path = str(tmp_path / 'out.fits')
-    # The generated map: the input's geometry and time, the targets' identity (a magnetograph
-    # that has no WAVELNTH), a unit.
-    out_header = generated_header(input_header, {'INSTRUME': 'HMI', 'TELESCOP': 'SDO/HMI'}, 'G',
-                                  ['pix2pixCC: generated from in.fits', 'pix2pixCC: iteration=7'])
-    write_array(path, data, 'fits', header=out_header)
-    with fits.open(path) as hdul:
-        assert len(hdul) == 1
-        out = hdul[0].header
-        np.testing.assert_array_equal(hdul[0].data, data[0])
-    assert out['BITPIX'] == -32
-    assert (out['NAXIS'], out['NAXIS1'], out['NAXIS2']) == (2, W, H)
-    for key in ('DATE-OBS', 'CTYPE1', 'CRPIX1', 'CDELT1', 'CTYPE2', 'CRPIX2'):
-        assert out[key] == header[key], key
-    assert (out['INSTRUME'], out['TELESCOP'], out['BUNIT']) == ('HMI', 'SDO/HMI', 'G')
-    assert out['ORIGIN'] == 'pix2pixCC'
-    for key in ('WAVELNTH', 'DATAMIN', 'DATAMAX', 'BSCALE', 'BZERO'):
-        assert key not in out, key
-    history = [str(h) for h in out['HISTORY']]
-    assert 'calibrated by the instrument team' in history
-    assert 'pix2pixCC: generated from in.fits' in history and 'pix2pixCC: iteration=7' in history
-    assert list(out.keys()).count('SIMPLE') == 1
-
-
-def input_file_header(tmp_path, cards, shape):
-    """The header of a float32 FITS input of `shape` with `cards`, as the Test reads it."""
-    path = str(tmp_path / 'input.fits')
-    with warnings.catch_warnings():
-        warnings.simplefilter('ignore')  # astropy's note on the BLANK card
-        fits.PrimaryHDU(np.zeros(shape, np.float32), header=cards).writeto(path, overwrite=True)
-    return read_fits_header(path)
-
-
-def written_header(tmp_path, input_header, input_channels, channels):
-    """The header of a generated map written from an input with `input_header`, and its
-    shape (channels x 32 x 32, one channel written as 32 x 32)."""
-    out_header = generated_header(input_header, {'INSTRUME': 'HMI', 'TELESCOP': 'SDO/HMI'},
-                                  'G', ['pix2pixCC: generated from cube.fits'],
-                                  input_channels=input_channels, channels=channels)
-    path = str(tmp_path / 'out.fits')
-    write_array(path, np.zeros((channels, 32, 32), np.float32), 'fits', header=out_header)
-    with fits.open(path) as hdul:
-        return hdul[0].header, hdul[0].data.shape
-
-
-def plane_world(wcs, pixels, plane_axes=(0, 1), naxis=None):
-    """World coordinates of image-plane `pixels` [(x, y), ...] (0-based) under `wcs`, whose
-    image-plane axes are `plane_axes` of its `naxis` pixel axes (others at pixel 0)."""
-    naxis = naxis or wcs.wcs.naxis
-    coordinates = np.zeros((len(pixels), naxis))
-    coordinates[:, list(plane_axes)] = pixels
-    world = wcs.wcs_pix2world(coordinates, 0)
-    return world[:, list(plane_axes)]
-
-
-PIXELS = [(0, 0), (10, 20), (31, 5), (15.5, 15.5)]
-
-
-@pytest.mark.filterwarnings('ignore::astropy.wcs.FITSFixedWarning')  # MJD-OBS noted
-@pytest.mark.parametrize('channels_last', [False, True])
-def test_map_from_a_multi_channel_fits_cube_has_the_image_planes_wcs(tmp_path, channels_last):
-    """README "Output files": a 2-D magnetogram made from a 3 x H x W EUV cube whose header
-    describes its wavelength axis (WCSAXES = 3, CTYPE3 = 'WAVE') has a 2-axis WCS that maps
-    its pixels where the cube's image plane maps them (the wavelength axis would leave
-    astropy, sunpy and reproject unable to use it)."""
-    input_header = input_file_header(tmp_path, aia_cube_header(32, channels_last=channels_last),
-                                     (32, 32, 3) if channels_last else (3, 32, 32))
-    input_wcs = WCS(input_header)
-    header, shape = written_header(tmp_path, input_header, 3, 1)
-    wcs = WCS(header)
-    assert shape == (32, 32) and wcs.wcs.naxis == 2 and wcs.pixel_n_dim == 2
-    assert list(wcs.wcs.ctype) == ['HPLN-TAN', 'HPLT-TAN']
-    assert 'WAVE' not in repr(header) and 'WCSAXES' not in header or header['WCSAXES'] == 2
-    np.testing.assert_allclose(plane_world(wcs, PIXELS),
-                               plane_world(input_wcs, PIXELS, (1, 2) if channels_last else
-                                           (0, 1)), rtol=0, atol=1e-9)
-    for key in ('DATE-OBS', 'T_OBS', 'HGLN_OBS', 'HGLT_OBS', 'DSUN_OBS', 'RSUN_OBS',
-                'CRLN_OBS'):
-        assert header[key] == input_header[key], key
-
-
-@pytest.mark.filterwarnings('ignore::astropy.wcs.FITSFixedWarning')  # MJD-OBS noted
-def test_several_target_channels_get_a_channel_index_axis(tmp_path):
-    """README "Output files": C target channels are written C x H x W, and the third axis of
-    their WCS is the channel index 0, 1, ... (CTYPE3 'CHANNEL'), not the input's wavelength."""
-    input_header = input_file_header(tmp_path, aia_cube_header(32), (3, 32, 32))
-    header, shape = written_header(tmp_path, input_header, 3, 2)
-    wcs = WCS(header)
-    assert shape == (2, 32, 32) and wcs.wcs.naxis == 3
-    assert (header['CTYPE3'], header['CNAME3']) == ('CHANNEL', 'target channel')
-    world = wcs.wcs_pix2world([[10, 20, 0], [10, 20, 1]], 0)
-    np.testing.assert_allclose(world[:, 2], [0, 1])
-    np.testing.assert_allclose(world[:, :2], plane_world(WCS(input_header), [(10, 20)] * 2),
-                               rtol=0, atol=1e-9)
-
-
-@pytest.mark.filterwarnings('ignore::astropy.wcs.FITSFixedWarning')  # MJD-OBS noted
-def test_map_from_a_2d_input_gets_the_channel_axis_only_for_several_channels(tmp_path):
-    cards = aia_cube_header(32)
-    for key in ('WCSAXES', 'CTYPE3', 'CUNIT3', 'CRPIX3', 'CRVAL3', 'CDELT3'):
-        del cards[key]
-    input_header = input_file_header(tmp_path, cards, (32, 32))
-    input_wcs = WCS(input_header)
-    header, _ = written_header(tmp_path, input_header, 1, 1)
-    # Already the map's axes: the input's WCS cards as they are.
-    for key in ('CTYPE1', 'CRPIX1', 'CRVAL1', 'CDELT1', 'CUNIT1', 'CROTA2', 'CRVAL2'):
-        assert header[key] == input_header[key], key
-    header, _ = written_header(tmp_path, input_header, 1, 3)
-    assert WCS(header).wcs.naxis == 3 and header['CTYPE3'] == 'CHANNEL'
-    np.testing.assert_allclose(plane_world(WCS(header), PIXELS), plane_world(input_wcs, PIXELS),
-                               rtol=0, atol=1e-9)
-
-
-def test_image_plane_that_depends_on_the_channel_gives_a_map_without_a_wcs(tmp_path):
-    """A cube whose sky position moves with the wavelength (PC1_3) has no image-plane WCS of
-    its own: the map gets none rather than a wrong one, and keeps its time and observer."""
-    cards = aia_cube_header(32)
-    del cards['CROTA2']
-    cards['PC1_3'] = 0.5
-    header, _ = written_header(tmp_path, input_file_header(tmp_path, cards, (3, 32, 32)), 3, 1)
-    assert not [key for key in header if key.startswith(('CTYPE', 'CRPIX', 'PC', 'WCSAXES'))]
-    assert header['DATE-OBS'] == cards['DATE-OBS'] and header['HGLT_OBS'] == cards['HGLT_OBS']
-
-
-def test_generated_map_drops_the_inputs_exposure_values_processing_and_file_cards(tmp_path):
-    """README "Output files": sunpy would otherwise report an HMI-like map made from AIA with
-    AIA's 2 s exposure, level 1 and AIA's value percentiles."""
-    input_header = input_file_header(tmp_path, aia_cube_header(32), (3, 32, 32))
-    header, _ = written_header(tmp_path, input_header, 3, 1)
-    for key, _ in INPUT_ONLY + [('WAVELNTH', 0), ('WAVEUNIT', 0), ('BLANK', 0)]:
-        assert key not in header, key
-    assert (header['INSTRUME'], header['TELESCOP'], header['ORIGIN']) == \
-        ('HMI', 'SDO/HMI', 'pix2pixCC')
-    for key, value in AIA_PLACE_AND_TIME:
-        if not key.startswith('C') or key.startswith('CR') and key.endswith('_OBS'):
-            assert header[key] == value, key  # place, time, observer (the WCS: above)
 
 
 def test_write_three_channel_sixteen_bit_png_is_a_user_error(tmp_path):
