@@ -8,6 +8,7 @@ as stacked EUV passbands do, with log and linear channels mixed.
 """
 import json
 import os
+import shlex
 
 import matplotlib.figure
 import numpy as np
@@ -18,7 +19,7 @@ from matplotlib.colors import LogNorm
 import pix2pixCC_Options
 import pix2pixCC_Test
 import pix2pixCC_Train
-from conftest import (TINY, assert_usage_error, make_test_opt, read_user_file,
+from conftest import (REPO, TINY, assert_usage_error, make_test_opt, read_user_file,
                       run_test, run_train, smooth_field, train_opt, write_pairs,
                       write_user_file)
 from pix2pixCC_Networks import Generator
@@ -443,3 +444,26 @@ def test_panel_colours_each_target_channel_by_its_own_limits(tmp_path, monkeypat
         spread = float(np.abs(generated[c] - real[c]).max())
         assert images[f'generated - real ch {c}'].get_clim() == \
             pytest.approx((-spread, spread), rel=1e-6)
+
+
+# ----------------------------------------------------------------------------------------
+# The README's example
+# ----------------------------------------------------------------------------------------
+
+def readme_example_commands(title):
+    """{script: argv} of the commands in the bash block of the README section `title`."""
+    with open(os.path.join(REPO, 'README.md')) as f:
+        section = f.read().split(f'\n### {title}\n', 1)[1]
+    block = section.split('```bash\n', 1)[1].split('```', 1)[0].replace('\\\n', ' ')
+    return {words[1]: words[2:] for words in map(shlex.split, block.splitlines())}
+
+
+def test_the_readme_euv_example_scales_each_passband_by_its_own_limits():
+    commands = readme_example_commands('Example: EUV to magnetogram (FITS)')
+    opt = pix2pixCC_Options.TrainOption().parse(commands['pix2pixCC_Train.py'])
+    scaling = Scaling.from_options(opt, 'input')
+    assert isinstance(scaling, PerChannelScaling) and len(scaling.scalings) == opt.input_ch == 3
+    assert all(channel.log for channel in scaling.scalings)  # one --logscale_input for all
+    assert len({(channel.lower, channel.upper) for channel in scaling.scalings}) == 3
+    assert Scaling.from_options(opt, 'target') == Scaling(-3000.0, 3000.0)
+    TEST_OPTION().parse(commands['pix2pixCC_Test.py'])  # the rest comes from the run
