@@ -15,6 +15,10 @@ DATA_FORMATS = ('tif', 'tiff', 'png', 'jpg', 'jpeg', 'npy', 'fits', 'fts', 'fit'
 # Extensions that name the same kind of file: `--data_format_input tif` also lists .tiff files.
 FORMAT_FAMILIES = (('tif', 'tiff'), ('jpg', 'jpeg'), ('fits', 'fts', 'fit'))
 FITS_FORMATS = FORMAT_FAMILIES[2]
+# The scaling options that take one value for every channel of their side or one value per
+# channel (README "Your own data", Scaling); each exists as <name>_input and <name>_target.
+PER_CHANNEL_OPTIONS = ('saturation_lower_limit', 'saturation_upper_limit', 'saturation_clip',
+                       'logscale')
 
 
 class UserError(Exception):
@@ -88,6 +92,9 @@ class BaseOption:
         # the command line gave (`explicit`); `parse` adds these defaults after.
         self.defaults = {}
         self.ignored_here = set()  # training options that the Test script ignores
+        # The Test script takes --input_ch/--target_ch from the training run (`adopt`) after
+        # parsing; until then the per-channel scaling values cannot be counted against them.
+        self.channels_known = self.is_train
         add = self.add
 
         add('data', '--data_format_input', type=lower_str, default='tif', choices=DATA_FORMATS,
@@ -99,22 +106,25 @@ class BaseOption:
         add('data', '--target_ch', type=int, default=1, help='channels of each target file')
         add('data', '--data_size', type=int, default=1024,
             help='height/width of the data (informational; the files decide)')
-        add('data', '--logscale_input', boolean=True, default=False,
-            help='take log10 of the input before normalising')
-        add('data', '--logscale_target', boolean=True, default=False,
-            help='take log10 of the target before normalising')
-        add('data', '--saturation_lower_limit_input', type=float, default=-1,
-            help='input value mapped to -1')
-        add('data', '--saturation_upper_limit_input', type=float, default=1,
-            help='input value mapped to +1')
-        add('data', '--saturation_lower_limit_target', type=float, default=-1,
-            help='target value mapped to -1')
-        add('data', '--saturation_upper_limit_target', type=float, default=1,
-            help='target value mapped to +1')
-        add('data', '--saturation_clip_input', boolean=True, default=False,
-            help='clip the input to its limits')
-        add('data', '--saturation_clip_target', boolean=True, default=False,
-            help='clip the target to its limits (the Test inverse clips too)')
+        # The scaling options take one value for every channel or one per channel
+        # (README "Your own data", Scaling).
+        add('data', '--logscale_input', boolean=True, per_channel=True, default=False,
+            help='take log10 of the input before normalising (one value, or one per channel)')
+        add('data', '--logscale_target', boolean=True, per_channel=True, default=False,
+            help='take log10 of the target before normalising (one value, or one per channel)')
+        add('data', '--saturation_lower_limit_input', type=float, per_channel=True, default=-1,
+            help='input value mapped to -1 (one value, or one per channel)')
+        add('data', '--saturation_upper_limit_input', type=float, per_channel=True, default=1,
+            help='input value mapped to +1 (one value, or one per channel)')
+        add('data', '--saturation_lower_limit_target', type=float, per_channel=True, default=-1,
+            help='target value mapped to -1 (one value, or one per channel)')
+        add('data', '--saturation_upper_limit_target', type=float, per_channel=True, default=1,
+            help='target value mapped to +1 (one value, or one per channel)')
+        add('data', '--saturation_clip_input', boolean=True, per_channel=True, default=False,
+            help='clip the input to its limits (one value, or one per channel)')
+        add('data', '--saturation_clip_target', boolean=True, per_channel=True, default=False,
+            help='clip the target to its limits, the Test inverse too (one value, or one per '
+                 'channel)')
         add('data', '--target_unit', type=str, default=None,
             help="physical unit of the targets, e.g. G: BUNIT of generated FITS files and "
                  "the panels' label (None: BUNIT of the first FITS target)")
@@ -187,19 +197,26 @@ class BaseOption:
                        default=argparse.SUPPRESS, help=argparse.SUPPRESS)
         p.option_names.append('--is_train')
 
-    def add(self, group, name, help, default, boolean=False, in_test='shown', **kwargs):
+    def add(self, group, name, help, default, boolean=False, per_channel=False, in_test='shown',
+            **kwargs):
         """Add option `name`, with its one line of `help` and its `default`, to the --help
         section `group`.
 
-        boolean: parsed by `str2bool`; a bare `--flag` means True. in_test: how the Test
-        script treats the option: 'shown' in its --help; 'hidden' from its --help (it only
-        matters in training) but parsed, with its default; 'ignored': a training option,
+        boolean: parsed by `str2bool`; a bare `--flag` means True. per_channel: takes one
+        value or several, one per channel (stored by `one_or_per_channel`). in_test: how the
+        Test script treats the option: 'shown' in its --help; 'hidden' from its --help (it
+        only matters in training) but parsed, with its default; 'ignored': a training option,
         parsed so that a training command line runs, absent from the options and named in a
         note when given (`ignored`).
         """
         if boolean:
+            kwargs.update(type=str2bool, metavar='BOOL')
+        if per_channel:
+            # A bare boolean `--flag` gives [], which `one_or_per_channel` makes True.
+            kwargs.update(nargs='*' if boolean else '+', metavar=kwargs.get('metavar', 'VALUE'))
+        elif boolean:
             # nargs='?' lets a bare `--flag` mean True while `--flag False` means False.
-            kwargs.update(type=str2bool, nargs='?', const=True, metavar='BOOL')
+            kwargs.update(nargs='?', const=True)
         dest = name.lstrip('-')
         if self.is_train or in_test == 'shown':
             help = help if '(default' in help else f'{help} (default: {default})'
@@ -267,6 +284,10 @@ class BaseOption:
 
     def finish(self, opt):
         """Validate and set the derived options (eps, output folders)."""
+        for side in ('input', 'target'):
+            for name in PER_CHANNEL_OPTIONS:
+                option = f'{name}_{side}'
+                setattr(opt, option, one_or_per_channel(getattr(opt, option)))
         self.validate(opt)
         opt.eps = 1e-4 if opt.data_type == 16 else 1e-8
         opt.checkpoint_dir = os.path.join('./checkpoints', opt.dataset_name)
@@ -282,15 +303,17 @@ class BaseOption:
             if name not in saved or saved[name] == getattr(opt, name, None):
                 continue
             if name in self.explicit:
-                overridden.append(f"--{name} {getattr(opt, name)} (trained with {saved[name]})")
+                overridden.append(f"--{name} {as_argument(getattr(opt, name))} (trained with "
+                                  f"{as_argument(saved[name])})")
             else:
                 setattr(opt, name, saved[name])
-                taken.append(f"--{name} {saved[name]}")
+                taken.append(f"--{name} {as_argument(saved[name])}")
         if taken:
             log(f"options from {source}: {' '.join(taken)}")
         if overridden:
             log(f"note: given on the command line, differing from {source}: "
                 f"{', '.join(overridden)}")
+        self.channels_known = True
         self.finish(opt)
 
     # Options that count something (at least 1), and options that must not be negative.
@@ -302,7 +325,8 @@ class BaseOption:
     def validate(self, opt):
         """Reject option values that cannot work, with a one-line message naming the option."""
         opt.gpu_ids = opt.gpu_ids.replace(' ', '')
-        for problem in (*self.number_problems(opt), *self.scaling_problems(opt)):
+        for problem in (*self.number_problems(opt),
+                        *self.scaling_problems(opt, self.channels_known)):
             self.parser.error(problem)  # exits with the first
 
     def number_problems(self, opt):
@@ -319,24 +343,77 @@ class BaseOption:
             yield f"--metric_bins must be positive integers, got {opt.metric_bins}"
 
     @staticmethod
-    def scaling_problems(opt):
+    def scaling_problems(opt, channels_known=True):
+        """--save_scale, then the scaling options of each side (`side_scaling_problems`)."""
         if opt.save_scale == 0 or not math.isfinite(opt.save_scale):
             # FITS outputs' BUNIT is the unit divided by it (README "Output files")
             yield f"--save_scale must be a non-zero finite number, got {opt.save_scale:g}"
         for side in ('input', 'target'):
-            lower = getattr(opt, f'saturation_lower_limit_{side}')
-            upper = getattr(opt, f'saturation_upper_limit_{side}')
-            if not lower < upper:
-                yield (f"--saturation_lower_limit_{side} ({lower:g}) must be below "
-                       f"--saturation_upper_limit_{side} ({upper:g})")
-            if getattr(opt, f'logscale_{side}') and lower <= 0:
-                yield (f"--logscale_{side} needs a positive --saturation_lower_limit_{side} "
-                       f"(got {lower:g}); log10 is undefined at or below 0")
+            yield from side_scaling_problems(opt, side, channels_known)
 
     @staticmethod
     def describe(opt):
         """All options as aligned `name: value` lines (pix2pixHD style)."""
         return '\n'.join(f'{key:>32}: {value}' for key, value in sorted(vars(opt).items()))
+
+
+def side_scaling_problems(opt, side, channels_known=True):
+    """A scaling option of `side` with neither one value nor one per channel (--input_ch or
+    --target_ch); when there is none, the limits of each channel (`limit_problems`).
+
+    channels_known: False while the Test script's --input_ch/--target_ch may still come from
+    the training run: the lists must then only agree with each other, and are counted
+    against the channels when the run's options are taken (`adopt`).
+    """
+    counts = {f'{name}_{side}': len(getattr(opt, f'{name}_{side}'))
+              for name in PER_CHANNEL_OPTIONS if isinstance(getattr(opt, f'{name}_{side}'), list)}
+    channels = getattr(opt, f'{side}_ch') if channels_known else max(counts.values(), default=1)
+    wrong = [(option, n) for option, n in counts.items() if n != channels]
+    if not wrong:
+        yield from limit_problems(opt, side, channels if counts else 1, per_channel=bool(counts))
+    elif channels_known:
+        option, n = wrong[0]
+        yield (f"--{option} has {n} values, but --{side}_ch is {channels}: give one value for "
+               f"every channel or one for all")
+
+
+def limit_problems(opt, side, channels, per_channel):
+    """The limits of each of `channels` channels of `side`: lower below upper, and positive
+    for log10. per_channel: the side has a value per channel, so each line names its
+    channel."""
+    lower, upper, log = (channel_values(getattr(opt, f'{name}_{side}'), channels)
+                         for name in ('saturation_lower_limit', 'saturation_upper_limit',
+                                      'logscale'))
+    for c in range(channels):
+        where = f' for {side} channel {c}' if per_channel else ''
+        if not lower[c] < upper[c]:
+            yield (f"--saturation_lower_limit_{side} ({lower[c]:g}) must be below "
+                   f"--saturation_upper_limit_{side} ({upper[c]:g}){where}")
+        if log[c] and lower[c] <= 0:
+            yield (f"--logscale_{side} needs a positive --saturation_lower_limit_{side} "
+                   f"(got {lower[c]:g}){where}; log10 is undefined at or below 0")
+
+
+def one_or_per_channel(value):
+    """A per-channel option's value as the options hold it: one value as a scalar, as before
+    these options took one per channel (so train_options.json files, checkpoints and
+    test_run.json records stay as they were), several as a list; a bare boolean flag ([])
+    means True."""
+    if not isinstance(value, (list, tuple)):
+        return value
+    if not value:
+        return True
+    return value[0] if len(value) == 1 else list(value)
+
+
+def channel_values(value, channels):
+    """The value of each of `channels` channels: a list as it is, one value repeated."""
+    return list(value) if isinstance(value, list) else [value] * channels
+
+
+def as_argument(value):
+    """An option's value as written on the command line (a list as its values)."""
+    return ' '.join(map(str, value)) if isinstance(value, list) else value
 
 
 # Options that decide the generator's shape and the data's units: the Test script takes them

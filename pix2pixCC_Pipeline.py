@@ -22,7 +22,7 @@ from PIL import Image
 from scipy.ndimage import rotate
 from torch.utils.data import DataLoader, Dataset
 
-from pix2pixCC_Options import FITS_FORMATS, FORMAT_FAMILIES, UserError
+from pix2pixCC_Options import FITS_FORMATS, FORMAT_FAMILIES, UserError, channel_values
 from pix2pixCC_Utils import ignore_stop_signals
 
 # ----------------------------------------------------------------------------------------
@@ -236,6 +236,8 @@ class Scaling:
     forward: NaN -> 0 (or `lower` with log), +Inf -> `upper`, -Inf -> `lower`; clip;
     log10 (values <= 0 -> `lower` first); y = (x - mid) / half_range.
     inverse: x = y * half_range + mid; 10**x; clip; times `save_scale`.
+    One Scaling serves every channel of the data it is given; `PerChannelScaling` gives each
+    channel its own.
     """
     lower: float
     upper: float
@@ -244,13 +246,27 @@ class Scaling:
     save_scale: float = 1.0
 
     @classmethod
-    def from_options(cls, opt, side):
-        """`side` is 'input' or 'target'."""
-        return cls(lower=float(getattr(opt, f'saturation_lower_limit_{side}')),
-                   upper=float(getattr(opt, f'saturation_upper_limit_{side}')),
-                   clip=bool(getattr(opt, f'saturation_clip_{side}')),
-                   log=bool(getattr(opt, f'logscale_{side}')),
-                   save_scale=float(getattr(opt, 'save_scale', 1.0)))
+    def from_options(cls, opt, side, save_scale=None):
+        """The scaling of `side` ('input' or 'target'): one Scaling when every channel has
+        the same limits, clip and log (as each option with one value gives), else a
+        PerChannelScaling. save_scale: by default --save_scale."""
+        channels = getattr(opt, f'{side}_ch')
+
+        def values(name):
+            return channel_values(getattr(opt, f'{name}_{side}'), channels)
+        save_scale = float(getattr(opt, 'save_scale', 1.0) if save_scale is None else save_scale)
+        scalings = [cls(lower=float(lower), upper=float(upper), clip=bool(clip), log=bool(log),
+                        save_scale=save_scale)
+                    for lower, upper, clip, log in zip(
+                        values('saturation_lower_limit'), values('saturation_upper_limit'),
+                        values('saturation_clip'), values('logscale'), strict=True)]
+        if all(scaling == scalings[0] for scaling in scalings):
+            return scalings[0]  # one chain over the whole array, as before per-channel values
+        return PerChannelScaling(tuple(scalings))
+
+    def channel(self, c):
+        """The scaling of channel `c`: this one, which every channel shares."""
+        return self
 
     def _limits(self):
         if self.log:
@@ -302,6 +318,29 @@ class Scaling:
         if self.clip:
             x = np.clip(x, self.lower, self.upper)
         return (x * self.save_scale).astype(np.float32)
+
+
+@dataclass
+class PerChannelScaling:
+    """A Scaling for each channel of C x H x W data (README "Your own data", Scaling): channel
+    c is mapped, and mapped back, by `scalings[c]` alone, with its own limits, clip and log,
+    so that passbands whose values differ by orders of magnitude each fill [-1, 1]."""
+    scalings: tuple
+
+    def channel(self, c):
+        return self.scalings[c]
+
+    def forward(self, x):
+        """Physical C x H x W values -> normalised float32, channel by channel."""
+        return self._per_channel('forward', x)
+
+    def inverse(self, y):
+        """Normalised C x H x W values -> physical values times `save_scale` (float32)."""
+        return self._per_channel('inverse', y)
+
+    def _per_channel(self, method, array):
+        return np.stack([getattr(scaling, method)(channel)
+                         for scaling, channel in zip(self.scalings, array, strict=True)])
 
 
 # ----------------------------------------------------------------------------------------
@@ -423,22 +462,39 @@ class CustomDataset(Dataset):
 NO_VALUES = {'counted': 0, 'outside': 0, 'inside_other': 0, 'min': np.inf, 'max': -np.inf}
 
 
-def value_summary(array, own, other):
-    """Counts that tell whether `array`'s values suit its scaling `own` (see `check_dataset`).
+def value_summary(array, own, other=None):
+    """For each channel c of a C x H x W `array`, counts that tell whether its values suit
+    its scaling `own.channel(c)` (see `check_dataset`).
 
-    Returns {'counted' (the finite values that `own` maps by their value, see
-    `Scaling.by_value`), 'outside' (those beyond own's limits), 'inside_other' (those within
-    `other`'s limits, the other side's scaling), 'min', 'max' (of all finite values)}.
+    Each is {'counted' (the finite values that the scaling maps by their value, see
+    `Scaling.by_value`), 'outside' (those beyond its limits), 'inside_other' (those within
+    the limits of `other.channel(c)`, the other side's scaling; 0 without `other`), 'min',
+    'max' (of all finite values)}.
     """
-    finite = array[np.isfinite(array)]
+    return [channel_summary(channel, own.channel(c),
+                            other.channel(c) if other is not None else None)
+            for c, channel in enumerate(array)]
+
+
+def channel_summary(values, own, other):
+    """`value_summary` of one channel's `values`, with the Scalings `own` and `other`."""
+    finite = values[np.isfinite(values)]
     if finite.size == 0:
         return dict(NO_VALUES)
-    values = own.by_value(finite)
-    return {'counted': int(values.size),
-            'outside': int(np.count_nonzero((values < own.lower) | (values > own.upper))),
-            'inside_other': int(np.count_nonzero((values >= other.lower) &
-                                                 (values <= other.upper))),
-            'min': float(finite.min()), 'max': float(finite.max())}
+    counted = own.by_value(finite)
+    inside_other = 0 if other is None else \
+        int(np.count_nonzero((counted >= other.lower) & (counted <= other.upper)))
+    return {'counted': int(counted.size),
+            'outside': int(np.count_nonzero((counted < own.lower) | (counted > own.upper))),
+            'inside_other': inside_other, 'min': float(finite.min()), 'max': float(finite.max())}
+
+
+def add_summary(total, summary):
+    """Add one file's `channel_summary` to `total` (the same kind of dict)."""
+    for key in ('counted', 'outside', 'inside_other'):
+        total[key] += summary[key]
+    total['min'], total['max'] = min(total['min'], summary['min']), \
+        max(total['max'], summary['max'])
 
 
 class _FileSummaries(Dataset):
@@ -453,6 +509,9 @@ class _FileSummaries(Dataset):
 
     def __getitem__(self, index):
         d = self.dataset
+        # The swapped-folder check compares channel c with the other side's channel c; with
+        # other channel counts, swapped folders already fail on the channel count.
+        comparable = d.opt.input_ch == d.opt.target_ch
         summary = {}
         for side, paths, fmt, ch, own, other in (
                 ('input', d.input_paths, d.opt.data_format_input, d.opt.input_ch,
@@ -463,48 +522,63 @@ class _FileSummaries(Dataset):
                 continue
             array = read_array(paths[index], fmt, ch)
             summary[side] = (array.shape[1:], int(array.size - np.isfinite(array).sum()),
-                             value_summary(array, own, other))
+                             value_summary(array, own, other if comparable else None))
         return summary
 
 
-# Share of a side's counted values (`value_summary`) beyond its saturation limits above which
-# the limits are probably not those of the data (a few saturated pixels are normal; most are
-# not).
+# Share of a channel's counted values (`value_summary`) beyond its saturation limits above
+# which the limits are probably not those of the data (a few saturated pixels are normal;
+# most are not).
 OUTSIDE_SHARE_WARNING = 0.2
 
 
 def scaling_warnings(values, dataset):
     """Lines that warn about limits that do not fit the data; [] when the scaling looks right.
 
-    `values`: {'input': totals, 'target': totals} of `value_summary` over every file. A side
-    warns when more than OUTSIDE_SHARE_WARNING of its counted values (finite, and positive
-    with log scale) lie outside its limits.
-    The folders look swapped when, besides, each side's values lie (all but that share)
-    within the *other* side's limits: a magnetogram in the input folder fits the target's
-    +-3000 G, and the EUV images in the target folder fit the input's 1..200.
+    `values`: {'input': totals, 'target': totals}, each a list of one channel's totals of
+    `value_summary` over every file. A channel warns when more than OUTSIDE_SHARE_WARNING of
+    its counted values (finite, and positive with log scale) lie outside its limits: one line
+    per such channel, naming the channel when its side has several.
+    The folders look swapped when, besides, each channel's values lie (all but that share)
+    within the limits of the *other* side's channel: a magnetogram in the input folder fits
+    the target's +-3000 G, and the EUV images in the target folder fit the input's 1..200.
     """
     scalings = {'input': dataset.input_scaling, 'target': dataset.target_scaling}
 
     def limits(side):
-        return f"[{scalings[side].lower:g}, {scalings[side].upper:g}]"
+        """The side's limits, once when its channels share them, else one per channel."""
+        return ', '.join(dict.fromkeys(
+            f"[{scalings[side].channel(c).lower:g}, {scalings[side].channel(c).upper:g}]"
+            for c in range(len(values[side]))))
 
     def observed(side):
-        return f"{values[side]['min']:.4g} to {values[side]['max']:.4g}"
+        """The side's range of values, over all its channels."""
+        return (f"{min(channel['min'] for channel in values[side]):.4g} to "
+                f"{max(channel['max'] for channel in values[side]):.4g}")
 
-    warned = [side for side, v in values.items()
+    warned = [(side, c) for side, channels in values.items() for c, v in enumerate(channels)
               if v['counted'] and v['outside'] > OUTSIDE_SHARE_WARNING * v['counted']]
     if warned and len(values) == 2 and all(
             v['counted'] and v['inside_other'] >= (1 - OUTSIDE_SHARE_WARNING) * v['counted']
-            for v in values.values()):
+            for channels in values.values() for v in channels):
         return [(f"warning: the input and target folders look swapped: the input values "
                  f"({observed('input')}) fit the target limits {limits('target')} and the "
                  f"target values ({observed('target')}) the input limits {limits('input')}; "
                  f"check --input_dir_train and --target_dir_train")]
-    return [(f"warning: {100 * values[side]['outside'] / values[side]['counted']:.0f}% of the "
-             f"{side} values lie outside the saturation limits {limits(side)} (observed range "
-             f"{observed(side)}); set --saturation_lower_limit_{side} and "
-             f"--saturation_upper_limit_{side} to the range that matters")
-            for side in warned]
+    return [outside_warning(side, c, len(values[side]), values[side][c],
+                            scalings[side].channel(c)) for side, c in warned]
+
+
+def outside_warning(side, c, channels, values, scaling):
+    """The line for channel `c` (of `channels`) of `side` whose `values` (totals of
+    `value_summary`) lie mostly outside the limits of its `scaling`."""
+    name = f'{side} channel {c}' if channels > 1 else side
+    several = ' (one value for every channel, or one per channel)' if channels > 1 else ''
+    return (f"warning: {100 * values['outside'] / values['counted']:.0f}% of the {name} values "
+            f"lie outside the saturation limits [{scaling.lower:g}, {scaling.upper:g}] "
+            f"(observed range {values['min']:.4g} to {values['max']:.4g}); set "
+            f"--saturation_lower_limit_{side} and --saturation_upper_limit_{side} to the range "
+            f"that matters{several}")
 
 
 def check_dataset(dataset, multiple, n_workers=0, log=print, progress=None):
@@ -513,9 +587,9 @@ def check_dataset(dataset, multiple, n_workers=0, log=print, progress=None):
     Checks: readable, channel count, input/target height and width equal, height and width
     multiples of `multiple` (the generator's stride). NaN/Inf values are counted and reported
     in one line per side that has any (`nonfinite_warning`; the scaling replaces them).
-    Limits that do not fit the data (a large share of values outside them, or folders that
-    look swapped) are warned about in one line each (`scaling_warnings`). Returns the
-    (height, width) of the first pair.
+    Limits that do not fit the data (a large share of a channel's values outside them, or
+    folders that look swapped) are warned about in one line each (`scaling_warnings`).
+    Returns the (height, width) of the first pair.
     """
     loader = DataLoader(_FileSummaries(dataset), batch_size=None, num_workers=n_workers,
                         worker_init_fn=ignore_stop_signals)
@@ -540,23 +614,29 @@ def check_dataset(dataset, multiple, n_workers=0, log=print, progress=None):
                 count = nonfinite.setdefault(side, [0, 0, paths[side][index]])
                 count[0] += bad
                 count[1] += 1
-            total = totals.setdefault(side, dict(NO_VALUES))
-            for key in ('counted', 'outside', 'inside_other'):
-                total[key] += values[key]
-            total['min'], total['max'] = min(total['min'], values['min']), \
-                max(total['max'], values['max'])
+            for total, channel in zip(totals.setdefault(side, [dict(NO_VALUES) for _ in values]),
+                                      values, strict=True):
+                add_summary(total, channel)
         first_size = first_size or size
     for side, (n_values, n_files, first) in sorted(nonfinite.items()):  # input, then target
-        log(nonfinite_warning(side, n_values, n_files, first, getattr(dataset, f'{side}_scaling')))
+        log(nonfinite_warning(side, n_values, n_files, first,
+                              getattr(dataset, f'{side}_scaling'), len(totals[side])))
     for line in scaling_warnings(totals, dataset):
         log(line)
     return first_size
 
 
-def nonfinite_warning(side, n_values, n_files, first, scaling):
+def nonfinite_warning(side, n_values, n_files, first, scaling, channels=1):
     """The line that reports the NaN/Inf values of one side (input or target) and what the
-    scaling makes of them: the side and file are named, as they are where to look."""
-    nan = 'the lower limit' if scaling.log else '0'
+    `scaling` of its `channels` channels makes of them: the side and file are named, as they
+    are where to look."""
+    logs = {scaling.channel(c).log for c in range(channels)}
+    if logs == {True}:
+        nan = 'the lower limit'
+    elif logs == {False}:
+        nan = '0'
+    else:
+        nan = 'the lower limit in log-scaled channels and 0 in the others'
     return (f"warning: {n_values} NaN/Inf value(s) in {n_files} {side} file(s) (first: "
             f"{first}); NaN becomes {nan}, +Inf the upper and -Inf the lower limit")
 

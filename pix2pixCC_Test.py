@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from pix2pixCC_Networks import Generator, correlation
 from pix2pixCC_Options import (DATA_OPTIONS, FITS_FORMATS, NETWORK_OPTIONS, TestOption,
-                               UserError, run_main)
+                               UserError, channel_values, run_main)
 from pix2pixCC_Pipeline import (CustomDataset, Scaling, check_pairing, data_unit,
                                 generated_header, read_fits_header, scaled_unit, write_array)
 from pix2pixCC_Utils import (Precision, atomic_path, checkpoint_path, ignore_stop_signals,
@@ -102,8 +102,9 @@ def translate(G, dataset, out_dir, opt, device, iteration, precision=None, panel
             extra = {}
             if opt.data_format_target in FITS_FORMATS:
                 extra['header'] = output_header(opt, dataset.input_paths[index], iteration)
-            elif opt.data_format_target in ('png', 'jpg', 'jpeg'):
-                extra['upper_limit'] = opt.saturation_upper_limit_target
+            elif opt.data_format_target in ('png', 'jpg', 'jpeg'):  # (16-bit PNG above 255)
+                extra['upper_limit'] = max(channel_values(opt.saturation_upper_limit_target,
+                                                          opt.target_ch))
             with atomic_path(path) as temporary:
                 write_array(temporary, data, opt.data_format_target, **extra)
 
@@ -442,10 +443,11 @@ def take_training_options(option, opt):
         print(f"note: training options have no effect here: "
               f"{' '.join('--' + name for name in option.ignored())}")
     trained = read_json(opt.checkpoint_dir, 'train_options.json')
-    if trained is not None:
-        option.adopt(opt, trained, NETWORK_OPTIONS + DATA_OPTIONS,
-                     os.path.join(opt.checkpoint_dir, 'train_options.json'))
-    else:
+    # Also without the file: the per-channel scaling values are then counted against the
+    # channels of the command line.
+    option.adopt(opt, trained or {}, NETWORK_OPTIONS + DATA_OPTIONS,
+                 os.path.join(opt.checkpoint_dir, 'train_options.json'))
+    if trained is None:
         notice = default_limits_notice(opt, option.explicit)
         if notice:
             print(notice)

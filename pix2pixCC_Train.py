@@ -269,8 +269,8 @@ def train(opt, state, cluster, device, gpu_ids, stop, log, given=()):
     # The loop
     progress = tqdm(total=last_step(opt, len(dataset)), initial=opt.latest_iter, unit='sample',
                     disable=None if cluster.is_main else True, dynamic_ncols=True)
-    target_scaling = Scaling.from_options(opt, 'target')
-    target_scaling.save_scale = 1.0  # previews show the target's own units
+    # The previews show the target's own units (no --save_scale).
+    target_scaling = Scaling.from_options(opt, 'target', save_scale=1.0)
     validation = functools.partial(validate, nets.G, val_dataset, opt, device, precision)
     manager = Manager(opt, nets.G, nets.D, functools.partial(nets.training_state, opt),
                       target_scaling, data_unit(opt), log=progress.write,

@@ -1072,32 +1072,53 @@ def as_drawn(image, data_format):
     return image[::-1] if data_format in FITS_FORMATS else image
 
 
+def panel_styles(real, generated, target_scaling):
+    """The colour scales of each target channel c of a panel: (real and generated's, the
+    difference's), as keyword arguments of imshow.
+
+    Each channel is drawn by its own scaling, `target_scaling.channel(c)` (README "Your own
+    data", Scaling), so channels whose values differ by orders of magnitude are each seen:
+    real and generated share one scale, diverging around 0 up to the largest |real| value of
+    the channel for signed data (limits on both sides of 0), otherwise the channel's
+    saturation limits (logarithmic with log scale). The difference has its own symmetric
+    diverging scale per channel.
+    """
+    from matplotlib.colors import LogNorm
+
+    styles = []
+    for c, (real_c, generated_c) in enumerate(zip(real, generated, strict=True)):
+        scaling = target_scaling.channel(c)
+        lo, up = scaling.lower, scaling.upper
+        if lo < 0 < up:
+            peak = largest_magnitude(real_c) or max(-lo, up)
+            data_style = dict(cmap='RdBu_r', vmin=-peak, vmax=peak)
+        elif scaling.log:
+            data_style = dict(cmap='viridis', norm=LogNorm(vmin=lo, vmax=up))
+        else:
+            data_style = dict(cmap='viridis', vmin=lo, vmax=up)
+        spread = largest_magnitude(generated_c - real_c) or 1.0
+        styles.append((data_style, dict(cmap='RdBu_r', vmin=-spread, vmax=spread)))
+    return styles
+
+
+def largest_magnitude(image):
+    """The largest finite |value| of `image`; 0 when it has no finite value."""
+    finite = np.abs(image[np.isfinite(image)])
+    return float(finite.max()) if finite.size else 0.0
+
+
 def save_panel(path, input, real, generated, target_scaling, unit=None, data_format='npy',
                title=''):
     """input channel(s) | real | generated | difference, one row per target channel.
 
     input: C x H x W normalised (grey, [-1, 1]); real, generated: C x H x W in physical units
-    (`unit`, e.g. 'G'; None when unknown). Images are drawn in the orientation of
-    `data_format` files (see `as_drawn`). Real and generated share one colour scale: for
-    signed data (limits on both sides of 0) diverging around 0 up to the largest |real|
-    value, otherwise the target's saturation limits. The difference has its own symmetric
-    diverging scale. The figure's title is `title` and the CC of each target channel.
+    (`unit`, e.g. 'G'; None when unknown), each channel coloured by its own scaling in
+    `target_scaling` (`panel_styles`). Images are drawn in the orientation of `data_format`
+    files (see `as_drawn`). The figure's title is `title` and the CC of each target channel.
     """
     plt = _pyplot()
-    from matplotlib.colors import LogNorm
-
-    lo, up = target_scaling.lower, target_scaling.upper
-    if lo < 0 < up:
-        peak = float(np.nanmax(np.abs(real))) if np.isfinite(real).any() else 0.0
-        peak = peak or max(-lo, up)
-        data_style = dict(cmap='RdBu_r', vmin=-peak, vmax=peak)
-    elif target_scaling.log:
-        data_style = dict(cmap='viridis', norm=LogNorm(vmin=lo, vmax=up))
-    else:
-        data_style = dict(cmap='viridis', vmin=lo, vmax=up)
+    styles = panel_styles(real, generated, target_scaling)
     difference = generated - real
-    spread = float(np.nanmax(np.abs(difference))) if np.isfinite(difference).any() else 1.0
-    diff_style = dict(cmap='RdBu_r', vmin=-spread or -1, vmax=spread or 1)
     unit_label = unit or 'target units'
 
     # Input channels fill the first columns, down the rows then across (3 EUV channels and
@@ -1117,6 +1138,7 @@ def save_panel(path, input, real, generated, target_scaling, unit=None, data_for
                           else 'input', dict(cmap='gray', vmin=-1, vmax=1), 'normalised')
                          if channel < shown else None)
         suffix = f' ch {c}' if rows > 1 else ''
+        data_style, diff_style = styles[c]
         cells += [(real[c], 'real' + suffix, data_style, unit_label),
                   (generated[c], f'generated{suffix} (CC {ccs[c]:.3f})', data_style,
                    unit_label),
