@@ -57,7 +57,7 @@ DEFAULT_VARIANTS = {'train': 'driver',
 
 
 # ----------------------------------------------------------------------------------------
-# Helpers shared with profile_step.py and tests/test_performance_equivalence.py
+# Helpers shared with profile_step.py, side_by_side.py and the tests (test_benchmarks.py)
 # ----------------------------------------------------------------------------------------
 
 

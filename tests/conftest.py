@@ -375,14 +375,34 @@ def checked_lines(*argv):
     return lines
 
 
+def drawn_panel(monkeypatch, path, *args, **kwargs):
+    """Save a panel with `save_panel(path, *args, **kwargs)` and return its matplotlib
+    figure (to read the titles, colour limits and bars it was drawn with)."""
+    import matplotlib.figure
+
+    from pix2pixCC_Utils import save_panel
+    figures = []
+    savefig = matplotlib.figure.Figure.savefig
+
+    def keep(figure, *a, **k):
+        figures.append(figure)
+        return savefig(figure, *a, **k)
+
+    monkeypatch.setattr(matplotlib.figure.Figure, 'savefig', keep)
+    save_panel(str(path), *args, **kwargs)
+    assert os.path.isfile(path) and len(figures) == 1
+    return figures[0]
+
+
 def constant_generator_checkpoint(opt, value, step=3):
-    """Save a generator whose output is `value` everywhere (last conv: weight 0, bias value)
-    as step `step` of the run of `opt`."""
+    """Save a generator whose output is `value` everywhere (last conv: weight 0, bias value;
+    one value for every channel, or one per channel) as step `step` of the run of `opt`."""
     from pix2pixCC_Networks import Generator
     G = Generator(opt)
     with torch.no_grad():
         G.model[-1].weight.zero_()
-        G.model[-1].bias.fill_(value)
+        bias = G.model[-1].bias
+        bias.copy_(torch.as_tensor(value, dtype=torch.float32).expand_as(bias))
     os.makedirs(opt.model_dir, exist_ok=True)
     torch.save(G.state_dict(), os.path.join(opt.model_dir, f'{step}_G.pt'))
 

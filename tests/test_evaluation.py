@@ -15,9 +15,9 @@ import pytest
 from PIL import Image
 from scipy import stats
 
-from conftest import (NPY_DATA, SAMPLE, TINY, assert_ok, copy_run, lin_ccc, logged_steps,
-                      loss_rows, make_pairs, panel_text, read_csv_rows, run_dir, run_test,
-                      run_train)
+from conftest import (NPY_DATA, SAMPLE, TINY, assert_ok, copy_run, drawn_panel, lin_ccc,
+                      logged_steps, loss_rows, make_pairs, panel_text, read_csv_rows, run_dir,
+                      run_test, run_train)
 from pix2pixCC_Pipeline import Scaling
 from pix2pixCC_Test import bin_mean, image_metrics, metrics_table
 from pix2pixCC_Utils import save_panel
@@ -417,25 +417,15 @@ def test_resumed_validation_metrics_have_no_repeated_steps(resumed):
 def test_panel_labels_every_image_and_gives_each_a_colour_bar(tmp_path, monkeypatch, channels):
     """input | real | generated | difference per target channel, each titled, each with its
     own colour bar (what the colours mean in the target's units)."""
-    import matplotlib.figure
-    figures = []
-    savefig = matplotlib.figure.Figure.savefig
-
-    def keep(figure, *args, **kwargs):
-        figures.append(figure)
-        return savefig(figure, *args, **kwargs)
-
-    monkeypatch.setattr(matplotlib.figure.Figure, 'savefig', keep)
     rng = np.random.default_rng(0)
     real = rng.uniform(-3000, 3000, (channels, 16, 16)).astype(np.float32)
     generated = real + rng.normal(0, 100, real.shape).astype(np.float32)
     path = tmp_path / 'panel.png'
-    save_panel(str(path), rng.uniform(-1, 1, (1, 16, 16)), real, generated,
-               Scaling(lower=-3000, upper=3000))
+    figure = drawn_panel(monkeypatch, path, rng.uniform(-1, 1, (1, 16, 16)), real, generated,
+                         Scaling(lower=-3000, upper=3000))
     with Image.open(path) as image:
         assert image.format == 'PNG'
-    assert len(figures) == 1
-    image_axes = [axis for axis in figures[0].axes if axis.images]
+    image_axes = [axis for axis in figure.axes if axis.images]
     assert len(image_axes) == 1 + 3 * channels  # the input, then real, generated, difference
     for axis in image_axes:
         assert axis.get_title().strip(), 'an image without a label'

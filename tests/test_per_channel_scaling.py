@@ -10,21 +10,18 @@ import json
 import os
 import shlex
 
-import matplotlib.figure
 import numpy as np
 import pytest
-import torch
 from matplotlib.colors import LogNorm
 
 import pix2pixCC_Options
 import pix2pixCC_Test
 import pix2pixCC_Train
-from conftest import (REPO, TINY, assert_usage_error, make_test_opt, read_user_file,
+from conftest import (REPO, TINY, assert_usage_error, checked_lines,
+                      constant_generator_checkpoint, drawn_panel, make_test_opt, read_user_file,
                       run_test, run_train, smooth_field, train_opt, write_pairs,
                       write_user_file)
-from pix2pixCC_Networks import Generator
-from pix2pixCC_Pipeline import CustomDataset, PerChannelScaling, Scaling, check_dataset
-from pix2pixCC_Utils import save_panel
+from pix2pixCC_Pipeline import CustomDataset, PerChannelScaling, Scaling
 
 # Not imported by its own name: pytest would try to collect a class named Test*.
 TEST_OPTION = pix2pixCC_Options.TestOption
@@ -64,17 +61,6 @@ def physical(value, lower, upper, log):
         lower, upper = np.log10(lower), np.log10(upper)
     x = lower + (value + 1) / 2 * (upper - lower)
     return 10 ** x if log else x
-
-
-def constant_generator(opt, values, step):
-    """Save, as Model/<step>_G.pt, a generator whose output channel c is values[c]
-    everywhere (last convolution: weights 0, bias values)."""
-    G = Generator(opt)
-    with torch.no_grad():
-        G.model[-1].weight.zero_()
-        G.model[-1].bias.copy_(torch.tensor(values, dtype=torch.float32))
-    os.makedirs(opt.model_dir, exist_ok=True)
-    torch.save(G.state_dict(), os.path.join(opt.model_dir, f'{step}_G.pt'))
 
 
 # ----------------------------------------------------------------------------------------
@@ -275,7 +261,7 @@ def test_training_and_test_with_three_channels_each_in_its_own_units(in_tmp, cap
     # A generator whose output channel c is values[c], mapped back by channel c's scaling,
     # which the Test script takes from train_options.json.
     values = (0.5, -0.25, 0.75)
-    constant_generator(make_test_opt('--dataset_name', 'pc', '--input_ch', '3',
+    constant_generator_checkpoint(make_test_opt('--dataset_name', 'pc', '--input_ch', '3',
                                      '--target_ch', '3'), values, step=5)
     assert pix2pixCC_Test.main(TINY + [
         '--dataset_name', 'pc', '--iteration', '5', '--input_dir_test', 'Test/Input',
@@ -299,7 +285,7 @@ def test_an_old_style_train_options_json_drives_the_test_script_as_before(in_tmp
     os.makedirs('inputs')
     rng = np.random.default_rng(4)
     np.save('inputs/sun.npy', rng.uniform(1, 200, (3, 32, 32)).astype(np.float32))
-    constant_generator(make_test_opt('--dataset_name', 'old', '--input_ch', '3'), (0.5,),
+    constant_generator_checkpoint(make_test_opt('--dataset_name', 'old', '--input_ch', '3'), (0.5,),
                        step=3)
     assert pix2pixCC_Test.main(['--gpu_ids', '-1', '--dataset_name', 'old', '--iteration', '3',
                                 '--input_dir_test', 'inputs', '--n_workers', '0']) == 0
@@ -326,7 +312,7 @@ def test_png_outputs_take_their_bit_depth_from_the_largest_channel_limit(in_tmp)
              'png', '--target_ch', '3', '--saturation_lower_limit_target', '0',
              '--saturation_upper_limit_target', '100', '200', '250',
              '--input_dir_test', 'inputs', '--n_workers', '0']
-    constant_generator(make_test_opt(*flags), (0.0, 0.5, 1.0), step=3)
+    constant_generator_checkpoint(make_test_opt(*flags), (0.0, 0.5, 1.0), step=3)
     assert pix2pixCC_Test.main(TINY + flags + ['--iteration', '3']) == 0
     pixels = read_user_file('checkpoints/rgb/Image/Test/3/a_AI.png', 'png')
     assert pixels.dtype == np.uint8 and pixels.shape == (32, 32, 3)
@@ -337,15 +323,12 @@ def test_png_outputs_take_their_bit_depth_from_the_largest_channel_limit(in_tmp)
 # Warnings before training: per channel, naming the channel
 # ----------------------------------------------------------------------------------------
 
-def checked_lines(root, inputs, targets, *argv):
+def npy_pair_warnings(root, inputs, targets, *argv):
     """The lines check_dataset logs for these npy pairs with the options argv."""
     input_dir, target_dir = write_pairs(root, inputs, targets, fmt='npy')
-    dataset = CustomDataset(train_opt('--data_format_input', 'npy', '--data_format_target',
-                                      'npy', '--input_dir_train', input_dir,
-                                      '--target_dir_train', target_dir, *argv))
-    lines = []
-    check_dataset(dataset, 4, log=lines.append)
-    return lines
+    return checked_lines('--data_format_input', 'npy', '--data_format_target', 'npy',
+                         '--input_dir_train', input_dir, '--target_dir_train', target_dir,
+                         *argv)
 
 
 def test_a_channel_outside_its_own_limits_warns_naming_the_channel(tmp_path):
@@ -354,7 +337,7 @@ def test_a_channel_outside_its_own_limits_warns_naming_the_channel(tmp_path):
     targets = {f'p{i}': channel_data(rng, TARGET_LOG) for i in range(2)}
     for array in inputs.values():
         array[2] /= 1000  # channel 2 holds 1..100, below its limits [1000, 100000]
-    lines = checked_lines(tmp_path, inputs, targets, *PER_CHANNEL)
+    lines = npy_pair_warnings(tmp_path, inputs, targets, *PER_CHANNEL)
     assert len(lines) == 1, lines
     assert lines[0].startswith('warning: 100% of the input channel 2 values lie outside the '
                                'saturation limits [1000, 100000] (observed range 1'), lines[0]
@@ -366,7 +349,7 @@ def test_one_limit_for_channels_that_differ_by_ten_thousand_warns_per_channel(tm
     rng = np.random.default_rng(6)
     inputs = {f'p{i}': channel_data(rng, (False,) * 3) for i in range(2)}
     targets = {f'p{i}': channel_data(rng, TARGET_LOG) for i in range(2)}
-    lines = checked_lines(tmp_path, inputs, targets, *per_channel_flags('target', TARGET_LOG),
+    lines = npy_pair_warnings(tmp_path, inputs, targets, *per_channel_flags('target', TARGET_LOG),
                           '--input_ch', '3', '--saturation_lower_limit_input', '0.1',
                           '--saturation_upper_limit_input', '10')
     assert [line.split(' values')[0] for line in lines] == [
@@ -381,7 +364,7 @@ def test_swapped_folders_are_named_once_with_every_channels_limits(tmp_path):
     other_ranges = ((-3000, 3000), (-10, 10), (-1, 1))
     inputs = {f'p{i}': channel_data(rng, logs, ranges=other_ranges) for i in range(2)}
     targets = {f'p{i}': channel_data(rng, logs) for i in range(2)}
-    lines = checked_lines(tmp_path, inputs, targets,
+    lines = npy_pair_warnings(tmp_path, inputs, targets,
                           *per_channel_flags('input', logs),
                           *per_channel_flags('target', logs, ranges=other_ranges))
     assert len(lines) == 1, lines
@@ -395,7 +378,7 @@ def test_nan_warning_says_what_nan_becomes_in_log_and_linear_channels(tmp_path):
     inputs = {f'p{i}': channel_data(rng, INPUT_LOG) for i in range(2)}
     targets = {f'p{i}': channel_data(rng, TARGET_LOG) for i in range(2)}
     inputs['p1'][1, 0, 0] = np.nan
-    lines = checked_lines(tmp_path, inputs, targets, *PER_CHANNEL)
+    lines = npy_pair_warnings(tmp_path, inputs, targets, *PER_CHANNEL)
     assert len(lines) == 1, lines
     assert '1 NaN/Inf value(s) in 1 input file(s)' in lines[0]
     assert 'NaN becomes the lower limit in log-scaled channels and 0 in the others' in lines[0]
@@ -404,21 +387,6 @@ def test_nan_warning_says_what_nan_becomes_in_log_and_linear_channels(tmp_path):
 # ----------------------------------------------------------------------------------------
 # Panels: each target channel coloured by its own limits
 # ----------------------------------------------------------------------------------------
-
-def drawn_panel(monkeypatch, path, *args, **kwargs):
-    """Save a panel and return its matplotlib figure."""
-    figures = []
-    savefig = matplotlib.figure.Figure.savefig
-
-    def keep(figure, *a, **k):
-        figures.append(figure)
-        return savefig(figure, *a, **k)
-
-    monkeypatch.setattr(matplotlib.figure.Figure, 'savefig', keep)
-    save_panel(str(path), *args, **kwargs)
-    assert os.path.isfile(path) and len(figures) == 1
-    return figures[0]
-
 
 def test_panel_colours_each_target_channel_by_its_own_limits(tmp_path, monkeypatch):
     ranges = ((-3000.0, 3000.0),) + RANGES[1:]
