@@ -168,6 +168,18 @@ class BaseOption:
             help='targets of the test inputs: enables the metrics (CC, RMSE, flux)')
         add('checking', '--metric_bins', type=int, nargs='+', default=[1, 2, 4, 8],
             help='binning factors k (k x k block means) at which metrics are computed')
+        # The regions of the metrics (README "Evaluating a model").
+        add('checking', '--disk_fraction', type=float, default=0.98,
+            help='disk metrics over the pixels within this fraction of the solar radius')
+        add('checking', '--active_threshold', type=float, default=None,
+            help='on-disk pixels whose real |value| >= T (target units) are active, the rest '
+                 'quiet: active_ and quiet_ metrics (None: off)')
+        add('checking', '--disk_center_px', type=float, nargs=2, default=None,
+            metavar=('X', 'Y'),
+            help="the disk's centre in pixels (column, row from 0), with --disk_radius_px; "
+                 "overrides the FITS targets' WCS and RSUN cards")
+        add('checking', '--disk_radius_px', type=float, default=None,
+            help="the disk's radius in pixels, with --disk_center_px")
         add('checking', '--check_pairing', boolean=True, default=True,
             help='stop when input and target file names show a wrong pairing (training '
                  'pairs; in the Test script, --input_dir_test with --target_dir_test)')
@@ -341,6 +353,7 @@ class BaseOption:
                 yield f"--{name} must not be negative, got {getattr(opt, name)}"
         if min(opt.metric_bins) < 1:
             yield f"--metric_bins must be positive integers, got {opt.metric_bins}"
+        yield from region_problems(opt)
 
     @staticmethod
     def scaling_problems(opt, channels_known=True):
@@ -355,6 +368,20 @@ class BaseOption:
     def describe(opt):
         """All options as aligned `name: value` lines (pix2pixHD style)."""
         return '\n'.join(f'{key:>32}: {value}' for key, value in sorted(vars(opt).items()))
+
+
+def region_problems(opt):
+    """The options of the disk, active and quiet regions (README "Evaluating a model")."""
+    if not 0 < opt.disk_fraction < math.inf:
+        yield f"--disk_fraction must be a positive number, got {opt.disk_fraction:g}"
+    if opt.active_threshold is not None and not 0 <= opt.active_threshold < math.inf:
+        yield f"--active_threshold must be a number >= 0, got {opt.active_threshold:g}"
+    if (opt.disk_center_px is None) != (opt.disk_radius_px is None):
+        yield "--disk_center_px X Y and --disk_radius_px R go together: give both or neither"
+    elif opt.disk_radius_px is not None and not (
+            0 < opt.disk_radius_px < math.inf and all(map(math.isfinite, opt.disk_center_px))):
+        yield (f"--disk_center_px must be finite and --disk_radius_px positive, got "
+               f"{as_argument(opt.disk_center_px)} and {opt.disk_radius_px:g}")
 
 
 def side_scaling_problems(opt, side, channels_known=True):
@@ -470,6 +497,10 @@ class TestOption(BaseOption):
         self.add('test', '--overwrite', boolean=True, default=False,
                  help='replace the outputs of an earlier, different Test run in --output_dir '
                       '(only the files a Test run writes are removed)')
+        self.add('test', '--select_metric', type=str, default=None,
+                 help='with --iteration -1: the metric key that picks the best generator '
+                      '(highest CC/CCC, lowest RMSE/MAE), e.g. disk_cc_8x8 (default: CC at the '
+                      'largest --metric_bins of the first channel, cc_8x8)')
         self.add('test', '--no_shuffle', boolean=True, default=True, in_test='hidden',
                  help='kept for compatibility; test order is by name')
 

@@ -11,12 +11,19 @@ import difflib
 import fnmatch
 import functools
 import json
+import math
 import os
+import re
 import sys
+import warnings
+from typing import NamedTuple
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from astropy import units as u
+from astropy.utils.exceptions import AstropyWarning
+from astropy.wcs import WCS
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
@@ -76,11 +83,13 @@ def load_generator(opt, path, device):
     return G
 
 
-def translate(G, dataset, out_dir, opt, device, iteration, precision=None, panels=False):
+def translate(G, dataset, out_dir, opt, device, iteration, precision=None, panels=False,
+              disks=None):
     """Run G on every item of a test `dataset` and write `<name>_AI.<fmt>` into `out_dir`.
 
-    When the dataset has targets, returns one metrics row per file (see `image_metrics`) and,
-    with `panels`, writes `<name>_panel.png`; otherwise returns []. The folder's record
+    When the dataset has targets, returns one metrics row per file (see `image_metrics`; the
+    disk regions of the targets whose `disks`, from `target_disks`, are known) and, with
+    `panels`, writes `<name>_panel.png`; otherwise returns []. The folder's record
     (test_run.json) is written first (see `take_folder`).
     """
     make_dirs(out_dir)
@@ -111,14 +120,16 @@ def translate(G, dataset, out_dir, opt, device, iteration, precision=None, panel
             if dataset.target_paths is not None:
                 real = dataset.read_target(index)
                 generated = data / np.float32(opt.save_scale)  # metrics in the target's units
-                rows.append({'file': name, **image_metrics(real, generated, opt.metric_bins)})
+                rows.append({'file': name, **image_metrics(
+                    real, generated, opt.metric_bins, disks[index] if disks else None,
+                    opt.disk_fraction, opt.active_threshold)})
                 if panels:
                     save_panel(os.path.join(out_dir, f'{name}_panel.png'), input.numpy(), real,
                                generated, scaling, unit=unit, data_format=opt.data_format_target,
                                title=f'{os.path.basename(dataset.input_paths[index])}, '
                                      f'iteration {iteration}')
     G.train(was_training)
-    return rows
+    return aligned(rows)
 
 
 # ----------------------------------------------------------------------------------------
@@ -132,6 +143,9 @@ OUTPUT_PATTERNS = ('*_AI.*', '*_panel.png', 'metrics.csv', 'metrics_summary.json
                    'metrics_by_iteration.csv', RECORD)
 # Options that change the written files, besides the generator and the data.
 OUTPUT_OPTIONS = NETWORK_OPTIONS + DATA_OPTIONS + ('save_scale',)
+# Options that change the metric files (recorded only with targets).
+METRIC_OPTIONS = ('metric_bins', 'disk_fraction', 'active_threshold', 'disk_center_px',
+                  'disk_radius_px')
 # How the refusal names each part of a record that differs.
 RECORD_LABELS = {'run': 'run (--dataset_name)', 'iteration': 'iteration (--iteration)',
                  'input_dir': 'input folder (--input_dir_test)', 'input_files': 'input files',
@@ -144,14 +158,15 @@ def run_record(opt, dataset, iteration, precision=None, panels=False):
     """What decides the outputs of one run into one folder, as its test_run.json holds it:
     the generator (run folder and iteration; -1: every saved one), the inputs and targets
     (folders and file names), the precision and every option that changes the files (the
-    metric bins and panels only count when there are targets)."""
+    metric options and panels only count when there are targets)."""
     def names(paths):
         return [os.path.basename(path) for path in paths]
 
     targets = dataset.target_paths is not None
     options = {name: getattr(opt, name) for name in OUTPUT_OPTIONS}
     if targets:
-        options.update(metric_bins=opt.metric_bins, save_panels=bool(panels))
+        options.update({name: getattr(opt, name) for name in METRIC_OPTIONS},
+                       save_panels=bool(panels))
     record = {'run': os.path.abspath(opt.checkpoint_dir), 'iteration': iteration,
               'input_dir': os.path.abspath(opt.input_dir_test),
               'input_files': names(dataset.input_paths),
@@ -187,7 +202,7 @@ def difference(folder, record):
         return None
     changed = [RECORD_LABELS.get(key, key) for key in record
                if key != 'options' and earlier.get(key) != record[key]]
-    # (--metric_bins and --save_panels are recorded only with targets: a change of targets
+    # (METRIC_OPTIONS and --save_panels are recorded only with targets: a change of targets
     # is named already.)
     options = earlier.get('options') or {}
     changed += [f'--{name}' for name in sorted(set(options) & set(record['options']))
@@ -267,33 +282,60 @@ def bin_mean(x, k):
     return x.reshape(*x.shape[:-2], h // k, k, w // k, k).mean(axis=(-3, -1))
 
 
-def image_metrics(real, fake, bins):
+# The metrics at each binning factor (highest CC and CCC, lowest RMSE and MAE are best), and
+# those of the full-resolution maps.
+BINNED_METRICS = ('cc', 'ccc', 'rmse', 'mae')
+LOWER_IS_BETTER = ('rmse', 'mae')
+FLUX_METRICS = ('flux_unsigned_real', 'flux_unsigned_fake', 'flux_net_real', 'flux_net_fake')
+
+
+def binned_metrics(r, f, k):
+    """CC, CCC, RMSE and MAE of the (finite) values r, f at binning k; NaN for fewer than 2
+    values (a region that holds no data)."""
+    if r.size < 2:
+        return {f'{name}_{k}x{k}': math.nan for name in BINNED_METRICS}
+    r, f = torch.from_numpy(r)[None], torch.from_numpy(f)[None]
+    return {f'cc_{k}x{k}': float(correlation(r, f, ccc=False, eps=0)[0]),
+            f'ccc_{k}x{k}': float(correlation(r, f, ccc=True, eps=0)[0]),
+            f'rmse_{k}x{k}': float(torch.sqrt(((r - f) ** 2).mean())),
+            f'mae_{k}x{k}': float((r - f).abs().mean())}
+
+
+def flux_metrics(r, f):
+    """The unsigned and net flux of the (finite) full-resolution values r, f."""
+    if r.size < 2:
+        return dict.fromkeys(FLUX_METRICS, math.nan)
+    return {'flux_unsigned_real': float(np.abs(r).sum()),
+            'flux_unsigned_fake': float(np.abs(f).sum()),
+            'flux_net_real': float(r.sum()), 'flux_net_fake': float(f.sum())}
+
+
+def image_metrics(real, fake, bins, disk=None, fraction=0.98, threshold=None):
     """Metrics of one generated map against its target, both C x H x W in physical units.
 
     For every channel c and binning factor k: Pearson CC, concordance CC (the Inspector's own
     `correlation`), RMSE and MAE; at full resolution the total unsigned flux sum|x| and the net
     flux sum(x) of real and generated data. Pixels where the target is not finite are left
-    out. Keys: `cc_8x8`, `rmse_1x1`, `flux_net_real`, ... (prefixed `ch<c>_` for several
-    channels).
+    out. Keys: `cc_8x8`, `rmse_1x1`, `flux_net_real`, ... for the whole frame and, with a
+    `disk`, the same again for each region of `region_masks` with the region first
+    (`disk_cc_8x8`, `active_rmse_1x1`, `quiet_flux_net_real`); several channels prefix every
+    key with `ch<c>_` (`ch0_cc_8x8`, `ch0_disk_cc_8x8`).
     """
     real, fake = np.asarray(real, np.float64), np.asarray(fake, np.float64)
     row = {}
     for c in range(real.shape[0]):
-        prefix = f'ch{c}_' if real.shape[0] > 1 else ''
-        for k in bins:
-            r, f = bin_mean(real[c], k), bin_mean(fake[c], k)
-            keep = np.isfinite(r) & np.isfinite(f)
-            r, f = torch.from_numpy(r[keep])[None], torch.from_numpy(f[keep])[None]
-            row[f'{prefix}cc_{k}x{k}'] = float(correlation(r, f, ccc=False, eps=0)[0])
-            row[f'{prefix}ccc_{k}x{k}'] = float(correlation(r, f, ccc=True, eps=0)[0])
-            row[f'{prefix}rmse_{k}x{k}'] = float(torch.sqrt(((r - f) ** 2).mean()))
-            row[f'{prefix}mae_{k}x{k}'] = float((r - f).abs().mean())
-        keep = np.isfinite(real[c]) & np.isfinite(fake[c])
-        r, f = real[c][keep], fake[c][keep]
-        row.update({f'{prefix}flux_unsigned_real': float(np.abs(r).sum()),
-                    f'{prefix}flux_unsigned_fake': float(np.abs(f).sum()),
-                    f'{prefix}flux_net_real': float(r.sum()),
-                    f'{prefix}flux_net_fake': float(f.sum())})
+        channel = f'ch{c}_' if real.shape[0] > 1 else ''
+        by_region = {}  # region prefix -> its metrics, in the order of the keys
+        for k in (*bins, None):  # None: the full-resolution flux
+            r, f = bin_mean(real[c], k or 1), bin_mean(fake[c], k or 1)
+            finite = np.isfinite(r) & np.isfinite(f)
+            for region, mask in region_masks(r, k or 1, disk, fraction, threshold).items():
+                keep = finite & mask
+                metrics = binned_metrics(r[keep], f[keep], k) if k else \
+                    flux_metrics(r[keep], f[keep])
+                by_region.setdefault(region, {}).update(metrics)
+        for region, metrics in by_region.items():
+            row.update({f'{channel}{region}{key}': value for key, value in metrics.items()})
     return row
 
 
@@ -305,42 +347,190 @@ def summarize(rows):
         if not all(isinstance(v, (int, float)) for v in values):
             continue
         values = values.astype(np.float64)
-        summary[key] = {'mean': float(np.nanmean(values)), 'std': float(np.nanstd(values)),
-                        'median': float(np.nanmedian(values))}
+        with warnings.catch_warnings():  # (a column of NaN only: a region empty everywhere)
+            warnings.simplefilter('ignore', RuntimeWarning)
+            summary[key] = {'mean': float(np.nanmean(values)), 'std': float(np.nanstd(values)),
+                            'median': float(np.nanmedian(values))}
     return summary
+
+
+# How the printed tables name each region (README "Evaluating a model").
+REGION_TITLES = {'': 'whole frame', 'disk_': 'disk', 'active_': 'active (on disk)',
+                 'quiet_': 'quiet (on disk)'}
 
 
 def metrics_table(summary, bins, channels=1, unit=None):
     """Two short text tables of the means: CC, CCC, RMSE, MAE per binning factor (and
-    channel), then the unsigned and net flux of real and generated data per channel. A line
+    channel), then the unsigned and net flux of real and generated data per channel; with
+    regions (disk, active, quiet), one block of rows per region under its title. A line
     under each header gives the units (`unit`, e.g. 'G'; flux is a sum over pixels)."""
     unit = unit or 'target units'
+    first = 'ch0_' if channels > 1 else ''
+    regions = [region for region in REGION_TITLES if f'{first}{region}flux_net_real' in summary]
+
+    def title(region):
+        return [f'{REGION_TITLES[region]}:'] if len(regions) > 1 else []
+
     lines = [f"{'channel':>7} {'bin':>5} {'CC':>7} {'CCC':>7} {'RMSE':>11} {'MAE':>11}",
              f"{'':>29} {f'[{unit}]':>11} {f'[{unit}]':>11}"]
-    for c in range(channels):
-        prefix = f'ch{c}_' if channels > 1 else ''
-        for k in bins:
-            cc, ccc, rmse, mae = (summary[f'{prefix}{name}_{k}x{k}']['mean']
-                                  for name in ('cc', 'ccc', 'rmse', 'mae'))
-            lines.append(f"{c:>7} {f'{k}x{k}':>5} {cc:7.4f} {ccc:7.4f} {rmse:11.4g} {mae:11.4g}")
+    for region in regions:
+        lines += title(region)
+        for c in range(channels):
+            prefix = f'ch{c}_' if channels > 1 else ''
+            for k in bins:
+                cc, ccc, rmse, mae = (summary[f'{prefix}{region}{name}_{k}x{k}']['mean']
+                                      for name in BINNED_METRICS)
+                lines.append(f"{c:>7} {f'{k}x{k}':>5} {cc:7.4f} {ccc:7.4f} {rmse:11.4g} "
+                             f"{mae:11.4g}")
     flux = f'[{unit} px]'
     lines += ['', f"{'channel':>7} {'unsigned flux':^27} {'net flux':^27}",
               f"{'':>7} {'real':>13} {'generated':>13} {'real':>13} {'generated':>13}",
               f"{'':>7} {flux:>13} {flux:>13} {flux:>13} {flux:>13}"]
-    for c in range(channels):
-        prefix = f'ch{c}_' if channels > 1 else ''
-        values = [summary[f'{prefix}flux_{kind}']['mean'] for kind in
-                  ('unsigned_real', 'unsigned_fake', 'net_real', 'net_fake')]
-        lines.append(f"{c:>7} " + ' '.join(f'{v:13.5g}' for v in values))
+    for region in regions:
+        lines += title(region)
+        for c in range(channels):
+            prefix = f'ch{c}_' if channels > 1 else ''
+            values = [summary[f'{prefix}{region}{name}']['mean'] for name in FLUX_METRICS]
+            lines.append(f"{c:>7} " + ' '.join(f'{v:13.5g}' for v in values))
     return '\n'.join(lines)
 
 
-def best_iteration(by_iteration, bins, channels):
-    """The iteration with the highest mean CC at the coarsest binning (8x8 by default), of
-    the first channel."""
-    key = f"{'ch0_' if channels > 1 else ''}cc_{max(bins)}x{max(bins)}"
-    best = max(by_iteration, key=lambda row: row[key])
+def selectable_metrics(keys):
+    """The keys of `keys` that can pick a best iteration: CC, CCC, RMSE and MAE at a binning
+    (of any channel and region)."""
+    return [key for key in keys if re.search(rf"(^|_)({'|'.join(BINNED_METRICS)})_\d+x\d+$",
+                                             key)]
+
+
+def selection_key(opt, keys):
+    """The metric that picks the best iteration: --select_metric, by default the CC at the
+    coarsest binning of the first channel (cc_8x8). UserError for a key that is not among
+    `keys` (the columns of this run's metrics), listing those that are."""
+    default = f"{'ch0_' if opt.target_ch > 1 else ''}cc_{max(opt.metric_bins)}x" \
+              f"{max(opt.metric_bins)}"
+    key = opt.select_metric or default
+    available = selectable_metrics(keys)
+    if key not in available:
+        raise UserError(f"--select_metric {key} is not a metric of this run; available: "
+                        f"{', '.join(available)}")
+    return key
+
+
+def best_iteration(by_iteration, key):
+    """The iteration with the best mean `key` (highest CC and CCC, lowest RMSE and MAE; an
+    iteration where it is NaN never wins unless all are)."""
+    sign = -1 if re.search(rf"({'|'.join(LOWER_IS_BETTER)})_\d+x\d+$", key) else 1
+
+    def score(row):
+        return sign * row[key] if math.isfinite(row[key]) else -math.inf
+
+    best = max(by_iteration, key=score)
     return best['iteration'], key, best[key]
+
+
+# ----------------------------------------------------------------------------------------
+# Regions: the solar disk, active and quiet Sun (README "Evaluating a model")
+# ----------------------------------------------------------------------------------------
+
+
+class Disk(NamedTuple):
+    """The solar disk in a target's pixels: its centre (x the column, y the row, counted from
+    0 with pixel centres at integers) and its radius."""
+    x: float
+    y: float
+    radius: float
+
+
+def region_masks(binned_real, k, disk, fraction, threshold):
+    """{key prefix: boolean mask} of the regions of a real map binned by k: the whole frame
+    (''), and with a `disk` the bins whose centre lies within `fraction` of its radius
+    ('disk_'); with a `threshold` too, those of them whose binned |real| >= threshold
+    ('active_') and the rest ('quiet_'). The region is decided on the binned target, so
+    that each bin is in one region at every k."""
+    masks = {'': np.ones(binned_real.shape, bool)}
+    if disk is None:
+        return masks
+    # The centre of bin (i, j) in full-resolution pixel coordinates.
+    rows = np.arange(binned_real.shape[0]) * k + (k - 1) / 2
+    columns = np.arange(binned_real.shape[1]) * k + (k - 1) / 2
+    on_disk = np.hypot(columns[None, :] - disk.x, rows[:, None] - disk.y) <= \
+        fraction * disk.radius
+    masks['disk_'] = on_disk
+    if threshold is not None:
+        with np.errstate(invalid='ignore'):  # (NaN targets: left out later anyway)
+            active = on_disk & (np.abs(binned_real) >= threshold)
+        masks.update(active_=active, quiet_=on_disk & ~active)
+    return masks
+
+
+def angular_radius(header):
+    """The Sun's angular radius (an astropy Quantity) from RSUN_OBS (arcsec), or from RSUN_REF
+    and DSUN_OBS (m) as arcsin(RSUN_REF / DSUN_OBS); None without them."""
+    if 'RSUN_OBS' in header:
+        return float(header['RSUN_OBS']) * u.arcsec
+    if 'RSUN_REF' in header and 'DSUN_OBS' in header:
+        return np.arcsin(float(header['RSUN_REF']) / float(header['DSUN_OBS'])) * u.rad
+    return None
+
+
+def disk_from_header(header):
+    """(Disk, None) from a FITS target's cards, or (None, what is missing): the centre is the
+    pixel of helioprojective (0", 0") by the file's WCS, the radius the angular radius /
+    |CDELT1| (in CUNIT1, degrees by default)."""
+    types = (str(header.get('CTYPE1', '')), str(header.get('CTYPE2', '')))
+    if not (types[0].startswith('HPLN') and types[1].startswith('HPLT')):
+        return None, 'no helioprojective WCS (CTYPE1/CTYPE2 HPLN/HPLT)'
+    radius = angular_radius(header)
+    if radius is None:
+        return None, 'no RSUN_OBS, nor RSUN_REF with DSUN_OBS'
+    if not header.get('CDELT1'):
+        return None, 'no CDELT1'
+    with warnings.catch_warnings():  # (astropy's notes on cards it fixes, e.g. DATE-OBS)
+        warnings.simplefilter('ignore', AstropyWarning)
+        wcs = WCS(header).celestial
+        x, y = wcs.all_world2pix(0.0, 0.0, 0)  # 0 is the same angle in every unit
+    scale = abs(float(header['CDELT1'])) * u.Unit(str(header.get('CUNIT1', 'deg')).strip())
+    return Disk(float(x), float(y), float((radius / scale).decompose())), None
+
+
+def target_disks(dataset, opt, log=print):
+    """The Disk of each target of `dataset` (None where there is none), or None without
+    targets: --disk_center_px/--disk_radius_px for every file when given, else each FITS
+    target's cards (`disk_from_header`). Targets without a disk get whole-frame metrics only,
+    and one line says so (never a guessed disk)."""
+    if dataset.target_paths is None:
+        return None
+    if opt.disk_radius_px is not None:
+        return [Disk(*opt.disk_center_px, opt.disk_radius_px)] * len(dataset.target_paths)
+    if opt.data_format_target in FITS_FORMATS:
+        found = [disk_from_header(read_fits_header(path)) for path in dataset.target_paths]
+    else:
+        found = [(None, f'{opt.data_format_target} files have no FITS cards')] * \
+            len(dataset.target_paths)
+    missing = [(path, reason) for path, (disk, reason) in zip(dataset.target_paths, found,
+                                                              strict=True) if disk is None]
+    if missing:
+        path, reason = missing[0]
+        log(f"notice: no solar disk in {len(missing)} of {len(found)} target file(s) "
+            f"({os.path.basename(path)}: {reason}), so no disk_/active_/quiet_ metrics for "
+            f"them; give --disk_center_px X Y --disk_radius_px R to set it in pixels")
+    return [disk for disk, _ in found]
+
+
+def metric_keys(opt, disks):
+    """The metric keys of this run's rows: those `image_metrics` gives for its channels, bins
+    and regions (on an empty map, so that the names are made in one place)."""
+    empty = np.zeros((opt.target_ch, 0, 0))
+    disk = Disk(0.0, 0.0, 1.0) if disks and any(disks) else None
+    return list(image_metrics(empty, empty, opt.metric_bins, disk, opt.disk_fraction,
+                              opt.active_threshold))
+
+
+def aligned(rows):
+    """Every row with the columns of the fullest (NaN where a file has no disk), so that the
+    files and the means have the same columns."""
+    columns = max((list(row) for row in rows), key=len, default=[])
+    return [{key: row.get(key, math.nan) for key in columns} for row in rows]
 
 
 def check_test_pairs(dataset, opt):
@@ -409,6 +599,9 @@ def main(argv=None):
     # Data and checkpoints
     dataset = CustomDataset(opt)
     check_test_pairs(dataset, opt)
+    disks = target_disks(dataset, opt)
+    # Checked before any output: the metric that picks the best of several generators.
+    key = selection_key(opt, metric_keys(opt, disks)) if disks is not None else None
     iterations = iterations_asked_for(opt)
 
     # Output folders: refused or emptied (--overwrite) before anything is written.
@@ -425,12 +618,12 @@ def main(argv=None):
     for iteration in iterations:
         G = load_generator(opt, checkpoint_path(opt.model_dir, iteration, 'G'), device)
         rows = translate(G, dataset, folders[iteration], opt, device, iteration, precision,
-                         panels=opt.save_panels)
+                         panels=opt.save_panels, disks=disks)
         print(f"iteration {iteration}: {len(dataset)} file(s) written to {folders[iteration]}")
         if rows:
             by_iteration.append(write_metrics(rows, folders[iteration], iteration, opt))
     if len(by_iteration) > 1:
-        write_best_iteration(by_iteration, top, opt)
+        write_best_iteration(by_iteration, top, key)
     return 0
 
 
@@ -476,11 +669,12 @@ def write_metrics(rows, folder, iteration, opt):
     return {'iteration': iteration, **{key: value['mean'] for key, value in summary.items()}}
 
 
-def write_best_iteration(by_iteration, folder, opt):
-    """metrics_by_iteration.csv of a --iteration -1 run, and which generator was best."""
+def write_best_iteration(by_iteration, folder, key):
+    """metrics_by_iteration.csv of a --iteration -1 run, and which generator was best by
+    the metric `key` (`selection_key`)."""
     path = os.path.join(folder, 'metrics_by_iteration.csv')
     write_csv(path, by_iteration)
-    iteration, key, value = best_iteration(by_iteration, opt.metric_bins, opt.target_ch)
+    iteration, key, value = best_iteration(by_iteration, key)
     print(f"best iteration by mean {key}: {iteration} ({value:.4f}); all in {path}")
 
 

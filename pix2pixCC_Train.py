@@ -21,7 +21,7 @@ from pix2pixCC_Networks import Discriminator, Generator, Loss, count_parameters,
 from pix2pixCC_Options import NOT_RESUMED, BaseOption, TrainOption, UserError, run_main
 from pix2pixCC_Pipeline import (CustomDataset, Scaling, check_dataset, check_pairing, data_unit,
                                 target_identity)
-from pix2pixCC_Test import summarize, translate
+from pix2pixCC_Test import summarize, target_disks, translate
 from pix2pixCC_Utils import (Distributed, GracefulStop, Manager, Precision, RunLock, WriteError,
                              bare, checkpoint_path, cpu_requested, ignore_stop_signals,
                              load_state_dict, make_dirs, memory_format, newest_complete_step,
@@ -271,7 +271,9 @@ def train(opt, state, cluster, device, gpu_ids, stop, log, given=()):
                     disable=None if cluster.is_main else True, dynamic_ncols=True)
     # The previews show the target's own units (no --save_scale).
     target_scaling = Scaling.from_options(opt, 'target', save_scale=1.0)
-    validation = functools.partial(validate, nets.G, val_dataset, opt, device, precision)
+    validation = functools.partial(validate, nets.G, val_dataset, opt, device, precision,
+                                   target_disks(val_dataset, opt, log)
+                                   if val_dataset is not None else None)
     manager = Manager(opt, nets.G, nets.D, functools.partial(nets.training_state, opt),
                       target_scaling, data_unit(opt), log=progress.write,
                       validate=validation if val_dataset is not None else None,
@@ -481,12 +483,13 @@ def after_step(manager, opt, epoch, steps, n_samples, batch, terms, lr):
         manager.save(current_step, epoch)
 
 
-def validate(G, val_dataset, opt, device, precision, step):
+def validate(G, val_dataset, opt, device, precision, disks, step):
     """Translate the test inputs with the generator of `step` (--val_during_train); with
-    --target_dir_test, log their mean metrics in val_metrics.csv and return them."""
+    --target_dir_test, log their mean metrics (with the regions of the targets' `disks`) in
+    val_metrics.csv and return them."""
     rows = translate(bare(G), val_dataset,
                      os.path.join(opt.checkpoint_dir, 'Image', 'Test', str(step)),
-                     opt, device, step, precision)
+                     opt, device, step, precision, disks=disks)
     if not rows:
         return None
     means = {key: value['mean'] for key, value in summarize(rows).items()}
