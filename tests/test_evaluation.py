@@ -2,9 +2,11 @@
 metrics (CC and CCC after binning, RMSE, MAE, flux), the Test script's metric files and
 table, the comparison panels, what training writes to judge it by (loss_log.csv, the loss
 curve, the training panels, val_metrics.csv, also after a resume), and a shortened quick
-start (README "Quick start") that must learn. Reference values are computed here
-independently (numpy block means, scipy's Pearson, the closed-form Lin CCC with population
-moments), never with the package's own metric code.
+start (README "Quick start") that must learn. The disk, active and quiet-Sun
+regions (README "Evaluating a model") are checked on a synthetic full disk whose centre is off
+the frame's centre. Reference values are computed here independently (numpy block means,
+scipy's Pearson, the closed-form Lin CCC with population moments, astropy's WCS for where each
+pixel looks), never with the package's own metric code.
 """
 import json
 import os
@@ -15,11 +17,14 @@ import pytest
 from PIL import Image
 from scipy import stats
 
-from conftest import (NPY_DATA, SAMPLE, TINY, assert_ok, copy_run, drawn_panel, lin_ccc,
-                      logged_steps, loss_rows, make_pairs, panel_text, read_csv_rows, run_dir,
-                      run_test, run_train)
+import pix2pixCC_Test
+from conftest import (NPY_DATA, SAMPLE, SAMPLE_DATA, TINY, assert_ok, constant_generator_checkpoint,
+                      copy_run, copy_sample, drawn_panel, lin_ccc, logged_steps, loss_rows,
+                      make_pairs, make_test_opt, panel_text, read_csv_rows, run_dir, run_test,
+                      run_train)
+from pix2pixCC_Options import UserError
 from pix2pixCC_Pipeline import Scaling
-from pix2pixCC_Test import bin_mean, image_metrics, metrics_table
+from pix2pixCC_Test import Disk, bin_mean, disk_from_header, image_metrics, metrics_table
 from pix2pixCC_Utils import save_panel
 
 BINS = [1, 2, 4, 8]
@@ -502,3 +507,298 @@ def test_a_short_run_on_the_sample_learns_the_magnetograms(tmp_path):
         summary = json.load(f)
     assert summary['cc_1x1']['mean'] > 0.4, summary['cc_1x1']
     assert summary['cc_8x8']['mean'] > 0.4, summary['cc_8x8']
+
+
+# ----------------------------------------------------------------------------------------
+# 6. Regions: the solar disk, active and quiet Sun (README "Evaluating a model")
+# ----------------------------------------------------------------------------------------
+
+REGIONS = ('', 'disk_', 'active_', 'quiet_')
+FRAME = (40, 48)  # rows, columns: not square
+PIXEL = 30.0  # arcsec
+RADIUS_PX = 14.0
+RSUN_REF = 696000000.0
+
+
+def disk_header(cunit='arcsec', radius_cards='RSUN_OBS'):
+    """A helioprojective TAN header of FRAME whose reference pixel is off the frame's centre
+    and points 60" west and 30" south of the Sun's centre, so that the disk's centre is at
+    neither; the Sun's radius is RADIUS_PX pixels, given as RSUN_OBS or RSUN_REF + DSUN_OBS."""
+    from astropy.io import fits
+    to_unit = {'arcsec': 1.0, 'deg': 1 / 3600}[cunit]
+    header = fits.Header()
+    header['CTYPE1'], header['CTYPE2'] = 'HPLN-TAN', 'HPLT-TAN'
+    header['CUNIT1'] = header['CUNIT2'] = cunit
+    header['CDELT1'] = header['CDELT2'] = PIXEL * to_unit
+    header['CRPIX1'], header['CRPIX2'] = 21.3, 17.6  # (1-based)
+    header['CRVAL1'], header['CRVAL2'] = 60.0 * to_unit, -30.0 * to_unit
+    arcsec = RADIUS_PX * PIXEL
+    if radius_cards == 'RSUN_OBS':
+        header['RSUN_OBS'] = arcsec
+    else:
+        header['RSUN_REF'] = RSUN_REF
+        header['DSUN_OBS'] = RSUN_REF / np.sin(np.deg2rad(arcsec / 3600))
+    return header
+
+
+def sun_maps(header, seed=0):
+    """(real, fake), 1 x FRAME: a quiet field with two strong spots of opposite sign on the
+    disk of `header`, and a noisy, damped prediction of it."""
+    rng = np.random.default_rng(seed)
+    rows, columns = np.mgrid[0:FRAME[0], 0:FRAME[1]]
+    real = rng.normal(0, 20, FRAME)
+    for x, y, field in ((13, 12, 1500), (22, 20, -1200)):
+        real += field * np.exp(-((columns - x) ** 2 + (rows - y) ** 2) / 6)
+    fake = 0.7 * real + rng.normal(0, 40, FRAME)
+    return real[None], fake[None]
+
+
+def distance_from_sun_centre_px(header, columns, rows):
+    """How far from helioprojective (0", 0") the pixel positions look, in pixels: astropy's
+    WCS gives their longitude and latitude (in degrees), which divide by the pixel size."""
+    from astropy.wcs import WCS
+    longitude, latitude = WCS(header).pixel_to_world_values(columns, rows)
+    longitude = (longitude + 180) % 360 - 180
+    return np.hypot(longitude, latitude) * 3600 / PIXEL
+
+
+def expected_masks(header, k, real, fraction, threshold):
+    """{region: mask} of the k-binned map: the disk by the bins' centres, active by the
+    binned |real|."""
+    h, w = FRAME[0] // k, FRAME[1] // k
+    rows, columns = np.mgrid[0:h, 0:w] * k + (k - 1) / 2
+    distance = distance_from_sun_centre_px(header, columns, rows)
+    # No bin centre lies on the edge, where the TAN projection's tiny difference from
+    # the pixel distance could decide.
+    assert np.abs(distance - fraction * RADIUS_PX).min() > 1e-3
+    disk = distance <= fraction * RADIUS_PX
+    active = disk & (np.abs(block_mean(real, k)) >= threshold)
+    return {'disk_': disk, 'active_': active, 'quiet_': disk & ~active}
+
+
+def expected_region_metrics(header, real, fake, bins, fraction, threshold):
+    out = {}
+    for k in bins:
+        r, f = block_mean(real, k), block_mean(fake, k)
+        for region, mask in expected_masks(header, k, real, fraction, threshold).items():
+            out[f'{region}cc_{k}x{k}'] = stats.pearsonr(r[mask], f[mask])[0]
+            out[f'{region}ccc_{k}x{k}'] = lin_ccc(r[mask], f[mask])
+            out[f'{region}rmse_{k}x{k}'] = np.sqrt(np.mean((r[mask] - f[mask]) ** 2))
+            out[f'{region}mae_{k}x{k}'] = np.mean(np.abs(r[mask] - f[mask]))
+    for region, mask in expected_masks(header, 1, real, fraction, threshold).items():
+        out.update({f'{region}flux_unsigned_real': np.abs(real[mask]).sum(),
+                    f'{region}flux_unsigned_fake': np.abs(fake[mask]).sum(),
+                    f'{region}flux_net_real': real[mask].sum(),
+                    f'{region}flux_net_fake': fake[mask].sum()})
+    return out
+
+
+HEADERS = [('arcsec', 'RSUN_OBS'), ('deg', 'RSUN_OBS'), ('arcsec', 'RSUN_REF'),
+           ('deg', 'RSUN_REF')]
+
+
+@pytest.mark.parametrize('cunit, radius_cards', HEADERS)
+def test_the_disk_is_where_the_targets_wcs_puts_the_sun(cunit, radius_cards):
+    header = disk_header(cunit, radius_cards)
+    disk, reason = disk_from_header(header)
+    assert reason is None
+    assert disk.radius == pytest.approx(RADIUS_PX, rel=1e-9)
+    # The centre is off the frame's centre and off the reference pixel.
+    assert abs(disk.x - (FRAME[1] - 1) / 2) > 2 and abs(disk.x - (21.3 - 1)) > 1
+    assert distance_from_sun_centre_px(header, disk.x, disk.y) == pytest.approx(0, abs=1e-9)
+    real, _ = sun_maps(header)
+    masks = pix2pixCC_Test.region_masks(real[0], 1, disk, 0.98, 100.0)
+    for region, mask in expected_masks(header, 1, real[0], 0.98, 100.0).items():
+        np.testing.assert_array_equal(masks[region], mask, err_msg=region)
+    assert 0 < masks['disk_'].sum() < masks[''].sum()  # the disk is not the frame
+
+
+@pytest.mark.parametrize('cunit, radius_cards', HEADERS)
+@pytest.mark.parametrize('fraction', [0.98, 0.72])
+def test_disk_active_and_quiet_metrics_equal_an_independent_computation(
+        cunit, radius_cards, fraction):
+    """At k = 2 the region is decided on the binned target: the bin's centre for the disk,
+    the binned |real| for the threshold."""
+    header = disk_header(cunit, radius_cards)
+    real, fake = sun_maps(header)
+    disk, _ = disk_from_header(header)
+    row = image_metrics(real, fake, [1, 2], disk, fraction, 100.0)
+    assert list(row) == [key for region in REGIONS for key in metric_columns([1, 2], region)]
+    assert_metrics_close(row, expected_metrics(real[0], fake[0], [1, 2]))  # as before
+    assert_metrics_close(row, expected_region_metrics(header, real[0], fake[0], [1, 2],
+                                                      fraction, 100.0))
+    # The regions differ: the binned map puts other bins above the threshold.
+    masks = expected_masks(header, 2, real[0], fraction, 100.0)
+    assert 2 <= masks['active_'].sum() < masks['disk_'].sum()
+    assert not np.array_equal(masks['active_'], block_mean(
+        expected_masks(header, 1, real[0], fraction, 100.0)['active_'].astype(float), 2) > 0)
+
+
+def test_no_threshold_no_active_and_quiet_and_an_empty_region_is_nan():
+    header = disk_header()
+    real, fake = sun_maps(header)
+    disk, _ = disk_from_header(header)
+    assert list(image_metrics(real, fake, [1], disk)) == metric_columns([1]) + \
+        metric_columns([1], 'disk_')
+    row = image_metrics(real, fake, [1, 8], disk, 0.98, 1e6)  # nothing is that strong
+    assert all(np.isnan(row[key]) for key in metric_columns([1, 8], 'active_'))
+    for key in metric_columns([1, 8], 'quiet_'):
+        assert row[key] == pytest.approx(row[key.replace('quiet_', 'disk_')], rel=1e-12)
+    # A disk smaller than a pixel holds fewer than 2: NaN, not an error.
+    assert np.isnan(image_metrics(real, fake, [1], Disk(10.0, 10.0, 0.5))['disk_rmse_1x1'])
+
+
+def test_several_channels_put_the_channel_first(pair):
+    real, fake = pair
+    row = image_metrics(np.concatenate([real, -real]), np.concatenate([fake, fake]), [1],
+                        Disk(25.0, 25.0, 20.0), 0.98, 5.0)
+    assert list(row) == [key for c in (0, 1) for region in REGIONS
+                         for key in metric_columns([1], f'ch{c}_{region}')]
+
+
+def test_headers_without_the_cards_have_no_disk():
+    header = disk_header()
+    del header['RSUN_OBS']
+    assert disk_from_header(header) == (None, 'no RSUN_OBS, nor RSUN_REF with DSUN_OBS')
+    header = disk_header()
+    header['CTYPE1'], header['CTYPE2'] = 'RA---TAN', 'DEC--TAN'
+    assert disk_from_header(header)[0] is None
+
+
+def test_the_table_shows_each_region():
+    header = disk_header()
+    real, fake = sun_maps(header)
+    row = image_metrics(real, fake, [1, 8], disk_from_header(header)[0], 0.98, 100.0)
+    table = metrics_table(pix2pixCC_Test.summarize([row]), [1, 8], unit='G')
+    titles = [line for line in table.splitlines() if line.endswith(':')]
+    assert titles == ['whole frame:', 'disk:', 'active (on disk):', 'quiet (on disk):'] * 2
+    assert len(re.findall(r'^\s*0\s+8x8\s', table, re.MULTILINE)) == 4
+    disk_rows = table.split('disk:\n', 1)[1]
+    assert float(re.search(r'^\s*0\s+1x1\s+(\S+)', disk_rows, re.MULTILINE).group(1)) == \
+        pytest.approx(row['disk_cc_1x1'], abs=1e-4)
+
+
+# A Test run on the shipped sample's FITS files (whose cards give the disk) with constant
+# generators: 0 G at step 2, 1500 G at step 4 (normalised 0 and 0.5 of the +-3000 G limits).
+SAMPLE_TEST = SAMPLE_DATA + ['--dataset_name', 'disk', '--n_workers', '0']
+SAMPLE_TARGETS = os.path.join(SAMPLE, 'Test', 'Target')
+
+
+@pytest.fixture
+def constant_run(in_tmp):
+    opt = make_test_opt(*SAMPLE_TEST)
+    for step, value in ((2, 0.0), (4, 0.5)):
+        constant_generator_checkpoint(opt, value, step=step)
+    _, _, test_in = copy_sample(in_tmp, n_train=0, n_test=2)
+    targets = in_tmp / 'Test' / 'Target'
+    os.makedirs(targets)
+    for name in sorted(os.listdir(SAMPLE_TARGETS))[:2]:
+        os.symlink(os.path.join(SAMPLE_TARGETS, name), targets / name)
+    return TINY + SAMPLE_TEST + ['--input_dir_test', test_in, '--target_dir_test',
+                                 str(targets)]
+
+
+def test_a_test_run_on_the_sample_writes_every_region(constant_run, in_tmp, capsys):
+    from astropy.io import fits
+    assert pix2pixCC_Test.main(constant_run + ['--active_threshold', '200']) == 0
+    stdout = capsys.readouterr().out
+    assert 'notice: no solar disk' not in stdout
+    columns = [key for region in REGIONS for key in metric_columns(BINS, region)]
+    test_dir = in_tmp / 'checkpoints' / 'disk' / 'Image' / 'Test'
+    for step in (2, 4):
+        header, rows = read_csv_rows(test_dir / str(step) / 'metrics.csv')
+        assert header == ['file'] + columns
+        with open(test_dir / str(step) / 'metrics_summary.json') as f:
+            assert sorted(json.load(f)) == sorted(columns)
+    header, by_iteration = read_csv_rows(test_dir / 'metrics_by_iteration.csv')
+    assert header == ['iteration'] + columns
+    # The numbers: those of the written file against the target on the sample's disk (its
+    # centre 31.5, 31.5 and radius 896" / 32" = 28 px, by make_sample.py).
+    name = rows[1]['file']
+    real = fits.getdata(os.path.join(SAMPLE_TARGETS, f'{name}.fits')).astype(np.float64)
+    fake = fits.getdata(test_dir / '4' / f'{name}_AI.fits').astype(np.float64)
+    rows_, columns_ = np.mgrid[0:64, 0:64]
+    disk = np.hypot(columns_ - 31.5, rows_ - 31.5) <= 0.98 * 28
+    assert float(rows[1]['disk_rmse_1x1']) == pytest.approx(
+        np.sqrt(np.mean((real[disk] - fake[disk]) ** 2)), rel=1e-5)
+    assert float(rows[1]['active_flux_unsigned_real']) == pytest.approx(
+        np.abs(real[disk & (np.abs(real) >= 200)]).sum(), rel=1e-5)
+    assert 'disk:' in stdout and 'quiet (on disk):' in stdout
+    assert 'best iteration by mean cc_8x8' in stdout  # (constant outputs: CC is NaN)
+
+
+def test_select_metric_picks_the_best_iteration_by_a_region_key(constant_run, in_tmp, capsys):
+    assert pix2pixCC_Test.main(constant_run + ['--select_metric', 'disk_rmse_1x1']) == 0
+    line = [line for line in capsys.readouterr().out.splitlines() if 'best iteration' in line]
+    _, rows = read_csv_rows(in_tmp / 'checkpoints' / 'disk' / 'Image' / 'Test' /
+                            'metrics_by_iteration.csv')
+    assert float(rows[0]['disk_rmse_1x1']) < float(rows[1]['disk_rmse_1x1'])  # 0 G is closer
+    assert line == [line[0]] and 'by mean disk_rmse_1x1: 2 (' in line[0]
+
+
+def test_an_unknown_select_metric_is_one_line_listing_the_keys(constant_run, in_tmp):
+    with pytest.raises(UserError) as error:
+        pix2pixCC_Test.main(constant_run + ['--select_metric', 'active_cc_8x8'])
+    message = str(error.value)
+    assert '\n' not in message and message.startswith('--select_metric active_cc_8x8 is not')
+    assert 'disk_cc_8x8' in message and 'cc_1x1' in message and 'active_' not in \
+        message.split('available:')[1]  # (no --active_threshold: no active region)
+    assert not os.path.exists(in_tmp / 'checkpoints' / 'disk' / 'Image')  # nothing written
+
+
+def test_npy_targets_take_the_disk_in_pixels_or_have_none(in_tmp, capsys):
+    opt = make_test_opt(*NPY_DATA, dataset_name='npy', n_workers=0)
+    constant_generator_checkpoint(opt, 0.3, step=2)
+    input_dir, target_dir = make_pairs(in_tmp, 'npy', n=2, size=32)
+    base = TINY + NPY_DATA + ['--dataset_name', 'npy', '--n_workers', '0', '--iteration', '2',
+                              '--input_dir_test', input_dir, '--target_dir_test', target_dir]
+    folder = in_tmp / 'checkpoints' / 'npy' / 'Image' / 'Test' / '2'
+    assert pix2pixCC_Test.main(base) == 0
+    notices = [line for line in capsys.readouterr().out.splitlines() if 'notice' in line]
+    assert notices == ['notice: no solar disk in 2 of 2 target file(s) (img_000.npy: npy '
+                       'files have no FITS cards), so no disk_/active_/quiet_ metrics for '
+                       'them; give --disk_center_px X Y --disk_radius_px R to set it in pixels']
+    assert read_csv_rows(folder / 'metrics.csv')[0] == ['file'] + metric_columns(BINS)
+
+    assert pix2pixCC_Test.main(base + ['--disk_center_px', '12', '17.5', '--disk_radius_px',
+                                       '10', '--active_threshold', '60', '--overwrite']) == 0
+    assert 'notice: no solar disk' not in capsys.readouterr().out
+    columns, rows = read_csv_rows(folder / 'metrics.csv')
+    assert columns == ['file'] + [key for region in REGIONS
+                                  for key in metric_columns(BINS, region)]
+    real = np.load(os.path.join(target_dir, 'img_000.npy')).astype(np.float64)
+    fake = np.load(folder / 'img_000_AI.npy').astype(np.float64)
+    rows_, columns_ = np.mgrid[0:32, 0:32]
+    quiet = (np.hypot(columns_ - 12, rows_ - 17.5) <= 0.98 * 10) & (np.abs(real) < 60)
+    assert float(rows[0]['quiet_mae_1x1']) == pytest.approx(
+        np.mean(np.abs(real[quiet] - fake[quiet])), rel=1e-5)
+
+
+@pytest.mark.parametrize('argv, fragment', [
+    (['--disk_radius_px', '5'], '--disk_center_px X Y and --disk_radius_px R go together'),
+    (['--disk_center_px', '1', '2', '--disk_radius_px', '0'], '--disk_radius_px positive'),
+    (['--disk_fraction', '0'], '--disk_fraction must be a positive number'),
+    (['--active_threshold', '-1'], '--active_threshold must be a number >= 0')])
+def test_region_options_are_checked(argv, fragment, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        make_test_opt(*argv)
+    assert exit_.value.code == 2
+    assert fragment in capsys.readouterr().err
+
+
+def test_validation_during_training_has_the_disk_metrics(tmp_path):
+    train_in, train_tg, test_in = copy_sample(tmp_path, n_train=2, n_test=2)
+    test_tg = tmp_path / 'Test' / 'Target'
+    os.makedirs(test_tg)
+    for name in sorted(os.listdir(SAMPLE_TARGETS))[:2]:
+        os.symlink(os.path.join(SAMPLE_TARGETS, name), test_tg / name)
+    assert_ok(run_train(TINY + SAMPLE_DATA + [
+        '--dataset_name', 'val', '--n_workers', '0', '--n_epochs', '1', '--save_freq', '2',
+        '--input_dir_train', train_in, '--target_dir_train', train_tg, '--val_during_train',
+        '--input_dir_test', test_in, '--target_dir_test', test_tg, '--metric_bins', '1', '8',
+        '--active_threshold', '200'], cwd=tmp_path))
+    columns, rows = read_csv_rows(os.path.join(run_dir(tmp_path, 'val'), 'val_metrics.csv'))
+    assert columns == ['step'] + [key for region in REGIONS
+                                  for key in metric_columns([1, 8], region)]
+    assert [int(row['step']) for row in rows] == [2]
+    assert all(np.isfinite(float(rows[0][key])) for key in ('disk_cc_1x1', 'quiet_rmse_8x8'))
