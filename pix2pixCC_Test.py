@@ -31,7 +31,8 @@ from pix2pixCC_Networks import Generator, correlation
 from pix2pixCC_Options import (DATA_OPTIONS, FITS_FORMATS, NETWORK_OPTIONS, TestOption,
                                UserError, channel_values, run_main)
 from pix2pixCC_Pipeline import (CustomDataset, Scaling, check_pairing, data_unit,
-                                generated_header, read_fits_header, scaled_unit, write_array)
+                                generated_header, read_fits_header, scaled_unit, stored_size,
+                                write_array)
 from pix2pixCC_Utils import (Precision, atomic_path, checkpoint_path, ignore_stop_signals,
                              load_state_dict, make_dirs, memory_format, prepare_network,
                              read_json, release_mapped_weights_after_use, require_checkpoint,
@@ -428,6 +429,32 @@ def best_iteration(by_iteration, key):
     return best['iteration'], key, best[key]
 
 
+# A CC over fewer points than this per image is a coarse judge: 8x8 bins of a 64x64 image
+# leave 64, and a few bins decide the best iteration (README "Evaluating a model").
+FEW_POINTS = 256
+BINNED_KEY = re.compile(rf"^(?P<prefix>.*?)(?P<name>{'|'.join(BINNED_METRICS)})_(?P<k>\d+)x\d+$")
+
+
+def full_resolution_key(key):
+    """The CC at full resolution (cc_1x1) of the channel and region of the metric `key`."""
+    return BINNED_KEY.match(key)['prefix'] + 'cc_1x1'
+
+
+def coarse_binning_note(key, sizes):
+    """A note when the metric `key` rests on fewer than FEW_POINTS bins per image of the
+    smallest of `sizes` ((height, width) of the targets), else None; a region key (disk_...)
+    has at most the frame's bins."""
+    parts = BINNED_KEY.match(key)
+    k = int(parts['k'])
+    height, width = min(sizes, key=lambda size: size[0] * size[1])
+    points = (height // k) * (width // k)
+    if points >= FEW_POINTS:
+        return None
+    bound = 'at most ' if re.search(r'(disk|active|quiet)_$', parts['prefix']) else ''
+    return (f"note: {key} rests on {bound}{points} points per image ({k}x{k} bins of "
+            f"{height}x{width}); compare with the full-resolution line")
+
+
 # ----------------------------------------------------------------------------------------
 # Regions: the solar disk, active and quiet Sun (README "Evaluating a model")
 # ----------------------------------------------------------------------------------------
@@ -623,7 +650,7 @@ def main(argv=None):
         if rows:
             by_iteration.append(write_metrics(rows, folders[iteration], iteration, opt))
     if len(by_iteration) > 1:
-        write_best_iteration(by_iteration, top, key)
+        write_best_iteration(by_iteration, top, key, target_sizes(dataset, opt))
     return 0
 
 
@@ -659,6 +686,12 @@ def iterations_asked_for(opt):
     return iterations
 
 
+def target_sizes(dataset, opt):
+    """The (height, width) of every target, from the files' headers."""
+    return [stored_size(path, opt.data_format_target, opt.target_ch)
+            for path in dataset.target_paths]
+
+
 def write_metrics(rows, folder, iteration, opt):
     """metrics.csv and metrics_summary.json of one generator, and their table on the
     screen; returns the row of metrics_by_iteration.csv (the means)."""
@@ -669,13 +702,22 @@ def write_metrics(rows, folder, iteration, opt):
     return {'iteration': iteration, **{key: value['mean'] for key, value in summary.items()}}
 
 
-def write_best_iteration(by_iteration, folder, key):
+def write_best_iteration(by_iteration, folder, key, sizes):
     """metrics_by_iteration.csv of a --iteration -1 run, and which generator was best by
-    the metric `key` (`selection_key`)."""
+    the metric `key` (`selection_key`) and by the full-resolution CC of its channel and
+    region, with a note when `key` rests on few points per image (`coarse_binning_note`;
+    sizes: the targets' (height, width))."""
     path = os.path.join(folder, 'metrics_by_iteration.csv')
     write_csv(path, by_iteration)
     iteration, key, value = best_iteration(by_iteration, key)
     print(f"best iteration by mean {key}: {iteration} ({value:.4f}); all in {path}")
+    note = coarse_binning_note(key, sizes)
+    if note:
+        print(note)
+    full = full_resolution_key(key)
+    if full != key and full in by_iteration[0]:
+        iteration, _, value = best_iteration(by_iteration, full)
+        print(f"best iteration by mean {full}: {iteration} ({value:.4f})")
 
 
 if __name__ == '__main__':

@@ -261,10 +261,45 @@ def test_metrics_by_iteration_and_the_best_one(evaluated):
     for row in rows:
         summary = summary_at(evaluated, row['iteration'])
         assert float(row['cc_8x8']) == pytest.approx(summary['cc_8x8']['mean'], rel=1e-9)
-    best = max(rows, key=lambda row: float(row['cc_8x8']))['iteration']
-    line = [line for line in evaluated['proc'].stdout.splitlines() if 'best' in line.lower()]
-    assert len(line) == 1 and 'cc_8x8' in line[0], line
-    assert re.search(rf'\b{best}\b', line[0].split('cc_8x8', 1)[1].split('(')[0]), line[0]
+    stdout = evaluated['proc'].stdout.splitlines()
+    for key in ('cc_8x8', 'cc_1x1'):  # the selection metric, then the full-resolution CC
+        best = max(rows, key=lambda row, key=key: float(row[key]))['iteration']
+        line = [line for line in stdout if line.startswith(f'best iteration by mean {key}:')]
+        assert len(line) == 1, stdout
+        assert re.search(rf'\b{best}\b', line[0].split(key, 1)[1].split('(')[0]), line[0]
+    # 8x8 bins of these 32x32 targets: 16 points per image, said right after the best line.
+    best_line = next(i for i, line in enumerate(stdout) if 'by mean cc_8x8' in line)
+    assert stdout[best_line + 1] == ('note: cc_8x8 rests on 16 points per image (8x8 bins of '
+                                     '32x32); compare with the full-resolution line')
+
+
+@pytest.mark.parametrize('key, size, note', [
+    ('cc_8x8', (64, 64), 'note: cc_8x8 rests on 64 points per image (8x8 bins of 64x64); '
+                         'compare with the full-resolution line'),
+    ('ch1_disk_ccc_4x4', (60, 40), 'note: ch1_disk_ccc_4x4 rests on at most 150 points per '
+                                   'image (4x4 bins of 60x40); compare with the '
+                                   'full-resolution line'),
+    ('cc_4x4', (64, 64), None),  # 256 points
+    ('rmse_8x8', (256, 256), None)])
+def test_a_coarsely_binned_selection_metric_gets_a_note(key, size, note):
+    assert pix2pixCC_Test.coarse_binning_note(key, [(512, 512), size]) == note
+
+
+def test_the_best_iteration_is_named_for_the_full_resolution_cc_too(tmp_path, capsys):
+    rows = [{'iteration': 2, 'disk_cc_1x1': 0.7, 'disk_rmse_8x8': 30.0},
+            {'iteration': 4, 'disk_cc_1x1': 0.8, 'disk_rmse_8x8': 40.0}]
+    pix2pixCC_Test.write_best_iteration(rows, str(tmp_path), 'disk_rmse_8x8', [(128, 128)])
+    lines = capsys.readouterr().out.splitlines()  # 256 points of 128x128: no note
+    assert lines[0].startswith('best iteration by mean disk_rmse_8x8: 2 (30.0000); all in ')
+    assert lines[1:] == ['best iteration by mean disk_cc_1x1: 4 (0.8000)']
+    pix2pixCC_Test.write_best_iteration(rows, str(tmp_path), 'disk_rmse_8x8', [(64, 64)])
+    assert capsys.readouterr().out.splitlines()[1:] == [
+        'note: disk_rmse_8x8 rests on at most 64 points per image (8x8 bins of 64x64); '
+        'compare with the full-resolution line',
+        'best iteration by mean disk_cc_1x1: 4 (0.8000)']
+    pix2pixCC_Test.write_best_iteration(rows, str(tmp_path), 'disk_cc_1x1', [(64, 64)])
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 1 and lines[0].startswith('best iteration by mean disk_cc_1x1: 4 (')
 
 
 def test_panels_are_pngs_wider_than_high(evaluated):
@@ -733,7 +768,8 @@ def test_select_metric_picks_the_best_iteration_by_a_region_key(constant_run, in
     _, rows = read_csv_rows(in_tmp / 'checkpoints' / 'disk' / 'Image' / 'Test' /
                             'metrics_by_iteration.csv')
     assert float(rows[0]['disk_rmse_1x1']) < float(rows[1]['disk_rmse_1x1'])  # 0 G is closer
-    assert line == [line[0]] and 'by mean disk_rmse_1x1: 2 (' in line[0]
+    assert len(line) == 2 and 'by mean disk_rmse_1x1: 2 (' in line[0]
+    assert line[1].startswith('best iteration by mean disk_cc_1x1: ')  # its region's full CC
 
 
 def test_an_unknown_select_metric_is_one_line_listing_the_keys(constant_run, in_tmp):
