@@ -970,16 +970,17 @@ class Manager:
         self.last_saved = current_step
         self.log(f"saved {checkpoint_path(model_dir, current_step, 'G')}, _D.pt and _state.pt")
         self.prune_states(current_step)
-        self.draw_loss_curve()
         if self.validate is not None:
             means = self.validate(current_step)
             if means and self.tensorboard is not None:
                 for name, value in means.items():
                     self.tensorboard.add_scalar(f'validation/{name}', value, current_step)
+        self.draw_loss_curve()  # after the validation, so that the curve has its row
 
     def draw_loss_curve(self):
-        save_loss_curve(os.path.join(self.opt.checkpoint_dir, 'loss_curve.png'),
-                        read_csv(self.loss_log))
+        checkpoint_dir = self.opt.checkpoint_dir
+        save_loss_curve(os.path.join(checkpoint_dir, 'loss_curve.png'), read_csv(self.loss_log),
+                        read_csv(os.path.join(checkpoint_dir, 'val_metrics.csv')))
 
     def prune_states(self, current_step):
         """Keep the training states of the --keep_states newest complete steps up to
@@ -1169,23 +1170,44 @@ def save_panel(path, input, real, generated, target_scaling, unit=None, data_for
     plt.close(figure)
 
 
-def save_loss_curve(path, rows):
-    """Loss terms of loss_log.csv rows against the step."""
+# The validation CCs a loss curve shows: the first channel's, whole frame and disk, at every
+# binning (README "Output files", loss_curve.png).
+VALIDATION_CC = re.compile(r'^(ch0_)?(disk_)?cc_\d+x\d+$')
+
+
+def save_loss_curve(path, rows, val_rows=()):
+    """Loss terms of loss_log.csv rows against the step, the training CC beside them and,
+    with val_metrics.csv rows (`val_rows`, from --val_during_train with targets), a third
+    panel of the validation CCs (`VALIDATION_CC`) against the step."""
     if not rows:
         return
     plt = _pyplot()
     steps = [int(row['step']) for row in rows]
-    figure, (losses, cc) = plt.subplots(1, 2, figsize=(12, 4))
+    keys = [key for key in (val_rows[0] if val_rows else ()) if VALIDATION_CC.match(key)]
+    figure, axes = plt.subplots(1, 3 if keys else 2, figsize=(18 if keys else 12, 4))
+    losses, cc = axes[:2]
     for name in ('D', 'G', 'G_LSGAN', 'G_FM', 'G_CC'):
         losses.plot(steps, [float(row[name]) for row in rows], label=name)
     losses.set_xlabel('step (samples)'), losses.set_ylabel('loss'), losses.set_yscale('log')
     losses.legend()
     cc.plot(steps, [float(row['CC']) for row in rows], color='k')
     cc.set_xlabel('step (samples)'), cc.set_ylabel('CC (training batch, full resolution)')
+    if keys:
+        draw_validation_cc(axes[2], val_rows, keys)
     figure.tight_layout()
     with atomic_path(path) as temporary:
         figure.savefig(temporary, dpi=80)
     plt.close(figure)
+
+
+def draw_validation_cc(axis, val_rows, keys):
+    """The mean validation `keys` of val_metrics.csv rows against the step (disk dashed)."""
+    steps = [int(row['step']) for row in val_rows]
+    for key in keys:
+        axis.plot(steps, [float(row[key]) for row in val_rows], marker='o', label=key,
+                  linestyle='--' if 'disk_' in key else '-')
+    axis.set_xlabel('step (samples)'), axis.set_ylabel('CC (validation, mean over files)')
+    axis.legend(fontsize=8)
 
 
 # ----------------------------------------------------------------------------------------

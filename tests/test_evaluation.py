@@ -19,13 +19,13 @@ from scipy import stats
 
 import pix2pixCC_Test
 from conftest import (NPY_DATA, SAMPLE, SAMPLE_DATA, TINY, assert_ok, constant_generator_checkpoint,
-                      copy_run, copy_sample, drawn_panel, lin_ccc, logged_steps, loss_rows,
-                      make_pairs, make_test_opt, panel_text, read_csv_rows, run_dir, run_test,
-                      run_train)
+                      copy_run, copy_sample, drawn_figure, drawn_panel, lin_ccc, logged_steps,
+                      loss_rows, make_pairs, make_test_opt, panel_text, read_csv_rows, run_dir,
+                      run_test, run_train)
 from pix2pixCC_Options import UserError
 from pix2pixCC_Pipeline import Scaling
 from pix2pixCC_Test import Disk, bin_mean, disk_from_header, image_metrics, metrics_table
-from pix2pixCC_Utils import save_panel
+from pix2pixCC_Utils import save_loss_curve, save_panel
 
 BINS = [1, 2, 4, 8]
 PER_BIN = ('cc', 'ccc', 'rmse', 'mae')
@@ -387,6 +387,44 @@ def test_loss_curve_and_training_panels(run):
     panels = sorted(int(name.split('_')[0]) for name in os.listdir(folder)
                     if name.endswith('_panel.png'))
     assert panels == PREVIEWS
+
+
+def logged_rows(steps):
+    return [dict(step=step, D=0.5, G=2.0, G_LSGAN=0.4, G_FM=1.0, G_CC=0.6, CC=0.3)
+            for step in steps]
+
+
+def test_the_loss_curve_shows_the_validation_cc(tmp_path, monkeypatch):
+    val_rows = [dict(step=4, cc_1x1=0.2, cc_8x8=0.3, rmse_1x1=50.0, disk_cc_1x1=0.25,
+                     disk_cc_8x8=0.35, active_cc_8x8=0.1),
+                dict(step=8, cc_1x1=0.4, cc_8x8=0.5, rmse_1x1=40.0, disk_cc_1x1=0.45,
+                     disk_cc_8x8=0.55, active_cc_8x8=0.2)]
+    figure = drawn_figure(monkeypatch, save_loss_curve, tmp_path / 'curve.png',
+                          logged_rows([2, 4, 6, 8]), val_rows)
+    assert len(figure.axes) == 3
+    validation = figure.axes[2]
+    lines = {line.get_label(): line for line in validation.get_lines()}
+    assert sorted(lines) == ['cc_1x1', 'cc_8x8', 'disk_cc_1x1', 'disk_cc_8x8']
+    assert list(lines['disk_cc_8x8'].get_xdata()) == [4, 8]
+    assert list(lines['disk_cc_8x8'].get_ydata()) == [0.35, 0.55]
+    assert 'validation' in validation.get_ylabel()
+    # Without validation rows, the losses and the training CC only.
+    figure = drawn_figure(monkeypatch, save_loss_curve, tmp_path / 'plain.png',
+                          logged_rows([2, 4]))
+    assert len(figure.axes) == 2
+
+
+def test_the_trainings_loss_curve_has_the_validation_panel(run, monkeypatch):
+    """What the Manager draws: loss_log.csv and val_metrics.csv of the run (a validation
+    with targets at every save)."""
+    from pix2pixCC_Utils import read_csv
+    out = run['out']
+    figure = drawn_figure(monkeypatch, save_loss_curve, out.parent / 'again.png',
+                          read_csv(out / 'loss_log.csv'), read_csv(out / 'val_metrics.csv'))
+    labels = [line.get_label() for line in figure.axes[2].get_lines()]
+    assert labels == [f'cc_{k}x{k}' for k in BINS]
+    with Image.open(out / 'loss_curve.png') as image:  # three panels: wider than two
+        assert image.size[0] > 4 * image.size[1]
 
 
 def test_validation_metrics_at_every_save(run, evaluated):
