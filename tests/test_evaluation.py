@@ -8,9 +8,11 @@ the frame's centre. Reference values are computed here independently (numpy bloc
 scipy's Pearson, the closed-form Lin CCC with population moments, astropy's WCS for where each
 pixel looks), never with the package's own metric code.
 """
+import glob
 import json
 import os
 import re
+import sys
 
 import numpy as np
 import pytest
@@ -18,10 +20,11 @@ from PIL import Image
 from scipy import stats
 
 import pix2pixCC_Test
-from conftest import (NPY_DATA, SAMPLE, SAMPLE_DATA, TINY, assert_ok, constant_generator_checkpoint,
+from conftest import (NPY_DATA, REPO, SAMPLE, SAMPLE_DATA, TINY, assert_ok,
+                      constant_generator_checkpoint,
                       copy_run, copy_sample, drawn_figure, drawn_panel, lin_ccc, logged_steps,
-                      loss_rows, make_pairs, make_test_opt, panel_text, read_csv_rows, run_dir,
-                      run_test, run_train)
+                      loss_rows, make_pairs, make_test_opt, panel_text, read_csv_rows,
+                      run_command, run_dir, run_test, run_train)
 from pix2pixCC_Options import UserError
 from pix2pixCC_Pipeline import Scaling
 from pix2pixCC_Test import Disk, bin_mean, disk_from_header, image_metrics, metrics_table
@@ -798,6 +801,50 @@ def test_a_test_run_on_the_sample_writes_every_region(constant_run, in_tmp, caps
         np.abs(real[disk & (np.abs(real) >= 200)]).sum(), rel=1e-5)
     assert 'disk:' in stdout and 'quiet (on disk):' in stdout
     assert 'best iteration by mean cc_8x8' in stdout  # (constant outputs: CC is NaN)
+
+
+OBSERVER_CARDS = ('DSUN_OBS', 'HGLN_OBS', 'HGLT_OBS', 'RSUN_OBS', 'RSUN_REF')
+SAMPLE_FILES = sorted(glob.glob(os.path.join(SAMPLE, '*', '*', '*.fits')))
+
+
+def assert_consistent_observer(header, where):
+    """The observer cards are there, and the Sun's angular radius they give two ways agrees
+    (what sunpy checks before its "rsun mismatch" warning)."""
+    assert all(key in header for key in OBSERVER_CARDS), where
+    radius = np.degrees(np.arcsin(header['RSUN_REF'] / header['DSUN_OBS'])) * 3600
+    assert radius == pytest.approx(header['RSUN_OBS'], rel=1e-6), where
+    assert header['RSUN_REF'] == 695700000.0, where  # sunpy's solar radius
+
+
+def test_every_sample_file_has_a_consistent_observer():
+    from astropy.io import fits
+    assert len(SAMPLE_FILES) == 80
+    for path in SAMPLE_FILES:
+        assert_consistent_observer(fits.getheader(path), path)
+
+
+def test_the_shipped_sample_is_what_make_sample_writes(tmp_path):
+    proc = run_command([sys.executable, os.path.join(REPO, 'datasets', 'make_sample.py'),
+                        '--out', str(tmp_path)], cwd=tmp_path)
+    assert_ok(proc)
+    for path in SAMPLE_FILES:
+        with open(path, 'rb') as shipped, \
+                open(tmp_path / os.path.relpath(path, SAMPLE), 'rb') as made:
+            assert shipped.read() == made.read(), path
+
+
+def test_products_of_the_sample_take_the_inputs_observer(constant_run, in_tmp):
+    from astropy.io import fits
+    assert pix2pixCC_Test.main(constant_run + ['--iteration', '2']) == 0
+    folder = in_tmp / 'checkpoints' / 'disk' / 'Image' / 'Test' / '2'
+    products = sorted(folder.glob('*_AI.fits'))
+    assert len(products) == 2
+    for product in products:
+        header = fits.getheader(product)
+        assert_consistent_observer(header, product)
+        source = fits.getheader(in_tmp / 'Test' / 'Input' /
+                                product.name.replace('_AI.fits', '.fits'))
+        assert all(header[key] == source[key] for key in OBSERVER_CARDS + ('DATE-OBS',))
 
 
 def test_select_metric_picks_the_best_iteration_by_a_region_key(constant_run, in_tmp, capsys):
