@@ -61,11 +61,34 @@ def output_header(opt, input_path, iteration):
                f'pix2pixCC: run {opt.dataset_name}, iteration {iteration}']
     if opt.save_scale != 1:  # why BUNIT carries a factor (scaled_unit)
         history.append(f'pix2pixCC: values multiplied by --save_scale {opt.save_scale:g}')
-    input_header = read_fits_header(input_path) if opt.data_format_input in FITS_FORMATS \
-        else None
+    input_header = input_fits_header(opt, input_path)
     return generated_header(input_header, getattr(opt, 'target_header', None) or {},
                             scaled_unit(data_unit(opt), opt.save_scale), history,
                             input_channels=opt.input_ch, channels=opt.target_ch)
+
+
+def input_fits_header(opt, input_path):
+    """The header of a FITS input, else None."""
+    return read_fits_header(input_path) if opt.data_format_input in FITS_FORMATS else None
+
+
+def panel_wcs(header):
+    """The celestial WCS of a generated FITS file's `header` for its panel's axes (README
+    "Output files", Panels), or None without one."""
+    if header is None:
+        return None
+    with warnings.catch_warnings():  # (astropy's notes on cards it fixes, e.g. DATE-OBS)
+        warnings.simplefilter('ignore', AstropyWarning)
+        wcs = WCS(header)
+    return wcs.celestial if wcs.has_celestial else None
+
+
+def panel_options(opt, input_path, header):
+    """What save_panel needs beside the data: the input's scaling and unit (its BUNIT, FITS
+    inputs only) and the WCS of the generated file's `header` (None for other formats)."""
+    input_header = input_fits_header(opt, input_path)
+    return dict(input_scaling=Scaling.from_options(opt, 'input'),
+                input_unit=(input_header or {}).get('BUNIT') or None, wcs=panel_wcs(header))
 
 
 def load_generator(opt, path, device):
@@ -109,7 +132,7 @@ def translate(G, dataset, out_dir, opt, device, iteration, precision=None, panel
             output = generate(G, batch, opt.n_downsample, precision)
             data = scaling.inverse(output[0].cpu().numpy())
             path = os.path.join(out_dir, f'{name}_AI.{opt.data_format_target}')
-            extra = {}
+            extra = {'header': None}
             if opt.data_format_target in FITS_FORMATS:
                 extra['header'] = output_header(opt, dataset.input_paths[index], iteration)
             elif opt.data_format_target in ('png', 'jpg', 'jpeg'):  # (16-bit PNG above 255)
@@ -128,7 +151,8 @@ def translate(G, dataset, out_dir, opt, device, iteration, precision=None, panel
                     save_panel(os.path.join(out_dir, f'{name}_panel.png'), input.numpy(), real,
                                generated, scaling, unit=unit, data_format=opt.data_format_target,
                                title=f'{os.path.basename(dataset.input_paths[index])}, '
-                                     f'iteration {iteration}')
+                                     f'iteration {iteration}',
+                               **panel_options(opt, dataset.input_paths[index], extra['header']))
     G.train(was_training)
     return aligned(rows)
 

@@ -553,6 +553,85 @@ def test_panel_says_which_input_channels_it_shows(tmp_path):
     assert '0-5 of 10' in title and 'normalised' in description
 
 
+def sample_pair(name='sun_0032.fits'):
+    """A sample input (DN/s) normalised as the quick start does, its target (G) and the
+    target's header (helioprojective WCS)."""
+    from astropy.io import fits
+    input = fits.getdata(os.path.join(SAMPLE, 'Test', 'Input', name)).astype(np.float32)
+    with fits.open(os.path.join(SAMPLE, 'Test', 'Target', name)) as hdul:
+        real, header = hdul[0].data.astype(np.float32), hdul[0].header.copy()
+    input_scaling = Scaling(lower=1, upper=200, log=True)
+    return input_scaling.forward(input)[None], real[None], header, input_scaling
+
+
+def test_panel_axes_are_helioprojective_with_a_wcs(tmp_path, monkeypatch):
+    input, real, header, input_scaling = sample_pair()
+    figure = drawn_panel(monkeypatch, tmp_path / 'panel.png', input, real, real * 0.9,
+                         Scaling(-3000, 3000), unit='G', data_format='fits',
+                         input_scaling=input_scaling, input_unit='DN/s',
+                         wcs=pix2pixCC_Test.panel_wcs(header))
+    image_axes = [axis for axis in figure.axes if axis.images]
+    assert len(image_axes) == 4
+    for axis in image_axes:
+        x, y = axis.coords[0].get_axislabel(), axis.coords[1].get_axislabel()
+        assert 'helioprojective longitude' in x and '["]' in x, x
+        assert 'helioprojective latitude' in y, y
+        # FITS row 0 at the bottom: the image's pixel rows run up from the axis' origin.
+        assert axis.images[0].origin == 'lower'
+        # The world coordinate of the bottom-left pixel centre: -31.5 px * 32"/px.
+        lon, lat = (float(angle + 180) % 360 - 180 for angle in
+                    axis.wcs.pixel_to_world_values(0, 0))  # (degrees, longitude in 0..360)
+        assert lon * 3600 == pytest.approx(-1008.0, rel=1e-3)
+        assert lat * 3600 == pytest.approx(-1008.0, rel=1e-3)
+    # Without a WCS: no ticks, as before.
+    figure = drawn_panel(monkeypatch, tmp_path / 'plain.png', input, real, real,
+                         Scaling(-3000, 3000), data_format='fits')
+    assert all(not axis.get_xticks().size for axis in figure.axes if axis.images)
+
+
+def test_the_input_colour_bar_is_in_the_inputs_units(tmp_path, monkeypatch):
+    """The normalised input mapped back by its scaling: the sample's 1..200 DN/s on a log
+    scale, each channel by its own limits."""
+    from pix2pixCC_Pipeline import PerChannelScaling
+    input, real, _, input_scaling = sample_pair()
+    figure = drawn_panel(monkeypatch, tmp_path / 'panel.png', input, real, real,
+                         Scaling(-3000, 3000), unit='G', data_format='fits',
+                         input_scaling=input_scaling, input_unit='DN/s')
+    drawn = next(axis for axis in figure.axes if axis.images).images[0]
+    assert drawn.colorbar.ax.get_ylabel() == 'DN/s'
+    assert (drawn.norm.vmin, drawn.norm.vmax) == (1, 200)
+    from astropy.io import fits
+    physical = fits.getdata(os.path.join(SAMPLE, 'Test', 'Input', 'sun_0032.fits'))
+    assert np.allclose(drawn.get_array(), physical, rtol=1e-5)
+    _, description = panel_text(tmp_path / 'panel.png')
+    assert description.startswith('input in DN/s;')
+
+    # Two channels of different scalings, one linear; no unit known.
+    two = np.stack([input[0], input[0] * 0.5])
+    scalings = PerChannelScaling((input_scaling, Scaling(lower=-50, upper=50)))
+    figure = drawn_panel(monkeypatch, tmp_path / 'two.png', two, real, real,
+                         Scaling(-3000, 3000), input_scaling=scalings)
+    first, second = [axis.images[0] for axis in figure.axes if axis.images][:2]
+    assert (second.norm.vmin, second.norm.vmax) == (-50, 50)
+    assert np.allclose(second.get_array(), two[1] * 50, atol=1e-4)
+    assert first.colorbar.ax.get_ylabel() == second.colorbar.ax.get_ylabel() == 'input units'
+
+
+def test_a_test_runs_panels_have_the_products_wcs_and_the_inputs_unit(constant_run, in_tmp,
+                                                                      monkeypatch):
+    import matplotlib.figure
+    figures = []
+    savefig = matplotlib.figure.Figure.savefig
+    monkeypatch.setattr(matplotlib.figure.Figure, 'savefig',
+                        lambda figure, *a, **k: figures.append(figure) or savefig(figure, *a, **k))
+    assert pix2pixCC_Test.main(constant_run + ['--iteration', '2', '--save_panels']) == 0
+    assert len(figures) == 2
+    for figure in figures:
+        axes = [axis for axis in figure.axes if axis.images]
+        assert axes[0].images[0].colorbar.ax.get_ylabel() == 'DN/s'
+        assert 'helioprojective latitude' in axes[1].coords[1].get_axislabel()
+
+
 # ----------------------------------------------------------------------------------------
 # 5. The sample learns (a shortened quick start)
 # ----------------------------------------------------------------------------------------
