@@ -146,7 +146,8 @@ def translate(G, dataset, out_dir, opt, device, iteration, precision=None, panel
                 generated = data / np.float32(opt.save_scale)  # metrics in the target's units
                 rows.append({'file': name, **image_metrics(
                     real, generated, opt.metric_bins, disks[index] if disks else None,
-                    opt.disk_fraction, opt.active_threshold)})
+                    opt.disk_fraction, opt.active_threshold,
+                    target_pixel_area(opt, dataset.target_paths[index]))})
                 if panels:
                     save_panel(os.path.join(out_dir, f'{name}_panel.png'), input.numpy(), real,
                                generated, scaling, unit=unit, data_format=opt.data_format_target,
@@ -326,21 +327,54 @@ def binned_metrics(r, f, k):
             f'mae_{k}x{k}': float((r - f).abs().mean())}
 
 
-def flux_metrics(r, f):
-    """The unsigned and net flux of the (finite) full-resolution values r, f."""
+def flux_metrics(r, f, pixel_area=None):
+    """The unsigned and net flux of the (finite) full-resolution values r, f, in their unit
+    times pixels and, with the `pixel_area` in cm^2 of a map in gauss, in Mx (the same keys
+    with `_Mx`: G cm^2 = Mx)."""
     if r.size < 2:
-        return dict.fromkeys(FLUX_METRICS, math.nan)
-    return {'flux_unsigned_real': float(np.abs(r).sum()),
-            'flux_unsigned_fake': float(np.abs(f).sum()),
-            'flux_net_real': float(r.sum()), 'flux_net_fake': float(f.sum())}
+        sums = dict.fromkeys(FLUX_METRICS, math.nan)
+    else:
+        sums = {'flux_unsigned_real': float(np.abs(r).sum()),
+                'flux_unsigned_fake': float(np.abs(f).sum()),
+                'flux_net_real': float(r.sum()), 'flux_net_fake': float(f.sum())}
+    if pixel_area is not None:
+        sums.update({f'{key}_Mx': value * pixel_area for key, value in list(sums.items())})
+    return sums
 
 
-def image_metrics(real, fake, bins, disk=None, fraction=0.98, threshold=None):
+def is_gauss(unit):
+    """Whether `unit` (a BUNIT or --target_unit) is the gauss, whose flux is in Mx."""
+    return bool(unit) and u.Unit(unit, parse_strict='silent') == u.G
+
+
+def pixel_area_cm2(header):
+    """The area in cm^2 that one pixel of a FITS map spans on the Sun at the disk centre,
+    (DSUN_OBS tan CDELT1) (DSUN_OBS tan CDELT2) with CDELTn in CUNITn (degrees if absent),
+    or None without DSUN_OBS, CDELT1 and CDELT2 (README "Evaluating a model")."""
+    if not all(header.get(key) for key in ('DSUN_OBS', 'CDELT1', 'CDELT2')):
+        return None
+    distance = float(header['DSUN_OBS']) * u.m
+    sides = [distance * np.tan(abs(float(header[f'CDELT{i}'])) *
+                               u.Unit(str(header.get(f'CUNIT{i}', 'deg')).strip()))
+             for i in (1, 2)]
+    return float((sides[0] * sides[1]).to_value(u.cm ** 2))
+
+
+def target_pixel_area(opt, path):
+    """The pixel area in cm^2 of the FITS target `path` (`pixel_area_cm2`) when the targets
+    are in gauss, else None: flux in Mx only where the unit and the area are known."""
+    if opt.data_format_target not in FITS_FORMATS or not is_gauss(data_unit(opt)):
+        return None
+    return pixel_area_cm2(read_fits_header(path))
+
+
+def image_metrics(real, fake, bins, disk=None, fraction=0.98, threshold=None, pixel_area=None):
     """Metrics of one generated map against its target, both C x H x W in physical units.
 
     For every channel c and binning factor k: Pearson CC, concordance CC (the Inspector's own
     `correlation`), RMSE and MAE; at full resolution the total unsigned flux sum|x| and the net
-    flux sum(x) of real and generated data. Pixels where the target is not finite are left
+    flux sum(x) of real and generated data, and with the `pixel_area` (cm^2) of a map in
+    gauss the same in Mx (`flux_metrics`). Pixels where the target is not finite are left
     out. Keys: `cc_8x8`, `rmse_1x1`, `flux_net_real`, ... for the whole frame and, with a
     `disk`, the same again for each region of `region_masks` with the region first
     (`disk_cc_8x8`, `active_rmse_1x1`, `quiet_flux_net_real`); several channels prefix every
@@ -357,7 +391,7 @@ def image_metrics(real, fake, bins, disk=None, fraction=0.98, threshold=None):
             for region, mask in region_masks(r, k or 1, disk, fraction, threshold).items():
                 keep = finite & mask
                 metrics = binned_metrics(r[keep], f[keep], k) if k else \
-                    flux_metrics(r[keep], f[keep])
+                    flux_metrics(r[keep], f[keep], pixel_area)
                 by_region.setdefault(region, {}).update(metrics)
         for region, metrics in by_region.items():
             row.update({f'{channel}{region}{key}': value for key, value in metrics.items()})
@@ -407,17 +441,26 @@ def metrics_table(summary, bins, channels=1, unit=None):
                                       for name in BINNED_METRICS)
                 lines.append(f"{c:>7} {f'{k}x{k}':>5} {cc:7.4f} {ccc:7.4f} {rmse:11.4g} "
                              f"{mae:11.4g}")
-    flux = f'[{unit} px]'
-    lines += ['', f"{'channel':>7} {'unsigned flux':^27} {'net flux':^27}",
-              f"{'':>7} {'real':>13} {'generated':>13} {'real':>13} {'generated':>13}",
-              f"{'':>7} {flux:>13} {flux:>13} {flux:>13} {flux:>13}"]
+    lines += flux_table(summary, regions, channels, '', f'[{unit} px]', title)
+    if f'{first}flux_net_real_Mx' in summary:
+        lines += flux_table(summary, regions, channels, '_Mx', '[Mx]', title)
+    return '\n'.join(lines)
+
+
+def flux_table(summary, regions, channels, suffix, unit, title):
+    """The lines of the unsigned and net flux table of the flux keys ending in `suffix`
+    ('' in the target's unit times pixels, '_Mx' in Mx), with `unit` under each column."""
+    lines = ['', f"{'channel':>7} {'unsigned flux':^27} {'net flux':^27}",
+             f"{'':>7} {'real':>13} {'generated':>13} {'real':>13} {'generated':>13}",
+             f"{'':>7} {unit:>13} {unit:>13} {unit:>13} {unit:>13}"]
     for region in regions:
         lines += title(region)
         for c in range(channels):
             prefix = f'ch{c}_' if channels > 1 else ''
-            values = [summary[f'{prefix}{region}{name}']['mean'] for name in FLUX_METRICS]
+            values = [summary.get(f'{prefix}{region}{name}{suffix}', {'mean': math.nan})['mean']
+                      for name in FLUX_METRICS]
             lines.append(f"{c:>7} " + ' '.join(f'{v:13.5g}' for v in values))
-    return '\n'.join(lines)
+    return lines
 
 
 def selectable_metrics(keys):
@@ -580,7 +623,10 @@ def metric_keys(opt, disks):
 def aligned(rows):
     """Every row with the columns of the fullest (NaN where a file has no disk), so that the
     files and the means have the same columns."""
-    columns = max((list(row) for row in rows), key=len, default=[])
+    fullest = max((list(row) for row in rows), key=len, default=[])
+    # (then the keys of other rows that it lacks: a target may have a pixel area, for flux
+    # in Mx, and no disk)
+    columns = list(dict.fromkeys(fullest + [key for row in rows for key in row]))
     return [{key: row.get(key, math.nan) for key in columns} for row in rows]
 
 

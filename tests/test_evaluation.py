@@ -35,9 +35,11 @@ PER_BIN = ('cc', 'ccc', 'rmse', 'mae')
 FLUX = ['flux_unsigned_real', 'flux_unsigned_fake', 'flux_net_real', 'flux_net_fake']
 
 
-def metric_columns(bins, prefix=''):
+def metric_columns(bins, prefix='', mx=False):
+    """The columns of one region; `mx`: with the flux in Mx (targets in gauss with a known
+    pixel area)."""
     return [f'{prefix}{name}_{k}x{k}' for k in bins for name in PER_BIN] + \
-        [prefix + name for name in FLUX]
+        [prefix + name for name in FLUX] + [f'{prefix}{name}_Mx' for name in FLUX if mx]
 
 
 # ----------------------------------------------------------------------------------------
@@ -926,6 +928,48 @@ def test_products_of_the_sample_take_the_inputs_observer(constant_run, in_tmp):
         assert all(header[key] == source[key] for key in OBSERVER_CARDS + ('DATE-OBS',))
 
 
+def test_flux_in_mx_equals_an_independent_computation(constant_run, in_tmp, capsys):
+    """The sample's targets in gauss (--target_unit G) with DSUN_OBS and CDELTn: flux in Mx
+    beside the flux in G px, = sum(B) * (DSUN_OBS tan 32")^2 in cm^2."""
+    from astropy.io import fits
+    assert pix2pixCC_Test.main(constant_run + ['--iteration', '4', '--target_unit', 'G']) == 0
+    stdout = capsys.readouterr().out
+    folder = in_tmp / 'checkpoints' / 'disk' / 'Image' / 'Test' / '4'
+    columns, rows = read_csv_rows(folder / 'metrics.csv')
+    assert columns == ['file'] + [key for region in ('', 'disk_')
+                                  for key in metric_columns(BINS, region, mx=True)]
+    header = fits.getheader(os.path.join(SAMPLE_TARGETS, 'sun_0032.fits'))
+    side_cm = header['DSUN_OBS'] * 100 * np.tan(np.radians(32 / 3600))
+    real = fits.getdata(os.path.join(SAMPLE_TARGETS, 'sun_0032.fits')).astype(np.float64)
+    fake = fits.getdata(folder / 'sun_0032_AI.fits').astype(np.float64)
+    row = rows[0]
+    assert float(row['flux_unsigned_real_Mx']) == pytest.approx(
+        np.abs(real).sum() * side_cm ** 2, rel=1e-6)
+    assert float(row['flux_net_fake_Mx']) == pytest.approx(fake.sum() * side_cm ** 2, rel=1e-6)
+    assert float(row['flux_net_real']) == pytest.approx(real.sum(), rel=1e-6)  # G px, as before
+    assert 5e18 < side_cm ** 2 < 7e18  # 1.07 AU, 32": about 2.5e9 cm a side
+    assert '[G px]' in stdout and '[Mx]' in stdout
+    # Another unit: unit px only.
+    assert pix2pixCC_Test.main(constant_run + ['--iteration', '4', '--target_unit', 'kG',
+                                               '--output_dir', str(in_tmp / 'kG')]) == 0
+    columns, _ = read_csv_rows(in_tmp / 'kG' / 'metrics.csv')
+    assert not [key for key in columns if key.endswith('_Mx')]
+    assert '[Mx]' not in capsys.readouterr().out
+
+
+def test_pixel_area_needs_dsun_and_cdelt_and_takes_cunit():
+    header = {'DSUN_OBS': 1.5e11, 'CDELT1': 0.6, 'CDELT2': 0.6, 'CUNIT1': 'arcsec',
+              'CUNIT2': 'arcsec'}
+    side_cm = 1.5e13 * np.tan(np.radians(0.6 / 3600))  # ~4.36e7 cm: an AIA pixel
+    assert pix2pixCC_Test.pixel_area_cm2(header) == pytest.approx(side_cm ** 2, rel=1e-9)
+    in_degrees = dict(header, CDELT1=0.6 / 3600, CDELT2=0.6 / 3600)
+    del in_degrees['CUNIT1'], in_degrees['CUNIT2']  # (degrees by default)
+    assert pix2pixCC_Test.pixel_area_cm2(in_degrees) == pytest.approx(side_cm ** 2, rel=1e-9)
+    for missing in ('DSUN_OBS', 'CDELT1', 'CDELT2'):
+        assert pix2pixCC_Test.pixel_area_cm2({k: v for k, v in header.items()
+                                              if k != missing}) is None
+
+
 def test_select_metric_picks_the_best_iteration_by_a_region_key(constant_run, in_tmp, capsys):
     assert pix2pixCC_Test.main(constant_run + ['--select_metric', 'disk_rmse_1x1']) == 0
     line = [line for line in capsys.readouterr().out.splitlines() if 'best iteration' in line]
@@ -998,7 +1042,7 @@ def test_validation_during_training_has_the_disk_metrics(tmp_path):
         '--input_dir_test', test_in, '--target_dir_test', test_tg, '--metric_bins', '1', '8',
         '--active_threshold', '200'], cwd=tmp_path))
     columns, rows = read_csv_rows(os.path.join(run_dir(tmp_path, 'val'), 'val_metrics.csv'))
-    assert columns == ['step'] + [key for region in REGIONS
-                                  for key in metric_columns([1, 8], region)]
+    assert columns == ['step'] + [key for region in REGIONS  # (the sample is in G)
+                                  for key in metric_columns([1, 8], region, mx=True)]
     assert [int(row['step']) for row in rows] == [2]
     assert all(np.isfinite(float(rows[0][key])) for key in ('disk_cc_1x1', 'quiet_rmse_8x8'))
