@@ -761,6 +761,13 @@ def target_identity(path, data_format):
             if key in header and isinstance(header[key], (str, int, float, bool))}
 
 
+def file_unit(path, data_format):
+    """The BUNIT of a FITS file, else None (other formats carry no unit)."""
+    if data_format not in FITS_FORMATS:
+        return None
+    return read_fits_header(path).get('BUNIT') or None
+
+
 def data_unit(opt):
     """The targets' physical unit: --target_unit, else the BUNIT recorded from the targets,
     else None."""

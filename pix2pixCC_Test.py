@@ -31,7 +31,8 @@ from pix2pixCC_Networks import Generator, correlation
 from pix2pixCC_Options import (DATA_OPTIONS, FITS_FORMATS, NETWORK_OPTIONS, TestOption,
                                UserError, channel_values, run_main)
 from pix2pixCC_Pipeline import (CustomDataset, Scaling, check_pairing, data_unit,
-                                generated_header, read_fits_header, scaled_unit, write_array)
+                                generated_header, read_fits_header, scaled_unit, stored_size,
+                                write_array)
 from pix2pixCC_Utils import (Precision, atomic_path, checkpoint_path, ignore_stop_signals,
                              load_state_dict, make_dirs, memory_format, prepare_network,
                              read_json, release_mapped_weights_after_use, require_checkpoint,
@@ -60,11 +61,34 @@ def output_header(opt, input_path, iteration):
                f'pix2pixCC: run {opt.dataset_name}, iteration {iteration}']
     if opt.save_scale != 1:  # why BUNIT carries a factor (scaled_unit)
         history.append(f'pix2pixCC: values multiplied by --save_scale {opt.save_scale:g}')
-    input_header = read_fits_header(input_path) if opt.data_format_input in FITS_FORMATS \
-        else None
+    input_header = input_fits_header(opt, input_path)
     return generated_header(input_header, getattr(opt, 'target_header', None) or {},
                             scaled_unit(data_unit(opt), opt.save_scale), history,
                             input_channels=opt.input_ch, channels=opt.target_ch)
+
+
+def input_fits_header(opt, input_path):
+    """The header of a FITS input, else None."""
+    return read_fits_header(input_path) if opt.data_format_input in FITS_FORMATS else None
+
+
+def panel_wcs(header):
+    """The celestial WCS of a generated FITS file's `header` for its panel's axes (README
+    "Output files", Panels), or None without one."""
+    if header is None:
+        return None
+    with warnings.catch_warnings():  # (astropy's notes on cards it fixes, e.g. DATE-OBS)
+        warnings.simplefilter('ignore', AstropyWarning)
+        wcs = WCS(header)
+    return wcs.celestial if wcs.has_celestial else None
+
+
+def panel_options(opt, input_path, header):
+    """What save_panel needs beside the data: the input's scaling and unit (its BUNIT, FITS
+    inputs only) and the WCS of the generated file's `header` (None for other formats)."""
+    input_header = input_fits_header(opt, input_path)
+    return dict(input_scaling=Scaling.from_options(opt, 'input'),
+                input_unit=(input_header or {}).get('BUNIT') or None, wcs=panel_wcs(header))
 
 
 def load_generator(opt, path, device):
@@ -108,7 +132,7 @@ def translate(G, dataset, out_dir, opt, device, iteration, precision=None, panel
             output = generate(G, batch, opt.n_downsample, precision)
             data = scaling.inverse(output[0].cpu().numpy())
             path = os.path.join(out_dir, f'{name}_AI.{opt.data_format_target}')
-            extra = {}
+            extra = {'header': None}
             if opt.data_format_target in FITS_FORMATS:
                 extra['header'] = output_header(opt, dataset.input_paths[index], iteration)
             elif opt.data_format_target in ('png', 'jpg', 'jpeg'):  # (16-bit PNG above 255)
@@ -122,12 +146,14 @@ def translate(G, dataset, out_dir, opt, device, iteration, precision=None, panel
                 generated = data / np.float32(opt.save_scale)  # metrics in the target's units
                 rows.append({'file': name, **image_metrics(
                     real, generated, opt.metric_bins, disks[index] if disks else None,
-                    opt.disk_fraction, opt.active_threshold)})
+                    opt.disk_fraction, opt.active_threshold,
+                    target_pixel_area(opt, dataset.target_paths[index]))})
                 if panels:
                     save_panel(os.path.join(out_dir, f'{name}_panel.png'), input.numpy(), real,
                                generated, scaling, unit=unit, data_format=opt.data_format_target,
                                title=f'{os.path.basename(dataset.input_paths[index])}, '
-                                     f'iteration {iteration}')
+                                     f'iteration {iteration}',
+                               **panel_options(opt, dataset.input_paths[index], extra['header']))
     G.train(was_training)
     return aligned(rows)
 
@@ -301,21 +327,54 @@ def binned_metrics(r, f, k):
             f'mae_{k}x{k}': float((r - f).abs().mean())}
 
 
-def flux_metrics(r, f):
-    """The unsigned and net flux of the (finite) full-resolution values r, f."""
+def flux_metrics(r, f, pixel_area=None):
+    """The unsigned and net flux of the (finite) full-resolution values r, f, in their unit
+    times pixels and, with the `pixel_area` in cm^2 of a map in gauss, in Mx (the same keys
+    with `_Mx`: G cm^2 = Mx)."""
     if r.size < 2:
-        return dict.fromkeys(FLUX_METRICS, math.nan)
-    return {'flux_unsigned_real': float(np.abs(r).sum()),
-            'flux_unsigned_fake': float(np.abs(f).sum()),
-            'flux_net_real': float(r.sum()), 'flux_net_fake': float(f.sum())}
+        sums = dict.fromkeys(FLUX_METRICS, math.nan)
+    else:
+        sums = {'flux_unsigned_real': float(np.abs(r).sum()),
+                'flux_unsigned_fake': float(np.abs(f).sum()),
+                'flux_net_real': float(r.sum()), 'flux_net_fake': float(f.sum())}
+    if pixel_area is not None:
+        sums.update({f'{key}_Mx': value * pixel_area for key, value in list(sums.items())})
+    return sums
 
 
-def image_metrics(real, fake, bins, disk=None, fraction=0.98, threshold=None):
+def is_gauss(unit):
+    """Whether `unit` (a BUNIT or --target_unit) is the gauss, whose flux is in Mx."""
+    return bool(unit) and u.Unit(unit, parse_strict='silent') == u.G
+
+
+def pixel_area_cm2(header):
+    """The area in cm^2 that one pixel of a FITS map spans on the Sun at the disk centre,
+    (DSUN_OBS tan CDELT1) (DSUN_OBS tan CDELT2) with CDELTn in CUNITn (degrees if absent),
+    or None without DSUN_OBS, CDELT1 and CDELT2 (README "Evaluating a model")."""
+    if not all(header.get(key) for key in ('DSUN_OBS', 'CDELT1', 'CDELT2')):
+        return None
+    distance = float(header['DSUN_OBS']) * u.m
+    sides = [distance * np.tan(abs(float(header[f'CDELT{i}'])) *
+                               u.Unit(str(header.get(f'CUNIT{i}', 'deg')).strip()))
+             for i in (1, 2)]
+    return float((sides[0] * sides[1]).to_value(u.cm ** 2))
+
+
+def target_pixel_area(opt, path):
+    """The pixel area in cm^2 of the FITS target `path` (`pixel_area_cm2`) when the targets
+    are in gauss, else None: flux in Mx only where the unit and the area are known."""
+    if opt.data_format_target not in FITS_FORMATS or not is_gauss(data_unit(opt)):
+        return None
+    return pixel_area_cm2(read_fits_header(path))
+
+
+def image_metrics(real, fake, bins, disk=None, fraction=0.98, threshold=None, pixel_area=None):
     """Metrics of one generated map against its target, both C x H x W in physical units.
 
     For every channel c and binning factor k: Pearson CC, concordance CC (the Inspector's own
     `correlation`), RMSE and MAE; at full resolution the total unsigned flux sum|x| and the net
-    flux sum(x) of real and generated data. Pixels where the target is not finite are left
+    flux sum(x) of real and generated data, and with the `pixel_area` (cm^2) of a map in
+    gauss the same in Mx (`flux_metrics`). Pixels where the target is not finite are left
     out. Keys: `cc_8x8`, `rmse_1x1`, `flux_net_real`, ... for the whole frame and, with a
     `disk`, the same again for each region of `region_masks` with the region first
     (`disk_cc_8x8`, `active_rmse_1x1`, `quiet_flux_net_real`); several channels prefix every
@@ -332,7 +391,7 @@ def image_metrics(real, fake, bins, disk=None, fraction=0.98, threshold=None):
             for region, mask in region_masks(r, k or 1, disk, fraction, threshold).items():
                 keep = finite & mask
                 metrics = binned_metrics(r[keep], f[keep], k) if k else \
-                    flux_metrics(r[keep], f[keep])
+                    flux_metrics(r[keep], f[keep], pixel_area)
                 by_region.setdefault(region, {}).update(metrics)
         for region, metrics in by_region.items():
             row.update({f'{channel}{region}{key}': value for key, value in metrics.items()})
@@ -382,17 +441,26 @@ def metrics_table(summary, bins, channels=1, unit=None):
                                       for name in BINNED_METRICS)
                 lines.append(f"{c:>7} {f'{k}x{k}':>5} {cc:7.4f} {ccc:7.4f} {rmse:11.4g} "
                              f"{mae:11.4g}")
-    flux = f'[{unit} px]'
-    lines += ['', f"{'channel':>7} {'unsigned flux':^27} {'net flux':^27}",
-              f"{'':>7} {'real':>13} {'generated':>13} {'real':>13} {'generated':>13}",
-              f"{'':>7} {flux:>13} {flux:>13} {flux:>13} {flux:>13}"]
+    lines += flux_table(summary, regions, channels, '', f'[{unit} px]', title)
+    if f'{first}flux_net_real_Mx' in summary:
+        lines += flux_table(summary, regions, channels, '_Mx', '[Mx]', title)
+    return '\n'.join(lines)
+
+
+def flux_table(summary, regions, channels, suffix, unit, title):
+    """The lines of the unsigned and net flux table of the flux keys ending in `suffix`
+    ('' in the target's unit times pixels, '_Mx' in Mx), with `unit` under each column."""
+    lines = ['', f"{'channel':>7} {'unsigned flux':^27} {'net flux':^27}",
+             f"{'':>7} {'real':>13} {'generated':>13} {'real':>13} {'generated':>13}",
+             f"{'':>7} {unit:>13} {unit:>13} {unit:>13} {unit:>13}"]
     for region in regions:
         lines += title(region)
         for c in range(channels):
             prefix = f'ch{c}_' if channels > 1 else ''
-            values = [summary[f'{prefix}{region}{name}']['mean'] for name in FLUX_METRICS]
+            values = [summary.get(f'{prefix}{region}{name}{suffix}', {'mean': math.nan})['mean']
+                      for name in FLUX_METRICS]
             lines.append(f"{c:>7} " + ' '.join(f'{v:13.5g}' for v in values))
-    return '\n'.join(lines)
+    return lines
 
 
 def selectable_metrics(keys):
@@ -426,6 +494,32 @@ def best_iteration(by_iteration, key):
 
     best = max(by_iteration, key=score)
     return best['iteration'], key, best[key]
+
+
+# A CC over fewer points than this per image is a coarse judge: 8x8 bins of a 64x64 image
+# leave 64, and a few bins decide the best iteration (README "Evaluating a model").
+FEW_POINTS = 256
+BINNED_KEY = re.compile(rf"^(?P<prefix>.*?)(?P<name>{'|'.join(BINNED_METRICS)})_(?P<k>\d+)x\d+$")
+
+
+def full_resolution_key(key):
+    """The CC at full resolution (cc_1x1) of the channel and region of the metric `key`."""
+    return BINNED_KEY.match(key)['prefix'] + 'cc_1x1'
+
+
+def coarse_binning_note(key, sizes):
+    """A note when the metric `key` rests on fewer than FEW_POINTS bins per image of the
+    smallest of `sizes` ((height, width) of the targets), else None; a region key (disk_...)
+    has at most the frame's bins."""
+    parts = BINNED_KEY.match(key)
+    k = int(parts['k'])
+    height, width = min(sizes, key=lambda size: size[0] * size[1])
+    points = (height // k) * (width // k)
+    if points >= FEW_POINTS:
+        return None
+    bound = 'at most ' if re.search(r'(disk|active|quiet)_$', parts['prefix']) else ''
+    return (f"note: {key} rests on {bound}{points} points per image ({k}x{k} bins of "
+            f"{height}x{width}); compare with the full-resolution line")
 
 
 # ----------------------------------------------------------------------------------------
@@ -529,7 +623,10 @@ def metric_keys(opt, disks):
 def aligned(rows):
     """Every row with the columns of the fullest (NaN where a file has no disk), so that the
     files and the means have the same columns."""
-    columns = max((list(row) for row in rows), key=len, default=[])
+    fullest = max((list(row) for row in rows), key=len, default=[])
+    # (then the keys of other rows that it lacks: a target may have a pixel area, for flux
+    # in Mx, and no disk)
+    columns = list(dict.fromkeys(fullest + [key for row in rows for key in row]))
     return [{key: row.get(key, math.nan) for key in columns} for row in rows]
 
 
@@ -623,7 +720,7 @@ def main(argv=None):
         if rows:
             by_iteration.append(write_metrics(rows, folders[iteration], iteration, opt))
     if len(by_iteration) > 1:
-        write_best_iteration(by_iteration, top, key)
+        write_best_iteration(by_iteration, top, key, target_sizes(dataset, opt))
     return 0
 
 
@@ -659,6 +756,12 @@ def iterations_asked_for(opt):
     return iterations
 
 
+def target_sizes(dataset, opt):
+    """The (height, width) of every target, from the files' headers."""
+    return [stored_size(path, opt.data_format_target, opt.target_ch)
+            for path in dataset.target_paths]
+
+
 def write_metrics(rows, folder, iteration, opt):
     """metrics.csv and metrics_summary.json of one generator, and their table on the
     screen; returns the row of metrics_by_iteration.csv (the means)."""
@@ -669,13 +772,22 @@ def write_metrics(rows, folder, iteration, opt):
     return {'iteration': iteration, **{key: value['mean'] for key, value in summary.items()}}
 
 
-def write_best_iteration(by_iteration, folder, key):
+def write_best_iteration(by_iteration, folder, key, sizes):
     """metrics_by_iteration.csv of a --iteration -1 run, and which generator was best by
-    the metric `key` (`selection_key`)."""
+    the metric `key` (`selection_key`) and by the full-resolution CC of its channel and
+    region, with a note when `key` rests on few points per image (`coarse_binning_note`;
+    sizes: the targets' (height, width))."""
     path = os.path.join(folder, 'metrics_by_iteration.csv')
     write_csv(path, by_iteration)
     iteration, key, value = best_iteration(by_iteration, key)
     print(f"best iteration by mean {key}: {iteration} ({value:.4f}); all in {path}")
+    note = coarse_binning_note(key, sizes)
+    if note:
+        print(note)
+    full = full_resolution_key(key)
+    if full != key and full in by_iteration[0]:
+        iteration, _, value = best_iteration(by_iteration, full)
+        print(f"best iteration by mean {full}: {iteration} ({value:.4f})")
 
 
 if __name__ == '__main__':

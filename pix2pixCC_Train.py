@@ -20,7 +20,7 @@ from tqdm import tqdm
 from pix2pixCC_Networks import Discriminator, Generator, Loss, count_parameters, weights_init
 from pix2pixCC_Options import NOT_RESUMED, BaseOption, TrainOption, UserError, run_main
 from pix2pixCC_Pipeline import (CustomDataset, Scaling, check_dataset, check_pairing, data_unit,
-                                target_identity)
+                                file_unit, target_identity)
 from pix2pixCC_Test import summarize, target_disks, translate
 from pix2pixCC_Utils import (Distributed, GracefulStop, Manager, Precision, RunLock, WriteError,
                              bare, checkpoint_path, cpu_requested, ignore_stop_signals,
@@ -276,6 +276,8 @@ def train(opt, state, cluster, device, gpu_ids, stop, log, given=()):
                                    if val_dataset is not None else None)
     manager = Manager(opt, nets.G, nets.D, functools.partial(nets.training_state, opt),
                       target_scaling, data_unit(opt), log=progress.write,
+                      input_scaling=Scaling.from_options(opt, 'input', save_scale=1.0),
+                      input_unit=file_unit(dataset.input_paths[0], opt.data_format_input),
                       validate=validation if val_dataset is not None else None,
                       active=cluster.is_main, resumed=state)
     return loop(opt, loader, len(dataset), nets, manager, progress, cluster, device, stop, log)

@@ -853,11 +853,13 @@ class Manager:
     finished or stopped run is lost whatever report_freq and save_freq are.
     `training_state()` returns what, beside the two networks, a run needs to resume exactly
     (optimisers, RNGs, ...); `resumed` is the state a resumed run started from.
-    `target_scaling` maps the normalised previews to the target's units (`unit`).
+    `target_scaling` maps the normalised previews to the target's units (`unit`), and
+    `input_scaling` the panels' inputs to the input's (`input_unit`).
     """
 
     def __init__(self, opt, G, D, training_state, target_scaling, unit=None, log=print,
-                 validate=None, active=True, resumed=None):
+                 validate=None, active=True, resumed=None, input_scaling=None,
+                 input_unit=None):
         self.active = active  # False on every process but the first of a distributed run
         self.opt, self.G, self.D = opt, G, D
         self.training_state = training_state
@@ -875,6 +877,7 @@ class Manager:
         self.loss_sums = {name: float(value) for name, value in sums.items()}
         self.loss_samples = int((resumed or {}).get('loss_samples', 0))
         self.target_scaling, self.unit = target_scaling, unit
+        self.input_scaling, self.input_unit = input_scaling, input_unit
         self.loss_log = os.path.join(opt.checkpoint_dir, 'loss_log.csv')
         self.tensorboard = None
         if not active:
@@ -936,7 +939,9 @@ class Manager:
                    self.target_scaling.inverse(target.numpy()),
                    self.target_scaling.inverse(fake.numpy()), self.target_scaling,
                    unit=self.unit, data_format=self.opt.data_format_target,
-                   title=f'training step {current_step} (first sample of the batch)')
+                   title=f'training step {current_step} (first sample of the batch)',
+                   input_scaling=self.input_scaling, input_unit=self.input_unit)
+        # (No WCS: the batch's sample is augmented, and which file it came from is not kept.)
         if self.tensorboard is not None:
             with Image.open(f'{stem}_panel.png') as panel:
                 self.tensorboard.add_image('panel', np.asarray(panel.convert('RGB')),
@@ -970,16 +975,17 @@ class Manager:
         self.last_saved = current_step
         self.log(f"saved {checkpoint_path(model_dir, current_step, 'G')}, _D.pt and _state.pt")
         self.prune_states(current_step)
-        self.draw_loss_curve()
         if self.validate is not None:
             means = self.validate(current_step)
             if means and self.tensorboard is not None:
                 for name, value in means.items():
                     self.tensorboard.add_scalar(f'validation/{name}', value, current_step)
+        self.draw_loss_curve()  # after the validation, so that the curve has its row
 
     def draw_loss_curve(self):
-        save_loss_curve(os.path.join(self.opt.checkpoint_dir, 'loss_curve.png'),
-                        read_csv(self.loss_log))
+        checkpoint_dir = self.opt.checkpoint_dir
+        save_loss_curve(os.path.join(checkpoint_dir, 'loss_curve.png'), read_csv(self.loss_log),
+                        read_csv(os.path.join(checkpoint_dir, 'val_metrics.csv')))
 
     def prune_states(self, current_step):
         """Keep the training states of the --keep_states newest complete steps up to
@@ -1065,11 +1071,19 @@ def _pyplot():
 PANEL_INPUT_CHANNELS = 6
 
 
-def as_drawn(image, data_format):
-    """The H x W `image` of a `data_format` file with its rows in the order a panel draws them,
-    top to bottom. FITS puts row 0 at the bottom (y grows upwards, as in its WCS); images
-    (png/jpg/tif) and npy put row 0 at the top, as the `<step>_real.png` previews do."""
-    return image[::-1] if data_format in FITS_FORMATS else image
+def image_origin(data_format):
+    """Where imshow puts row 0 of a `data_format` file: at the bottom for FITS (y grows
+    upwards, as in its WCS), at the top for images (png/jpg/tif) and npy, as the
+    `<step>_real.png` previews do (README "Output files", Panels)."""
+    return 'lower' if data_format in FITS_FORMATS else 'upper'
+
+
+def scale_style(scaling, cmap='viridis'):
+    """imshow's colour scale from a channel's saturation limits (logarithmic with log)."""
+    from matplotlib.colors import LogNorm
+    if scaling.log:
+        return dict(cmap=cmap, norm=LogNorm(vmin=scaling.lower, vmax=scaling.upper))
+    return dict(cmap=cmap, vmin=scaling.lower, vmax=scaling.upper)
 
 
 def panel_styles(real, generated, target_scaling):
@@ -1083,8 +1097,6 @@ def panel_styles(real, generated, target_scaling):
     saturation limits (logarithmic with log scale). The difference has its own symmetric
     diverging scale per channel.
     """
-    from matplotlib.colors import LogNorm
-
     styles = []
     for c, (real_c, generated_c) in enumerate(zip(real, generated, strict=True)):
         scaling = target_scaling.channel(c)
@@ -1092,10 +1104,8 @@ def panel_styles(real, generated, target_scaling):
         if lo < 0 < up:
             peak = largest_magnitude(real_c) or max(-lo, up)
             data_style = dict(cmap='RdBu_r', vmin=-peak, vmax=peak)
-        elif scaling.log:
-            data_style = dict(cmap='viridis', norm=LogNorm(vmin=lo, vmax=up))
         else:
-            data_style = dict(cmap='viridis', vmin=lo, vmax=up)
+            data_style = scale_style(scaling)
         spread = largest_magnitude(generated_c - real_c) or 1.0
         styles.append((data_style, dict(cmap='RdBu_r', vmin=-spread, vmax=spread)))
     return styles
@@ -1107,14 +1117,43 @@ def largest_magnitude(image):
     return float(finite.max()) if finite.size else 0.0
 
 
+def input_cell(input, channel, input_scaling, input_unit):
+    """(image, colour scale, colour bar label) of one input channel: in the input's units,
+    mapped back by its scaling (grey, between the channel's saturation limits), or as the
+    network sees it ([-1, 1], "normalised") without a scaling."""
+    if input_scaling is None:
+        return input[channel], dict(cmap='gray', vmin=-1, vmax=1), 'normalised'
+    scaling = input_scaling.channel(channel)
+    physical = scaling.inverse(input[channel]) / np.float32(scaling.save_scale)
+    return physical, scale_style(scaling, cmap='gray'), input_unit or 'input units'
+
+
+# How a panel's axes name the coordinates of a WCS's celestial axes (by CTYPE's first 4
+# characters); others are named by their CTYPE.
+AXIS_NAMES = {'HPLN': 'helioprojective longitude (Solar X)',
+              'HPLT': 'helioprojective latitude (Solar Y)'}
+
+
+def label_world_axes(axis, wcs):
+    """Tick labels and axis labels of a WCSAxes `axis` in arcsec, named after `wcs`'s axes."""
+    import astropy.units as u
+    for coordinate, ctype in zip(axis.coords, wcs.wcs.ctype, strict=True):
+        coordinate.set_format_unit(u.arcsec, decimal=True)
+        coordinate.set_axislabel(f'{AXIS_NAMES.get(ctype[:4], ctype)} ["]', fontsize=8)
+        coordinate.set_ticklabel(size=7)
+
+
 def save_panel(path, input, real, generated, target_scaling, unit=None, data_format='npy',
-               title=''):
+               title='', input_scaling=None, input_unit=None, wcs=None):
     """input channel(s) | real | generated | difference, one row per target channel.
 
-    input: C x H x W normalised (grey, [-1, 1]); real, generated: C x H x W in physical units
-    (`unit`, e.g. 'G'; None when unknown), each channel coloured by its own scaling in
-    `target_scaling` (`panel_styles`). Images are drawn in the orientation of `data_format`
-    files (see `as_drawn`). The figure's title is `title` and the CC of each target channel.
+    input: C x H x W normalised, drawn in grey in the input's units (`input_unit`, e.g.
+    'DN/s') after `input_scaling` maps it back, else as it is ("normalised"); real, generated:
+    C x H x W in physical units (`unit`, e.g. 'G'; None when unknown), each channel coloured
+    by its own scaling in `target_scaling` (`panel_styles`). Images are drawn in the
+    orientation of `data_format` files (see `image_origin`); with `wcs` (the 2-D celestial WCS
+    of a FITS file's image plane), on helioprojective axes in arcsec. The figure's title is
+    `title` and the CC of each target channel.
     """
     plt = _pyplot()
     styles = panel_styles(real, generated, target_scaling)
@@ -1128,30 +1167,35 @@ def save_panel(path, input, real, generated, target_scaling, unit=None, data_for
     input_columns = -(-shown // rows)
     ccs = [finite_correlation(real[c], generated[c], ccc=False) for c in range(rows)]
     figure, axes = plt.subplots(rows, input_columns + 3,
-                                figsize=(3.3 * (input_columns + 3), 3.2 * rows + 0.5),
-                                squeeze=False)
+                                figsize=(3.3 * (input_columns + 3) + (wcs is not None),
+                                         3.2 * rows + 0.5 + 0.5 * (wcs is not None)),
+                                squeeze=False,
+                                subplot_kw=dict(projection=wcs) if wcs is not None else None)
     for c in range(rows):
         cells = []
         for j in range(input_columns):
             channel = j * rows + c
-            cells.append((input[channel], f'input ch {channel}' if input.shape[0] > 1
-                          else 'input', dict(cmap='gray', vmin=-1, vmax=1), 'normalised')
+            name = f'input ch {channel}' if input.shape[0] > 1 else 'input'
+            cells.append((name, *input_cell(input, channel, input_scaling, input_unit))
                          if channel < shown else None)
         suffix = f' ch {c}' if rows > 1 else ''
         data_style, diff_style = styles[c]
-        cells += [(real[c], 'real' + suffix, data_style, unit_label),
-                  (generated[c], f'generated{suffix} (CC {ccs[c]:.3f})', data_style,
+        cells += [('real' + suffix, real[c], data_style, unit_label),
+                  (f'generated{suffix} (CC {ccs[c]:.3f})', generated[c], data_style,
                    unit_label),
-                  (difference[c], 'generated - real' + suffix, diff_style, unit_label)]
+                  ('generated - real' + suffix, difference[c], diff_style, unit_label)]
         for axis, cell in zip(axes[c], cells, strict=True):
             if cell is None:
                 axis.axis('off')
                 continue
-            image, name, style, label = cell
-            drawn = axis.imshow(as_drawn(image, data_format), origin='upper',
+            name, image, style, label = cell
+            drawn = axis.imshow(image, origin=image_origin(data_format),
                                 interpolation='nearest', **style)
             axis.set_title(name, fontsize=10)
-            axis.set_xticks([]), axis.set_yticks([])
+            if wcs is not None:
+                label_world_axes(axis, wcs)
+            else:
+                axis.set_xticks([]), axis.set_yticks([])
             figure.colorbar(drawn, ax=axis, fraction=0.046, pad=0.04).set_label(label)
     heading = f"{title}: " if title else ''
     heading += 'CC ' + ', '.join(f'{cc:.3f}' for cc in ccs)
@@ -1161,7 +1205,9 @@ def save_panel(path, input, real, generated, target_scaling, unit=None, data_for
     figure.tight_layout()
     # The title and units also go into the PNG's text chunks, for scripts that sort panels.
     row_0 = 'bottom' if data_format in FITS_FORMATS else 'top'
-    description = (f"input normalised [-1, 1]; real, generated and difference in {unit_label}; "
+    input_units = 'normalised [-1, 1]' if input_scaling is None else \
+        f"in {input_unit or 'input units'}"
+    description = (f"input {input_units}; real, generated and difference in {unit_label}; "
                    f"row 0 of the files at the {row_0}")
     with atomic_path(path) as temporary:
         figure.savefig(temporary, dpi=80, format='png',
@@ -1169,23 +1215,44 @@ def save_panel(path, input, real, generated, target_scaling, unit=None, data_for
     plt.close(figure)
 
 
-def save_loss_curve(path, rows):
-    """Loss terms of loss_log.csv rows against the step."""
+# The validation CCs a loss curve shows: the first channel's, whole frame and disk, at every
+# binning (README "Output files", loss_curve.png).
+VALIDATION_CC = re.compile(r'^(ch0_)?(disk_)?cc_\d+x\d+$')
+
+
+def save_loss_curve(path, rows, val_rows=()):
+    """Loss terms of loss_log.csv rows against the step, the training CC beside them and,
+    with val_metrics.csv rows (`val_rows`, from --val_during_train with targets), a third
+    panel of the validation CCs (`VALIDATION_CC`) against the step."""
     if not rows:
         return
     plt = _pyplot()
     steps = [int(row['step']) for row in rows]
-    figure, (losses, cc) = plt.subplots(1, 2, figsize=(12, 4))
+    keys = [key for key in (val_rows[0] if val_rows else ()) if VALIDATION_CC.match(key)]
+    figure, axes = plt.subplots(1, 3 if keys else 2, figsize=(18 if keys else 12, 4))
+    losses, cc = axes[:2]
     for name in ('D', 'G', 'G_LSGAN', 'G_FM', 'G_CC'):
         losses.plot(steps, [float(row[name]) for row in rows], label=name)
     losses.set_xlabel('step (samples)'), losses.set_ylabel('loss'), losses.set_yscale('log')
     losses.legend()
     cc.plot(steps, [float(row['CC']) for row in rows], color='k')
     cc.set_xlabel('step (samples)'), cc.set_ylabel('CC (training batch, full resolution)')
+    if keys:
+        draw_validation_cc(axes[2], val_rows, keys)
     figure.tight_layout()
     with atomic_path(path) as temporary:
         figure.savefig(temporary, dpi=80)
     plt.close(figure)
+
+
+def draw_validation_cc(axis, val_rows, keys):
+    """The mean validation `keys` of val_metrics.csv rows against the step (disk dashed)."""
+    steps = [int(row['step']) for row in val_rows]
+    for key in keys:
+        axis.plot(steps, [float(row[key]) for row in val_rows], marker='o', label=key,
+                  linestyle='--' if 'disk_' in key else '-')
+    axis.set_xlabel('step (samples)'), axis.set_ylabel('CC (validation, mean over files)')
+    axis.legend(fontsize=8)
 
 
 # ----------------------------------------------------------------------------------------

@@ -17,6 +17,10 @@ Target (MAG-TOY, gauss, signed): line-of-sight magnetogram. Off-disk is 0.
     Joy's law: the leading blob sits slightly closer to the equator.
   * the radial field is projected on the line of sight (times mu = cos of
     the heliocentric angle) and clipped to +-3000 G.
+Observer cards: RSUN_OBS 896", RSUN_REF 695700000 m (as sunpy uses), DSUN_OBS =
+RSUN_REF / sin(RSUN_OBS) (about 1.07 AU: a toy distance, chosen for the disk's 28 px),
+HGLN_OBS = HGLT_OBS = 0 (the toy Sun is drawn with B0 = 0), so that sunpy reads every
+file, and the products made from the inputs, with a complete, consistent observer.
 Input (EUV-TOY, 304 A, DN/s, strictly positive, clipped to [1, 200]):
   * dim disk (~12 at centre, ~20 at the limb: limb brightening),
   * faint corona off-disk (~3 at the limb decaying to 1),
@@ -47,6 +51,13 @@ C = (N - 1) / 2.0          # disk centre, 0-based pixel coordinate
 R = 28.0                   # disk radius (px)
 CDELT = 32.0               # arcsec / px
 B_MAX = 3000.0             # |B| never exceeds this (G)
+# The observer: the Sun's radius in metres as sunpy uses it (the IAU 2015 nominal value),
+# and the distance at which it spans R * CDELT = 896" (1.07 AU: a toy, not the Earth's
+# distance on the date), so that RSUN_OBS, RSUN_REF and DSUN_OBS agree and sunpy finds no
+# "rsun mismatch". The toy Sun is drawn with its equator through the disk centre (B0 = 0),
+# seen from the Earth's side: HGLN_OBS = HGLT_OBS = 0.
+RSUN_REF = 695700000.0     # m
+DSUN = RSUN_REF / np.sin(np.radians(R * CDELT / 3600.0))   # m
 T0 = datetime.datetime(2011, 1, 1)
 
 Y, X = np.mgrid[0:N, 0:N].astype(np.float64)
@@ -114,6 +125,10 @@ def header(i, instrume, bunit, wavelength=None):
         h['CRPIX%d' % ax] = C + 1.0                   # FITS pixels are 1-based
         h['CRVAL%d' % ax] = 0.0
     h['RSUN_OBS'] = (R * CDELT, 'arcsec')
+    h['RSUN_REF'] = (RSUN_REF, 'm')
+    h['DSUN_OBS'] = (DSUN, 'm, arcsin(RSUN_REF/DSUN_OBS) = RSUN_OBS')
+    h['HGLN_OBS'] = (0.0, 'deg')
+    h['HGLT_OBS'] = (0.0, 'deg, B0: the toy Sun is drawn with B0 = 0')
     h['BUNIT'] = bunit
     h['COMMENT'] = 'Synthetic pix2pixCC sample made by datasets/make_sample.py'
     h['COMMENT'] = 'seed %d, pair index %d' % (SEED, i)

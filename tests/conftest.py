@@ -378,9 +378,15 @@ def checked_lines(*argv):
 def drawn_panel(monkeypatch, path, *args, **kwargs):
     """Save a panel with `save_panel(path, *args, **kwargs)` and return its matplotlib
     figure (to read the titles, colour limits and bars it was drawn with)."""
+    from pix2pixCC_Utils import save_panel
+    return drawn_figure(monkeypatch, save_panel, path, *args, **kwargs)
+
+
+def drawn_figure(monkeypatch, draw, path, *args, **kwargs):
+    """Save a figure with `draw(path, *args, **kwargs)` (save_panel, save_loss_curve) and
+    return its matplotlib figure."""
     import matplotlib.figure
 
-    from pix2pixCC_Utils import save_panel
     figures = []
     savefig = matplotlib.figure.Figure.savefig
 
@@ -389,7 +395,7 @@ def drawn_panel(monkeypatch, path, *args, **kwargs):
         return savefig(figure, *a, **k)
 
     monkeypatch.setattr(matplotlib.figure.Figure, 'savefig', keep)
-    save_panel(str(path), *args, **kwargs)
+    draw(str(path), *args, **kwargs)
     assert os.path.isfile(path) and len(figures) == 1
     return figures[0]
 

@@ -8,9 +8,11 @@ the frame's centre. Reference values are computed here independently (numpy bloc
 scipy's Pearson, the closed-form Lin CCC with population moments, astropy's WCS for where each
 pixel looks), never with the package's own metric code.
 """
+import glob
 import json
 import os
 import re
+import sys
 
 import numpy as np
 import pytest
@@ -18,23 +20,26 @@ from PIL import Image
 from scipy import stats
 
 import pix2pixCC_Test
-from conftest import (NPY_DATA, SAMPLE, SAMPLE_DATA, TINY, assert_ok, constant_generator_checkpoint,
-                      copy_run, copy_sample, drawn_panel, lin_ccc, logged_steps, loss_rows,
-                      make_pairs, make_test_opt, panel_text, read_csv_rows, run_dir, run_test,
-                      run_train)
+from conftest import (NPY_DATA, REPO, SAMPLE, SAMPLE_DATA, TINY, assert_ok,
+                      constant_generator_checkpoint,
+                      copy_run, copy_sample, drawn_figure, drawn_panel, lin_ccc, logged_steps,
+                      loss_rows, make_pairs, make_test_opt, panel_text, read_csv_rows,
+                      run_command, run_dir, run_test, run_train)
 from pix2pixCC_Options import UserError
 from pix2pixCC_Pipeline import Scaling
 from pix2pixCC_Test import Disk, bin_mean, disk_from_header, image_metrics, metrics_table
-from pix2pixCC_Utils import save_panel
+from pix2pixCC_Utils import save_loss_curve, save_panel
 
 BINS = [1, 2, 4, 8]
 PER_BIN = ('cc', 'ccc', 'rmse', 'mae')
 FLUX = ['flux_unsigned_real', 'flux_unsigned_fake', 'flux_net_real', 'flux_net_fake']
 
 
-def metric_columns(bins, prefix=''):
+def metric_columns(bins, prefix='', mx=False):
+    """The columns of one region; `mx`: with the flux in Mx (targets in gauss with a known
+    pixel area)."""
     return [f'{prefix}{name}_{k}x{k}' for k in bins for name in PER_BIN] + \
-        [prefix + name for name in FLUX]
+        [prefix + name for name in FLUX] + [f'{prefix}{name}_Mx' for name in FLUX if mx]
 
 
 # ----------------------------------------------------------------------------------------
@@ -261,10 +266,45 @@ def test_metrics_by_iteration_and_the_best_one(evaluated):
     for row in rows:
         summary = summary_at(evaluated, row['iteration'])
         assert float(row['cc_8x8']) == pytest.approx(summary['cc_8x8']['mean'], rel=1e-9)
-    best = max(rows, key=lambda row: float(row['cc_8x8']))['iteration']
-    line = [line for line in evaluated['proc'].stdout.splitlines() if 'best' in line.lower()]
-    assert len(line) == 1 and 'cc_8x8' in line[0], line
-    assert re.search(rf'\b{best}\b', line[0].split('cc_8x8', 1)[1].split('(')[0]), line[0]
+    stdout = evaluated['proc'].stdout.splitlines()
+    for key in ('cc_8x8', 'cc_1x1'):  # the selection metric, then the full-resolution CC
+        best = max(rows, key=lambda row, key=key: float(row[key]))['iteration']
+        line = [line for line in stdout if line.startswith(f'best iteration by mean {key}:')]
+        assert len(line) == 1, stdout
+        assert re.search(rf'\b{best}\b', line[0].split(key, 1)[1].split('(')[0]), line[0]
+    # 8x8 bins of these 32x32 targets: 16 points per image, said right after the best line.
+    best_line = next(i for i, line in enumerate(stdout) if 'by mean cc_8x8' in line)
+    assert stdout[best_line + 1] == ('note: cc_8x8 rests on 16 points per image (8x8 bins of '
+                                     '32x32); compare with the full-resolution line')
+
+
+@pytest.mark.parametrize('key, size, note', [
+    ('cc_8x8', (64, 64), 'note: cc_8x8 rests on 64 points per image (8x8 bins of 64x64); '
+                         'compare with the full-resolution line'),
+    ('ch1_disk_ccc_4x4', (60, 40), 'note: ch1_disk_ccc_4x4 rests on at most 150 points per '
+                                   'image (4x4 bins of 60x40); compare with the '
+                                   'full-resolution line'),
+    ('cc_4x4', (64, 64), None),  # 256 points
+    ('rmse_8x8', (256, 256), None)])
+def test_a_coarsely_binned_selection_metric_gets_a_note(key, size, note):
+    assert pix2pixCC_Test.coarse_binning_note(key, [(512, 512), size]) == note
+
+
+def test_the_best_iteration_is_named_for_the_full_resolution_cc_too(tmp_path, capsys):
+    rows = [{'iteration': 2, 'disk_cc_1x1': 0.7, 'disk_rmse_8x8': 30.0},
+            {'iteration': 4, 'disk_cc_1x1': 0.8, 'disk_rmse_8x8': 40.0}]
+    pix2pixCC_Test.write_best_iteration(rows, str(tmp_path), 'disk_rmse_8x8', [(128, 128)])
+    lines = capsys.readouterr().out.splitlines()  # 256 points of 128x128: no note
+    assert lines[0].startswith('best iteration by mean disk_rmse_8x8: 2 (30.0000); all in ')
+    assert lines[1:] == ['best iteration by mean disk_cc_1x1: 4 (0.8000)']
+    pix2pixCC_Test.write_best_iteration(rows, str(tmp_path), 'disk_rmse_8x8', [(64, 64)])
+    assert capsys.readouterr().out.splitlines()[1:] == [
+        'note: disk_rmse_8x8 rests on at most 64 points per image (8x8 bins of 64x64); '
+        'compare with the full-resolution line',
+        'best iteration by mean disk_cc_1x1: 4 (0.8000)']
+    pix2pixCC_Test.write_best_iteration(rows, str(tmp_path), 'disk_cc_1x1', [(64, 64)])
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 1 and lines[0].startswith('best iteration by mean disk_cc_1x1: 4 (')
 
 
 def test_panels_are_pngs_wider_than_high(evaluated):
@@ -352,6 +392,44 @@ def test_loss_curve_and_training_panels(run):
     panels = sorted(int(name.split('_')[0]) for name in os.listdir(folder)
                     if name.endswith('_panel.png'))
     assert panels == PREVIEWS
+
+
+def logged_rows(steps):
+    return [dict(step=step, D=0.5, G=2.0, G_LSGAN=0.4, G_FM=1.0, G_CC=0.6, CC=0.3)
+            for step in steps]
+
+
+def test_the_loss_curve_shows_the_validation_cc(tmp_path, monkeypatch):
+    val_rows = [dict(step=4, cc_1x1=0.2, cc_8x8=0.3, rmse_1x1=50.0, disk_cc_1x1=0.25,
+                     disk_cc_8x8=0.35, active_cc_8x8=0.1),
+                dict(step=8, cc_1x1=0.4, cc_8x8=0.5, rmse_1x1=40.0, disk_cc_1x1=0.45,
+                     disk_cc_8x8=0.55, active_cc_8x8=0.2)]
+    figure = drawn_figure(monkeypatch, save_loss_curve, tmp_path / 'curve.png',
+                          logged_rows([2, 4, 6, 8]), val_rows)
+    assert len(figure.axes) == 3
+    validation = figure.axes[2]
+    lines = {line.get_label(): line for line in validation.get_lines()}
+    assert sorted(lines) == ['cc_1x1', 'cc_8x8', 'disk_cc_1x1', 'disk_cc_8x8']
+    assert list(lines['disk_cc_8x8'].get_xdata()) == [4, 8]
+    assert list(lines['disk_cc_8x8'].get_ydata()) == [0.35, 0.55]
+    assert 'validation' in validation.get_ylabel()
+    # Without validation rows, the losses and the training CC only.
+    figure = drawn_figure(monkeypatch, save_loss_curve, tmp_path / 'plain.png',
+                          logged_rows([2, 4]))
+    assert len(figure.axes) == 2
+
+
+def test_the_trainings_loss_curve_has_the_validation_panel(run, monkeypatch):
+    """What the Manager draws: loss_log.csv and val_metrics.csv of the run (a validation
+    with targets at every save)."""
+    from pix2pixCC_Utils import read_csv
+    out = run['out']
+    figure = drawn_figure(monkeypatch, save_loss_curve, out.parent / 'again.png',
+                          read_csv(out / 'loss_log.csv'), read_csv(out / 'val_metrics.csv'))
+    labels = [line.get_label() for line in figure.axes[2].get_lines()]
+    assert labels == [f'cc_{k}x{k}' for k in BINS]
+    with Image.open(out / 'loss_curve.png') as image:  # three panels: wider than two
+        assert image.size[0] > 4 * image.size[1]
 
 
 def test_validation_metrics_at_every_save(run, evaluated):
@@ -475,6 +553,85 @@ def test_panel_says_which_input_channels_it_shows(tmp_path):
                Scaling(-3, 3), data_format='npy', title='x')
     title, description = panel_text(tmp_path / 'p.png')
     assert '0-5 of 10' in title and 'normalised' in description
+
+
+def sample_pair(name='sun_0032.fits'):
+    """A sample input (DN/s) normalised as the quick start does, its target (G) and the
+    target's header (helioprojective WCS)."""
+    from astropy.io import fits
+    input = fits.getdata(os.path.join(SAMPLE, 'Test', 'Input', name)).astype(np.float32)
+    with fits.open(os.path.join(SAMPLE, 'Test', 'Target', name)) as hdul:
+        real, header = hdul[0].data.astype(np.float32), hdul[0].header.copy()
+    input_scaling = Scaling(lower=1, upper=200, log=True)
+    return input_scaling.forward(input)[None], real[None], header, input_scaling
+
+
+def test_panel_axes_are_helioprojective_with_a_wcs(tmp_path, monkeypatch):
+    input, real, header, input_scaling = sample_pair()
+    figure = drawn_panel(monkeypatch, tmp_path / 'panel.png', input, real, real * 0.9,
+                         Scaling(-3000, 3000), unit='G', data_format='fits',
+                         input_scaling=input_scaling, input_unit='DN/s',
+                         wcs=pix2pixCC_Test.panel_wcs(header))
+    image_axes = [axis for axis in figure.axes if axis.images]
+    assert len(image_axes) == 4
+    for axis in image_axes:
+        x, y = axis.coords[0].get_axislabel(), axis.coords[1].get_axislabel()
+        assert 'helioprojective longitude' in x and '["]' in x, x
+        assert 'helioprojective latitude' in y, y
+        # FITS row 0 at the bottom: the image's pixel rows run up from the axis' origin.
+        assert axis.images[0].origin == 'lower'
+        # The world coordinate of the bottom-left pixel centre: -31.5 px * 32"/px.
+        lon, lat = (float(angle + 180) % 360 - 180 for angle in
+                    axis.wcs.pixel_to_world_values(0, 0))  # (degrees, longitude in 0..360)
+        assert lon * 3600 == pytest.approx(-1008.0, rel=1e-3)
+        assert lat * 3600 == pytest.approx(-1008.0, rel=1e-3)
+    # Without a WCS: no ticks, as before.
+    figure = drawn_panel(monkeypatch, tmp_path / 'plain.png', input, real, real,
+                         Scaling(-3000, 3000), data_format='fits')
+    assert all(not axis.get_xticks().size for axis in figure.axes if axis.images)
+
+
+def test_the_input_colour_bar_is_in_the_inputs_units(tmp_path, monkeypatch):
+    """The normalised input mapped back by its scaling: the sample's 1..200 DN/s on a log
+    scale, each channel by its own limits."""
+    from pix2pixCC_Pipeline import PerChannelScaling
+    input, real, _, input_scaling = sample_pair()
+    figure = drawn_panel(monkeypatch, tmp_path / 'panel.png', input, real, real,
+                         Scaling(-3000, 3000), unit='G', data_format='fits',
+                         input_scaling=input_scaling, input_unit='DN/s')
+    drawn = next(axis for axis in figure.axes if axis.images).images[0]
+    assert drawn.colorbar.ax.get_ylabel() == 'DN/s'
+    assert (drawn.norm.vmin, drawn.norm.vmax) == (1, 200)
+    from astropy.io import fits
+    physical = fits.getdata(os.path.join(SAMPLE, 'Test', 'Input', 'sun_0032.fits'))
+    assert np.allclose(drawn.get_array(), physical, rtol=1e-5)
+    _, description = panel_text(tmp_path / 'panel.png')
+    assert description.startswith('input in DN/s;')
+
+    # Two channels of different scalings, one linear; no unit known.
+    two = np.stack([input[0], input[0] * 0.5])
+    scalings = PerChannelScaling((input_scaling, Scaling(lower=-50, upper=50)))
+    figure = drawn_panel(monkeypatch, tmp_path / 'two.png', two, real, real,
+                         Scaling(-3000, 3000), input_scaling=scalings)
+    first, second = [axis.images[0] for axis in figure.axes if axis.images][:2]
+    assert (second.norm.vmin, second.norm.vmax) == (-50, 50)
+    assert np.allclose(second.get_array(), two[1] * 50, atol=1e-4)
+    assert first.colorbar.ax.get_ylabel() == second.colorbar.ax.get_ylabel() == 'input units'
+
+
+def test_a_test_runs_panels_have_the_products_wcs_and_the_inputs_unit(constant_run, in_tmp,
+                                                                      monkeypatch):
+    import matplotlib.figure
+    figures = []
+    savefig = matplotlib.figure.Figure.savefig
+    monkeypatch.setattr(matplotlib.figure.Figure, 'savefig',
+                        lambda figure, *a, **k: figures.append(figure) or savefig(figure, *a, **k))
+    assert pix2pixCC_Test.main(constant_run + ['--iteration', '2', '--save_panels']) == 0
+    assert len(figures) == 2
+    for figure in figures:
+        axes = [axis for axis in figure.axes if axis.images]
+        assert axes[0].images[0].colorbar.ax.get_ylabel() == 'DN/s'
+        assert 'helioprojective latitude' in axes[1].coords[1].get_axislabel()
 
 
 # ----------------------------------------------------------------------------------------
@@ -727,13 +884,100 @@ def test_a_test_run_on_the_sample_writes_every_region(constant_run, in_tmp, caps
     assert 'best iteration by mean cc_8x8' in stdout  # (constant outputs: CC is NaN)
 
 
+OBSERVER_CARDS = ('DSUN_OBS', 'HGLN_OBS', 'HGLT_OBS', 'RSUN_OBS', 'RSUN_REF')
+SAMPLE_FILES = sorted(glob.glob(os.path.join(SAMPLE, '*', '*', '*.fits')))
+
+
+def assert_consistent_observer(header, where):
+    """The observer cards are there, and the Sun's angular radius they give two ways agrees
+    (what sunpy checks before its "rsun mismatch" warning)."""
+    assert all(key in header for key in OBSERVER_CARDS), where
+    radius = np.degrees(np.arcsin(header['RSUN_REF'] / header['DSUN_OBS'])) * 3600
+    assert radius == pytest.approx(header['RSUN_OBS'], rel=1e-6), where
+    assert header['RSUN_REF'] == 695700000.0, where  # sunpy's solar radius
+
+
+def test_every_sample_file_has_a_consistent_observer():
+    from astropy.io import fits
+    assert len(SAMPLE_FILES) == 80
+    for path in SAMPLE_FILES:
+        assert_consistent_observer(fits.getheader(path), path)
+
+
+def test_the_shipped_sample_is_what_make_sample_writes(tmp_path):
+    proc = run_command([sys.executable, os.path.join(REPO, 'datasets', 'make_sample.py'),
+                        '--out', str(tmp_path)], cwd=tmp_path)
+    assert_ok(proc)
+    for path in SAMPLE_FILES:
+        with open(path, 'rb') as shipped, \
+                open(tmp_path / os.path.relpath(path, SAMPLE), 'rb') as made:
+            assert shipped.read() == made.read(), path
+
+
+def test_products_of_the_sample_take_the_inputs_observer(constant_run, in_tmp):
+    from astropy.io import fits
+    assert pix2pixCC_Test.main(constant_run + ['--iteration', '2']) == 0
+    folder = in_tmp / 'checkpoints' / 'disk' / 'Image' / 'Test' / '2'
+    products = sorted(folder.glob('*_AI.fits'))
+    assert len(products) == 2
+    for product in products:
+        header = fits.getheader(product)
+        assert_consistent_observer(header, product)
+        source = fits.getheader(in_tmp / 'Test' / 'Input' /
+                                product.name.replace('_AI.fits', '.fits'))
+        assert all(header[key] == source[key] for key in OBSERVER_CARDS + ('DATE-OBS',))
+
+
+def test_flux_in_mx_equals_an_independent_computation(constant_run, in_tmp, capsys):
+    """The sample's targets in gauss (--target_unit G) with DSUN_OBS and CDELTn: flux in Mx
+    beside the flux in G px, = sum(B) * (DSUN_OBS tan 32")^2 in cm^2."""
+    from astropy.io import fits
+    assert pix2pixCC_Test.main(constant_run + ['--iteration', '4', '--target_unit', 'G']) == 0
+    stdout = capsys.readouterr().out
+    folder = in_tmp / 'checkpoints' / 'disk' / 'Image' / 'Test' / '4'
+    columns, rows = read_csv_rows(folder / 'metrics.csv')
+    assert columns == ['file'] + [key for region in ('', 'disk_')
+                                  for key in metric_columns(BINS, region, mx=True)]
+    header = fits.getheader(os.path.join(SAMPLE_TARGETS, 'sun_0032.fits'))
+    side_cm = header['DSUN_OBS'] * 100 * np.tan(np.radians(32 / 3600))
+    real = fits.getdata(os.path.join(SAMPLE_TARGETS, 'sun_0032.fits')).astype(np.float64)
+    fake = fits.getdata(folder / 'sun_0032_AI.fits').astype(np.float64)
+    row = rows[0]
+    assert float(row['flux_unsigned_real_Mx']) == pytest.approx(
+        np.abs(real).sum() * side_cm ** 2, rel=1e-6)
+    assert float(row['flux_net_fake_Mx']) == pytest.approx(fake.sum() * side_cm ** 2, rel=1e-6)
+    assert float(row['flux_net_real']) == pytest.approx(real.sum(), rel=1e-6)  # G px, as before
+    assert 5e18 < side_cm ** 2 < 7e18  # 1.07 AU, 32": about 2.5e9 cm a side
+    assert '[G px]' in stdout and '[Mx]' in stdout
+    # Another unit: unit px only.
+    assert pix2pixCC_Test.main(constant_run + ['--iteration', '4', '--target_unit', 'kG',
+                                               '--output_dir', str(in_tmp / 'kG')]) == 0
+    columns, _ = read_csv_rows(in_tmp / 'kG' / 'metrics.csv')
+    assert not [key for key in columns if key.endswith('_Mx')]
+    assert '[Mx]' not in capsys.readouterr().out
+
+
+def test_pixel_area_needs_dsun_and_cdelt_and_takes_cunit():
+    header = {'DSUN_OBS': 1.5e11, 'CDELT1': 0.6, 'CDELT2': 0.6, 'CUNIT1': 'arcsec',
+              'CUNIT2': 'arcsec'}
+    side_cm = 1.5e13 * np.tan(np.radians(0.6 / 3600))  # ~4.36e7 cm: an AIA pixel
+    assert pix2pixCC_Test.pixel_area_cm2(header) == pytest.approx(side_cm ** 2, rel=1e-9)
+    in_degrees = dict(header, CDELT1=0.6 / 3600, CDELT2=0.6 / 3600)
+    del in_degrees['CUNIT1'], in_degrees['CUNIT2']  # (degrees by default)
+    assert pix2pixCC_Test.pixel_area_cm2(in_degrees) == pytest.approx(side_cm ** 2, rel=1e-9)
+    for missing in ('DSUN_OBS', 'CDELT1', 'CDELT2'):
+        assert pix2pixCC_Test.pixel_area_cm2({k: v for k, v in header.items()
+                                              if k != missing}) is None
+
+
 def test_select_metric_picks_the_best_iteration_by_a_region_key(constant_run, in_tmp, capsys):
     assert pix2pixCC_Test.main(constant_run + ['--select_metric', 'disk_rmse_1x1']) == 0
     line = [line for line in capsys.readouterr().out.splitlines() if 'best iteration' in line]
     _, rows = read_csv_rows(in_tmp / 'checkpoints' / 'disk' / 'Image' / 'Test' /
                             'metrics_by_iteration.csv')
     assert float(rows[0]['disk_rmse_1x1']) < float(rows[1]['disk_rmse_1x1'])  # 0 G is closer
-    assert line == [line[0]] and 'by mean disk_rmse_1x1: 2 (' in line[0]
+    assert len(line) == 2 and 'by mean disk_rmse_1x1: 2 (' in line[0]
+    assert line[1].startswith('best iteration by mean disk_cc_1x1: ')  # its region's full CC
 
 
 def test_an_unknown_select_metric_is_one_line_listing_the_keys(constant_run, in_tmp):
@@ -798,7 +1042,7 @@ def test_validation_during_training_has_the_disk_metrics(tmp_path):
         '--input_dir_test', test_in, '--target_dir_test', test_tg, '--metric_bins', '1', '8',
         '--active_threshold', '200'], cwd=tmp_path))
     columns, rows = read_csv_rows(os.path.join(run_dir(tmp_path, 'val'), 'val_metrics.csv'))
-    assert columns == ['step'] + [key for region in REGIONS
-                                  for key in metric_columns([1, 8], region)]
+    assert columns == ['step'] + [key for region in REGIONS  # (the sample is in G)
+                                  for key in metric_columns([1, 8], region, mx=True)]
     assert [int(row['step']) for row in rows] == [2]
     assert all(np.isfinite(float(rows[0][key])) for key in ('disk_cc_1x1', 'quiet_rmse_8x8'))
