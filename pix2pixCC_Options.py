@@ -161,6 +161,9 @@ class BaseOption:
             help='pad by edge replication and crop back at a random offset')
         add('augmentation', '--max_rotation_angle', type=int, default=0, in_test='hidden',
             help='rotate by a random integer angle in degrees')
+        add('augmentation', '--crop_size', type=int, default=0, in_test='hidden',
+            help='train on a random N x N window of each pair, a multiple of 2**n_downsample '
+                 '(0: whole images; test and validation use whole images)')
 
         add('checking', '--val_during_train', boolean=True, default=False, in_test='hidden',
             help='at every save, translate the test inputs (--input_dir_test)')
@@ -332,7 +335,7 @@ class BaseOption:
     COUNTS = ('input_ch', 'target_ch', 'batch_size', 'n_D', 'n_gf', 'n_df', 'report_freq',
               'save_freq', 'display_freq')
     NON_NEGATIVE = ('n_downsample', 'n_residual', 'n_CC', 'n_workers', 'padding_size',
-                    'max_rotation_angle', 'n_epochs_decay', 'keep_states')
+                    'max_rotation_angle', 'n_epochs_decay', 'keep_states', 'crop_size')
 
     def validate(self, opt):
         """Reject option values that cannot work, with a one-line message naming the option."""
@@ -351,6 +354,10 @@ class BaseOption:
         for name in self.NON_NEGATIVE:
             if getattr(opt, name, 0) < 0:  # (some are training options only)
                 yield f"--{name} must not be negative, got {getattr(opt, name)}"
+        stride = 2 ** opt.n_downsample
+        if opt.crop_size % stride:  # the generator's stride (the data check: image sizes)
+            yield (f"--crop_size must be a multiple of {stride} (2**--n_downsample), got "
+                   f"{opt.crop_size}")
         if min(opt.metric_bins) < 1:
             yield f"--metric_bins must be positive integers, got {opt.metric_bins}"
         yield from region_problems(opt)

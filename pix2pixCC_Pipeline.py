@@ -128,10 +128,39 @@ def channel_axis(shape, channels, channels_last=False):
     return 0 if first else None
 
 
-def to_chw(array, channels, path, channels_last=False):
-    """Return `array` as C x H x W with C == `channels` (see `chw_layout`)."""
+def to_chw(array, channels, path, channels_last=False, window=None):
+    """Return `array` as C x H x W with C == `channels` (see `chw_layout`).
+
+    window: (top, left, size), to return only that size x size part of the image; `array`
+    may then be anything numpy-like that slicing reads (a memory map, a FITS section), so
+    that only the window is read (README "Your own data").
+    """
     shape, axis = chw_layout(array.shape, channels, path, channels_last)
-    return np.ascontiguousarray(np.moveaxis(array.reshape(shape), axis, 0), dtype=np.float32)
+    if window is not None:
+        index, spatial = window_index(array.shape, axis, window)
+        array = array[index]
+        shape = tuple(window[2] if i in spatial else n for i, n in enumerate(shape))
+    array = np.asarray(array).reshape(shape)
+    return np.ascontiguousarray(np.moveaxis(array, axis, 0), dtype=np.float32)
+
+
+def window_index(stored_shape, axis, window):
+    """(the index into an array of `stored_shape` that takes the `window` (top, left, size)
+    of its image, the axes of height and width in `chw_layout`'s 3-D shape).
+
+    The axes that `chw_layout` drops (length 1, beyond three) are kept whole, so the part
+    read has the layout of the whole array and is arranged by the same rules.
+    """
+    top, left, size = window
+    ndim = len(stored_shape)
+    stored_axes = [i for i, n in enumerate(stored_shape) if n != 1 or ndim <= 3]
+    if len(stored_axes) == 2:  # H x W: chw_layout's channel axis is new
+        stored_axes = [None] + stored_axes
+    spatial = [i for i in range(3) if i != axis]
+    index = [slice(None)] * ndim
+    index[stored_axes[spatial[0]]] = slice(top, top + size)
+    index[stored_axes[spatial[1]]] = slice(left, left + size)
+    return tuple(index), spatial
 
 
 def call_reader(reader, path, data_format):
@@ -145,10 +174,11 @@ def call_reader(reader, path, data_format):
         raise UserError(f"cannot read {path} as {data_format}: {reason}") from None
 
 
-def read_array(path, data_format, channels):
-    """Read one file of `data_format` as a float32 C x H x W array."""
+def read_array(path, data_format, channels, window=None):
+    """Read one file of `data_format` as a float32 C x H x W array; `window` (top, left,
+    size): only that size x size part of its image."""
     array = call_reader(READERS[data_format], path, data_format)
-    return to_chw(array, channels, path, channels_last=data_format in CHANNELS_LAST_FORMATS)
+    return to_chw(array, channels, path, data_format in CHANNELS_LAST_FORMATS, window)
 
 
 # Shapes from the files' headers alone: checking every pair's size before a Test run writes
@@ -374,6 +404,14 @@ def random_pad_and_crop(arrays, padding, generator=None):
     return out
 
 
+def random_window(size, crop_size, generator=None):
+    """(top, left, crop_size): a crop_size x crop_size window at a random place in an image
+    of `size` (height, width), every place equally likely (--crop_size)."""
+    top, left = (int(torch.randint(0, n - crop_size + 1, (1,), generator=generator))
+                 for n in size)
+    return top, left, crop_size
+
+
 # ----------------------------------------------------------------------------------------
 # Dataset
 # ----------------------------------------------------------------------------------------
@@ -414,24 +452,38 @@ class CustomDataset(Dataset):
         reading only the files' headers (so a Test run stops before its first output)."""
         if self.target_paths is None:
             return
-        for input_path, target_path in zip(self.input_paths, self.target_paths, strict=True):
-            size = stored_size(input_path, self.opt.data_format_input, self.opt.input_ch)
-            target_size = stored_size(target_path, self.opt.data_format_target,
-                                      self.opt.target_ch)
-            if size != target_size:
-                raise size_mismatch(input_path, size, target_path, target_size)
+        for index in range(len(self)):
+            self.pair_size(index)
 
-    def load_input(self, index):
-        array = read_array(self.input_paths[index], self.opt.data_format_input, self.opt.input_ch)
+    def load_input(self, index, window=None):
+        array = read_array(self.input_paths[index], self.opt.data_format_input, self.opt.input_ch,
+                           window)
         return self.input_scaling.forward(array)
 
-    def read_target(self, index):
+    def read_target(self, index, window=None):
         """Target i in physical units, C x H x W float32, as stored (NaN/Inf kept)."""
         return read_array(self.target_paths[index], self.opt.data_format_target,
-                          self.opt.target_ch)
+                          self.opt.target_ch, window)
 
-    def load_target(self, index):
-        return self.target_scaling.forward(self.read_target(index))
+    def load_target(self, index, window=None):
+        return self.target_scaling.forward(self.read_target(index, window))
+
+    def pair_size(self, index):
+        """(height, width) of pair i from its files' headers; UserError when they differ."""
+        input_path, target_path = self.input_paths[index], self.target_paths[index]
+        size = stored_size(input_path, self.opt.data_format_input, self.opt.input_ch)
+        target_size = stored_size(target_path, self.opt.data_format_target, self.opt.target_ch)
+        if size != target_size:
+            raise size_mismatch(input_path, size, target_path, target_size)
+        return size
+
+    def window(self, index, generator):
+        """The window of pair i that a training item takes (`random_window`), or None for
+        the whole images (--crop_size 0)."""
+        crop_size = getattr(self.opt, 'crop_size', 0)
+        if not crop_size:
+            return None
+        return random_window(self.pair_size(index), crop_size, generator)
 
     def __getitem__(self, item):
         """`item` is an index, or (index, seed) to draw the augmentation from its own seed.
@@ -444,11 +496,14 @@ class CustomDataset(Dataset):
         if self.split != 'train':
             name = os.path.splitext(os.path.basename(self.input_paths[index]))[0]
             return torch.from_numpy(self.load_input(index)), name
-        x, y = self.load_input(index), self.load_target(index)
+        generator = torch.Generator().manual_seed(seed) if seed is not None else None
+        # The window is drawn first and the rotation and padding act on it: their cost
+        # then grows with the window, not the image, and only the window need be read.
+        window = self.window(index, generator)
+        x, y = self.load_input(index, window), self.load_target(index, window)
         if x.shape[1:] != y.shape[1:]:
             raise size_mismatch(self.input_paths[index], x.shape[1:], self.target_paths[index],
                                 y.shape[1:])
-        generator = torch.Generator().manual_seed(seed) if seed is not None else None
         x, y = random_rotation([x, y], self.opt.max_rotation_angle, generator)
         x, y = random_pad_and_crop([x, y], self.opt.padding_size, generator)
         return torch.from_numpy(np.ascontiguousarray(x)), torch.from_numpy(np.ascontiguousarray(y))
@@ -581,11 +636,25 @@ def outside_warning(side, c, channels, values, scaling):
             f"that matters{several}")
 
 
-def check_dataset(dataset, multiple, n_workers=0, log=print, progress=None):
+def check_training_size(path, size, multiple, crop_size=0):
+    """Raise UserError when the image of `path`, of `size`, cannot be trained on: smaller
+    than --crop_size, or (whole images) not multiples of `multiple` (the generator's
+    stride; a window has the size of --crop_size, which is a multiple)."""
+    if crop_size and min(size) < crop_size:
+        raise UserError(f"{path} is {size[0]}x{size[1]}, smaller than --crop_size {crop_size}; "
+                        f"lower --crop_size or use larger images")
+    if not crop_size and multiple > 1 and (size[0] % multiple or size[1] % multiple):
+        raise UserError(f"{path} is {size[0]}x{size[1]}, but the network needs height and "
+                        f"width that are multiples of {multiple} (2**--n_downsample); crop or "
+                        f"pad the data, or lower --n_downsample")
+
+
+def check_dataset(dataset, multiple, n_workers=0, log=print, progress=None, crop_size=0):
     """Read every file once and check what training needs; raise UserError on the first problem.
 
     Checks: readable, channel count, input/target height and width equal, height and width
-    multiples of `multiple` (the generator's stride). NaN/Inf values are counted and reported
+    multiples of `multiple` (the generator's stride), or at least `crop_size` (--crop_size)
+    when training takes windows (`check_training_size`). NaN/Inf values are counted and reported
     in one line per side that has any (`nonfinite_warning`; the scaling replaces them).
     Limits that do not fit the data (a large share of a channel's values outside them, or
     folders that look swapped) are warned about in one line each (`scaling_warnings`).
@@ -601,14 +670,9 @@ def check_dataset(dataset, multiple, n_workers=0, log=print, progress=None):
     for index, summary in enumerate(loader):
         size = summary['input'][0]
         if 'target' in summary and summary['target'][0] != size:
-            target_size = summary['target'][0]
-            raise UserError(f"{dataset.input_paths[index]} is {size[0]}x{size[1]} but its "
-                            f"target {dataset.target_paths[index]} is "
-                            f"{target_size[0]}x{target_size[1]}")
-        if multiple > 1 and (size[0] % multiple or size[1] % multiple):
-            raise UserError(f"{dataset.input_paths[index]} is {size[0]}x{size[1]}, but the "
-                            f"network needs height and width that are multiples of {multiple} "
-                            f"(2**--n_downsample); crop or pad the data, or lower --n_downsample")
+            raise size_mismatch(dataset.input_paths[index], size, dataset.target_paths[index],
+                                summary['target'][0])
+        check_training_size(dataset.input_paths[index], size, multiple, crop_size)
         for side, (_, bad, values) in summary.items():
             if bad:
                 count = nonfinite.setdefault(side, [0, 0, paths[side][index]])

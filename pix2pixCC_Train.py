@@ -134,18 +134,21 @@ def check_data(dataset, opt, log=print, given=()):
         check_pairing(dataset.input_paths, dataset.target_paths)
     height, width = check_dataset(dataset, 2 ** opt.n_downsample, opt.n_workers, log=log,
                                   progress=lambda it: tqdm(it, desc='checking data', unit='pair',
-                                                           disable=None, leave=False))
+                                                           disable=None, leave=False),
+                                  crop_size=opt.crop_size)
     if opt.data_size != height and 'data_size' in given:
         log(f"notice: the data are {height}x{width}; --data_size {opt.data_size} is ignored")
     # Each PatchDiscriminator needs at least 24x24 pixels at its scale, and scale i sees the
-    # pair pooled i times.
-    smallest = min(height, width)
+    # pair (or its --crop_size window) pooled i times.
+    smallest = opt.crop_size or min(height, width)
     for _ in range(opt.n_D - 1):
         smallest = (smallest + 1) // 2
     if smallest < 24:
-        raise UserError(f"the data are {height}x{width}, too small for --n_D {opt.n_D}: the "
-                        f"coarsest discriminator scale would see {smallest} px (at least 24 "
-                        f"needed); lower --n_D or use larger images")
+        trained = f"--crop_size {opt.crop_size}" if opt.crop_size else \
+            f"the data are {height}x{width}, which is"
+        raise UserError(f"{trained} too small for --n_D {opt.n_D}: the coarsest "
+                        f"discriminator scale would see {smallest} px (at least 24 needed); "
+                        f"lower --n_D or use larger {'windows' if opt.crop_size else 'images'}")
     return height, width
 
 
@@ -169,10 +172,11 @@ def start_up_summary(opt, dataset, size, G, D, device, precision):
     run = f"resuming from step {opt.latest_iter}" if opt.latest_iter else "new run"
     run_line = (f"run: {opt.checkpoint_dir} ({run}; every option in "
                 f"{os.path.join(opt.checkpoint_dir, 'train_options.json')})")
+    windows = f"; trained on {opt.crop_size}x{opt.crop_size} windows" if opt.crop_size else ''
     data_line = (f"data: {len(dataset)} pairs of {size[0]}x{size[1]} px ({opt.data_format_input} "
                  f"-> {opt.data_format_target}, {opt.input_ch} -> {opt.target_ch} channel(s)"
                  f"{f', target unit {unit}' if unit else ''}) from {opt.input_dir_train} and "
-                 f"{opt.target_dir_train}")
+                 f"{opt.target_dir_train}{windows}")
     network_line = (f"network: generator {count_parameters(G):,} parameters, discriminator "
                     f"{count_parameters(D):,}")
     no_cuda = ' (no CUDA GPU found)' if device.type == 'cpu' and not cpu_requested(opt) else ''

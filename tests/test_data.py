@@ -24,8 +24,8 @@ from conftest import (ALL_FORMATS, RECORD, SAMPLE_DATA, TINY, H, W, checked_line
                       train_opt, write_pairs, write_user_file)
 from pix2pixCC_Options import UserError
 from pix2pixCC_Pipeline import (CustomDataset, Scaling, list_files, random_pad_and_crop,
-                                random_rotation, read_array, read_fits, read_fits_header,
-                                stored_size, to_chw, write_array)
+                                random_rotation, random_window, read_array, read_fits,
+                                read_fits_header, stored_size, to_chw, write_array)
 
 # ----------------------------------------------------------------------------------------
 # 1. Reading: every format, 1 and 3 channels
@@ -623,6 +623,40 @@ def test_pad_and_crop_is_a_shifted_window_of_the_edge_padded_data():
         offsets.add(found[0])
     assert len(offsets) > 3
     assert random_pad_and_crop([data], 0)[0] is data
+
+
+def test_crop_takes_the_same_window_of_input_and_target(tmp_path):
+    """--crop_size: input == target data give input window == target window, of the size
+    asked for, with rotation and padding acting on the window."""
+    data = [field(1, seed=s, size=32)[0] for s in range(3)]
+    dataset = dataset_for(*write_pair_dirs(tmp_path, data, data), '--crop_size', '16',
+                          '--max_rotation_angle', '20', '--padding_size', '3')
+    for seed in range(12):
+        x, y = dataset[(seed % 3, seed)]
+        assert x.shape == y.shape == (1, 16, 16)
+        assert torch.equal(x, y), f"seed {seed}: input and target cropped differently"
+        assert torch.equal(dataset[(seed % 3, seed)][0], x)  # drawn from the seed alone
+
+
+def test_crop_windows_vary_and_cover_the_image(tmp_path):
+    """Each window is a window of the scaled image, at a place drawn from the sample's seed;
+    over many draws every top and left offset occurs."""
+    data = field(1, seed=2, size=32)[0]
+    dataset = dataset_for(*write_pair_dirs(tmp_path, [data], [data]), '--crop_size', '16')
+    whole = dataset.load_input(0)
+    places = set()
+    for seed in range(40):
+        x = dataset[(0, seed)][0].numpy()
+        found = [(t, left) for t in range(17) for left in range(17)
+                 if np.array_equal(x, whole[:, t:t + 16, left:left + 16])]
+        assert len(found) == 1
+        places.add(found[0])
+    assert len(places) > 20
+    generator = torch.Generator().manual_seed(0)
+    draws = [random_window((32, 48), 16, generator) for _ in range(3000)]
+    assert {top for top, _, _ in draws} == set(range(17))
+    assert {left for _, left, _ in draws} == set(range(33))
+    assert {size for _, _, size in draws} == {16}
 
 
 def test_no_augmentation_returns_the_scaled_files_unchanged(tmp_path):

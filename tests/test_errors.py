@@ -202,6 +202,16 @@ def test_image_too_small_for_the_discriminator(tmp_path, earlier_run):
     assert_refused(proc, earlier_run, '16x16', '--n_D')
 
 
+@pytest.mark.parametrize('crop, fragments', [
+    ('10', ['--crop_size', 'multiple of 4', '--n_downsample']),
+    ('64', ['img_000.npy is 32x32', 'smaller than --crop_size 64']),
+    ('16', ['--crop_size 16', 'too small for --n_D 1'])])
+def test_crop_size_that_cannot_work(tmp_path, earlier_run, crop, fragments):
+    input_dir, target_dir = make_pairs(tmp_path / 'd', 'npy', n=2, size=32)
+    proc = train_in(tmp_path, input_dir, target_dir, '--crop_size', crop)
+    assert_refused(proc, earlier_run, *fragments)
+
+
 # ----------------------------------------------------------------------------------------
 # Pairing
 # ----------------------------------------------------------------------------------------

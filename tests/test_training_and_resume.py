@@ -748,6 +748,24 @@ def test_resume_in_the_middle_of_an_epoch_is_exact(two_epochs, tmp_path):
         assert_identical_weights(os.path.join(model_dir(tmp_path), name), path)
 
 
+def test_resume_with_crop_size_is_exact(data, tmp_path):
+    """--crop_size: the windows are drawn from each sample's seed, so a run stopped at step 4
+    (mid-epoch) and resumed gives the weights of the uninterrupted one, bit for bit."""
+    cropped = AUGMENTED_RUN + data + ['--n_epochs', '2', '--crop_size', '24']
+    whole, resumed = tmp_path / 'whole', tmp_path / 'resumed'
+    for root, extra in ((whole, []), (resumed, ['--n_epochs', '1'])):
+        root.mkdir()
+        assert_ok(run_train(cropped + extra, cwd=root))
+    for kind in ('G', 'D', 'state'):
+        os.remove(os.path.join(model_dir(resumed), f'6_{kind}.pt'))
+    proc = run_train(['--gpu_ids', '-1', '--latest_iter', '4', '--n_epochs', '2'], cwd=resumed)
+    assert_ok(proc)
+    assert 'trained on 24x24 windows' in proc.stdout
+    for name in ('8_G.pt', '12_G.pt', '12_D.pt'):
+        assert_identical_weights(os.path.join(model_dir(resumed), name),
+                                 os.path.join(model_dir(whole), name))
+
+
 def test_loading_workers_do_not_change_the_run(two_epochs, data, tmp_path):
     """--n_workers 2 here, 0 in the reference run: the same augmentation and order."""
     assert_ok(run_train(AUGMENTED_RUN + data + ['--n_epochs', '2', '--n_workers', '2'],
