@@ -17,6 +17,7 @@ import torch
 from astropy.io import fits
 from PIL import Image
 
+import pix2pixCC_Pipeline
 import pix2pixCC_Test
 import pix2pixCC_Train
 from conftest import (ALL_FORMATS, RECORD, SAMPLE_DATA, TINY, H, W, checked_lines, copy_sample,
@@ -217,6 +218,94 @@ def test_fits_reading_paths_agree_bit_for_bit(tmp_path, dtype):
     assert got.dtype == np.float32 and got.flags.c_contiguous and got.flags.writeable
     assert got.tobytes() == expected.tobytes()
     assert to_chw(read_fits(path), 1, path).tobytes() == expected.tobytes()
+
+
+def stored_layouts():
+    """(name, array as stored, channels): H x W, C x H x W, H x W x C, 1 x C x H x W, with
+    NaN and Inf, of 40 x 48 (height and width differ, so a swapped window would show)."""
+    rng = np.random.default_rng(8)
+    cube = rng.uniform(-50, 250, (3, 40, 48)).astype(np.float32)
+    cube[1, 5, 7], cube[2, 30, 40], cube[0, 12, 20] = np.nan, np.inf, -np.inf
+    return [('HxW', cube[0], 1), ('CxHxW', cube, 3),
+            ('HxWxC', np.ascontiguousarray(np.moveaxis(cube, 0, -1)), 3),
+            ('1xCxHxW', cube[None], 3)]
+
+
+WINDOWS = [(0, 0, 8), (5, 7, 16), (24, 32, 16), (0, 0, 40)]
+
+
+def assert_windows_as_crops(path, fmt, channels):
+    """Every window read equals, bit for bit, that part of the whole array."""
+    whole = read_array(path, fmt, channels)
+    for top, left, size in WINDOWS:
+        part = read_array(path, fmt, channels, (top, left, size))
+        assert part.dtype == np.float32 and part.flags.c_contiguous
+        assert part.shape == (channels, size, size)
+        expected = np.ascontiguousarray(whole[:, top:top + size, left:left + size])
+        assert part.tobytes() == expected.tobytes(), (path, top, left, size)
+
+
+@pytest.mark.parametrize('fmt', ['npy', 'fits'])
+@pytest.mark.parametrize('layout', range(4), ids=['HxW', 'CxHxW', 'HxWxC', '1xCxHxW'])
+def test_a_window_is_read_alone_with_the_values_of_the_whole_array(tmp_path, monkeypatch, fmt,
+                                                                   layout):
+    """README "Your own data", Windows: npy through a memory map, FITS through astropy's
+    section; never through the whole-file reader."""
+    _, stored, channels = stored_layouts()[layout]
+    path = write_user_file(str(tmp_path / f'a.{fmt}'), stored, fmt)
+    whole = read_array(path, fmt, channels)
+
+    def refuse(*_):
+        raise AssertionError('the whole file was read')
+    monkeypatch.setitem(pix2pixCC_Pipeline.READERS, fmt, refuse)
+    for top, left, size in WINDOWS:
+        part = read_array(path, fmt, channels, (top, left, size))
+        expected = np.ascontiguousarray(whole[:, top:top + size, left:left + size])
+        assert part.shape == (channels, size, size) and part.dtype == np.float32
+        assert part.tobytes() == expected.tobytes(), (top, left, size)
+
+
+@pytest.mark.parametrize('dtype, cards', [
+    ('>i2', {'BSCALE': 0.5, 'BZERO': 100.0}), ('>i2', {'BLANK': -32768}), ('>f8', {}),
+    ('uint8', {})])
+def test_fits_window_of_scaled_integers_equals_the_crop(tmp_path, dtype, cards):
+    """BSCALE/BZERO and BLANK apply to the section as to the whole image."""
+    rng = np.random.default_rng(4)
+    data = rng.integers(0, 200, (40, 48)).astype(dtype)
+    if 'BLANK' in cards:
+        data[3, 4] = -32768
+    hdu = fits.PrimaryHDU(data)
+    hdu.header.update(cards)
+    path = str(tmp_path / 'a.fits')
+    hdu.writeto(path)
+    assert_windows_as_crops(path, 'fits', 1)
+
+
+def test_compressed_fits_and_other_formats_windows_are_crops_of_the_whole(tmp_path):
+    """Formats without a window reader (and compressed FITS) are read whole and cut."""
+    _, cube, _ = stored_layouts()[1]
+    fits.HDUList([fits.PrimaryHDU(), fits.CompImageHDU(cube[0])]).writeto(
+        str(tmp_path / 'c.fits'))
+    assert_windows_as_crops(str(tmp_path / 'c.fits'), 'fits', 1)
+    tifffile_path = write_user_file(str(tmp_path / 'a.tif'), cube, 'tif')
+    assert_windows_as_crops(tifffile_path, 'tif', 3)
+    pixels = np.rint(np.nan_to_num(cube[0], posinf=0, neginf=0)).clip(0, 255).astype(np.uint8)
+    assert_windows_as_crops(write_user_file(str(tmp_path / 'a.png'), pixels, 'png'), 'png', 1)
+
+
+def test_scaling_of_a_window_is_that_of_the_whole_image(tmp_path):
+    """NaN/Inf, clip and log act on the window as on the whole image (training items)."""
+    _, stored, _ = stored_layouts()[0]
+    dirs = write_pair_dirs(tmp_path, [stored], [stored])
+    dataset = dataset_for(*dirs, '--crop_size', '16', logscale_input=True,
+                          saturation_lower_limit_input=1, saturation_upper_limit_input=200,
+                          saturation_clip_input=True)
+    whole = dataset.load_input(0)
+    for window in WINDOWS[:3]:
+        top, left, size = window
+        part = dataset.load_input(0, window)
+        assert part.tobytes() == np.ascontiguousarray(
+            whole[:, top:top + size, left:left + size]).tobytes()
 
 
 # ----------------------------------------------------------------------------------------
