@@ -65,8 +65,25 @@ def open_fits(path):
                 yield hdul
         finally:
             if any('truncated' in str(w.message) for w in caught):
-                raise UserError(f"{path} is truncated (the file is shorter than its header "
-                                f"says); copy it again")
+                raise truncated(path)
+
+
+def truncated(path):
+    """The UserError for a file shorter than its header says (FITS, npy)."""
+    return UserError(f"{path} is truncated (the file is shorter than its header says); "
+                     f"copy it again")
+
+
+def open_npy(path):
+    """The array of an npy file as a read-only memory map: nothing but the header is read
+    until it is sliced. numpy refuses pickled objects here too, and a file shorter than
+    its header says (a truncated copy) is named as such."""
+    try:
+        return np.load(path, mmap_mode='r', allow_pickle=False)
+    except ValueError as error:
+        if 'mmap length is greater than file size' in str(error):
+            raise truncated(path) from None
+        raise
 
 
 def image_hdu(hdul, path):
@@ -179,7 +196,7 @@ def call_reader(reader, path, data_format):
 # section), so that slicing reads only the window (README "Your own data", Windows).
 
 def read_npy_window(path, select):
-    return select(np.load(path, mmap_mode='r', allow_pickle=False))
+    return select(open_npy(path))
 
 
 def read_fits_window(path, select):
@@ -210,19 +227,16 @@ def read_array(path, data_format, channels, window=None):
 # anything must not read every file twice.
 
 def npy_shape(path):
-    # A memory map reads the header only (and, like read_npy, refuses pickled objects).
-    return np.load(path, mmap_mode='r', allow_pickle=False).shape
+    """Shape from the header; a truncated file is refused (`open_npy`)."""
+    return open_npy(path).shape
 
 
 def fits_shape(path):
-    """Shape of the HDU that `read_fits` reads, from its header."""
-    with warnings.catch_warnings():
-        warnings.simplefilter('ignore')  # read_fits reports what matters when it reads
-        with fits.open(path, memmap=False) as hdul:
-            for hdu in hdul:
-                if hdu.is_image and hdu.shape and all(hdu.shape):
-                    return tuple(hdu.shape)
-    raise UserError(f"{path}: no HDU with image data")
+    """Shape of the HDU that `read_fits` reads, from its header; a file shorter than its
+    headers say is refused (`open_fits`), so that the check of a --crop_size run, which
+    reads only headers, still finds it before the first step."""
+    with open_fits(path) as hdul:
+        return tuple(image_hdu(hdul, path).shape)
 
 
 def tiff_shape(path):
@@ -578,17 +592,18 @@ def add_summary(total, summary):
 
 
 class _FileSummaries(Dataset):
-    """Item i: for each side of pair i, its (height, width), its NaN/Inf count and its
-    `value_summary`, read with the training readers."""
+    """Item i: for each side of pair `pairs[i]` (default: pair i), its (height, width), its
+    NaN/Inf count and its `value_summary`, read with the training readers."""
 
-    def __init__(self, dataset):
+    def __init__(self, dataset, pairs=None):
         self.dataset = dataset
+        self.pairs = range(len(dataset)) if pairs is None else pairs
 
     def __len__(self):
-        return len(self.dataset)
+        return len(self.pairs)
 
-    def __getitem__(self, index):
-        d = self.dataset
+    def __getitem__(self, item):
+        d, index = self.dataset, self.pairs[item]
         # The swapped-folder check compares channel c with the other side's channel c; with
         # other channel counts, swapped folders already fail on the channel count.
         comparable = d.opt.input_ch == d.opt.target_ch
@@ -674,6 +689,38 @@ def check_training_size(path, size, multiple, crop_size=0):
                         f"pad the data, or lower --n_downsample")
 
 
+# With --crop_size, the pairs whose files the check reads whole for its warnings: the first,
+# the last and evenly spread between (README "What happens when…").
+CHECK_SAMPLE = 5
+
+
+def sample_pairs(n, k=CHECK_SAMPLE):
+    """Up to `k` of the indices 0..n-1: the first, the last and evenly spread between."""
+    return sorted({round(i * (n - 1) / max(k - 1, 1)) for i in range(k)})
+
+
+def checked_pairs(dataset, crop_size):
+    """The pairs `check_dataset` reads whole: every pair, or with --crop_size and formats
+    whose windows are read alone (WINDOW_READERS), a sample (`sample_pairs`), as training
+    then never reads a whole file and the check should not either (README "Your own data",
+    Windows). None: every pair."""
+    formats = (dataset.opt.data_format_input, dataset.opt.data_format_target)
+    if crop_size and all(fmt in WINDOW_READERS for fmt in formats):
+        return sample_pairs(len(dataset))
+    return None
+
+
+def check_sizes_from_headers(dataset, multiple, crop_size, progress=None):
+    """Check every pair's height and width from its files' headers (`CustomDataset.pair_size`,
+    which also refuses a truncated FITS or npy file) against the training's needs
+    (`check_training_size`); returns the first pair's size."""
+    pairs = range(len(dataset))
+    for index in progress(pairs) if progress is not None else pairs:
+        check_training_size(dataset.input_paths[index], dataset.pair_size(index), multiple,
+                            crop_size)
+    return dataset.pair_size(0)
+
+
 def check_dataset(dataset, multiple, n_workers=0, log=print, progress=None, crop_size=0):
     """Read every file once and check what training needs; raise UserError on the first problem.
 
@@ -683,16 +730,23 @@ def check_dataset(dataset, multiple, n_workers=0, log=print, progress=None, crop
     in one line per side that has any (`nonfinite_warning`; the scaling replaces them).
     Limits that do not fit the data (a large share of a channel's values outside them, or
     folders that look swapped) are warned about in one line each (`scaling_warnings`).
+    With --crop_size and npy or FITS data (`checked_pairs`), the sizes are checked from every
+    file's header and the values (NaN/Inf, limits) from a sample of CHECK_SAMPLE pairs.
     Returns the (height, width) of the first pair.
     """
-    loader = DataLoader(_FileSummaries(dataset), batch_size=None, num_workers=n_workers,
+    pairs = checked_pairs(dataset, crop_size)
+    first_size = None
+    if pairs is not None:
+        first_size = check_sizes_from_headers(dataset, multiple, crop_size, progress)
+    loader = DataLoader(_FileSummaries(dataset, pairs), batch_size=None, num_workers=n_workers,
                         worker_init_fn=ignore_stop_signals)
     if progress is not None:
         loader = progress(loader)
     paths = {'input': dataset.input_paths, 'target': dataset.target_paths}
     nonfinite = {}  # side: [values, files, first file]
-    first_size, totals = None, {}
-    for index, summary in enumerate(loader):
+    totals = {}
+    for item, summary in enumerate(loader):
+        index = item if pairs is None else pairs[item]
         size = summary['input'][0]
         if 'target' in summary and summary['target'][0] != size:
             raise size_mismatch(dataset.input_paths[index], size, dataset.target_paths[index],
@@ -708,8 +762,10 @@ def check_dataset(dataset, multiple, n_workers=0, log=print, progress=None, crop
                 add_summary(total, channel)
         first_size = first_size or size
     for side, (n_values, n_files, first) in sorted(nonfinite.items()):  # input, then target
+        sampled = '' if pairs is None else \
+            f" (in {len(pairs)} of the {len(dataset)} pairs: --crop_size checks a sample)"
         log(nonfinite_warning(side, n_values, n_files, first,
-                              getattr(dataset, f'{side}_scaling'), len(totals[side])))
+                              getattr(dataset, f'{side}_scaling'), len(totals[side])) + sampled)
     for line in scaling_warnings(totals, dataset):
         log(line)
     return first_size

@@ -24,7 +24,8 @@ from conftest import (ALL_FORMATS, RECORD, SAMPLE_DATA, TINY, H, W, checked_line
                       field, formats_and_limits, make_pairs, make_test_opt, read_user_file,
                       train_opt, write_pairs, write_user_file)
 from pix2pixCC_Options import UserError
-from pix2pixCC_Pipeline import (CustomDataset, Scaling, list_files, random_pad_and_crop,
+from pix2pixCC_Pipeline import (CHECK_SAMPLE, CustomDataset, Scaling, check_dataset,
+                                list_files, sample_pairs, random_pad_and_crop,
                                 random_rotation, random_window, read_array, read_fits,
                                 read_fits_header, stored_size, to_chw, write_array)
 
@@ -902,6 +903,59 @@ def test_no_scaling_warning_on_the_sample(tmp_path):
     train_in, train_tg, _ = copy_sample(tmp_path, n_train=4, n_test=0)
     assert checked_lines(*SAMPLE_DATA, '--input_dir_train', train_in, '--target_dir_train',
                          train_tg) == []
+
+
+def whole_reads(monkeypatch):
+    """The paths the whole-file readers are called with, from now on."""
+    paths = []
+    for fmt, reader in list(pix2pixCC_Pipeline.READERS.items()):
+        def counted(path, reader=reader):
+            paths.append(path)
+            return reader(path)
+        monkeypatch.setitem(pix2pixCC_Pipeline.READERS, fmt, counted)
+    return paths
+
+
+@pytest.mark.parametrize('fmt', ['npy', 'fits'])
+def test_the_check_with_crop_size_reads_headers_and_a_sample(tmp_path, monkeypatch, fmt):
+    """--crop_size with npy/FITS: sizes from every file's header, values from the sample
+    (first, last and evenly between) alone; NaN in a sampled file is still reported."""
+    inputs = [field(1, seed=s, size=32)[0] for s in range(12)]
+    inputs[11][3, 4] = np.nan  # the last pair is in the sample
+    dirs = write_pair_dirs(tmp_path, inputs, inputs, fmt)
+    dataset = dataset_for(*dirs, data_format_input=fmt, data_format_target=fmt, crop_size=16)
+    paths = whole_reads(monkeypatch)
+    lines = []
+    assert check_dataset(dataset, 4, log=lines.append, crop_size=16) == (32, 32)
+    sample = sample_pairs(12)
+    assert sample[0] == 0 and sample[-1] == 11 and len(sample) == CHECK_SAMPLE
+    assert sorted(paths) == sorted(dataset.input_paths[i] for i in sample) + \
+        sorted(dataset.target_paths[i] for i in sample)
+    nan_lines = [line for line in lines if 'NaN/Inf' in line]
+    assert len(nan_lines) == 2  # input and target
+    assert all('f11' in line and 'in 5 of the 12 pairs' in line for line in nan_lines)
+
+
+def test_the_check_reads_every_file_without_crop_size_or_a_window_reader(tmp_path, monkeypatch):
+    """Whole images, or --crop_size with a format read whole in training (TIFF): every
+    file is read, as before."""
+    inputs = [field(1, seed=s, size=32)[0] for s in range(6)]
+    for fmt, crop in (('npy', 0), ('tif', 16)):
+        dirs = write_pair_dirs(tmp_path / fmt, inputs, inputs, fmt)
+        dataset = dataset_for(*dirs, data_format_input=fmt, data_format_target=fmt)
+        paths = whole_reads(monkeypatch)
+        check_dataset(dataset, 4, log=lambda line: None, crop_size=crop)
+        assert len(paths) == 12, fmt
+
+
+def test_a_header_size_mismatch_is_found_outside_the_sample(tmp_path):
+    inputs = [field(1, seed=s, size=32)[0] for s in range(12)]
+    targets = list(inputs)
+    targets[4] = field(1, seed=4, size=40)[0]  # pair 4 is not in the sample
+    assert 4 not in sample_pairs(12)
+    dataset = dataset_for(*write_pair_dirs(tmp_path, inputs, targets), crop_size=16)
+    with pytest.raises(UserError, match='f04.npy is 32x32 but its target .*f04.npy is 40x40'):
+        check_dataset(dataset, 4, crop_size=16)
 
 
 # ----------------------------------------------------------------------------------------

@@ -154,6 +154,20 @@ def test_truncated_fits_file(tmp_path, earlier_run):
     assert_refused(proc, earlier_run, bad, 'truncated', 'copy it again')
 
 
+@pytest.mark.parametrize('fmt', ['fits', 'npy'])
+def test_truncated_file_with_crop_size(tmp_path, earlier_run, fmt):
+    """--crop_size checks sizes from the headers and values from a sample: a truncated file
+    outside the sample (pair 3 of 8) is still refused before the first step."""
+    input_dir, target_dir = make_pairs(tmp_path, fmt, n=8)
+    bad = os.path.join(target_dir, f'img_003.{fmt}')
+    content = open(bad, 'rb').read()
+    with open(bad, 'wb') as f:
+        f.write(content[:len(content) - 100])
+    proc = train_in(tmp_path, input_dir, target_dir, '--data_format_input', fmt,
+                    '--data_format_target', fmt, '--crop_size', '24')
+    assert_refused(proc, earlier_run, bad, 'truncated', 'copy it again')
+
+
 def test_fits_without_image_data(tmp_path, earlier_run):
     input_dir, target_dir = make_pairs(tmp_path, 'fits', n=2)
     bad = os.path.join(input_dir, 'img_001.fits')
