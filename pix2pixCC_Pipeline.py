@@ -50,8 +50,9 @@ def read_npy(path):
 
 
 @contextlib.contextmanager
-def open_fits(path):
-    """The HDU list of `path`, for reading data or headers; warnings stay quiet.
+def open_fits(path, memmap=False):
+    """The HDU list of `path`, for reading data or headers; warnings stay quiet. memmap:
+    the data mapped from the file rather than read (for a window of it).
 
     Archive files often hold cards astropy warns about (non-standard cards, a BLANK card in a
     float file): they are silenced, or every file read would repeat them. astropy only warns
@@ -61,7 +62,7 @@ def open_fits(path):
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter('always')
         try:
-            with fits.open(path, memmap=False) as hdul:
+            with fits.open(path, memmap=memmap) as hdul:
                 yield hdul
         finally:
             if any('truncated' in str(w.message) for w in caught):
@@ -200,11 +201,18 @@ def read_npy_window(path, select):
 
 
 def read_fits_window(path, select):
-    """An uncompressed image through astropy's section; a compressed one is read whole (its
-    tiles would be decompressed anyway)."""
-    with open_fits(path) as hdul:
+    """An uncompressed image mapped from the file, so that only the window's pages are read
+    (astropy's `section`, which scaled integers need, was 14 times slower for a 256x256
+    window of a 2048x2048 file: BENCHMARKS.md); a compressed one is read whole (its tiles
+    would be decompressed anyway). The window is copied before the file is closed."""
+    with open_fits(path, memmap=True) as hdul:
         hdu = image_hdu(hdul, path)
-        return select(hdu.data if isinstance(hdu, fits.CompImageHDU) else hdu.section)
+        scaled = any(card in hdu.header for card in ('BSCALE', 'BZERO', 'BLANK'))
+        if isinstance(hdu, fits.CompImageHDU) or not scaled:
+            return np.array(select(hdu.data))
+    # astropy maps unscaled data only: scaled integers go through its section
+    with open_fits(path) as hdul:
+        return select(image_hdu(hdul, path).section)
 
 
 WINDOW_READERS = {'npy': read_npy_window,
