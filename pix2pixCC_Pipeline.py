@@ -202,9 +202,9 @@ def read_npy_window(path, select):
 
 def read_fits_window(path, select):
     """An uncompressed image mapped from the file, so that only the window's pages are read
-    (astropy's `section`, which scaled integers need, was 14 times slower for a 256x256
-    window of a 2048x2048 file: BENCHMARKS.md); a compressed one is read whole (its tiles
-    would be decompressed anyway). The window is copied before the file is closed."""
+    (astropy's `section`, which scaled integers need, is several times slower: BENCHMARKS.md,
+    "Training on windows"); a compressed one is read whole (its tiles would be decompressed
+    anyway). The window is copied before the file is closed."""
     with open_fits(path, memmap=True) as hdul:
         hdu = image_hdu(hdul, path)
         scaled = any(card in hdu.header for card in ('BSCALE', 'BZERO', 'BLANK'))
