@@ -354,10 +354,15 @@ def pixel_area_cm2(header):
     if not all(header.get(key) for key in ('DSUN_OBS', 'CDELT1', 'CDELT2')):
         return None
     distance = float(header['DSUN_OBS']) * u.m
-    sides = [distance * np.tan(abs(float(header[f'CDELT{i}'])) *
-                               u.Unit(str(header.get(f'CUNIT{i}', 'deg')).strip()))
-             for i in (1, 2)]
+    sides = [distance * np.tan(pixel_angle(header, axis)) for axis in (1, 2)]
     return float((sides[0] * sides[1]).to_value(u.cm ** 2))
+
+
+def pixel_angle(header, axis):
+    """The angle one pixel spans along FITS axis `axis`: |CDELTn| in CUNITn (degrees, the
+    FITS default, when CUNITn is absent)."""
+    return abs(float(header[f'CDELT{axis}'])) * \
+        u.Unit(str(header.get(f'CUNIT{axis}', 'deg')).strip())
 
 
 def target_pixel_area(opt, path):
@@ -583,8 +588,7 @@ def disk_from_header(header):
         warnings.simplefilter('ignore', AstropyWarning)
         wcs = WCS(header).celestial
         x, y = wcs.all_world2pix(0.0, 0.0, 0)  # 0 is the same angle in every unit
-    scale = abs(float(header['CDELT1'])) * u.Unit(str(header.get('CUNIT1', 'deg')).strip())
-    return Disk(float(x), float(y), float((radius / scale).decompose())), None
+    return Disk(float(x), float(y), float((radius / pixel_angle(header, 1)).decompose())), None
 
 
 def target_disks(dataset, opt, log=print):
