@@ -200,19 +200,42 @@ def read_npy_window(path, select):
     return select(open_npy(path))
 
 
-def read_fits_window(path, select):
-    """An uncompressed image mapped from the file, so that only the window's pages are read
-    (astropy's `section`, which scaled integers need, is several times slower: BENCHMARKS.md,
-    "Training on windows"); a compressed one is read whole (its tiles would be decompressed
-    anyway). The window is copied before the file is closed."""
-    with open_fits(path, memmap=True) as hdul:
+# numpy's dtype of each FITS BITPIX (FITS data are big-endian).
+FITS_DTYPES = {8: '>u1', 16: '>i2', 32: '>i4', 64: '>i8', -32: '>f4', -64: '>f8'}
+
+
+def fits_image_layout(path):
+    """(data offset in bytes, numpy dtype, shape) of the image `read_fits` reads when it is
+    stored raw (uncompressed, no BSCALE/BZERO/BLANK), else None; parsed once per file and
+    version (`_fits_image_layout`), since parsing the header is most of a window's read."""
+    stat = os.stat(path)
+    return _fits_image_layout(path, stat.st_mtime_ns, stat.st_size, stat.st_ino)
+
+
+@functools.lru_cache(maxsize=4096)
+def _fits_image_layout(path, mtime_ns, size, inode):
+    with open_fits(path) as hdul:
         hdu = image_hdu(hdul, path)
         scaled = any(card in hdu.header for card in ('BSCALE', 'BZERO', 'BLANK'))
-        if isinstance(hdu, fits.CompImageHDU) or not scaled:
-            return np.array(select(hdu.data))
-    # astropy maps unscaled data only: scaled integers go through its section
-    with open_fits(path) as hdul:
-        return select(image_hdu(hdul, path).section)
+        if isinstance(hdu, fits.CompImageHDU) or scaled:
+            return None
+        return hdu.fileinfo()['datLoc'], FITS_DTYPES[hdu.header['BITPIX']], tuple(hdu.shape)
+
+
+def read_fits_window(path, select):
+    """An uncompressed image mapped from the file at the offset its header gives, so that only
+    the window's pages are read (astropy's `section`, which scaled integers need, and even
+    astropy's own memory map, which parses the header at every read, are slower: BENCHMARKS.md,
+    "Training on windows"); a compressed one is read whole (its tiles would be decompressed
+    anyway). The window is copied before the map is dropped."""
+    layout = fits_image_layout(path)
+    if layout is not None:
+        offset, dtype, shape = layout
+        return np.array(select(np.memmap(path, dtype=dtype, mode='r', offset=offset,
+                                         shape=shape)))
+    with open_fits(path) as hdul:  # astropy maps unscaled data only: scaled ones, its section
+        hdu = image_hdu(hdul, path)
+        return select(hdu.data if isinstance(hdu, fits.CompImageHDU) else hdu.section)
 
 
 WINDOW_READERS = {'npy': read_npy_window,

@@ -250,8 +250,8 @@ def assert_windows_as_crops(path, fmt, channels):
 @pytest.mark.parametrize('layout', range(4), ids=['HxW', 'CxHxW', 'HxWxC', '1xCxHxW'])
 def test_a_window_is_read_alone_with_the_values_of_the_whole_array(tmp_path, monkeypatch, fmt,
                                                                    layout):
-    """README "Your own data", Windows: npy through a memory map, FITS through astropy's
-    section; never through the whole-file reader."""
+    """README "Your own data", Windows: npy and FITS through a memory map; never through the
+    whole-file reader."""
     _, stored, channels = stored_layouts()[layout]
     path = write_user_file(str(tmp_path / f'a.{fmt}'), stored, fmt)
     whole = read_array(path, fmt, channels)
@@ -264,6 +264,19 @@ def test_a_window_is_read_alone_with_the_values_of_the_whole_array(tmp_path, mon
         expected = np.ascontiguousarray(whole[:, top:top + size, left:left + size])
         assert part.shape == (channels, size, size) and part.dtype == np.float32
         assert part.tobytes() == expected.tobytes(), (top, left, size)
+
+
+def test_a_fits_file_rewritten_with_another_layout_is_read_anew(tmp_path):
+    """The header's layout is parsed once per file (README "Your own data", Windows): a file
+    replaced by one with a longer header, another type and shape is read as it is now."""
+    path = str(tmp_path / 'a.fits')
+    fits.PrimaryHDU(np.arange(48 * 40, dtype='>f4').reshape(40, 48)).writeto(path)
+    assert_windows_as_crops(path, 'fits', 1)
+    hdu = fits.PrimaryHDU(-np.arange(56 * 64, dtype='>f8').reshape(56, 64))
+    hdu.header.extend([(f'NOTE{i}', 'x' * 60) for i in range(60)])  # another data offset
+    hdu.writeto(path, overwrite=True)
+    assert_windows_as_crops(path, 'fits', 1)
+    assert read_array(path, 'fits', 1, (50, 60, 4))[0, 0, 0] == -(50 * 64 + 60)
 
 
 @pytest.mark.parametrize('dtype, cards', [
