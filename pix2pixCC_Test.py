@@ -435,8 +435,10 @@ def metrics_table(summary, bins, channels=1, unit=None):
     def title(region):
         return [f'{REGION_TITLES[region]}:'] if len(regions) > 1 else []
 
-    lines = [f"{'channel':>7} {'bin':>5} {'CC':>7} {'CCC':>7} {'RMSE':>11} {'MAE':>11}",
-             f"{'':>29} {f'[{unit}]':>11} {f'[{unit}]':>11}"]
+    width = max(11, len(unit) + 2)  # a long unit (10**-3 G) widens its columns
+    lines = [f"{'channel':>7} {'bin':>5} {'CC':>7} {'CCC':>7} {'RMSE':>{width}} "
+             f"{'MAE':>{width}}",
+             f"{'':>29} {f'[{unit}]':>{width}} {f'[{unit}]':>{width}}"]
     for region in regions:
         lines += title(region)
         for c in range(channels):
@@ -444,8 +446,8 @@ def metrics_table(summary, bins, channels=1, unit=None):
             for k in bins:
                 cc, ccc, rmse, mae = (summary[f'{prefix}{region}{name}_{k}x{k}']['mean']
                                       for name in BINNED_METRICS)
-                lines.append(f"{c:>7} {f'{k}x{k}':>5} {cc:7.4f} {ccc:7.4f} {rmse:11.4g} "
-                             f"{mae:11.4g}")
+                lines.append(f"{c:>7} {f'{k}x{k}':>5} {cc:7.4f} {ccc:7.4f} {rmse:{width}.4g} "
+                             f"{mae:{width}.4g}")
     lines += flux_table(summary, regions, channels, '', f'[{unit} px]', title)
     if f'{first}flux_net_real_Mx' in summary:
         lines += flux_table(summary, regions, channels, '_Mx', '[Mx]', title)
@@ -455,16 +457,18 @@ def metrics_table(summary, bins, channels=1, unit=None):
 def flux_table(summary, regions, channels, suffix, unit, title):
     """The lines of the unsigned and net flux table of the flux keys ending in `suffix`
     ('' in the target's unit times pixels, '_Mx' in Mx), with `unit` under each column."""
-    lines = ['', f"{'channel':>7} {'unsigned flux':^27} {'net flux':^27}",
-             f"{'':>7} {'real':>13} {'generated':>13} {'real':>13} {'generated':>13}",
-             f"{'':>7} {unit:>13} {unit:>13} {unit:>13} {unit:>13}"]
+    width = max(13, len(unit))
+    lines = ['', f"{'channel':>7} {'unsigned flux':^{2 * width + 1}} "
+                 f"{'net flux':^{2 * width + 1}}",
+             f"{'':>7} " + ' '.join(f'{name:>{width}}' for name in ('real', 'generated') * 2),
+             f"{'':>7} " + ' '.join(f'{unit:>{width}}' for _ in range(4))]
     for region in regions:
         lines += title(region)
         for c in range(channels):
             prefix = f'ch{c}_' if channels > 1 else ''
             values = [summary.get(f'{prefix}{region}{name}{suffix}', {'mean': math.nan})['mean']
                       for name in FLUX_METRICS]
-            lines.append(f"{c:>7} " + ' '.join(f'{v:13.5g}' for v in values))
+            lines.append(f"{c:>7} " + ' '.join(f'{v:{width}.5g}' for v in values))
     return lines
 
 

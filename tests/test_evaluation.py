@@ -332,6 +332,23 @@ def test_metrics_table_has_units_and_flux_columns():
                                              for key, value in keys.items()}, [1])
 
 
+def test_metrics_table_columns_stay_aligned_with_a_long_unit():
+    """A --save_scale or long BUNIT unit (10**-3 G km s-1) widens the columns instead of
+    pushing the header out of line with its values: each column ends where its label does."""
+    keys = {f'{name}_{k}x{k}': 0.5 for name in ('cc', 'ccc', 'rmse', 'mae') for k in (1, 8)}
+    keys.update({'flux_unsigned_real': 1000.0, 'flux_unsigned_fake': 1200.0,
+                 'flux_net_real': -10.0, 'flux_net_fake': 25.0})
+    table = metrics_table({key: {'mean': value} for key, value in keys.items()}, [1, 8],
+                          unit='10**-3 G km s-1')
+    for block in table.split('\n\n'):
+        lines = [line for line in block.splitlines() if line and not line.endswith(':')]
+        units = next(i for i, line in enumerate(lines) if '[' in line)
+        ends = {match.end() for match in re.finditer(r'\[[^]]*\]', lines[units])}
+        assert len(ends) in (2, 4)
+        for line in lines[units + 1:]:
+            assert {m.end() for m in re.finditer(r'\S+', line)} >= ends, (lines[units], line)
+
+
 def test_metric_bins_choose_the_columns_and_no_targets_no_metrics(run, tmp_path):
     out = copy_run(run['root'], tmp_path, 'ev', only=MODELS_AND_OPTIONS)
     base = ['--gpu_ids', '-1', '--dataset_name', 'ev', '--iteration', '12', '--input_dir_test',
