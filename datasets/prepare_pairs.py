@@ -258,9 +258,9 @@ def minutes(a, b):
 def nearest(observations, times, time, max_minutes):
     """The observation nearest in time to `time`, if within `max_minutes`; `observations` are
     sorted by time, and `times` are theirs."""
-    i = bisect.bisect_left(times, time)
-    near = [o for o in observations[max(i - 1, 0):i + 1]]
-    best = min(near, key=lambda o: abs(minutes(o.time, time)), default=None)
+    i = bisect.bisect_left(times, time)  # the nearest is observations[i - 1] or [i]
+    best = min(observations[max(i - 1, 0):i + 1], key=lambda o: abs(o.time - time),
+               default=None)
     return best if best is not None and abs(minutes(best.time, time)) <= max_minutes else None
 
 
@@ -304,19 +304,18 @@ def match(targets, inputs, input_dirs, opt):
 
 def split(pairs, test_months, gap_days):
     """Set each pair's split: Test for a target time in `test_months`, else Train, or dropped
-    when within `gap_days` days of a Test pair (so that near-identical days do not appear in
-    both)."""
+    when within `gap_days` days of a Test pair (so that nearly the same Sun is not in both)."""
     tests = sorted((p.target.time, p.name) for p in pairs if p.target.time.month in test_months)
     test_times = [time for time, _ in tests]
+    gap = datetime.timedelta(days=gap_days)
     for pair in pairs:
-        if pair.target.time.month in test_months:
+        time = pair.target.time
+        if time.month in test_months:
             pair.split = 'Test'
             continue
-        i = bisect.bisect_left(test_times, pair.target.time)
-        near = min(tests[max(i - 1, 0):i + 1], default=None,
-                   key=lambda t: abs(t[0] - pair.target.time))
-        if gap_days > 0 and near and abs(near[0] - pair.target.time).total_seconds() \
-                <= gap_days * 86400:
+        i = bisect.bisect_left(test_times, time)  # the nearest Test pair is [i - 1] or [i]
+        near = min(tests[max(i - 1, 0):i + 1], key=lambda t: abs(t[0] - time), default=None)
+        if gap_days > 0 and near is not None and abs(near[0] - time) <= gap:
             pair.split, pair.note = 'dropped', f'within {gap_days:g} days of Test pair {near[1]}'
 
 
@@ -427,9 +426,9 @@ def data_unit(header):
 
 def exposure(header, path):
     """EXPTIME (s) of a map whose unit is not yet per second."""
-    unit = data_unit(header).replace(' ', '')
-    if unit.endswith(('/s', 's-1', 's^-1', '/sec')):
-        raise UserError(f"{path}: BUNIT '{header['BUNIT']}' is already per second; leave out "
+    unit = data_unit(header)
+    if unit.replace(' ', '').endswith(('/s', 's-1', 's^-1', '/sec')):
+        raise UserError(f"{path}: its unit '{unit}' is already per second; leave out "
                         f"--exposure_normalise")
     if not header.get('EXPTIME') or float(header['EXPTIME']) <= 0:
         raise UserError(f'{path}: no positive EXPTIME card for --exposure_normalise')

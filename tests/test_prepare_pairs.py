@@ -279,8 +279,23 @@ def target_without_radius(root):
     solar_map(root / 'tg' / 'y.fits', RSUN_OBS=0.0, RSUN_REF=0.0)
 
 
+def target_without_wcs(root):
+    path = target(root)
+    for key in ('CTYPE1', 'CTYPE2'):
+        fits.delval(path, key)
+
+
+def target_without_time(root):
+    solar_map(root / 'tg' / 'y.fits', time='')
+
+
 def target(root):
-    solar_map(root / 'tg' / 'y.fits')
+    return solar_map(root / 'tg' / 'y.fits')
+
+
+def input_per_second(root):
+    target(root)
+    fits.setval(root / 'in' / 'x.fits', 'BUNIT', value='DN/s')
 
 
 def earlier_output(root):
@@ -291,9 +306,13 @@ def earlier_output(root):
 @pytest.mark.parametrize('make, extra, fragments', [
     (empty_target_folder, [], ['--target_dir', 'no FITS files']),
     (target_without_radius, [], ['y.fits', 'no solar radius', 'RSUN_OBS']),
+    (target_without_wcs, [], ['y.fits', 'no helioprojective WCS']),
+    (target_without_time, [], ['y.fits', 'no observation time', 'DATE-OBS']),
     (target, ['--size', '40'], ['--size 40 is smaller than the disk']),
+    (input_per_second, ['--exposure_normalise'], ['x.fits', "'DN/s' is already per second"]),
     (earlier_output, [], ['already holds prepared pairs']),
-], ids=['no FITS files', 'no radius', 'size', 'output exists'])
+], ids=['no FITS files', 'no radius', 'no WCS', 'no time', 'size', 'per second',
+        'output exists'])
 def test_bad_input_is_one_line_and_exit_status_2(tmp_path, capsys, make, extra, fragments):
     solar_map(tmp_path / 'in' / 'x.fits')
     make(tmp_path)
