@@ -81,13 +81,14 @@ PASSBAND_CARDS = ('WAVELNTH', 'WAVEUNIT', 'WAVE_STR', 'EXPTIME')
 
 
 def parser():
-    p = OneLineErrorParser(prog='prepare_pairs.py', description=__doc__.split('\n')[0],
+    p = OneLineErrorParser(prog='prepare_pairs.py', description=' '.join(__doc__.split('\n')[:2]),
                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add = p.add_argument
-    add('--input_dir', action='append', required=True,
+    required = dict(required=True, default=argparse.SUPPRESS, metavar='DIR')  # no default
+    add('--input_dir', action='append', **required,
         help='folder of input FITS files; repeat for several channels, in that order')
-    add('--target_dir', required=True, help='folder of target FITS files')
-    add('--output_dir', required=True,
+    add('--target_dir', **required, help='folder of target FITS files')
+    add('--output_dir', **required,
         help='new folder for Train/ and Test/ (Input/, Target/) and pairs.csv')
     add('--size', type=int, default=1024, help='output height and width (px)')
     add('--disk_radius_px', type=float, default=450.0, help='solar radius in the output (px)')
@@ -96,14 +97,16 @@ def parser():
     add('--order', type=int, default=1, choices=range(6),
         help='spline order of the interpolation: 0 nearest, 1 bilinear, 3 cubic')
     add('--exposure_normalise', type=str2bool, nargs='?', const=True, default=False,
+        metavar='BOOL',
         help='divide inputs by EXPTIME (BUNIT becomes per second)')
     add('--mask_limb', type=float, default=None, metavar='F',
-        help='set pixels beyond F solar radii to NaN, in inputs and targets (default: keep)')
+        help='set pixels beyond F solar radii to NaN, in inputs and targets; None: keep')
     add('--test_months', type=int, nargs='*', default=[], metavar='MONTH',
         help='months (1-12) of the target times whose pairs go to Test/')
     add('--gap_days', type=float, default=0.0,
         help='drop from Train every pair within this many days of a Test pair')
     add('--keep_bad_quality', type=str2bool, nargs='?', const=True, default=False,
+        metavar='BOOL',
         help='also use files whose QUALITY card is not 0')
     p.option_names = [a.option_strings[0] for a in p._actions if a.option_strings]
     return p
