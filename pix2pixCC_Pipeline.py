@@ -1038,9 +1038,10 @@ def generated_header(input_header, identity, unit, history, input_channels=1, ch
     return header
 
 
-def write_fits(path, data, header=None, history=(), **_):
+def write_fits(path, data, header=None, history=(), compress=False, quantize_step=None, **_):
     """float32 FITS; `header` (e.g. from `generated_header`) is copied except the cards of
-    how its data were stored (FITS_STORAGE_CARDS and NAXISn)."""
+    how its data were stored (FITS_STORAGE_CARDS and NAXISn). With `compress`, tile-compressed
+    (`compressed_hdus`)."""
     hdu = fits.PrimaryHDU(data.astype(np.float32))
     if header is not None:
         hdu.header.extend(card for card in header.cards
@@ -1048,7 +1049,31 @@ def write_fits(path, data, header=None, history=(), **_):
                           and card.keyword not in FITS_STORAGE_CARDS)
     for line in history:
         hdu.header.add_history(line)
-    hdu.writeto(path, overwrite=True)
+    hdus = compressed_hdus(hdu, quantize_step) if compress else fits.HDUList([hdu])
+    hdus.writeto(path, overwrite=True)
+
+
+def compressed_hdus(hdu, quantize_step=None):
+    """The image of `hdu` as a tile-compressed FITS extension behind an empty primary HDU
+    (the FITS tiled-image convention, which astropy, sunpy and cfitsio read as an image).
+
+    Without `quantize_step`: lossless (GZIP_2, the float32 bytes shuffled and gzipped).
+    With it: the values are rounded to multiples of `quantize_step` (in the file's unit,
+    BUNIT) with subtractive dithering, so every value is within quantize_step / 2 of the
+    original, and the integers RICE_1-compressed; the dither seed comes from the data, so the
+    same data give the same file. A HISTORY line states the step. NaN stay NaN either way.
+    """
+    header = hdu.header.copy()
+    if quantize_step is None:
+        settings = dict(compression_type='GZIP_2', quantize_level=0)
+    else:
+        unit = header.get('BUNIT')
+        header.add_history(f"pix2pixCC: values rounded to a step of {quantize_step:g}"
+                           f"{f' {unit}' if unit else ''} (dithered; error <= step/2)")
+        settings = dict(compression_type='RICE_1', quantize_level=-quantize_step,
+                        quantize_method=2, dither_seed=-1)  # SUBTRACTIVE_DITHER_2, checksum
+    return fits.HDUList([fits.PrimaryHDU(),
+                         fits.CompImageHDU(hdu.data, header=header, **settings)])
 
 
 def write_npy(path, data, **_):
@@ -1085,7 +1110,8 @@ WRITERS = {'png': write_image, 'jpg': write_image, 'jpeg': write_image,
 def write_array(path, data, data_format, **kwargs):
     """Write C x H x W physical data; one channel is written as H x W.
 
-    kwargs: `header`/`history` (FITS), `upper_limit` (PNG bit depth).
+    kwargs: `header`/`history`/`compress`/`quantize_step` (FITS), `upper_limit` (PNG bit
+    depth).
     """
     data = data[0] if data.ndim == 3 and data.shape[0] == 1 else data
     WRITERS[data_format](path, data, **kwargs)
