@@ -868,7 +868,7 @@ def take_training_options(option, opt):
 
 
 # ----------------------------------------------------------------------------------------
-# Sharing a model: one model file, ONNX (README "Sharing a model and running it elsewhere")
+# Sharing a model: one model file (README "Sharing a model and running it elsewhere")
 # ----------------------------------------------------------------------------------------
 
 
@@ -890,10 +890,10 @@ def take_model_options(option, opt):
     return model
 
 
-def export_path(opt, step, kind):
+def export_path(opt, step):
     """checkpoints/<dataset_name>/Export/<dataset_name>_<step>.pt (_bf16.pt with
-    --export_dtype 16, so neither replaces the other) or .onnx."""
-    suffix = '.onnx' if kind == 'onnx' else '_bf16.pt' if opt.export_dtype == 16 else '.pt'
+    --export_dtype 16, so that neither replaces the other)."""
+    suffix = '_bf16.pt' if opt.export_dtype == 16 else '.pt'
     return os.path.join(opt.checkpoint_dir, 'Export', f'{opt.dataset_name}_{step}{suffix}')
 
 
@@ -917,22 +917,18 @@ def export_source(opt, model):
 
 def export(opt, model):
     """--export model: the generator, its options, the targets' identity cards and its step
-    as one model file (`model_file_record`); --export onnx: see `export_onnx`. Writes under
-    checkpoints/<dataset_name>/Export/ and returns the path."""
+    as one model file (`model_file_record`) under checkpoints/<dataset_name>/Export/;
+    returns its path."""
     step, weights, source = export_source(opt, model)
-    path = export_path(opt, step, opt.export)
+    path = export_path(opt, step)
     make_dirs(os.path.dirname(path))
-    if opt.export == 'onnx':
-        export_onnx(opt, weights, step, path)
-    else:
-        record = model_file_record(weights, step, opt.dataset_name,
-                                   {name: getattr(opt, name)
-                                    for name in NETWORK_OPTIONS + DATA_OPTIONS},
-                                   opt.target_header, bfloat16=opt.export_dtype == 16)
-        if keep_existing_export(path, record, opt.overwrite):
-            print(f"{path} already holds this export; left as it is")
-            return path
-        save_torch(record, path)
+    options = {name: getattr(opt, name) for name in NETWORK_OPTIONS + DATA_OPTIONS}
+    record = model_file_record(weights, step, opt.dataset_name, options, opt.target_header,
+                               bfloat16=opt.export_dtype == 16)
+    if keep_existing_export(path, record, opt.overwrite):
+        print(f"{path} already holds this export; left as it is")
+        return path
+    save_torch(record, path)
     print(f"exported step {step} of {source} to {path} ({os.path.getsize(path) / 1e6:.1f} MB)")
     return path
 
@@ -952,10 +948,6 @@ def keep_existing_export(path, record, overwrite):
         return True
     raise UserError(f"{path} already holds another export (other weights or options); add "
                     f"--overwrite to replace it, or move it away")
-
-
-def export_onnx(opt, weights, step, path):
-    raise UserError("--export onnx is not available yet")
 
 
 def iterations_asked_for(opt):

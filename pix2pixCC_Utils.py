@@ -10,7 +10,8 @@
 4. Checkpoints and the training state: file names (`checkpoint_path`, `state_path`,
    `saved_steps`, `newest_complete_step`), `safe_load` (never runs code), `load_state_dict`
    (with the option that differs on a mismatch), `supersede_newer_checkpoints` (a resumed
-   older step starts a new branch), `rng_states`.
+   older step starts a new branch), `rng_states`; the model file (`model_file_record`,
+   `load_model_file`).
 5. Run safety: `RunLock` (one run per folder), `GracefulStop` (stop signals end training
    after the step in progress), `ignore_stop_signals` (loading workers leave them to the
    main process) and the exit hook that ends workers an error left behind.
