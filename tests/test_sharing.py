@@ -13,8 +13,8 @@ import torch
 from astropy.io import fits
 
 import pix2pixCC_Test
-from conftest import (RECORD, SAMPLE, SAMPLE_DATA, TINY, assert_ok, load, make_pairs,
-                      read_user_file, record_in, run_train, snapshot)
+from conftest import (RECORD, REPO, SAMPLE, SAMPLE_DATA, TINY, assert_ok, load, make_pairs,
+                      read_user_file, record_in, run_script, run_train, snapshot)
 from pix2pixCC_Options import run_main
 from pix2pixCC_Pipeline import read_array, read_fits_header
 from pix2pixCC_Utils import weights_sha256
@@ -317,3 +317,16 @@ def test_conversion_options_that_cannot_work_are_refused(archive, tmp_path, caps
     assert run_in(tmp_path, archive + argv) == 2
     assert words in one_error_line(capsys)
     assert not os.path.exists(tmp_path / 'checkpoints' / 'archive' / 'Image')
+
+
+def test_the_memory_benchmark_measures_each_archive(tmp_path):
+    """benchmarks/conversion_memory.py (BENCHMARKS.md): one JSON line per archive size, with
+    the peak memory of a Test run that translated every file."""
+    proc = run_script(os.path.join(REPO, 'benchmarks', 'conversion_memory.py'),
+                      ['--tiny', '--counts', '2', '--keep', str(tmp_path / 'work')],
+                      cwd=tmp_path)
+    assert_ok(proc)
+    lines = [json.loads(line) for line in proc.stdout.splitlines()]
+    assert [line['files'] for line in lines] == [2]
+    assert 50 < lines[0]['peak_rss_mb'] < 4000
+    assert len(os.listdir(tmp_path / 'work' / 'out_2')) == 2 + 3  # metrics, summary, record
