@@ -18,7 +18,7 @@ import numpy as np
 import tifffile
 import torch
 from astropy.io import fits
-from astropy.wcs import find_all_wcs
+from astropy.wcs import WCS
 from PIL import Image
 from scipy.ndimage import rotate
 from torch.utils.data import DataLoader, Dataset
@@ -962,15 +962,27 @@ def image_plane_axes(header, channels):
     return sorted(i for i, _ in axes) if len(axes) == 2 else [1, 2]
 
 
+WCS_KEY = re.compile(WCS_CARD.pattern[:-len('[A-Z]?')] + '(?P<key>[A-Z]?)')
+
+
 def world_descriptions(header):
     """astropy's WCS of every world coordinate description in `header` (primary and
-    alternates); [] when astropy cannot read them, as no reader could use them then."""
+    alternates, by the key letters of its WCS cards); a description astropy cannot read is
+    left out, as no reader could use it.
+
+    Each is read with `WCS(header, key=...)`: astropy 8.0's `find_all_wcs` corrupts the
+    heap, and a Test run that called it per file crashed after about 40 files (README
+    "Sharing a model and running it elsewhere")."""
+    keys = sorted({match['key'] or ' ' for match in map(WCS_KEY.fullmatch, header) if match})
+    descriptions = []
     with warnings.catch_warnings():
         warnings.simplefilter('ignore')  # astropy's notes on what it fixes in archive headers
-        try:
-            return find_all_wcs(header)
-        except ValueError:
-            return []
+        for key in keys:
+            try:
+                descriptions.append(WCS(header, key=key))
+            except (ValueError, KeyError):
+                continue
+    return descriptions
 
 
 def product_wcs(wcs, plane, channels):

@@ -59,14 +59,17 @@ def make_archive(work, n):
 
 
 def peak_rss(command, cwd):
-    """(exit status, peak resident set size in MB) of `command` run in `cwd`."""
-    process = subprocess.Popen(command, cwd=cwd, stdout=subprocess.DEVNULL,
-                               stderr=subprocess.PIPE)
-    _, status, usage = os.wait4(process.pid, 0)
+    """The peak resident set size in MB of `command` run in `cwd` (its output goes to
+    cwd/log.txt, which a failure shows)."""
+    log = os.path.join(cwd, 'log.txt')
+    with open(log, 'w') as output:
+        process = subprocess.Popen(command, cwd=cwd, stdout=output, stderr=subprocess.STDOUT)
+        _, status, usage = os.wait4(process.pid, 0)
     process.returncode = os.waitstatus_to_exitcode(status)
     if process.returncode:
-        sys.exit(process.stderr.read().decode()[-2000:])
-    return process.returncode, usage.ru_maxrss / 1024  # kB on Linux
+        with open(log) as f:
+            sys.exit(f"exit status {process.returncode}: {f.read()[-2000:]}")
+    return usage.ru_maxrss / 1024  # kB on Linux
 
 
 def main(argv=None):
@@ -90,7 +93,7 @@ def main(argv=None):
                        '-1', '--dataset_name', 'memory', '--iteration', '1', '--n_workers',
                        '0', *network, *SCALING, '--input_dir_test', input_dir,
                        '--target_dir_test', target_dir, '--output_dir', f'out_{n}']
-            _, rss = peak_rss(command, work)
+            rss = peak_rss(command, work)
             print(json.dumps({'files': n, 'peak_rss_mb': round(rss, 1),
                               'network': ' '.join(network),
                               'omp_threads': os.environ.get('OMP_NUM_THREADS')}), flush=True)
