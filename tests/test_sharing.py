@@ -330,3 +330,25 @@ def test_the_memory_benchmark_measures_each_archive(tmp_path):
     assert [line['files'] for line in lines] == [2]
     assert 50 < lines[0]['peak_rss_mb'] < 4000
     assert len(os.listdir(tmp_path / 'work' / 'out_2')) == 2 + 3  # metrics, summary, record
+
+
+def test_reading_the_world_coordinates_of_many_inputs_never_crashes(tmp_path):
+    """A conversion builds every product's WCS from its input's header; astropy 8.0's
+    find_all_wcs corrupted the heap and a Test run died after about 40 FITS files. 300
+    headers in one process, primary and alternate descriptions found."""
+    script = tmp_path / 'many.py'
+    script.write_text(
+        "import sys\n"
+        f"sys.path.insert(0, {REPO!r})\n"
+        "from astropy.io import fits\n"
+        "from pix2pixCC_Pipeline import world_descriptions\n"
+        f"header = fits.getheader({os.path.join(SAMPLE, 'Test', 'Input', 'sun_0032.fits')!r})\n"
+        "for key, value in (('CTYPE1A', 'HPLN-TAN'), ('CTYPE2A', 'HPLT-TAN'), ('CDELT1A', 1.0),"
+        " ('CDELT2A', 1.0)):\n"
+        "    header[key] = value\n"
+        "for _ in range(300):\n"
+        "    found = world_descriptions(header)\n"
+        "print(len(found), found[1].wcs.alt)\n")
+    proc = run_script(str(script), [], cwd=tmp_path)
+    assert_ok(proc)
+    assert proc.stdout.split() == ['2', 'A']
