@@ -391,6 +391,22 @@ def region_problems(opt):
                f"{as_argument(opt.disk_center_px)} and {opt.disk_radius_px:g}")
 
 
+def sharing_problems(opt, run_known=True):
+    """The Test script's options of export and conversion (README "Sharing a model and running
+    it elsewhere"). run_known: the run's --data_format_target is taken (`adopt`), so that
+    --compress can be checked against it."""
+    step = opt.quantize_step
+    if step is not None and not 0 < step < math.inf:
+        yield f"--quantize_step must be a positive number in the target unit, got {step:g}"
+    elif step is not None and not opt.compress:
+        yield "--quantize_step rounds the values of --compress: add --compress"
+    if opt.export_dtype != 32 and opt.export != 'model':
+        yield "--export_dtype applies to --export model: add it, or leave out --export_dtype"
+    if run_known and opt.compress and opt.data_format_target not in FITS_FORMATS:
+        yield (f"--compress writes tile-compressed FITS, but the outputs are "
+               f"{opt.data_format_target} (--data_format_target); leave out --compress")
+
+
 def side_scaling_problems(opt, side, channels_known=True):
     """A scaling option of `side` with neither one value nor one per channel (--input_ch or
     --target_ch); when there is none, the limits of each channel (`limit_problems`).
@@ -503,13 +519,40 @@ class TestOption(BaseOption):
                       'DIR/<iteration>/ (default DIR: checkpoints/<dataset_name>/Image/Test)')
         self.add('test', '--overwrite', boolean=True, default=False,
                  help='replace the outputs of an earlier, different Test run in --output_dir '
-                      '(only the files a Test run writes are removed)')
+                      '(only the files a Test run writes are removed), or another --export '
+                      'of the same step')
+        # Sharing a model and converting an archive (README "Sharing a model and running it
+        # elsewhere").
+        self.add('test', '--model', type=str, default=None,
+                 help='run from this model file alone (made with --export model): its network, '
+                      'scaling, unit and step replace the run folder\'s')
+        self.add('test', '--export', type=lower_str, default=None, choices=('model',),
+                 help='with one --iteration N (or --model): write the generator as one model '
+                      'file, checkpoints/<dataset_name>/Export/<dataset_name>_<N>.pt, then '
+                      'stop (none: translate)')
+        self.add('test', '--export_dtype', type=int, default=32, choices=(16, 32),
+                 help='with --export model: 32 stores float32 weights, 16 bfloat16 (half the '
+                      'size; cast back to float32 to run)')
+        self.add('test', '--skip_existing', boolean=True, default=False,
+                 help='leave every complete output alone, so a stopped conversion continues '
+                      'where it was (the metrics still cover every file)')
+        self.add('test', '--compress', boolean=True, default=False,
+                 help='FITS outputs tile-compressed: lossless, or with --quantize_step '
+                      'rounded to that step')
+        self.add('test', '--quantize_step', type=float, default=None,
+                 help='with --compress: round the values to multiples of this step, in the '
+                      'target unit (every value within step/2; none: lossless)')
         self.add('test', '--select_metric', type=str, default=None,
                  help='with --iteration -1: the metric key that picks the best generator '
                       '(highest CC/CCC, lowest RMSE/MAE), e.g. disk_cc_8x8 (default: CC at the '
                       'largest --metric_bins of the first channel, cc_8x8)')
         self.add('test', '--no_shuffle', boolean=True, default=True, in_test='hidden',
                  help='kept for compatibility; test order is by name')
+
+    def validate(self, opt):
+        super().validate(opt)
+        for problem in sharing_problems(opt, self.channels_known):
+            self.parser.error(problem)
 
     def ignored(self):
         """Training options given on the command line (they have no effect here)."""

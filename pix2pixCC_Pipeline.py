@@ -18,7 +18,7 @@ import numpy as np
 import tifffile
 import torch
 from astropy.io import fits
-from astropy.wcs import find_all_wcs
+from astropy.wcs import WCS
 from PIL import Image
 from scipy.ndimage import rotate
 from torch.utils.data import DataLoader, Dataset
@@ -985,15 +985,27 @@ def image_plane_axes(header, channels):
     return sorted(i for i, _ in axes) if len(axes) == 2 else [1, 2]
 
 
+WCS_KEY = re.compile(WCS_CARD.pattern[:-len('[A-Z]?')] + '(?P<key>[A-Z]?)')
+
+
 def world_descriptions(header):
     """astropy's WCS of every world coordinate description in `header` (primary and
-    alternates); [] when astropy cannot read them, as no reader could use them then."""
+    alternates, by the key letters of its WCS cards); a description astropy cannot read is
+    left out, as no reader could use it.
+
+    Each is read with `WCS(header, key=...)`: astropy 8.0's `find_all_wcs` corrupts the
+    heap, and a Test run that called it per file crashed after about 40 files (README
+    "Sharing a model and running it elsewhere")."""
+    keys = sorted({match['key'] or ' ' for match in map(WCS_KEY.fullmatch, header) if match})
+    descriptions = []
     with warnings.catch_warnings():
         warnings.simplefilter('ignore')  # astropy's notes on what it fixes in archive headers
-        try:
-            return find_all_wcs(header)
-        except ValueError:
-            return []
+        for key in keys:
+            try:
+                descriptions.append(WCS(header, key=key))
+            except (ValueError, KeyError):
+                continue
+    return descriptions
 
 
 def product_wcs(wcs, plane, channels):
@@ -1061,9 +1073,10 @@ def generated_header(input_header, identity, unit, history, input_channels=1, ch
     return header
 
 
-def write_fits(path, data, header=None, history=(), **_):
+def write_fits(path, data, header=None, history=(), compress=False, quantize_step=None, **_):
     """float32 FITS; `header` (e.g. from `generated_header`) is copied except the cards of
-    how its data were stored (FITS_STORAGE_CARDS and NAXISn)."""
+    how its data were stored (FITS_STORAGE_CARDS and NAXISn). With `compress`, tile-compressed
+    (`compressed_hdus`)."""
     hdu = fits.PrimaryHDU(data.astype(np.float32))
     if header is not None:
         hdu.header.extend(card for card in header.cards
@@ -1071,7 +1084,31 @@ def write_fits(path, data, header=None, history=(), **_):
                           and card.keyword not in FITS_STORAGE_CARDS)
     for line in history:
         hdu.header.add_history(line)
-    hdu.writeto(path, overwrite=True)
+    hdus = compressed_hdus(hdu, quantize_step) if compress else fits.HDUList([hdu])
+    hdus.writeto(path, overwrite=True)
+
+
+def compressed_hdus(hdu, quantize_step=None):
+    """The image of `hdu` as a tile-compressed FITS extension behind an empty primary HDU
+    (the FITS tiled-image convention, which astropy, sunpy and cfitsio read as an image).
+
+    Without `quantize_step`: lossless (GZIP_2, the float32 bytes shuffled and gzipped).
+    With it: the values are rounded to multiples of `quantize_step` (in the file's unit,
+    BUNIT) with subtractive dithering, so every value is within quantize_step / 2 of the
+    original, and the integers RICE_1-compressed; the dither seed comes from the data, so the
+    same data give the same file. A HISTORY line states the step. NaN stay NaN either way.
+    """
+    header = hdu.header.copy()
+    if quantize_step is None:
+        settings = dict(compression_type='GZIP_2', quantize_level=0)
+    else:
+        unit = header.get('BUNIT')
+        header.add_history(f"pix2pixCC: values rounded to a step of {quantize_step:g}"
+                           f"{f' {unit}' if unit else ''} (dithered; error <= step/2)")
+        settings = dict(compression_type='RICE_1', quantize_level=-quantize_step,
+                        quantize_method=2, dither_seed=-1)  # SUBTRACTIVE_DITHER_2, checksum
+    return fits.HDUList([fits.PrimaryHDU(),
+                         fits.CompImageHDU(hdu.data, header=header, **settings)])
 
 
 def write_npy(path, data, **_):
@@ -1108,7 +1145,8 @@ WRITERS = {'png': write_image, 'jpg': write_image, 'jpeg': write_image,
 def write_array(path, data, data_format, **kwargs):
     """Write C x H x W physical data; one channel is written as H x W.
 
-    kwargs: `header`/`history` (FITS), `upper_limit` (PNG bit depth).
+    kwargs: `header`/`history`/`compress`/`quantize_step` (FITS), `upper_limit` (PNG bit
+    depth).
     """
     data = data[0] if data.ndim == 3 and data.shape[0] == 1 else data
     WRITERS[data_format](path, data, **kwargs)

@@ -31,13 +31,15 @@ from pix2pixCC_Networks import Generator, correlation
 from pix2pixCC_Options import (DATA_OPTIONS, FITS_FORMATS, NETWORK_OPTIONS, TestOption,
                                UserError, channel_values, run_main)
 from pix2pixCC_Pipeline import (CustomDataset, Scaling, check_pairing, data_unit,
-                                generated_header, read_fits_header, scaled_unit, stored_size,
-                                write_array)
-from pix2pixCC_Utils import (Precision, atomic_path, checkpoint_path, ignore_stop_signals,
-                             load_state_dict, make_dirs, memory_format, prepare_network,
-                             read_json, release_mapped_weights_after_use, require_checkpoint,
-                             save_panel, saved_steps, select_device, silent, write_csv,
-                             write_json)
+                                generated_header, read_array, read_fits_header, scaled_unit,
+                                stored_size, write_array)
+from pix2pixCC_Utils import (GracefulStop, Precision, StopRequested, atomic_path,
+                             checkpoint_path, fit_state_dict, float32_weights,
+                             ignore_stop_signals, load_model_file, load_state_dict, make_dirs,
+                             memory_format, model_file_record, prepare_network, read_json,
+                             release_mapped_weights_after_use, require_checkpoint, safe_load,
+                             save_panel, save_torch, saved_steps, select_device, silent,
+                             write_csv, write_json)
 
 
 def generate(G, input, n_downsample, precision=None):
@@ -91,8 +93,10 @@ def panel_options(opt, input_path, header):
                 input_unit=(input_header or {}).get('BUNIT') or None, wcs=panel_wcs(header))
 
 
-def load_generator(opt, path, device):
-    """The generator saved in `path`, placed on `device` for inference.
+def load_generator(opt, path, device, state=None):
+    """The generator saved in `path`, placed on `device` for inference; `state`: its weights
+    as read from the model file `path` (`load_model_file`), cast to float32 if stored in
+    bfloat16.
 
     It is built on the 'meta' device (no memory) and given the checkpoint's tensors mapped
     from the file, so its weights are held once while loading (774 MB for the default
@@ -100,7 +104,10 @@ def load_generator(opt, path, device):
     """
     with torch.device('meta'):
         G = Generator(opt)
-    load_state_dict(G, path, assign=True)
+    if state is None:
+        load_state_dict(G, path, assign=True)
+    else:
+        fit_state_dict(G, float32_weights(state), path, assign=True)
     G = prepare_network(G, opt, device)
     if not opt.compile:  # (a compiled graph runs no per-layer Python hooks)
         release_mapped_weights_after_use(G, path)
@@ -108,54 +115,137 @@ def load_generator(opt, path, device):
 
 
 def translate(G, dataset, out_dir, opt, device, iteration, precision=None, panels=False,
-              disks=None):
+              disks=None, stop=None):
     """Run G on every item of a test `dataset` and write `<name>_AI.<fmt>` into `out_dir`.
 
-    When the dataset has targets, returns one metrics row per file (see `image_metrics`; the
-    disk regions of the targets whose `disks`, from `target_disks`, are known) and, with
-    `panels`, writes `<name>_panel.png`; otherwise returns []. The folder's record
-    (test_run.json) is written first (see `take_folder`).
+    When the dataset has targets, returns one metrics row per file, in file order (see
+    `file_metrics`; the disk regions of the targets whose `disks`, from `target_disks`, are
+    known) and, with `panels`, writes `<name>_panel.png`; otherwise returns []. The folder's
+    record (test_run.json) is written first (see `take_folder`). With --skip_existing the
+    files whose outputs are complete are left alone (`complete_outputs`) and their metrics
+    come from the outputs read back. `stop` (a GracefulStop): a stop signal ends the run
+    after the file in progress (`stop_if_asked`).
     """
     make_dirs(out_dir)
     take_folder(out_dir, run_record(opt, dataset, iteration, precision, panels))
     scaling = Scaling.from_options(opt, 'target')
     unit = data_unit(opt)
-    loader = DataLoader(dataset, batch_size=None, num_workers=opt.n_workers,
+    kept = complete_outputs(dataset, out_dir, opt, panels)
+    rows = kept_rows(dataset, kept, out_dir, opt, disks)
+    pending = [index for index in range(len(dataset)) if index not in kept]
+    loader = DataLoader(dataset, batch_size=None, sampler=pending, num_workers=opt.n_workers,
                         worker_init_fn=ignore_stop_signals)
-    rows = []
     was_training = G.training
     G.eval()
     with torch.inference_mode():
-        for index, (input, name) in enumerate(tqdm(loader, desc=f'iteration {iteration}',
-                                                   unit='file', disable=None, leave=False)):
+        for done, (index, (input, name)) in enumerate(zip(pending, tqdm(
+                loader, desc=f'iteration {iteration}', unit='file', disable=None, leave=False),
+                strict=True), start=len(kept) + 1):
             batch = input[None].to(device, memory_format=memory_format(device))
             output = generate(G, batch, opt.n_downsample, precision)
             data = scaling.inverse(output[0].cpu().numpy())
-            path = os.path.join(out_dir, f'{name}_AI.{opt.data_format_target}')
-            extra = {'header': None}
-            if opt.data_format_target in FITS_FORMATS:
-                extra['header'] = output_header(opt, dataset.input_paths[index], iteration)
-            elif opt.data_format_target in ('png', 'jpg', 'jpeg'):  # (16-bit PNG above 255)
-                extra['upper_limit'] = max(channel_values(opt.saturation_upper_limit_target,
-                                                          opt.target_ch))
-            with atomic_path(path) as temporary:
-                write_array(temporary, data, opt.data_format_target, **extra)
+            header = write_output(output_path(out_dir, name, opt), data, opt,
+                                  dataset.input_paths[index], iteration)
 
             if dataset.target_paths is not None:
                 real = dataset.read_target(index)
                 generated = data / np.float32(opt.save_scale)  # metrics in the target's units
-                rows.append({'file': name, **image_metrics(
-                    real, generated, opt.metric_bins, disks[index] if disks else None,
-                    opt.disk_fraction, opt.active_threshold,
-                    target_pixel_area(opt, dataset.target_paths[index]))})
+                rows[index] = file_metrics(dataset, index, real, generated, opt, disks)
                 if panels:
                     save_panel(os.path.join(out_dir, f'{name}_panel.png'), input.numpy(), real,
                                generated, scaling, unit=unit, data_format=opt.data_format_target,
                                title=f'{os.path.basename(dataset.input_paths[index])}, '
                                      f'iteration {iteration}',
-                               **panel_options(opt, dataset.input_paths[index], extra['header']))
+                               **panel_options(opt, dataset.input_paths[index], header))
+            stop_if_asked(stop, done, len(dataset), out_dir)
     G.train(was_training)
-    return aligned(rows)
+    return aligned([rows[index] for index in sorted(rows)])
+
+
+def output_path(out_dir, name, opt):
+    """The generated file of the input named `name` (without its extension)."""
+    return os.path.join(out_dir, f'{name}_AI.{opt.data_format_target}')
+
+
+def write_output(path, data, opt, input_path, iteration):
+    """Write the generated `data` (C x H x W, physical units times --save_scale) of
+    `input_path` to `path` atomically (a complete file has its final name), with its FITS
+    header (`output_header`, tile-compressed with --compress) or its PNG bit depth; returns
+    the header (None for other formats)."""
+    extra = {'header': None}
+    if opt.data_format_target in FITS_FORMATS:
+        extra['header'] = output_header(opt, input_path, iteration)
+        if getattr(opt, 'compress', False):  # (training's validation writes plain files)
+            step = opt.quantize_step
+            extra.update(compress=True,
+                         quantize_step=None if step is None else step * abs(opt.save_scale))
+    elif opt.data_format_target in ('png', 'jpg', 'jpeg'):  # (16-bit PNG above 255)
+        extra['upper_limit'] = max(channel_values(opt.saturation_upper_limit_target,
+                                                  opt.target_ch))
+    with atomic_path(path) as temporary:
+        write_array(temporary, data, opt.data_format_target, **extra)
+    return extra['header']
+
+
+def file_metrics(dataset, index, real, generated, opt, disks):
+    """The metrics row of file `index`: `image_metrics` of its target `real` and the
+    `generated` data, both C x H x W in the target's units."""
+    return {'file': input_name(dataset.input_paths[index]), **image_metrics(
+        real, generated, opt.metric_bins, disks[index] if disks else None,
+        opt.disk_fraction, opt.active_threshold,
+        target_pixel_area(opt, dataset.target_paths[index]))}
+
+
+def input_name(path):
+    """An input file's name without its extension, which names its outputs."""
+    return os.path.splitext(os.path.basename(path))[0]
+
+
+# ----------------------------------------------------------------------------------------
+# Converting an archive: resuming, stopping (README "Sharing a model and running it
+# elsewhere").
+# ----------------------------------------------------------------------------------------
+
+
+def complete_outputs(dataset, out_dir, opt, panels=False):
+    """With --skip_existing, the indices of the files of `dataset` whose outputs in `out_dir`
+    are complete: the generated file under its final name (written atomically, so it is
+    whole) and, with targets and `panels`, the panel too; otherwise an empty set."""
+    if not getattr(opt, 'skip_existing', False):
+        return set()
+    present = {entry.name for entry in os.scandir(out_dir) if entry.is_file()}
+    with_panel = panels and dataset.target_paths is not None
+    kept = {index for index, path in enumerate(dataset.input_paths)
+            if os.path.basename(output_path(out_dir, input_name(path), opt)) in present and
+            (not with_panel or f'{input_name(path)}_panel.png' in present)}
+    if kept:
+        print(f"--skip_existing: {len(kept)} of {len(dataset)} output(s) in {out_dir} are "
+              f"complete and kept")
+    return kept
+
+
+def kept_rows(dataset, kept, out_dir, opt, disks):
+    """{index: metrics row} of the files `kept` from an earlier run (with targets), from
+    their outputs read back: the metrics of a resumed conversion cover every file, the same
+    as an uninterrupted one's for float outputs (FITS, npy, tif)."""
+    if dataset.target_paths is None:
+        return {}
+    rows = {}
+    for index in sorted(kept):
+        path = output_path(out_dir, input_name(dataset.input_paths[index]), opt)
+        generated = read_array(path, opt.data_format_target, opt.target_ch) / \
+            np.float32(opt.save_scale)
+        rows[index] = file_metrics(dataset, index, dataset.read_target(index), generated, opt,
+                                   disks)
+    return rows
+
+
+def stop_if_asked(stop, done, total, folder):
+    """After the file in progress: end the run (exit 128 + the signal) when a stop signal
+    came (`stop`, a GracefulStop, or None), saying how far it got."""
+    if stop is not None and stop.signum is not None:
+        raise StopRequested(stop.signum, f"after {done} of {total} file(s) in {folder}; the "
+                                         f"same command with --skip_existing continues")
 
 
 # ----------------------------------------------------------------------------------------
@@ -182,9 +272,10 @@ RECORD_LABELS = {'run': 'run (--dataset_name)', 'iteration': 'iteration (--itera
 
 def run_record(opt, dataset, iteration, precision=None, panels=False):
     """What decides the outputs of one run into one folder, as its test_run.json holds it:
-    the generator (run folder and iteration; -1: every saved one), the inputs and targets
-    (folders and file names), the precision and every option that changes the files (the
-    metric options and panels only count when there are targets)."""
+    the generator (run folder, or --model file, and iteration; -1: every saved one), the
+    inputs and targets (folders and file names), the precision and every option that changes
+    the files (the metric options and panels only count when there are targets, the
+    compression when it is used)."""
     def names(paths):
         return [os.path.basename(path) for path in paths]
 
@@ -193,7 +284,10 @@ def run_record(opt, dataset, iteration, precision=None, panels=False):
     if targets:
         options.update({name: getattr(opt, name) for name in METRIC_OPTIONS},
                        save_panels=bool(panels))
-    record = {'run': os.path.abspath(opt.checkpoint_dir), 'iteration': iteration,
+    if getattr(opt, 'compress', False):  # (recorded when used: earlier records stay equal)
+        options.update(compress=True, quantize_step=opt.quantize_step)
+    model = getattr(opt, 'model', None)
+    record = {'run': os.path.abspath(model or opt.checkpoint_dir), 'iteration': iteration,
               'input_dir': os.path.abspath(opt.input_dir_test),
               'input_files': names(dataset.input_paths),
               'target_dir': os.path.abspath(opt.target_dir_test) if targets else None,
@@ -687,12 +781,23 @@ def default_limits_notice(opt, explicit):
 
 
 def main(argv=None):
-    """Options (the network and the data's units travel with the model), data and
-    checkpoints, the output folders, then every generator asked for."""
+    """Options (the network and the data's units travel with the model, from the run folder
+    or a --model file), then an --export, or the translation of every input."""
     option = TestOption()
     opt = option.parse(argv)
-    require_run(opt)
-    take_training_options(option, opt)
+    with GracefulStop(early='before any output was written',
+                      pending='stopping after the file in progress') as stop:
+        model = take_model_options(option, opt) if opt.model else take_run_options(option, opt)
+        if opt.export:
+            export(opt, model)
+            return 0
+        return test(opt, option, model, stop)
+
+
+def test(opt, option, model, stop):
+    """Data and checkpoints, the output folders, then every generator asked for (the one of
+    the `model` file when there is one); a stop signal ends the run after the file in
+    progress."""
     # Without CUDA the default --gpu_ids 0 quietly runs on the CPU; a notice is for a GPU
     # asked for by name.
     device, _ = select_device(opt, print if 'gpu_ids' in option.explicit else silent)
@@ -707,7 +812,7 @@ def main(argv=None):
     disks = target_disks(dataset, opt)
     # Checked before any output: the metric that picks the best of several generators.
     key = selection_key(opt, metric_keys(opt, disks)) if disks is not None else None
-    iterations = iterations_asked_for(opt)
+    iterations = [opt.iteration] if model else iterations_asked_for(opt)
 
     # Output folders: refused or emptied (--overwrite) before anything is written.
     record_of = functools.partial(run_record, opt, dataset, precision=precision,
@@ -719,11 +824,13 @@ def main(argv=None):
         take_folder(top, record_of(-1))
 
     # Translate with every generator asked for; metrics when targets are given.
+    stop.defer()
     by_iteration = []
     for iteration in iterations:
-        G = load_generator(opt, checkpoint_path(opt.model_dir, iteration, 'G'), device)
+        G = load_generator(opt, opt.model or checkpoint_path(opt.model_dir, iteration, 'G'),
+                           device, model['weights'] if model else None)
         rows = translate(G, dataset, folders[iteration], opt, device, iteration, precision,
-                         panels=opt.save_panels, disks=disks)
+                         panels=opt.save_panels, disks=disks, stop=stop)
         print(f"iteration {iteration}: {len(dataset)} file(s) written to {folders[iteration]}")
         if rows:
             by_iteration.append(write_metrics(rows, folders[iteration], iteration, opt))
@@ -732,14 +839,26 @@ def main(argv=None):
     return 0
 
 
+def take_run_options(option, opt):
+    """The options of the run folder (`require_run`, `take_training_options`); None: there
+    is no model file."""
+    require_run(opt)
+    take_training_options(option, opt)
+    return None
+
+
+def note_ignored(option):
+    if option.ignored():
+        print(f"note: training options have no effect here: "
+              f"{' '.join('--' + name for name in option.ignored())}")
+
+
 def take_training_options(option, opt):
     """The network and data options of the training run (train_options.json) unless given
     on the command line, and the targets' FITS identity cards (unit, instrument, ...) for
     generated headers; for a run without that file (a run of the published code), a notice
     when the saturation limits are left at this script's defaults."""
-    if option.ignored():
-        print(f"note: training options have no effect here: "
-              f"{' '.join('--' + name for name in option.ignored())}")
+    note_ignored(option)
     trained = read_json(opt.checkpoint_dir, 'train_options.json')
     # Also without the file: the per-channel scaling values are then counted against the
     # channels of the command line.
@@ -750,6 +869,89 @@ def take_training_options(option, opt):
         if notice:
             print(notice)
     opt.target_header = (trained or {}).get('target_header')
+
+
+# ----------------------------------------------------------------------------------------
+# Sharing a model: one model file (README "Sharing a model and running it elsewhere")
+# ----------------------------------------------------------------------------------------
+
+
+def take_model_options(option, opt):
+    """--model FILE: its run name and step (--dataset_name and --iteration, which may only
+    repeat them), its network and data options (options given on the command line win, as
+    over train_options.json) and the targets' identity cards. Returns the file's record
+    (`load_model_file`)."""
+    note_ignored(option)
+    model = load_model_file(opt.model)
+    for name, value in (('dataset_name', model['run']), ('iteration', model['step'])):
+        if name in option.explicit and getattr(opt, name) != value:
+            raise UserError(f"--{name} {getattr(opt, name)} differs from the model file's: "
+                            f"{opt.model} holds run {model['run']}, step {model['step']}; "
+                            f"leave out --{name} (--output_dir chooses the output folder)")
+        setattr(opt, name, value)
+    option.adopt(opt, model['options'], NETWORK_OPTIONS + DATA_OPTIONS, opt.model)
+    opt.target_header = model['target_header']
+    return model
+
+
+def export_path(opt, step):
+    """checkpoints/<dataset_name>/Export/<dataset_name>_<step>.pt (_bf16.pt with
+    --export_dtype 16, so that neither replaces the other)."""
+    suffix = '_bf16.pt' if opt.export_dtype == 16 else '.pt'
+    return os.path.join(opt.checkpoint_dir, 'Export', f'{opt.dataset_name}_{step}{suffix}')
+
+
+def export_source(opt, model):
+    """(step, float32 weights, the file they come from) of the generator to export: the
+    --model file's, or Model/<--iteration>_G.pt of the run; checked against the network the
+    options build."""
+    if model is not None:
+        step, weights, path = model['step'], float32_weights(model['weights']), opt.model
+    else:
+        if opt.iteration == -1:
+            raise UserError(f"--export writes one generator: give --iteration N (saved steps "
+                            f"in {opt.model_dir}: "
+                            f"{', '.join(map(str, saved_steps(opt.model_dir))) or 'none'})")
+        path = require_checkpoint(opt.model_dir, opt.iteration, 'G')
+        step, weights = opt.iteration, safe_load(path, mmap=True)
+    with torch.device('meta'):
+        fit_state_dict(Generator(opt), weights, path, assign=True)  # (a one-line mismatch)
+    return step, weights, path
+
+
+def export(opt, model):
+    """--export model: the generator, its options, the targets' identity cards and its step
+    as one model file (`model_file_record`) under checkpoints/<dataset_name>/Export/;
+    returns its path."""
+    step, weights, source = export_source(opt, model)
+    path = export_path(opt, step)
+    make_dirs(os.path.dirname(path))
+    options = {name: getattr(opt, name) for name in NETWORK_OPTIONS + DATA_OPTIONS}
+    record = model_file_record(weights, step, opt.dataset_name, options, opt.target_header,
+                               bfloat16=opt.export_dtype == 16)
+    if keep_existing_export(path, record, opt.overwrite):
+        print(f"{path} already holds this export; left as it is")
+        return path
+    save_torch(record, path)
+    print(f"exported step {step} of {source} to {path} ({os.path.getsize(path) / 1e6:.1f} MB)")
+    return path
+
+
+def keep_existing_export(path, record, overwrite):
+    """Whether the model file `path` already holds `record` (same weights, options, cards and
+    step): then it is left as it is. UserError when it holds another export, unless
+    `overwrite`: a saved file is never replaced unasked."""
+    if not os.path.exists(path) or overwrite:
+        return False
+    try:
+        existing = load_model_file(path)
+    except UserError:
+        existing = {}
+    fields = ('weights_sha256', 'options', 'target_header', 'step', 'run')
+    if all(existing.get(field) == record[field] for field in fields):
+        return True
+    raise UserError(f"{path} already holds another export (other weights or options); add "
+                    f"--overwrite to replace it, or move it away")
 
 
 def iterations_asked_for(opt):

@@ -10,7 +10,8 @@
 4. Checkpoints and the training state: file names (`checkpoint_path`, `state_path`,
    `saved_steps`, `newest_complete_step`), `safe_load` (never runs code), `load_state_dict`
    (with the option that differs on a mismatch), `supersede_newer_checkpoints` (a resumed
-   older step starts a new branch), `rng_states`.
+   older step starts a new branch), `rng_states`; the model file (`model_file_record`,
+   `load_model_file`).
 5. Run safety: `RunLock` (one run per folder), `GracefulStop` (stop signals end training
    after the step in progress), `ignore_stop_signals` (loading workers leave them to the
    main process) and the exit hook that ends workers an error left behind.
@@ -31,6 +32,7 @@ import datetime
 import errno
 import functools
 import glob
+import hashlib
 import json
 import mmap
 import multiprocessing
@@ -620,7 +622,12 @@ def load_state_dict(module, path, assign=False):
     (for a module built on the 'meta' device, which holds no memory): the weights are then
     held once, not once in the module and once more in the loaded state_dict.
     """
-    state = safe_load(path, mmap=assign)
+    fit_state_dict(module, safe_load(path, mmap=assign), path, assign)
+
+
+def fit_state_dict(module, state, path, assign=False):
+    """Load the state_dict `state` (read from `path`, which errors name) into `module`,
+    strictly, as `load_state_dict` does."""
     if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
         raise UserError(f"{path} is not a state_dict of tensors")
     state = {key[len('module.'):] if key.startswith('module.') else key: value
@@ -630,6 +637,72 @@ def load_state_dict(module, path, assign=False):
         raise UserError(f"{path} does not fit the network built from the options: "
                         f"{mismatch_reason(state, module)}")
     bare(module).load_state_dict(state, strict=True, assign=assign)
+
+
+# A model file (README "Sharing a model and running it elsewhere"): one generator with what
+# inference needs, loadable with weights_only=True (tensors, dicts, lists, str, numbers).
+MODEL_FORMAT = 'pix2pixCC model'
+MODEL_FORMAT_VERSION = 1
+
+
+def weights_sha256(state):
+    """SHA-256 (hex) of a state_dict: each tensor's name, dtype, shape and bytes, in name
+    order, so that the same weights give the same hash however the file was written."""
+    digest = hashlib.sha256()
+    for key in sorted(state):
+        tensor = state[key].detach().cpu().contiguous()
+        digest.update(f'{key} {tensor.dtype} {tuple(tensor.shape)};'.encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy())
+    return digest.hexdigest()
+
+
+def model_file_record(state, step, run, options, target_header, bfloat16=False):
+    """What a model file holds: the generator's `state` (floating tensors in bfloat16 with
+    `bfloat16`, half the size; float32 otherwise), the training `step`, the `run` name, the
+    network and data `options` and the targets' FITS identity cards, with the format, its
+    version and the weights' SHA-256."""
+    if bfloat16:
+        state = {key: value.to(torch.bfloat16) if value.is_floating_point() else value
+                 for key, value in state.items()}
+    return {'format': MODEL_FORMAT, 'format_version': MODEL_FORMAT_VERSION, 'step': int(step),
+            'run': run, 'options': options, 'target_header': target_header,
+            'weights_dtype': 'bfloat16' if bfloat16 else 'float32', 'weights': state,
+            'weights_sha256': weights_sha256(state)}
+
+
+MODEL_FIELDS = ('step', 'run', 'options', 'target_header', 'weights', 'weights_sha256')
+
+
+def load_model_file(path):
+    """The record of the model file `path` (`model_file_record`), its weights mapped from the
+    file; UserError in one line for a file that is not one, a format version this code does
+    not read, or weights whose SHA-256 does not match (a damaged copy)."""
+    if not os.path.isfile(path):
+        raise UserError(f"model file {path} does not exist; check --model")
+    try:
+        record = safe_load(path, mmap=True)
+    except UserError as error:
+        raise UserError(f"{path} is not a readable model file (damaged or incomplete; copy or "
+                        f"export it again): {str(error).split(': ', 1)[-1]}") from None
+    if not isinstance(record, dict) or record.get('format') != MODEL_FORMAT or \
+            not all(field in record for field in MODEL_FIELDS):
+        raise UserError(f"{path} is not a pix2pixCC model file (make one with --export model)")
+    if record.get('format_version') != MODEL_FORMAT_VERSION:
+        raise UserError(f"{path} is a model file of format version "
+                        f"{record.get('format_version')}, but this code reads version "
+                        f"{MODEL_FORMAT_VERSION}; use the pix2pixCC that exported it")
+    if weights_sha256(record['weights']) != record['weights_sha256']:
+        raise UserError(f"{path}: the weights do not match their SHA-256 (the file is "
+                        f"damaged); copy or export it again")
+    return record
+
+
+def float32_weights(state):
+    """`state` with its floating tensors in float32, as the network runs (a bfloat16 model
+    file's weights are cast back; float32 tensors are kept as they are, mapped from the
+    file)."""
+    return {key: value.float() if value.is_floating_point() else value
+            for key, value in state.items()}
 
 
 def rng_states():
@@ -731,11 +804,11 @@ class RunLock:
 
 
 class StopRequested(UserError):
-    """A stop signal arrived before training began: nothing to save, exit 128 + signal."""
+    """A stop signal ended the run: exit 128 + signal. `when` says where it stopped (by
+    default, before training began, with nothing to save)."""
 
-    def __init__(self, signum):
-        super().__init__(f"stopped by {signal_name(signum)} before the first training step; "
-                         f"nothing was saved")
+    def __init__(self, signum, when='before the first training step; nothing was saved'):
+        super().__init__(f"stopped by {signal_name(signum)} {when}")
         self.exit_status = 128 + signum
 
 
@@ -752,9 +825,15 @@ class GracefulStop:
     loading a checkpoint, building the networks) a signal stops at once with StopRequested.
     A SIGINT while a stop is pending raises KeyboardInterrupt and sets `aborted`: a second
     Ctrl-C aborts at once.
+
+    The Test script uses it per file (README "Sharing a model and running it elsewhere"):
+    `early` ends the StopRequested line of a signal before `defer()`, `pending` is what the
+    line printed at a deferred signal says will happen.
     """
 
-    def __init__(self):
+    def __init__(self, early='before the first training step; nothing was saved',
+                 pending='stopping after the step in progress and saving a checkpoint'):
+        self.early, self.pending = early, pending
         self.signals = [signal.SIGTERM, signal.SIGINT] + \
             ([signal.SIGUSR1] if hasattr(signal, 'SIGUSR1') else [])
         self.signum = None
@@ -778,19 +857,19 @@ class GracefulStop:
         # bad file: whatever came out, the run was stopped.
         if exc is not None and not self.deferring and self.signum is not None and \
                 not isinstance(exc, StopRequested):
-            raise StopRequested(self.signum) from None
+            raise StopRequested(self.signum, self.early) from None
 
     def defer(self):
         """From now on a signal ends the run after the step in progress. A signal that came
         earlier and was swallowed on its way out stops the run now."""
         if self.signum is not None:
-            raise StopRequested(self.signum)
+            raise StopRequested(self.signum, self.early)
         self.deferring = True
 
     def handle(self, signum, frame):
         if not self.deferring:
             self.signum = signum
-            raise StopRequested(signum)
+            raise StopRequested(signum, self.early)
         if self.signum is not None:
             if signum == signal.SIGINT:
                 self.aborted = True
@@ -798,8 +877,8 @@ class GracefulStop:
             return
         self.signum = signum
         # os.write, not print: a handler may run while print holds the stream's buffer.
-        os.write(2, f"\n{signal_name(signum)} received: stopping after the step in progress "
-                    f"and saving a checkpoint (Ctrl-C again aborts at once)\n".encode())
+        os.write(2, f"\n{signal_name(signum)} received: {self.pending} (Ctrl-C again aborts "
+                    f"at once)\n".encode())
 
 
 def ignore_stop_signals(worker_id=None):
