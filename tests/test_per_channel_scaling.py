@@ -9,6 +9,8 @@ as stacked EUV passbands do, with log and linear channels mixed.
 import json
 import os
 import shlex
+import sys
+import warnings
 
 import numpy as np
 import pytest
@@ -17,9 +19,9 @@ from matplotlib.colors import LogNorm
 import pix2pixCC_Options
 import pix2pixCC_Test
 import pix2pixCC_Train
-from conftest import (REPO, TINY, assert_usage_error, checked_lines,
+from conftest import (REPO, TINY, assert_ok, assert_usage_error, checked_lines,
                       constant_generator_checkpoint, drawn_panel, make_test_opt, read_user_file,
-                      run_test, run_train, smooth_field, train_opt, write_pairs,
+                      run_command, run_test, run_train, smooth_field, train_opt, write_pairs,
                       write_user_file)
 from pix2pixCC_Pipeline import CustomDataset, PerChannelScaling, Scaling
 
@@ -435,3 +437,52 @@ def test_the_readme_euv_example_scales_each_passband_by_its_own_limits():
     assert len({(channel.lower, channel.upper) for channel in scaling.scalings}) == 3
     assert Scaling.from_options(opt, 'target') == Scaling(-3000.0, 3000.0)
     TEST_OPTION().parse(commands['pix2pixCC_Test.py'])  # the rest comes from the run
+
+
+def with_values(argv, values):
+    """`argv` with the value after each flag in `values` replaced by values[flag]."""
+    return [values.get(before, word) for before, word in zip([''] + argv[:-1], argv,
+                                                             strict=True)]
+
+
+SDO_EXAMPLE = 'Example: three SDO-like passbands, from data to a result table'
+
+
+def test_the_readme_sdo_like_example_runs_and_prints_every_region(in_tmp, capsys):
+    """README's worked example, with its own flags but a small network, size and run: the
+    SDO-like cubes fit each passband's limits, training takes windows, and Test prints the
+    whole-frame, disk, active-region and quiet-Sun tables."""
+    from astropy.io import fits
+    from astropy.utils.exceptions import AstropyWarning
+    from astropy.wcs import WCS
+    commands = readme_example_commands(SDO_EXAMPLE)
+    make = commands['datasets/make_sample.py']
+    assert make[make.index('--passbands') + 1] == '3'
+    small = {'--size': '64', '--n_train': '2', '--n_test': '1'}
+    make = with_values(make, small)
+    assert_ok(run_command([sys.executable, os.path.join(REPO, 'datasets', 'make_sample.py'),
+                           *make], cwd=in_tmp))
+    cube = fits.open('datasets/SDO_like/Train/Input/sun_0000.fits')[0]
+    assert cube.data.shape == (3, 64, 64)
+    with warnings.catch_warnings():  # (astropy notes that it sets MJD-OBS from DATE-OBS)
+        warnings.simplefilter('ignore', AstropyWarning)
+        wcs = WCS(cube.header)
+    assert wcs.wcs.ctype[2] == 'CHANNEL' and '171' in cube.header['CNAME3']
+    assert cube.header['RSUN_OBS'] / (wcs.wcs.cdelt[0] * 3600) == pytest.approx(28)
+
+    train = commands['pix2pixCC_Train.py']
+    opt = pix2pixCC_Options.TrainOption().parse(train)
+    scaling = Scaling.from_options(opt, 'input')
+    for channel, limits in zip(cube.data, scaling.scalings, strict=True):
+        low, high = np.percentile(channel, [1, 99])
+        assert limits.lower <= low and high <= limits.upper  # each passband fits its limits
+    fast = {'--n_epochs': '1', '--n_epochs_decay': '0', '--crop_size': '32'}
+    train = with_values(train, fast)
+    assert pix2pixCC_Train.main(train + TINY + ['--save_freq', '2', '--n_workers', '0']) == 0
+    test = commands['pix2pixCC_Test.py']
+    assert '--active_threshold' in test
+    capsys.readouterr()
+    assert pix2pixCC_Test.main(test + ['--gpu_ids', '-1', '--n_workers', '0']) == 0
+    lines = capsys.readouterr().out.splitlines()
+    for title in ('whole frame:', 'disk:', 'active (on disk):', 'quiet (on disk):'):
+        assert title in lines, (title, lines)
