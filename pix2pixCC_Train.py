@@ -21,7 +21,7 @@ from pix2pixCC_Networks import Discriminator, Generator, Loss, count_parameters,
 from pix2pixCC_Options import NOT_RESUMED, BaseOption, TrainOption, UserError, run_main
 from pix2pixCC_Pipeline import (CustomDataset, Scaling, check_dataset, check_pairing, data_unit,
                                 file_unit, target_identity)
-from pix2pixCC_Test import summarize, target_disks, translate
+from pix2pixCC_Test import check_test_pairs, summarize, target_disks, translate
 from pix2pixCC_Utils import (Distributed, GracefulStop, Manager, Precision, RunLock, WriteError,
                              bare, checkpoint_path, cpu_requested, ignore_stop_signals,
                              load_state_dict, make_dirs, memory_format, newest_complete_step,
@@ -255,8 +255,10 @@ def train(opt, state, cluster, device, gpu_ids, stop, log, given=()):
     if opt.latest_iter >= last_step(opt, len(dataset)):
         log(nothing_left_to_train(opt, len(dataset)))
         return 0
-    size = prepare_data(dataset, opt, cluster, log, given)
     val_dataset = CustomDataset(opt, split='test') if opt.val_during_train else None
+    if val_dataset is not None:  # (found at the first save, a mismatch would end the run)
+        cluster.on_main(lambda: check_test_pairs(val_dataset, opt))
+    size = prepare_data(dataset, opt, cluster, log, given)
     loader = make_loader(dataset, opt, cluster, device)
 
     # Networks, optimisers and, when resuming, the training state

@@ -137,6 +137,24 @@ def test_test_target_of_another_size_is_refused_before_any_output(tmp_path, earl
                    os.path.join(target_dir, f'img_002.{fmt}') + ' is 64x64')
 
 
+@pytest.mark.parametrize('problem', ['size', 'pairing'])
+def test_validation_pairs_are_checked_before_the_first_step(tmp_path, earlier_run, problem):
+    """--val_during_train: the test pairs are checked as the Test script checks them, before
+    training starts, not at the first save hours later."""
+    input_dir, target_dir = make_pairs(tmp_path / 'train', 'npy', n=2, size=32)
+    test_in, test_tg = make_pairs(tmp_path / 'test', 'npy', n=2, size=32)
+    bad = os.path.join(test_tg, 'img_001.npy')
+    if problem == 'size':
+        np.save(bad, np.zeros((64, 64), np.float32))
+        fragments = [os.path.join(test_in, 'img_001.npy') + ' is 32x32', bad + ' is 64x64']
+    else:
+        os.rename(bad, os.path.join(test_tg, 'img_009.npy'))
+        fragments = ['pair 1', 'img_001.npy', 'img_009.npy']
+    proc = train_in(tmp_path, input_dir, target_dir, '--val_during_train', '--input_dir_test',
+                    test_in, '--target_dir_test', test_tg)
+    assert_refused(proc, earlier_run, *fragments)
+
+
 def test_channel_count_mismatch(tmp_path, earlier_run):
     input_dir, target_dir = make_pairs(tmp_path, 'npy', n=2, channels=3, target_channels=1)
     proc = train_in(tmp_path, input_dir, target_dir)  # --input_ch 1
