@@ -31,9 +31,10 @@ from tqdm import tqdm
 from pix2pixCC_Networks import Generator, correlation
 from pix2pixCC_Options import (DATA_OPTIONS, FITS_FORMATS, NETWORK_OPTIONS, TestOption,
                                UserError, channel_values, run_main)
-from pix2pixCC_Pipeline import (LEFT_OUT_INPUT_CARD, ORIGIN_CARD, STORAGE_CARD, CustomDataset,
-                                Scaling, check_pairing, data_unit, generated_header, read_array,
-                                read_fits_header, scaled_unit, stored_size, write_array)
+from pix2pixCC_Pipeline import (LEFT_OUT_INPUT_CARD, ORIGIN_CARD, STORAGE_CARD, WCS_KEY,
+                                CustomDataset, Scaling, check_pairing, data_unit,
+                                generated_header, read_array, read_fits_header, scaled_unit,
+                                stored_size, write_array)
 from pix2pixCC_Utils import (GracefulStop, Precision, StopRequested, atomic_path,
                              checkpoint_path, fit_state_dict, float32_weights,
                              ignore_stop_signals, load_model_file, load_state_dict, make_dirs,
@@ -1077,8 +1078,8 @@ def onnx_record(opt, step, weights):
     and running it elsewhere", ONNX): the tensors' names and the size multiple; each
     channel's scaling both ways (`Scaling.record`) and --save_scale; the unit; what a FITS
     product's header takes (the targets' identity cards, BUNIT, ORIGIN, the HISTORY lines,
-    the input cards left out, the storage cards); the network and data options, the step,
-    the run and the SHA-256 of the float32 weights."""
+    the input cards left out, the WCS and storage cards); the network and data options, the
+    step, the run and the SHA-256 of the float32 weights."""
     unit = data_unit(opt)
     return {
         'format': ONNX_FORMAT, 'format_version': ONNX_FORMAT_VERSION,
@@ -1096,7 +1097,7 @@ def onnx_record(opt, step, weights):
                  'identity': opt.target_header or {}, 'origin': list(ORIGIN_CARD),
                  'history': product_history(opt, step), 'input_file': INPUT_FILE,
                  'left_out_input_cards': LEFT_OUT_INPUT_CARD.pattern,
-                 'storage_cards': STORAGE_CARD.pattern},
+                 'wcs_cards': WCS_KEY.pattern, 'storage_cards': STORAGE_CARD.pattern},
         'options': {name: getattr(opt, name)
                     for name in NETWORK_OPTIONS + DATA_OPTIONS + ('save_scale',)},
         'weights_sha256': weights_sha256(weights)}
