@@ -1033,10 +1033,11 @@ def onnx_graph(G, opt):
     """The ONNX bytes of the generator G (eval mode, on the CPU).
 
     torch.onnx's TorchScript exporter (dynamo=False, opset 17): it writes dynamic height and
-    width from one traced example, in under a second for the tiny networks of the tests
-    where the dynamo exporter takes about 8 s and needs onnxscript; Mish becomes
-    x * tanh(softplus(x)) (the Mish operator needs opset 18), which ONNX Runtime's check
-    below confirms. Traced with autograd on, so that Mish takes its out-of-place branch.
+    width from one traced example and needs only onnx, where the dynamo exporter also needs
+    onnxscript and was much slower (README "Sharing a model and running it elsewhere",
+    ONNX); Mish becomes x * tanh(softplus(x)) (the Mish operator needs opset 18), which
+    `onnx_difference` checks. Traced with autograd on, so that Mish takes its out-of-place
+    branch (in inference it overwrites its input).
     """
     multiple = 2 ** opt.n_downsample
     example = torch.zeros(1, opt.input_ch, multiple * 4, multiple * 4)
