@@ -526,10 +526,11 @@ class TestOption(BaseOption):
         self.add('test', '--model', type=str, default=None,
                  help='run from this model file alone (made with --export model): its network, '
                       'scaling, unit and step replace the run folder\'s')
-        self.add('test', '--export', type=lower_str, default=None, choices=('model',),
+        self.add('test', '--export', type=lower_str, default=None, choices=('model', 'onnx'),
                  help='with one --iteration N (or --model): write the generator as one model '
-                      'file, checkpoints/<dataset_name>/Export/<dataset_name>_<N>.pt, then '
-                      'stop (none: translate)')
+                      'file, checkpoints/<dataset_name>/Export/<dataset_name>_<N>.pt (model), '
+                      'or as an ONNX model with its scaling and unit, ..._<N>.onnx (onnx), '
+                      'then stop (none: translate)')
         self.add('test', '--export_dtype', type=int, default=32, choices=(16, 32),
                  help='with --export model: 32 stores float32 weights, 16 bfloat16 (half the '
                       'size; cast back to float32 to run)')

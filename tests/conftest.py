@@ -295,6 +295,17 @@ def run_script(script, args, cwd, timeout=300, **env):
     return run_command([sys.executable, script, *args], cwd, timeout, **env)
 
 
+def blocked(tmp_path, *modules):
+    """A PYTHONPATH folder in which importing any of `modules` fails, as where they are not
+    installed."""
+    folder = tmp_path / f"without_{'_'.join(modules)}"
+    for module in modules:
+        os.makedirs(folder / module, exist_ok=True)
+        (folder / module / '__init__.py').write_text(f"raise ImportError('no {module}', "
+                                                     f"name='{module}')\n")
+    return str(folder)
+
+
 def run_train(args, cwd, **env):
     return run_script(TRAIN_SCRIPT, args, cwd, **env)
 

@@ -15,8 +15,8 @@ import pytest
 from astropy.io import fits
 from astropy.wcs import WCS
 
-from conftest import (REPO, TINY, assert_ok, assert_usage_error, read_csv_rows, run_script,
-                      run_test, run_train)
+from conftest import (REPO, TINY, assert_ok, assert_usage_error, blocked, read_csv_rows,
+                      run_script, run_test, run_train)
 from pix2pixCC_Options import run_main
 
 SCRIPT = os.path.join(REPO, 'datasets', 'prepare_pairs.py')
@@ -323,15 +323,6 @@ def test_bad_input_is_one_line_and_exit_status_2(tmp_path, capsys, make, extra, 
     assert status == 2 and len(err) == 1
     assert all(fragment in err[0] for fragment in fragments), err[0]
     assert not os.path.exists(tmp_path / 'out' / 'pairs.csv')
-
-
-def blocked(tmp_path, module):
-    """A PYTHONPATH folder in which importing `module` fails, as where it is not installed."""
-    folder = tmp_path / f'without_{module}'
-    os.makedirs(folder / module)
-    (folder / module / '__init__.py').write_text(f"raise ImportError('no {module}', "
-                                                 f"name='{module}')\n")
-    return str(folder)
 
 
 def test_missing_dependencies_are_named_in_one_line(tmp_path):

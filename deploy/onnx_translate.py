@@ -1,0 +1,333 @@
+"""Translate a folder of FITS files with a pix2pixCC ONNX model, without PyTorch (README
+"Sharing a model and running it elsewhere", ONNX).
+
+    python deploy/onnx_translate.py --model EUV2Mag_150000.onnx --input_dir DIR --output_dir OUT
+
+The model is one that `pix2pixCC_Test.py --export onnx` wrote. For every <name>.fits (.fts,
+.fit) in --input_dir, sorted by name, this writes OUT/<name>_AI.<ext>: the file that the
+Test script writes for that input, in the target's physical units, header included (the
+input's place, time and WCS, the targets' identity cards and unit, the same HISTORY lines),
+plus one HISTORY line that names this script and the ONNX Runtime version. Everything it
+needs comes from the model's metadata (its 'pix2pixCC' key): the scaling of each channel both
+ways, the size multiple, --save_scale, the unit and the rules of the header.
+
+1. Read the first HDU that holds an image, as C x H x W (H x W is one channel; a cube's
+   channel axis is the first, unless only its last axis has the model's channel count).
+2. Scale each channel to [-1, 1]; pad the bottom and right edges with edge values to a
+   multiple of the size multiple; run the model; crop back.
+3. Scale each channel back to physical units, times --save_scale; write float32 FITS under a
+   hidden temporary name and rename it when complete.
+
+Needs onnxruntime, numpy and astropy only: no torch, and of this repository only
+pix2pixCC_Options (the one-line errors), which needs nothing but the standard library. The
+products are those of the Test script to the agreement of ONNX Runtime with PyTorch (1e-4 of
+the output range or better, checked at export); no metrics, panels or --compress here.
+"""
+import contextlib
+import glob
+import json
+import os
+import re
+import sys
+import warnings
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if REPO not in sys.path:
+    sys.path.insert(0, REPO)
+
+# (pix2pixCC_Options needs only the standard library: its one-line errors, nothing of torch)
+from pix2pixCC_Options import (FITS_FORMATS, OneLineErrorParser, UserError,  # noqa: E402
+                               run_main, str2bool)
+
+try:
+    import numpy as np
+    import onnxruntime
+    from astropy.io import fits
+    from astropy.wcs import WCS
+except ImportError as missing:  # one line, as for any other problem the user must fix
+    print(f"onnx_translate.py: error: it needs onnxruntime, numpy and astropy ({missing.name} "
+          f"is missing): pip install onnxruntime numpy astropy", file=sys.stderr)
+    sys.exit(2)
+
+# The metadata layout this script reads (pix2pixCC_Test.py's ONNX_FORMAT and its version).
+MODEL_FORMAT, MODEL_FORMAT_VERSION = 'pix2pixCC ONNX model', 1
+# The HISTORY line by which its products differ from the Test script's (one 80-column card).
+PROVENANCE = f'pix2pixCC: deploy/onnx_translate.py, ONNX Runtime {onnxruntime.__version__}'
+
+
+def parse(argv=None):
+    p = OneLineErrorParser(description=__doc__.split('\n\n')[0])
+    p.add_argument('--model', required=True,
+                   help='the ONNX model (pix2pixCC_Test.py --export onnx)')
+    p.add_argument('--input_dir', required=True, help='folder of the FITS inputs')
+    p.add_argument('--output_dir', required=True, help='folder of the products')
+    p.add_argument('--skip_existing', type=str2bool, nargs='?', const=True, default=False,
+                   metavar='BOOL', help='leave every product already there alone (a stopped '
+                                        'conversion continues)')
+    p.add_argument('--overwrite', type=str2bool, nargs='?', const=True, default=False,
+                   metavar='BOOL', help='replace the products already there')
+    p.add_argument('--threads', type=int, default=0,
+                   help="ONNX Runtime's threads per model run (0: its default, one per core)")
+    p.option_names += ['--model', '--input_dir', '--output_dir', '--skip_existing',
+                       '--overwrite', '--threads']
+    return p.parse_args(argv)
+
+
+# ----------------------------------------------------------------------------------------
+# The model and its metadata
+# ----------------------------------------------------------------------------------------
+
+
+def load_model(path, threads=0):
+    """(an ONNX Runtime session of the model `path`, its 'pix2pixCC' metadata record);
+    UserError in one line for a file that is not a pix2pixCC ONNX export of this version.
+    The session uses the first of onnxruntime's providers (a GPU build's GPU)."""
+    if not os.path.isfile(path):
+        raise UserError(f"model {path} does not exist; check --model")
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads = threads
+    try:
+        session = onnxruntime.InferenceSession(path, options,
+                                               providers=onnxruntime.get_available_providers())
+    except Exception as error:  # (onnxruntime's own error types)
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else 'unreadable'
+        raise UserError(f"{path} is not a readable ONNX model ({reason}); copy or export it "
+                        f"again") from None
+    metadata = session.get_modelmeta().custom_metadata_map
+    try:
+        record = json.loads(metadata.get('pix2pixCC', 'null'))
+    except ValueError:
+        record = None
+    if not isinstance(record, dict) or record.get('format') != MODEL_FORMAT:
+        raise UserError(f"{path} is not a pix2pixCC ONNX model (make one with "
+                        f"pix2pixCC_Test.py --export onnx)")
+    if record.get('format_version') != MODEL_FORMAT_VERSION:
+        raise UserError(f"{path} has metadata of format version {record.get('format_version')}"
+                        f", but this script reads version {MODEL_FORMAT_VERSION}; use the "
+                        f"pix2pixCC that exported it")
+    return session, record
+
+
+def normalise(x, scaling):
+    """One channel's physical values (H x W, float32) -> [-1, 1] at its limits, by its
+    `scaling` record: NaN -> `nan`, +-Inf -> the limits; clip; log10 (values <= 0 -> lower);
+    (x - offset) / scale."""
+    lower, upper = np.float32(scaling['lower']), np.float32(scaling['upper'])
+    x = np.where(np.isnan(x), np.float32(scaling['nan']), x)
+    x = np.where(np.isposinf(x), upper, np.where(np.isneginf(x), lower, x))
+    if scaling['clip']:
+        x = np.clip(x, lower, upper)
+    if scaling['log']:
+        x = np.log10(np.where(x <= 0, lower, x))
+    return ((x - scaling['offset']) / scaling['scale']).astype(np.float32)
+
+
+def physical(y, scaling, save_scale):
+    """One channel of the model's output (H x W) -> physical values times `save_scale`
+    (float32): y * scale + offset; 10** with log; clipped with clip."""
+    x = np.asarray(y, np.float64) * scaling['scale'] + scaling['offset']
+    if scaling['log']:
+        x = 10.0 ** x
+    if scaling['clip']:
+        x = np.clip(x, scaling['lower'], scaling['upper'])
+    return (x * save_scale).astype(np.float32)
+
+
+def translate_array(session, record, data):
+    """Physical C x H x W input -> physical C' x H x W product (times --save_scale)."""
+    x = np.stack([normalise(channel, scaling)
+                  for channel, scaling in zip(data, record['scaling']['input'], strict=True)])
+    multiple = record['size_multiple']
+    height, width = x.shape[-2:]
+    x = np.pad(x, ((0, 0), (0, -height % multiple), (0, -width % multiple)), mode='edge')
+    y = session.run([record['output_name']], {record['input_name']: x[None]})[0][0]
+    return np.stack([physical(channel[:height, :width], scaling, record['save_scale'])
+                     for channel, scaling in zip(y, record['scaling']['target'], strict=True)])
+
+
+# ----------------------------------------------------------------------------------------
+# Reading FITS inputs
+# ----------------------------------------------------------------------------------------
+
+
+def list_inputs(folder):
+    """The FITS files (.fits, .fts, .fit, any case) in `folder`, sorted by name."""
+    if not os.path.isdir(folder):
+        raise UserError(f"input folder '{folder}' does not exist; check --input_dir")
+    extensions = tuple(f'.{ext}' for ext in FITS_FORMATS)
+    paths = sorted(path for path in glob.glob(os.path.join(folder, '*'))
+                   if os.path.isfile(path) and path.lower().endswith(extensions))
+    if not paths:
+        raise UserError(f"no {'/'.join(extensions)} files in input folder '{folder}'; check "
+                        f"--input_dir")
+    return paths
+
+
+def read_input(path, channels):
+    """(data C x H x W float32, header) of the first HDU of `path` that holds an image; the
+    channel axis as `channel_axis` finds it (axes of length 1 beyond three dropped)."""
+    try:
+        with warnings.catch_warnings(), fits.open(path) as hdul:
+            warnings.simplefilter('ignore')  # (archive files' non-standard cards)
+            hdu = next((hdu for hdu in hdul if hdu.is_image and hdu.header.get('NAXIS', 0) and
+                        all(hdu.header.get(f'NAXIS{i}', 0) for i in
+                            range(1, hdu.header['NAXIS'] + 1))), None)
+            if hdu is None:
+                raise UserError(f"{path}: no HDU with image data")
+            data, header = np.array(hdu.data), hdu.header.copy()
+    except UserError:
+        raise
+    except Exception as error:  # corrupt or truncated files: name the file
+        raise UserError(f"cannot read {path} as FITS: {str(error).splitlines()[0]}") from None
+    shape = tuple(n for n in data.shape if n != 1) if data.ndim > 3 else data.shape
+    shape = (1,) + shape if len(shape) == 2 else shape
+    axis = channel_axis(shape, channels) if len(shape) == 3 else None
+    if axis is None:
+        raise UserError(f"{path}: shape {data.shape} is not an image of the model's {channels} "
+                        f"channel(s)")
+    return np.ascontiguousarray(np.moveaxis(data.reshape(shape), axis, 0), np.float32), header
+
+
+def channel_axis(shape, channels):
+    """The axis of a 3-D `shape` that holds the `channels`: the first, unless only the last
+    has that length; None when neither has."""
+    first, last = shape[0] == channels, shape[-1] == channels
+    if last and not first:
+        return 2
+    return 0 if first else None
+
+
+# ----------------------------------------------------------------------------------------
+# The products' headers: the Test script's rules, read from the metadata where they are data
+# ----------------------------------------------------------------------------------------
+
+
+def product_header(input_header, record, input_name):
+    """The header the Test script gives the product of the input `input_name`: the input's
+    cards but those the rules leave out, a WCS of the product's axes, the targets' identity
+    cards, BUNIT, ORIGIN and the HISTORY lines; then this script's provenance line."""
+    rules = record['fits']
+    left_out = re.compile(rules['left_out_input_cards'])
+    header = fits.Header()
+    header.extend(card for card in input_header.cards if not left_out.fullmatch(card.keyword))
+    plane = image_plane_axes(input_header, record['input_channels'])
+    header = with_product_wcs(header, plane, record['target_channels'],
+                              re.compile(rules['wcs_cards']))
+    for key, value in rules['identity'].items():
+        header[key] = value
+    if rules['bunit']:
+        header['BUNIT'] = rules['bunit']
+    header['ORIGIN'] = tuple(rules['origin'])
+    for line in rules['history']:
+        header.add_history(line.replace(rules['input_file'], input_name))
+    header.add_history(PROVENANCE)
+    return header
+
+
+def image_plane_axes(header, channels):
+    """FITS axis numbers [x, y] of the image plane of an input with `channels` channels."""
+    naxis = header.get('NAXIS', 0)
+    axes = [(i, header.get(f'NAXIS{i}', 1)) for i in range(naxis, 0, -1)]  # numpy's order
+    if len(axes) > 3:
+        axes = [(i, length) for i, length in axes if length != 1]
+    if len(axes) == 3:
+        axes.pop(channel_axis([length for _, length in axes], channels) or 0)
+    return sorted(i for i, _ in axes) if len(axes) == 2 else [1, 2]
+
+
+def with_product_wcs(header, plane, channels, wcs_card):
+    """`header` with a WCS of the product's axes: the input's image plane (FITS axes `plane`)
+    and, for several channels, a channel axis whose world coordinate is the channel index.
+    The input's WCS cards stay when they already describe those axes; each description is
+    rewritten by astropy otherwise (one it cannot separate is left out)."""
+    if not any(wcs_card.fullmatch(key) for key in header):
+        return header
+    keys = sorted({match['key'] or ' ' for match in map(wcs_card.fullmatch, header) if match})
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore')  # astropy's notes on archive headers and its cards
+        descriptions = []
+        for key in keys:
+            with contextlib.suppress(ValueError, KeyError):
+                descriptions.append(WCS(header, key=key))
+        if channels == 1 and plane == [1, 2] and all(w.wcs.naxis == 2 for w in descriptions):
+            return header
+        out = fits.Header([card for card in header.cards if not wcs_card.fullmatch(card.keyword)])
+        for wcs in descriptions:
+            try:
+                cards = product_wcs(wcs, plane, channels).to_header(relax=True, key=wcs.wcs.alt)
+            except ValueError:
+                continue
+            out.extend(card for card in cards.cards if card.keyword not in out)
+    return out
+
+
+def product_wcs(wcs, plane, channels):
+    """`wcs` restricted to the FITS axes `plane` and, for several channels, given a third
+    axis whose world coordinate is the channel index (0, 1, ...)."""
+    sub = wcs.sub(plane + [0] * (channels > 1))  # 0: a new linear axis
+    if channels > 1:
+        sub.wcs.ctype[2], sub.wcs.cname[2] = 'CHANNEL', 'target channel'
+        sub.wcs.crpix[2], sub.wcs.crval[2], sub.wcs.cdelt[2] = 1.0, 0.0, 1.0
+    return sub
+
+
+def write_product(path, data, header, storage_cards):
+    """float32 FITS (one channel as H x W) with `header` but the cards of how its data are
+    stored, under a hidden temporary name renamed to `path` when complete."""
+    hdu = fits.PrimaryHDU(data[0] if data.shape[0] == 1 else data)
+    hdu.header.extend(card for card in header.cards if not storage_cards.fullmatch(card.keyword))
+    folder, name = os.path.split(path)
+    temporary = os.path.join(folder, f'.tmp-{os.getpid()}-{name}')
+    try:
+        hdu.writeto(temporary, overwrite=True)
+        os.replace(temporary, path)
+    finally:
+        with contextlib.suppress(OSError):
+            os.remove(temporary)
+
+
+# ----------------------------------------------------------------------------------------
+# The conversion
+# ----------------------------------------------------------------------------------------
+
+
+def product_path(output_dir, input_path, record):
+    name = os.path.splitext(os.path.basename(input_path))[0]
+    return os.path.join(output_dir, f"{name}_AI.{record['fits']['extension']}")
+
+
+def pending_inputs(paths, output_dir, record, skip_existing, overwrite):
+    """The inputs whose products are to be written: all, or with --skip_existing those
+    without one. UserError when products are there and neither option says what to do:
+    saved results are never replaced unasked."""
+    existing = [path for path in paths if os.path.exists(product_path(output_dir, path, record))]
+    if skip_existing:
+        return [path for path in paths if path not in existing]
+    if existing and not overwrite:
+        raise UserError(f"{len(existing)} product(s) are already in {output_dir} (e.g. "
+                        f"{os.path.basename(product_path(output_dir, existing[0], record))}); "
+                        f"add --skip_existing to keep them or --overwrite to replace them")
+    return paths
+
+
+def main(argv=None):
+    args = parse(argv)
+    session, record = load_model(args.model, args.threads)
+    paths = list_inputs(args.input_dir)
+    os.makedirs(args.output_dir, exist_ok=True)
+    pending = pending_inputs(paths, args.output_dir, record, args.skip_existing, args.overwrite)
+    storage_cards = re.compile(record['fits']['storage_cards'])
+    for path in pending:
+        data, input_header = read_input(path, record['input_channels'])
+        product = translate_array(session, record, data)
+        header = product_header(input_header, record, os.path.basename(path))
+        write_product(product_path(args.output_dir, path, record), product, header,
+                      storage_cards)
+    print(f"{len(pending)} file(s) written to {args.output_dir}"
+          f"{f' ({len(paths) - len(pending)} kept)' if len(pending) < len(paths) else ''} with "
+          f"run {record['run']}, step {record['step']}")
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(run_main(main))
