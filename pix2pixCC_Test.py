@@ -8,18 +8,22 @@ writes ./checkpoints/<dataset_name>/Image/Test/<iteration>/<name>_AI.<data_forma
 """
 import contextlib
 import difflib
+import errno
 import fnmatch
 import functools
 import json
 import math
 import os
 import re
+import shutil
 import sys
+import tempfile
 import warnings
 from typing import NamedTuple
 
 import numpy as np
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 from astropy import units as u
 from astropy.utils.exceptions import AstropyWarning
@@ -27,30 +31,58 @@ from astropy.wcs import WCS
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from pix2pixCC_Networks import Generator, correlation
+from pix2pixCC_Networks import Generator, Mish, ResidualBlock, correlation
 from pix2pixCC_Options import (DATA_OPTIONS, FITS_FORMATS, NETWORK_OPTIONS, TestOption,
                                UserError, channel_values, run_main)
 from pix2pixCC_Pipeline import (CustomDataset, Scaling, check_pairing, data_unit,
                                 generated_header, read_fits_header, scaled_unit, stored_size,
                                 write_array)
-from pix2pixCC_Utils import (Precision, atomic_path, checkpoint_path, ignore_stop_signals,
-                             load_state_dict, make_dirs, memory_format, prepare_network,
-                             read_json, release_mapped_weights_after_use, require_checkpoint,
-                             save_panel, saved_steps, select_device, silent, write_csv,
-                             write_json)
+from pix2pixCC_Utils import (GracefulStop, Precision, atomic_path, bare, checkpoint_path,
+                             ignore_stop_signals, load_state_dict, make_dirs, memory_format,
+                             prepare_network, read_json, release_mapped_weights_after_use,
+                             require_checkpoint, save_panel, saved_steps, select_device, silent,
+                             write_csv, write_json)
 
 
-def generate(G, input, n_downsample, precision=None):
+def generate(G, input, n_downsample, precision=None, tile_size=0, tmp_dir=None, desc=None):
     """G on a (B, C, H, W) input of any H, W: padded (edge values) to a multiple of
-    2**n_downsample, which the network's strides need, and cropped back."""
+    2**n_downsample, which the network's strides need, and cropped back.
+
+    tile_size: when the image is larger, run it in tiles of that many pixels with the same
+    result (`tiled_generate`, temporary files in `tmp_dir`); desc: the title of a progress
+    bar, shown when the image takes more than a few seconds.
+    """
     multiple = 2 ** n_downsample
     height, width = input.shape[-2:]
     pad_h, pad_w = -height % multiple, -width % multiple
     if pad_h or pad_w:
         input = F.pad(input, (0, pad_w, 0, pad_h), mode='replicate')
-    with precision.autocast() if precision is not None else contextlib.nullcontext():
-        output = G(input)
+    if tile_size and max(input.shape[-2:]) > tile_size:
+        output = tiled_generate(G, input, tile_size, precision, tmp_dir, desc)
+    else:
+        with precision.autocast() if precision is not None else contextlib.nullcontext(), \
+                layer_progress(G, desc):
+            output = G(input)
     return output[..., :height, :width].float()
+
+
+@contextlib.contextmanager
+def layer_progress(G, desc):
+    """A progress bar over G's layers titled `desc`, shown when the pass takes more than
+    PROGRESS_DELAY seconds (none without `desc`, or for a compiled G, which runs no
+    per-layer hooks)."""
+    if desc is None or hasattr(G, '_orig_mod'):
+        yield
+        return
+    layers = list(bare(G).model)
+    with tqdm(total=len(layers), desc=desc, unit='layer', leave=False, disable=None,
+              delay=PROGRESS_DELAY) as bar:
+        handles = [layer.register_forward_hook(lambda *_: bar.update()) for layer in layers]
+        try:
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
 
 
 def output_header(opt, input_path, iteration):
@@ -108,14 +140,17 @@ def load_generator(opt, path, device):
 
 
 def translate(G, dataset, out_dir, opt, device, iteration, precision=None, panels=False,
-              disks=None):
+              disks=None, sizes=None):
     """Run G on every item of a test `dataset` and write `<name>_AI.<fmt>` into `out_dir`.
 
     When the dataset has targets, returns one metrics row per file (see `image_metrics`; the
     disk regions of the targets whose `disks`, from `target_disks`, are known) and, with
     `panels`, writes `<name>_panel.png`; otherwise returns []. The folder's record
-    (test_run.json) is written first (see `take_folder`).
+    (test_run.json) is written first (see `take_folder`). sizes: the tile size of each file
+    (`tile_sizes`, which is asked when None).
     """
+    if sizes is None:
+        sizes = tile_sizes(opt, dataset.input_paths, device)
     make_dirs(out_dir)
     take_folder(out_dir, run_record(opt, dataset, iteration, precision, panels))
     scaling = Scaling.from_options(opt, 'target')
@@ -129,7 +164,8 @@ def translate(G, dataset, out_dir, opt, device, iteration, precision=None, panel
         for index, (input, name) in enumerate(tqdm(loader, desc=f'iteration {iteration}',
                                                    unit='file', disable=None, leave=False)):
             batch = input[None].to(device, memory_format=memory_format(device))
-            output = generate(G, batch, opt.n_downsample, precision)
+            output = generate(G, batch, opt.n_downsample, precision, sizes[index], opt.tmp_dir,
+                              desc=name)
             data = scaling.inverse(output[0].cpu().numpy())
             path = os.path.join(out_dir, f'{name}_AI.{opt.data_format_target}')
             extra = {'header': None}
@@ -156,6 +192,642 @@ def translate(G, dataset, out_dir, opt, device, iteration, precision=None, panel
                                **panel_options(opt, dataset.input_paths[index], extra['header']))
     G.train(was_training)
     return aligned(rows)
+
+
+# ----------------------------------------------------------------------------------------
+# Full-resolution images: exact tiled inference (README "Full-resolution images")
+# ----------------------------------------------------------------------------------------
+
+# The generator runs layer by layer over tiles of the whole (padded) image. Each layer's raw
+# output goes to a file-backed store; what follows it (normalisation and activation) is
+# applied when the next layer reads a tile, InstanceNorm with the whole image's per-channel
+# mean and variance, accumulated in float64 over the tiles of the pass that wrote the store.
+# Each tile is read with the halo its convolution needs, and at the image border with the
+# padding the whole image gets, so every output pixel is the whole-image one.
+
+PAD_MODES = {nn.ReflectionPad2d: 'reflect', nn.ReplicationPad2d: 'replicate',
+             nn.ZeroPad2d: 'zero'}
+# Set to a number of bytes, the memory a whole-image pass may use (instead of what the
+# machine has free): README "Full-resolution images".
+MEMORY_LIMIT_VARIABLE = 'PIX2PIXCC_MEMORY_LIMIT'
+# An image slower than this (seconds) gets a progress bar of its layers or tiles.
+PROGRESS_DELAY = 5
+FLOAT_BYTES = 4  # stores and tiles are float32
+
+
+class Step(NamedTuple):
+    """One convolution of the generator and the layers around it.
+
+    pad: the padding layer before it, or None; upsample: the x2 bilinear upsampling before
+    that, or None; conv: Conv2d or ConvTranspose2d; norm, act: the normalisation and the
+    activation after it, or None; block_start / block_end: its input is a residual block's
+    input / the block's input is added to its (normalised) output.
+    """
+    conv: nn.Module
+    pad: nn.Module = None
+    upsample: nn.Module = None
+    norm: nn.Module = None
+    act: nn.Module = None
+    block_start: bool = False
+    block_end: bool = False
+
+
+def generator_steps(G):
+    """The Steps of a Generator (or of a wrapper of one), in order."""
+    return layer_steps(bare(G).model)
+
+
+def layer_steps(modules):
+    steps, before = [], {}
+    for module in modules:
+        if isinstance(module, ResidualBlock):
+            inner = layer_steps(module.block)
+            inner[0] = inner[0]._replace(block_start=True)
+            inner[-1] = inner[-1]._replace(block_end=True)
+            steps += inner
+        elif type(module) in PAD_MODES:
+            before['pad'] = module
+        elif isinstance(module, nn.Upsample) and module.mode == 'bilinear' and \
+                module.align_corners and module.scale_factor in (2, (2, 2), (2.0, 2.0)):
+            before['upsample'] = module
+        elif isinstance(module, (nn.Conv2d, nn.ConvTranspose2d)):
+            if tuple(module.dilation) != (1, 1) or module.padding_mode != 'zeros':
+                raise TypeError(f'tiled inference needs plain convolutions, not {module}')
+            steps.append(Step(module, **before))
+            before = {}
+        elif isinstance(module, nn.modules.batchnorm._NormBase) and steps and \
+                steps[-1].norm is None:
+            steps[-1] = steps[-1]._replace(norm=module)
+        elif isinstance(module, Mish) and steps and steps[-1].act is None:
+            steps[-1] = steps[-1]._replace(act=module)
+        else:
+            raise TypeError(f'tiled inference does not know the layer {module} here')
+    return steps
+
+
+def pad_widths(step, axis):
+    """(before, after) of the step's padding layer along `axis` (0: rows, 1: columns)."""
+    if step.pad is None:
+        return 0, 0
+    left, right, top, bottom = step.pad.padding
+    return (top, bottom) if axis == 0 else (left, right)
+
+
+def conv_output_length(conv, axis, length):
+    """The length along `axis` of `conv`'s output for an input of `length`."""
+    k, s, p = conv.kernel_size[axis], conv.stride[axis], conv.padding[axis]
+    if isinstance(conv, nn.ConvTranspose2d):
+        return (length - 1) * s - 2 * p + k + conv.output_padding[axis]
+    return (length + 2 * p - k) // s + 1
+
+
+def module_input_length(step, axis, length):
+    """The length of the convolution's input (after upsampling and padding) along `axis`
+    for a step input of `length`."""
+    before, after = pad_widths(step, axis)
+    return length * (2 if step.upsample is not None else 1) + before + after
+
+
+def step_output_shape(step, shape):
+    """(C, H, W) of the step's output for an input of (C, H, W) `shape`."""
+    return (step.conv.out_channels,
+            *(conv_output_length(step.conv, axis, module_input_length(step, axis, n))
+              for axis, n in enumerate(shape[1:])))
+
+
+def conv_input_range(conv, axis, length, start, stop):
+    """(first, end, crop): the convolution's input rows [first, end) (of `length`) from
+    which it computes output rows [start, stop) exactly, and the index of row `start` in
+    its output for that input.
+
+    Its own zero padding lies where the whole input's does at the borders, and elsewhere
+    only touches output rows before `crop` or after the tile, which are dropped.
+    """
+    k, s, p = conv.kernel_size[axis], conv.stride[axis], conv.padding[axis]
+    if isinstance(conv, nn.ConvTranspose2d):
+        # Output row o takes input rows (o + p - k + 1) / s ... (o + p) / s.
+        first = max(0, min(-(-(start + p - k + 1) // s), start // s))
+        end = min(length, (stop - 1 + p) // s + 1)
+        while end < length and (end - first - 1) * s - 2 * p + k + \
+                conv.output_padding[axis] < stop - first * s:
+            end += 1
+        return first, end, start - first * s
+    # Output row o takes input rows o * s - p ... o * s - p + k - 1.
+    first = max(0, (start - -(-p // s)) * s)
+    return first, min(length, (stop - 1) * s - p + k), start - first // s
+
+
+def padded_rows(rows, length, mode):
+    """(row of the unpadded map, weight) of each of `rows` (numpy, may lie outside
+    [0, length)) after padding of `mode`; the weight is 0 for zero padding."""
+    if mode == 'reflect':
+        rows = np.abs(rows)
+        rows = np.where(rows >= length, 2 * (length - 1) - rows, rows)
+    weight = (rows >= 0) & (rows < length) if mode == 'zero' else np.ones(rows.shape, bool)
+    return np.clip(rows, 0, length - 1), weight.astype(np.float32)
+
+
+def upsampled_rows(rows, length):
+    """The two rows of a map of `length` and their weights that x2 bilinear upsampling
+    with aligned corners (UpsamplingBilinear2d) mixes into each of `rows` of its output,
+    computed in float32 as PyTorch does."""
+    scale = np.float32((length - 1) / (2 * length - 1)) if length > 1 else np.float32(0)
+    source = scale * rows.astype(np.float32)
+    low = np.minimum(source.astype(np.int64), length - 1)
+    high = np.minimum(low + 1, length - 1)
+    weight = (source - low).astype(np.float32)
+    return low, high, np.float32(1) - weight, weight
+
+
+class AxisPlan(NamedTuple):
+    """How a tile's rows (or columns) are made from a step's input along one axis: read
+    rows [start, stop) of the input, then take rows `low` (and `high`) of what was read with
+    weights `w_low` (and `w_high`); None where the read rows are used as they are. `crop`:
+    the first row of the convolution's output that is kept."""
+    start: int
+    stop: int
+    low: torch.Tensor
+    high: torch.Tensor
+    w_low: torch.Tensor
+    w_high: torch.Tensor
+    crop: int
+
+
+def axis_plan(step, axis, length, start, stop, device):
+    """The AxisPlan of output rows [start, stop) of `step` whose input has `length` rows."""
+    n_up = length * (2 if step.upsample is not None else 1)
+    first, end, crop = conv_input_range(step.conv, axis,
+                                        module_input_length(step, axis, length), start, stop)
+    before, _ = pad_widths(step, axis)
+    mode = PAD_MODES[type(step.pad)] if step.pad is not None else 'zero'
+    rows, weight = padded_rows(np.arange(first, end) - before, n_up, mode)
+    if step.upsample is not None:
+        low, high, w_low, w_high = upsampled_rows(rows, length)
+        w_low, w_high = w_low * weight, w_high * weight
+    else:
+        low, high, w_low, w_high = rows, None, weight, None
+    read = int(low.min()), int((high if high is not None else low).max()) + 1
+    if high is None and weight.all() and np.array_equal(low, np.arange(*read)):
+        return AxisPlan(*read, None, None, None, None, crop)
+
+    def tensor(values, dtype):
+        return None if values is None else torch.as_tensor(values, dtype=dtype, device=device)
+
+    return AxisPlan(*read, tensor(low - read[0], torch.long),
+                    tensor(None if high is None else high - read[0], torch.long),
+                    tensor(w_low, torch.float32), tensor(w_high, torch.float32), crop)
+
+
+def gather(tile, plan, dim):
+    """The rows (dim 2) or columns (dim 3) of `tile` that `plan` makes of it."""
+    if plan.low is None:
+        return tile
+    shape = [1, 1, 1, 1]
+    shape[dim] = -1
+    out = tile.index_select(dim, plan.low)
+    if plan.high is not None:
+        return out * plan.w_low.view(shape) + \
+            tile.index_select(dim, plan.high) * plan.w_high.view(shape)
+    if not bool(plan.w_low.all()):  # zero padding
+        out = out * plan.w_low.view(shape)
+    return out
+
+
+class Pointwise:
+    """The normalisation and activation that follow a stored convolution output, applied
+    to a tile when the next layer reads it: (x - center) * scale + offset per channel,
+    then `act` (or None)."""
+
+    def __init__(self, norm=None, act=None, moments=None, device=None):
+        self.act, self.center = act, None
+        if norm is None:
+            return
+        if moments is not None:  # the whole image's statistics (InstanceNorm)
+            mean, var = moments.mean, moments.variance
+        else:  # running statistics (BatchNorm in eval mode)
+            mean, var = norm.running_mean.double(), norm.running_var.double()
+        scale = 1 / torch.sqrt(var.to(device) + norm.eps)
+        offset = torch.zeros_like(scale)
+        if norm.affine:
+            scale = scale * norm.weight.double().to(device)
+            offset = norm.bias.double().to(device)
+        self.center, self.scale, self.offset = (
+            value.float().view(1, -1, 1, 1) for value in (mean.to(device), scale, offset))
+
+    def __call__(self, tile):
+        """`tile` (1, C, h, w) float32, changed in place; returns the result."""
+        if self.center is not None:
+            tile.sub_(self.center).mul_(self.scale).add_(self.offset)
+        return self.act(tile) if self.act is not None else tile
+
+
+def uses_image_statistics(norm):
+    """Whether `norm` normalises by the statistics of what it is given (InstanceNorm; a
+    BatchNorm in training mode or without running statistics) rather than stored ones."""
+    return norm is not None and (norm.training or not norm.track_running_stats)
+
+
+class ChannelMoments:
+    """Per-channel mean and biased variance of a map seen tile by tile, in float64 (each
+    tile's moments, merged by Chan et al.'s pairwise rule)."""
+
+    CHUNK = 2 ** 22  # values converted to float64 at a time
+
+    def __init__(self):
+        self.count, self.mean, self.m2 = 0, None, None
+
+    def add(self, tile):
+        """`tile`: (1, C, h, w)."""
+        n = tile.shape[2] * tile.shape[3]
+        step = max(1, self.CHUNK // max(n, 1))
+        parts = [torch.var_mean(chunk.double(), dim=(0, 2, 3), correction=0)
+                 for chunk in tile.split(step, dim=1)]
+        var, mean = (torch.cat(values) for values in zip(*parts, strict=True))
+        if self.count == 0:
+            self.count, self.mean, self.m2 = n, mean, var * n
+            return
+        total = self.count + n
+        delta = mean - self.mean
+        self.mean = self.mean + delta * (n / total)
+        self.m2 = self.m2 + var * n + delta * delta * (self.count * n / total)
+        self.count = total
+
+    @property
+    def variance(self):
+        return self.m2 / self.count
+
+
+class MemoryStore:
+    """A (1, C, H, W) tensor read and written tile by tile like a DiskStore (the input
+    image and the generator's output)."""
+
+    def __init__(self, tensor):
+        self.tensor, self.shape, self.transform = tensor, tuple(tensor.shape[1:]), None
+
+    def read(self, rows, cols, device):
+        tile = self.tensor[..., rows[0]:rows[1], cols[0]:cols[1]].to(device)
+        return tile.clone() if self.transform is not None else tile
+
+    def write(self, row, col, tile):
+        self.tensor[..., row:row + tile.shape[2], col:col + tile.shape[3]] = tile
+
+    def close(self):
+        pass
+
+
+class DiskStore:
+    """A (C, H, W) float32 map in a file, stored as H x W x C so that a tile's rows are
+    contiguous runs. Read and written with explicit reads and writes (never mapped), so
+    the process holds only the tiles it works on. `transform`: the Pointwise the next layer
+    applies to what it reads, or None."""
+
+    def __init__(self, path, shape):
+        self.path, self.shape, self.transform = path, tuple(shape), None
+        self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+        if hasattr(os, 'posix_fallocate'):  # a full disk fails here, not half-way
+            try:
+                os.posix_fallocate(self.fd, 0, math.prod(self.shape) * FLOAT_BYTES)
+            except OSError:
+                self.close()
+                raise
+
+    def offset(self, row, col):
+        channels, _, width = self.shape
+        return (row * width + col) * channels * FLOAT_BYTES
+
+    def runs(self, rows, cols, array):
+        """(file offset, row of `array`) of each contiguous run of the tile rows × cols:
+        one run when the tile spans whole rows, else one per row."""
+        if cols[0] == 0 and cols[1] == self.shape[2]:
+            return [(self.offset(rows[0], 0), array.reshape(-1))]
+        return [(self.offset(row, cols[0]), array[i]) for i, row in enumerate(range(*rows))]
+
+    def read(self, rows, cols, device):
+        """Rows [r0, r1) x columns [c0, c1) as a (1, C, h, w) float32 tensor on `device`."""
+        array = np.empty((rows[1] - rows[0], cols[1] - cols[0], self.shape[0]), np.float32)
+        for offset, run in self.runs(rows, cols, array):
+            if os.preadv(self.fd, [run], offset) != run.nbytes:
+                raise OSError(errno.EIO, f'short read from {self.path}')
+        return torch.from_numpy(array).to(device).permute(2, 0, 1)[None]
+
+    def write(self, row, col, tile):
+        """`tile` (1, C, h, w) at rows from `row`, columns from `col`."""
+        array = tile[0].permute(1, 2, 0).contiguous().cpu().numpy()
+        rows, cols = (row, row + array.shape[0]), (col, col + array.shape[1])
+        for offset, run in self.runs(rows, cols, array):
+            if os.pwrite(self.fd, run, offset) != run.nbytes:
+                raise OSError(errno.ENOSPC, f'short write to {self.path}')
+
+    def close(self):
+        if self.fd is not None:
+            os.close(self.fd)
+            os.remove(self.path)
+            self.fd = None
+
+
+class TemporaryStores:
+    """A temporary folder in `tmp_dir` (default: the system's) holding the DiskStores of
+    one image; the folder and everything in it are removed at the end, also on an error or
+    a stop signal (which the Test script turns into an exception)."""
+
+    PREFIX = 'pix2pixCC-tiles-'
+
+    def __init__(self, tmp_dir=None):
+        self.tmp_dir, self.folder, self.stores = tmp_dir, None, []
+
+    def __enter__(self):
+        self.folder = tempfile.mkdtemp(prefix=self.PREFIX, dir=self.tmp_dir)
+        return self
+
+    def new(self, shape):
+        path = os.path.join(self.folder, f'{len(self.stores)}.f32')
+        try:
+            self.stores.append(DiskStore(path, shape))
+        except OSError as error:
+            raise temporary_disk_error(self.folder, error) from None
+        return self.stores[-1]
+
+    def __exit__(self, *exc):
+        for store in self.stores:
+            with contextlib.suppress(OSError):
+                store.close()
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+
+def temporary_disk_error(folder, error):
+    return UserError(f"cannot write the temporary tiles in {folder}: "
+                     f"{error.strerror or error}; give --tmp_dir a folder with more room")
+
+
+def tile_side(tile_size, level):
+    """The side of a tile at `level` (the map is 2**level times smaller than the image):
+    tile_size at full resolution, then halved every second level, where the channels have
+    grown fourfold, so that a tile holds at most as many values at every level."""
+    return max(1, tile_size >> ((level + 1) // 2))
+
+
+def level_of(full_height, height):
+    return max(0, round(math.log2(full_height / height)))
+
+
+def tiles(shape, side):
+    """[(rows, columns)] of the tiles of side `side` covering a (C, H, W) map."""
+    return [((r, min(r + side, shape[1])), (c, min(c + side, shape[2])))
+            for r in range(0, shape[1], side) for c in range(0, shape[2], side)]
+
+
+def read_tile(store, rows, cols, device):
+    tile = store.read(rows, cols, device)
+    return store.transform(tile) if store.transform is not None else tile
+
+
+def run_step(step, source, target, side, device, precision, moments, bar):
+    """Every tile of `step`'s output from `source` into `target`; the output's per-channel
+    moments into `moments` (or None)."""
+    plans = {}  # (axis, start, stop): the AxisPlan, the same for a row or column of tiles
+
+    def plan(axis, span):
+        if (axis, *span) not in plans:
+            plans[(axis, *span)] = axis_plan(step, axis, source.shape[axis + 1], *span, device)
+        return plans[(axis, *span)]
+
+    for rows, cols in tiles(target.shape, side):
+        row_plan, col_plan = plan(0, rows), plan(1, cols)
+        tile = read_tile(source, row_plan[:2], col_plan[:2], device)
+        tile = gather(gather(tile, row_plan, 2), col_plan, 3)
+        tile = tile.contiguous(memory_format=memory_format(device))
+        with precision.autocast() if precision is not None else contextlib.nullcontext():
+            out = step.conv(tile)
+        del tile
+        out = out[..., row_plan.crop:row_plan.crop + rows[1] - rows[0],
+                  col_plan.crop:col_plan.crop + cols[1] - cols[0]].float()
+        if moments is not None:
+            moments.add(out)
+        target.write(rows[0], cols[0], out)
+        bar.update()
+
+
+def add_block_input(target, block_input, side, device, bar):
+    """A residual block's output, block input + normalised last convolution, into
+    `target` (tile by tile, in place)."""
+    for rows, cols in tiles(target.shape, side):
+        tile = read_tile(target, rows, cols, device)
+        target.write(rows[0], cols[0], tile.add_(read_tile(block_input, rows, cols, device)))
+        bar.update()
+    target.transform = None
+
+
+def tiled_generate(G, input, tile_size, precision=None, tmp_dir=None, desc=None):
+    """G on a (B, C, H, W) input whose H and W are multiples of 2**n_downsample, in tiles
+    of `tile_size` pixels at full resolution: the output of G(input) (to float rounding;
+    README "Full-resolution images"), holding only tiles in memory besides the input and
+    the output. Returns (B, target_ch, H, W) float32 on the input's device."""
+    steps = generator_steps(G)
+    return torch.cat([tiled_sample(steps, sample, tile_size, precision, tmp_dir, desc)
+                      for sample in input.split(1)])
+
+
+def tiled_sample(steps, input, tile_size, precision, tmp_dir, desc):
+    device, height = input.device, input.shape[2]
+    shapes = [step_output_shape(steps[0], input.shape[1:])]
+    for step in steps[1:]:
+        shapes.append(step_output_shape(step, shapes[-1]))
+    sides = [tile_side(tile_size, level_of(height, shape[1])) for shape in shapes]
+    total = sum(len(tiles(shape, side)) * (2 if step.block_end else 1)
+                for step, shape, side in zip(steps, shapes, sides, strict=True))
+    with TemporaryStores(tmp_dir) as stores, \
+            tqdm(total=total, desc=desc, unit='tile', leave=False, disable=None,
+                 delay=PROGRESS_DELAY) as bar:
+        source, block_input = MemoryStore(input.float()), None
+        for index, (step, shape, side) in enumerate(zip(steps, shapes, sides, strict=True)):
+            if step.block_start:
+                block_input = source
+            last = index == len(steps) - 1
+            target = MemoryStore(input.new_empty((1, *shape), dtype=torch.float32)) if last \
+                else stores.new(shape)
+            moments = ChannelMoments() if uses_image_statistics(step.norm) else None
+            try:
+                run_step(step, source, target, side, device, precision, moments, bar)
+            except OSError as error:
+                raise temporary_disk_error(stores.folder, error) from None
+            target.transform = Pointwise(step.norm, step.act, moments, device)
+            if step.block_end:
+                add_block_input(target, block_input, side, device, bar)
+                block_input.close()
+            if source is not block_input:
+                source.close()
+            source = target
+        return source.tensor
+
+
+# The choice between a whole image and tiles, before the first image (README
+# "Full-resolution images").
+
+
+def shapes_along(steps, shape):
+    """[(input, convolution input, output)] (C, H, W) shapes of each step for a (padded)
+    input of `shape`."""
+    shapes = []
+    for step in steps:
+        middle = (shape[0], *(module_input_length(step, axis, n)
+                              for axis, n in enumerate(shape[1:])))
+        output = step_output_shape(step, shape)
+        shapes.append((shape, middle, output))
+        shape = output
+    return shapes
+
+
+def whole_image_bytes(steps, shape):
+    """An estimate of the memory (bytes) of G on a whole (padded) image of (C, H, W)
+    `shape`: twice the largest sum of a layer's input, padded input and output (what a
+    convolution's working copies add), a residual block's input kept across the block, and
+    the input and output images."""
+    peak, block, shapes = 0, 0, shapes_along(steps, shape)
+    for step, (source, middle, output) in zip(steps, shapes, strict=True):
+        block = math.prod(source) if step.block_start else block
+        live = math.prod(source) + math.prod(middle) + math.prod(output)
+        peak = max(peak, live + (block if not step.block_start else 0))
+        block = 0 if step.block_end else block
+    return (2 * peak + math.prod(shape) + math.prod(shapes[-1][2])) * FLOAT_BYTES
+
+
+def tile_extent(conv, axis, length, out_length, side):
+    """The convolution input rows of an inner output tile of `side` rows (the second)."""
+    start = min(side, out_length - 1)
+    first, end, _ = conv_input_range(conv, axis, length, start, min(start + side, out_length))
+    return end - first
+
+
+def tiled_bytes(steps, shape, tile_size):
+    """An estimate of the memory (bytes) of `tiled_generate` on a (padded) image of
+    (C, H, W) `shape`: the input and output images, and the largest tile's working copies
+    (the read tile and its padded form twice, the output three times) and statistics."""
+    peak, shapes = 0, shapes_along(steps, shape)
+    for step, (source, middle, output) in zip(steps, shapes, strict=True):
+        side = tile_side(tile_size, level_of(shape[1], output[1]))
+        tile_in = source[0] * math.prod(
+            tile_extent(step.conv, axis, middle[axis + 1], output[axis + 1], side)
+            for axis in (0, 1))
+        tile_out = output[0] * min(side, output[1]) * min(side, output[2])
+        # (float64 statistics: a chunk of the output tile, twice the bytes)
+        peak = max(peak, 4 * tile_in + 3 * tile_out + 2 * min(ChannelMoments.CHUNK, tile_out))
+    return (peak + math.prod(shape) + math.prod(shapes[-1][2])) * FLOAT_BYTES
+
+
+def disk_bytes(steps, shape):
+    """The temporary disk (bytes) of `tiled_generate` on a (padded) image of (C, H, W)
+    `shape`: the most that its stores hold at once (the input of a step, its output and a
+    residual block's input; the input and the last output are in memory)."""
+    peak, block, stored = 0, 0, 0  # stored: the current step input's store, 0 for memory
+    steps_shapes = list(zip(steps, shapes_along(steps, shape), strict=True))
+    for index, (step, (_, _, output)) in enumerate(steps_shapes):
+        block = stored if step.block_start else block
+        written = math.prod(output) if index < len(steps) - 1 else 0
+        peak = max(peak, stored + written + (block if not step.block_start else 0))
+        block = 0 if step.block_end else block
+        stored = written
+    return peak * FLOAT_BYTES
+
+
+def available_memory(device):
+    """The bytes a pass may use on `device`: $PIX2PIXCC_MEMORY_LIMIT when set, else the
+    MemAvailable of /proc/meminfo (CPU) or the device's free memory and what PyTorch's
+    allocator holds unused (CUDA); None when unknown (then a whole image is tried)."""
+    limit = os.environ.get(MEMORY_LIMIT_VARIABLE)
+    if limit:
+        try:
+            return int(float(limit))
+        except ValueError:
+            raise UserError(f"{MEMORY_LIMIT_VARIABLE}={limit!r} is not a number of bytes; "
+                            f"set it to e.g. 8e9, or unset it") from None
+    if device.type == 'cuda':
+        free, _ = torch.cuda.mem_get_info(device)
+        return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    try:
+        with open('/proc/meminfo') as f:
+            fields = dict(line.split(':', 1) for line in f)
+        return int(fields['MemAvailable'].split()[0]) * 1024
+    except (OSError, KeyError, ValueError):
+        return None
+
+
+def automatic_tile_size(steps, shape, multiple, memory):
+    """The tile size for a (padded) image of (C, H, W) `shape` when a whole-image pass does
+    not fit `memory` bytes: the largest power-of-two multiple of `multiple` below the image
+    whose tiles take at most half of it (leaving room for the stores' file cache), else the
+    smallest; 0 when the whole image fits or `memory` is None."""
+    if memory is None or whole_image_bytes(steps, shape) <= memory:
+        return 0
+    size = multiple
+    while 2 * size < max(shape[1:]) and tiled_bytes(steps, shape, 2 * size) <= memory / 2:
+        size *= 2
+    return size
+
+
+def gigabytes(n_bytes):
+    return f'{n_bytes / 1e9:.1f} GB'
+
+
+def padded_shape(channels, size, multiple):
+    """(C, H, W) of an input of `size` (H, W) padded to multiples of `multiple`."""
+    return (channels, *(n + -n % multiple for n in size))
+
+
+def tile_sizes(opt, input_paths, device, log=print):
+    """The tile size of each of `input_paths` (0: the whole image at once): --tile_size for
+    the inputs larger than it; without it, tiles for the inputs whose whole-image pass would
+    not fit in memory (`available_memory`, less the generator's weights on a GPU), with one
+    notice line. Raises UserError, before any output, when the tiled inputs' temporary
+    stores would not fit the free disk of --tmp_dir, or the smallest tiles the memory. Sizes
+    come from the files' headers, the layers from the options."""
+    with torch.device('meta'):  # (no memory)
+        G = Generator(opt)
+    steps = generator_steps(G)
+    multiple = 2 ** opt.n_downsample
+    shapes = [padded_shape(opt.input_ch, stored_size(path, opt.data_format_input,
+                                                     opt.input_ch), multiple)
+              for path in input_paths]
+    if opt.tile_size:
+        sizes = [opt.tile_size if max(shape[1:]) > opt.tile_size else 0 for shape in shapes]
+    else:
+        memory = available_memory(device)
+        # (The Test script asks before loading it; in training this counts it twice.)
+        if memory is not None and device.type == 'cuda':
+            memory -= sum(p.numel() for p in G.parameters()) * FLOAT_BYTES
+        chosen = {shape: automatic_tile_size(steps, shape, multiple, memory)
+                  for shape in set(shapes)}
+        sizes = [chosen[shape] for shape in shapes]
+    tiled = [index for index, size in enumerate(sizes) if size]
+    if not tiled:
+        return sizes
+    largest = max(tiled, key=lambda index: math.prod(shapes[index]))
+    name, shape = os.path.basename(input_paths[largest]), shapes[largest]
+    check_room_for_tiles(steps, shape, sizes[largest], name, opt.tmp_dir,
+                         None if opt.tile_size else memory)
+    if not opt.tile_size:
+        log(f"notice: a whole-image pass over {len(tiled)} of the {len(sizes)} input(s) "
+            f"(the largest {name}, {shape[1]}x{shape[2]}) needs about "
+            f"{gigabytes(whole_image_bytes(steps, shape))} of memory, more than the "
+            f"{gigabytes(memory)} available: translating {'it' if len(tiled) == 1 else 'them'}"
+            f" in tiles of {sizes[largest]} px, with the same result (--tile_size N sets it)")
+    return sizes
+
+
+def check_room_for_tiles(steps, shape, tile_size, name, tmp_dir, memory=None):
+    """UserError when the temporary stores of a (padded) image of (C, H, W) `shape` would
+    not fit the free disk of `tmp_dir`, or (with `memory`) its tiles that memory."""
+    tmp_dir = tmp_dir or tempfile.gettempdir()
+    need, free = disk_bytes(steps, shape), shutil.disk_usage(tmp_dir).free
+    if need > free:
+        raise UserError(f"translating {name} ({shape[1]}x{shape[2]}) in tiles needs "
+                        f"{gigabytes(need)} of temporary disk in {tmp_dir}, which has "
+                        f"{gigabytes(free)} free; give --tmp_dir a folder with more room")
+    need = tiled_bytes(steps, shape, tile_size)
+    if memory is not None and need > memory:
+        raise UserError(f"translating {name} ({shape[1]}x{shape[2]}) needs about "
+                        f"{gigabytes(need)} of memory even in tiles of {tile_size} px, more "
+                        f"than the {gigabytes(memory)} available; free memory or use a "
+                        f"larger machine")
 
 
 # ----------------------------------------------------------------------------------------
@@ -704,6 +1376,7 @@ def main(argv=None):
     # Checked before any output: the metric that picks the best of several generators.
     key = selection_key(opt, metric_keys(opt, disks)) if disks is not None else None
     iterations = iterations_asked_for(opt)
+    sizes = tile_sizes(opt, dataset.input_paths, device)  # whole images or tiles
 
     # Output folders: refused or emptied (--overwrite) before anything is written.
     record_of = functools.partial(run_record, opt, dataset, precision=precision,
@@ -714,15 +1387,19 @@ def main(argv=None):
         make_dirs(top)
         take_folder(top, record_of(-1))
 
-    # Translate with every generator asked for; metrics when targets are given.
+    # Translate with every generator asked for; metrics when targets are given. A stop
+    # signal ends the run at once as an exception, so that what is half-written (an output
+    # under its temporary name, the temporary tiles) is removed on its way out.
     by_iteration = []
-    for iteration in iterations:
-        G = load_generator(opt, checkpoint_path(opt.model_dir, iteration, 'G'), device)
-        rows = translate(G, dataset, folders[iteration], opt, device, iteration, precision,
-                         panels=opt.save_panels, disks=disks)
-        print(f"iteration {iteration}: {len(dataset)} file(s) written to {folders[iteration]}")
-        if rows:
-            by_iteration.append(write_metrics(rows, folders[iteration], iteration, opt))
+    with GracefulStop(consequence='; every output written before it is complete'):
+        for iteration in iterations:
+            G = load_generator(opt, checkpoint_path(opt.model_dir, iteration, 'G'), device)
+            rows = translate(G, dataset, folders[iteration], opt, device, iteration,
+                             precision, panels=opt.save_panels, disks=disks, sizes=sizes)
+            print(f"iteration {iteration}: {len(dataset)} file(s) written to "
+                  f"{folders[iteration]}")
+            if rows:
+                by_iteration.append(write_metrics(rows, folders[iteration], iteration, opt))
     if len(by_iteration) > 1:
         write_best_iteration(by_iteration, top, key, target_sizes(dataset, opt))
     return 0

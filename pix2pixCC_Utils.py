@@ -731,11 +731,11 @@ class RunLock:
 
 
 class StopRequested(UserError):
-    """A stop signal arrived before training began: nothing to save, exit 128 + signal."""
+    """A stop signal that ends the run at once (training: before its first step, nothing
+    to save): exit 128 + signal. consequence: the end of the line, what it means."""
 
-    def __init__(self, signum):
-        super().__init__(f"stopped by {signal_name(signum)} before the first training step; "
-                         f"nothing was saved")
+    def __init__(self, signum, consequence=' before the first training step; nothing was saved'):
+        super().__init__(f"stopped by {signal_name(signum)}{consequence}")
         self.exit_status = 128 + signum
 
 
@@ -751,10 +751,12 @@ class GracefulStop:
     checkpoint and exits with 128 + the signal number. Before `defer()` (data checks,
     loading a checkpoint, building the networks) a signal stops at once with StopRequested.
     A SIGINT while a stop is pending raises KeyboardInterrupt and sets `aborted`: a second
-    Ctrl-C aborts at once.
+    Ctrl-C aborts at once. The Test script, which never defers, uses it to turn a signal
+    into an exception (StopRequested, its line ending in `consequence`).
     """
 
-    def __init__(self):
+    def __init__(self, consequence=None):
+        self.stop_args = () if consequence is None else (consequence,)
         self.signals = [signal.SIGTERM, signal.SIGINT] + \
             ([signal.SIGUSR1] if hasattr(signal, 'SIGUSR1') else [])
         self.signum = None
@@ -778,19 +780,19 @@ class GracefulStop:
         # bad file: whatever came out, the run was stopped.
         if exc is not None and not self.deferring and self.signum is not None and \
                 not isinstance(exc, StopRequested):
-            raise StopRequested(self.signum) from None
+            raise StopRequested(self.signum, *self.stop_args) from None
 
     def defer(self):
         """From now on a signal ends the run after the step in progress. A signal that came
         earlier and was swallowed on its way out stops the run now."""
         if self.signum is not None:
-            raise StopRequested(self.signum)
+            raise StopRequested(self.signum, *self.stop_args)
         self.deferring = True
 
     def handle(self, signum, frame):
         if not self.deferring:
             self.signum = signum
-            raise StopRequested(signum)
+            raise StopRequested(signum, *self.stop_args)
         if self.signum is not None:
             if signum == signal.SIGINT:
                 self.aborted = True
