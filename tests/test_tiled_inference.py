@@ -2,8 +2,10 @@
 output to 1e-5 of its range for every normalisation, padding, upsampling and channel count
 and for sizes that are not multiples of N or of 2**n_downsample, in the Test script and in
 --val_during_train; the temporary folder goes after a normal run, an error and a SIGTERM;
-tiles are taken by themselves when a whole image would not fit in memory; the errors."""
+tiles are taken by themselves when a whole image would not fit in memory; the errors; the
+benchmark of BENCHMARKS.md ("Full-resolution images")."""
 import itertools
+import json
 import os
 import signal
 import subprocess
@@ -16,8 +18,8 @@ import torch
 
 import pix2pixCC_Test
 import pix2pixCC_Train
-from conftest import (NPY_DATA, SUBPROCESS_ENV, TEST_SCRIPT, TINY, field, make_test_opt,
-                      train_opt)
+from conftest import (NPY_DATA, REPO, SUBPROCESS_ENV, TEST_SCRIPT, TINY, TINY_NETWORK, field,
+                      make_test_opt, train_opt)
 from pix2pixCC_Networks import Generator
 from pix2pixCC_Options import UserError, run_main
 
@@ -260,3 +262,16 @@ def test_bad_tile_size_in_training_is_refused_at_once(capsys):
     with pytest.raises(SystemExit):
         train_opt('--tile_size', '6')
     assert '--tile_size must be a multiple of 4' in capsys.readouterr().err
+
+
+def test_the_benchmark_measures_a_tiled_test_run(tmp_path, capsys):
+    """benchmarks/tiled_inference.py (BENCHMARKS.md), on a tiny network and a small image."""
+    sys.path.insert(0, os.path.join(REPO, 'benchmarks'))
+    import tiled_inference
+    report = tmp_path / 'figures.json'
+    assert tiled_inference.main(TINY_NETWORK + ['--sizes', '96', '--tile_size', '32',
+                                                '--skip_whole', '--json', str(report)]) == 0
+    figures = json.loads(report.read_text())['sizes']['96']
+    assert figures['whole'] == {'skipped': '--skip_whole'}
+    assert figures['tiled']['peak_rss_mb'] > 50 and figures['tiled']['wall_seconds'] > 0
+    assert '| 96² | tiled |' in capsys.readouterr().out
