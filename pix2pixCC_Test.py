@@ -206,7 +206,7 @@ def translate(G, dataset, out_dir, opt, device, iteration, precision=None, panel
 # padding the whole image gets, so every output pixel is the whole-image one.
 
 PAD_MODES = {nn.ReflectionPad2d: 'reflect', nn.ReplicationPad2d: 'replicate',
-             nn.ZeroPad2d: 'zero'}
+             nn.ZeroPad2d: 'constant'}  # (as F.pad names them)
 # Set to a number of bytes, the memory a whole-image pass may use (instead of what the
 # machine has free): README "Full-resolution images".
 MEMORY_LIMIT_VARIABLE = 'PIX2PIXCC_MEMORY_LIMIT'
@@ -319,11 +319,11 @@ def conv_input_range(conv, axis, length, start, stop):
 
 def padded_rows(rows, length, mode):
     """(row of the unpadded map, weight) of each of `rows` (numpy, may lie outside
-    [0, length)) after padding of `mode`; the weight is 0 for zero padding."""
+    [0, length)) after padding of `mode` (F.pad's); the weight is 0 for zero padding."""
     if mode == 'reflect':
         rows = np.abs(rows)
         rows = np.where(rows >= length, 2 * (length - 1) - rows, rows)
-    weight = (rows >= 0) & (rows < length) if mode == 'zero' else np.ones(rows.shape, bool)
+    weight = (rows >= 0) & (rows < length) if mode == 'constant' else np.ones(rows.shape, bool)
     return np.clip(rows, 0, length - 1), weight.astype(np.float32)
 
 
@@ -341,56 +341,59 @@ def upsampled_rows(rows, length):
 
 class AxisPlan(NamedTuple):
     """How a tile's rows (or columns) are made from a step's input along one axis: read
-    rows [start, stop) of the input, then take rows `low` (and `high`) of what was read with
-    weights `w_low` (and `w_high`); None where the read rows are used as they are. `crop`:
-    the first row of the convolution's output that is kept."""
+    rows [start, stop) of the input, then either pad them by (before, after) rows of the
+    step's padding (`pad`; where the tile reaches beyond the image) or, after an
+    upsampling, mix rows `low` and `high` of them with weights `w_low` and `w_high`
+    (`upsampling`, else None). `crop`: the first row of the convolution's output kept."""
     start: int
     stop: int
-    low: torch.Tensor
-    high: torch.Tensor
-    w_low: torch.Tensor
-    w_high: torch.Tensor
+    pad: tuple
+    upsampling: tuple
     crop: int
+
+
+def pad_mode(step):
+    """The step's padding as F.pad's mode ('constant' also without a padding layer)."""
+    return PAD_MODES[type(step.pad)] if step.pad is not None else 'constant'
 
 
 def axis_plan(step, axis, length, start, stop, device):
     """The AxisPlan of output rows [start, stop) of `step` whose input has `length` rows."""
-    n_up = length * (2 if step.upsample is not None else 1)
     first, end, crop = conv_input_range(step.conv, axis,
                                         module_input_length(step, axis, length), start, stop)
     before, _ = pad_widths(step, axis)
-    mode = PAD_MODES[type(step.pad)] if step.pad is not None else 'zero'
-    rows, weight = padded_rows(np.arange(first, end) - before, n_up, mode)
-    if step.upsample is not None:
-        low, high, w_low, w_high = upsampled_rows(rows, length)
-        w_low, w_high = w_low * weight, w_high * weight
-    else:
-        low, high, w_low, w_high = rows, None, weight, None
-    read = int(low.min()), int((high if high is not None else low).max()) + 1
-    if high is None and weight.all() and np.array_equal(low, np.arange(*read)):
-        return AxisPlan(*read, None, None, None, None, crop)
-
-    def tensor(values, dtype):
-        return None if values is None else torch.as_tensor(values, dtype=dtype, device=device)
-
-    return AxisPlan(*read, tensor(low - read[0], torch.long),
-                    tensor(None if high is None else high - read[0], torch.long),
-                    tensor(w_low, torch.float32), tensor(w_high, torch.float32), crop)
+    first, end = first - before, end - before  # rows of the map before its padding
+    if step.upsample is None:  # the rows read, padded at the image's border
+        read = max(first, 0), min(end, length)
+        return AxisPlan(*read, (read[0] - first, end - read[1]), None, crop)
+    rows, weight = padded_rows(np.arange(first, end), 2 * length, pad_mode(step))
+    low, high, w_low, w_high = upsampled_rows(rows, length)
+    read = int(low.min()), int(high.max()) + 1
+    upsampling = tuple(torch.as_tensor(values, device=device) for values in (
+        low - read[0], high - read[0], w_low * weight, w_high * weight))
+    return AxisPlan(*read, (0, 0), upsampling, crop)
 
 
-def gather(tile, plan, dim):
-    """The rows (dim 2) or columns (dim 3) of `tile` that `plan` makes of it."""
-    if plan.low is None:
-        return tile
+def upsample_rows(tile, plan, dim):
+    """The rows (dim 2) or columns (dim 3) of the upsampled and padded `tile` that `plan`
+    makes of it."""
+    low, high, w_low, w_high = plan.upsampling
     shape = [1, 1, 1, 1]
     shape[dim] = -1
-    out = tile.index_select(dim, plan.low)
-    if plan.high is not None:
-        return out * plan.w_low.view(shape) + \
-            tile.index_select(dim, plan.high) * plan.w_high.view(shape)
-    if not bool(plan.w_low.all()):  # zero padding
-        out = out * plan.w_low.view(shape)
-    return out
+    return tile.index_select(dim, low) * w_low.view(shape) + \
+        tile.index_select(dim, high) * w_high.view(shape)
+
+
+def step_input(step, tile, row_plan, col_plan):
+    """The convolution's input tile from the `tile` read for it."""
+    if step.upsample is not None:
+        return upsample_rows(upsample_rows(tile, row_plan, 2), col_plan, 3)
+    padding = (*col_plan.pad, *row_plan.pad)
+    if not any(padding):
+        return tile
+    # F.pad, as the whole image's padding layer: the rows read reach the image's border
+    # wherever a tile is padded, so they are padded as the image is.
+    return F.pad(tile, padding, mode=pad_mode(step))
 
 
 class Pointwise:
@@ -437,12 +440,16 @@ class ChannelMoments:
         self.count, self.mean, self.m2 = 0, None, None
 
     def add(self, tile):
-        """`tile`: (1, C, h, w)."""
+        """`tile`: (1, C, h, w) float32."""
         n = tile.shape[2] * tile.shape[3]
-        step = max(1, self.CHUNK // max(n, 1))
-        parts = [torch.var_mean(chunk.double(), dim=(0, 2, 3), correction=0)
-                 for chunk in tile.split(step, dim=1)]
-        var, mean = (torch.cat(values) for values in zip(*parts, strict=True))
+        if tile.device.type == 'cpu':  # (where ATen accumulates float32 in float64)
+            var, mean = (value.double() for value in
+                         torch.var_mean(tile, dim=(0, 2, 3), correction=0))
+        else:
+            step = max(1, self.CHUNK // max(n, 1))
+            parts = [torch.var_mean(chunk.double(), dim=(0, 2, 3), correction=0)
+                     for chunk in tile.split(step, dim=1)]
+            var, mean = (torch.cat(values) for values in zip(*parts, strict=True))
         if self.count == 0:
             self.count, self.mean, self.m2 = n, mean, var * n
             return
@@ -503,17 +510,28 @@ class DiskStore:
         return [(self.offset(row, cols[0]), array[i]) for i, row in enumerate(range(*rows))]
 
     def read(self, rows, cols, device):
-        """Rows [r0, r1) x columns [c0, c1) as a (1, C, h, w) float32 tensor on `device`."""
-        array = np.empty((rows[1] - rows[0], cols[1] - cols[0], self.shape[0]), np.float32)
+        """Rows [r0, r1) x columns [c0, c1) as a (1, C, h, w) float32 tensor on `device`, in
+        its memory format (`memory_format`)."""
+        channels, height, width = self.shape[0], rows[1] - rows[0], cols[1] - cols[0]
+        array = np.empty((height, width, channels), np.float32)
         for offset, run in self.runs(rows, cols, array):
             if os.preadv(self.fd, [run], offset) != run.nbytes:
                 raise OSError(errno.EIO, f'short read from {self.path}')
-        return torch.from_numpy(array).to(device).permute(2, 0, 1)[None]
+        tile = torch.from_numpy(array).to(device)
+        if memory_format(device) == torch.channels_last:  # (H, W, C) is that layout
+            return tile.permute(2, 0, 1)[None]
+        # (a 2-d transpose, which PyTorch copies about twice as fast as the 3-d permute)
+        return tile.view(-1, channels).t().contiguous().view(1, channels, height, width)
 
     def write(self, row, col, tile):
         """`tile` (1, C, h, w) at rows from `row`, columns from `col`."""
-        array = tile[0].permute(1, 2, 0).contiguous().cpu().numpy()
-        rows, cols = (row, row + array.shape[0]), (col, col + array.shape[1])
+        channels, height, width = tile.shape[1:]
+        if tile.is_contiguous():
+            tile = tile.view(channels, -1).t().contiguous().view(height, width, channels)
+        else:
+            tile = tile[0].permute(1, 2, 0).contiguous()
+        array = tile.cpu().numpy()
+        rows, cols = (row, row + height), (col, col + width)
         for offset, run in self.runs(rows, cols, array):
             if os.pwrite(self.fd, run, offset) != run.nbytes:
                 raise OSError(errno.ENOSPC, f'short write to {self.path}')
@@ -593,8 +611,8 @@ def run_step(step, source, target, side, device, precision, moments, bar):
 
     for rows, cols in tiles(target.shape, side):
         row_plan, col_plan = plan(0, rows), plan(1, cols)
-        tile = read_tile(source, row_plan[:2], col_plan[:2], device)
-        tile = gather(gather(tile, row_plan, 2), col_plan, 3)
+        tile = step_input(step, read_tile(source, row_plan[:2], col_plan[:2], device),
+                          row_plan, col_plan)
         tile = tile.contiguous(memory_format=memory_format(device))
         with precision.autocast() if precision is not None else contextlib.nullcontext():
             out = step.conv(tile)
