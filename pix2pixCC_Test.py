@@ -431,10 +431,10 @@ def uses_image_statistics(norm):
 
 
 class ChannelMoments:
-    """Per-channel mean and biased variance of a map seen tile by tile, in float64 (each
-    tile's moments, merged by Chan et al.'s pairwise rule)."""
+    """Per-channel mean and biased variance of a map seen tile by tile: each tile's, merged
+    in float64 by Chan et al.'s pairwise rule."""
 
-    CHUNK = 2 ** 22  # values converted to float64 at a time
+    CHUNK = 2 ** 22  # values converted to float64 at a time (GPU)
 
     def __init__(self):
         self.count, self.mean, self.m2 = 0, None, None
@@ -442,9 +442,11 @@ class ChannelMoments:
     def add(self, tile):
         """`tile`: (1, C, h, w) float32."""
         n = tile.shape[2] * tile.shape[3]
-        if tile.device.type == 'cpu':  # (where ATen accumulates float32 in float64)
-            var, mean = (value.double() for value in
-                         torch.var_mean(tile, dim=(0, 2, 3), correction=0))
+        if tile.device.type == 'cpu':
+            # BatchNorm's statistics kernel: two passes, accumulated in float64 on the CPU,
+            # 4x faster than var_mean (Welford) there.
+            mean, var = (value.double() for value in
+                         torch.batch_norm_update_stats(tile, None, None, 0.0))
         else:
             step = max(1, self.CHUNK // max(n, 1))
             parts = [torch.var_mean(chunk.double(), dim=(0, 2, 3), correction=0)
@@ -466,7 +468,8 @@ class ChannelMoments:
 
 class MemoryStore:
     """A (1, C, H, W) tensor read and written tile by tile like a DiskStore (the input
-    image and the generator's output)."""
+    image, the generator's output, and the maps small enough to stay in memory:
+    `TemporaryStores.new`)."""
 
     def __init__(self, tensor):
         self.tensor, self.shape, self.transform = tensor, tuple(tensor.shape[1:]), None
@@ -479,14 +482,15 @@ class MemoryStore:
         self.tensor[..., row:row + tile.shape[2], col:col + tile.shape[3]] = tile
 
     def close(self):
-        pass
+        self.tensor = None
 
 
 class DiskStore:
-    """A (C, H, W) float32 map in a file, stored as H x W x C so that a tile's rows are
-    contiguous runs. Read and written with explicit reads and writes (never mapped), so
-    the process holds only the tiles it works on. `transform`: the Pointwise the next layer
-    applies to what it reads, or None."""
+    """A (C, H, W) float32 map in a file, channel after channel, read and written with
+    explicit reads and writes (never mapped), so that the process holds only the tiles it
+    works on. A tile that spans whole rows (as they all do: `tiles`) is one contiguous run
+    per channel. `transform`: the Pointwise the next layer applies to what it reads, or
+    None."""
 
     def __init__(self, path, shape):
         self.path, self.shape, self.transform = path, tuple(shape), None
@@ -498,41 +502,31 @@ class DiskStore:
                 self.close()
                 raise
 
-    def offset(self, row, col):
-        channels, _, width = self.shape
-        return (row * width + col) * channels * FLOAT_BYTES
-
     def runs(self, rows, cols, array):
-        """(file offset, row of `array`) of each contiguous run of the tile rows × cols:
-        one run when the tile spans whole rows, else one per row."""
-        if cols[0] == 0 and cols[1] == self.shape[2]:
-            return [(self.offset(rows[0], 0), array.reshape(-1))]
-        return [(self.offset(row, cols[0]), array[i]) for i, row in enumerate(range(*rows))]
+        """(file offset, part of `array` (C, h, w)) of each contiguous run of the tile's
+        rows x columns."""
+        _, height, width = self.shape
+        if cols == (0, width):
+            return [((channel * height + rows[0]) * width * FLOAT_BYTES, plane.reshape(-1))
+                    for channel, plane in enumerate(array)]
+        return [(((channel * height + row) * width + cols[0]) * FLOAT_BYTES, line)
+                for channel, plane in enumerate(array)
+                for row, line in zip(range(*rows), plane, strict=True)]
 
     def read(self, rows, cols, device):
-        """Rows [r0, r1) x columns [c0, c1) as a (1, C, h, w) float32 tensor on `device`, in
-        its memory format (`memory_format`)."""
-        channels, height, width = self.shape[0], rows[1] - rows[0], cols[1] - cols[0]
-        array = np.empty((height, width, channels), np.float32)
+        """Rows [r0, r1) x columns [c0, c1) as a (1, C, h, w) float32 tensor on `device`."""
+        array = np.empty((self.shape[0], rows[1] - rows[0], cols[1] - cols[0]), np.float32)
         for offset, run in self.runs(rows, cols, array):
             if os.preadv(self.fd, [run], offset) != run.nbytes:
                 raise OSError(errno.EIO, f'short read from {self.path}')
-        tile = torch.from_numpy(array).to(device)
-        if memory_format(device) == torch.channels_last:  # (H, W, C) is that layout
-            return tile.permute(2, 0, 1)[None]
-        # (a 2-d transpose, which PyTorch copies about twice as fast as the 3-d permute)
-        return tile.view(-1, channels).t().contiguous().view(1, channels, height, width)
+        return torch.from_numpy(array)[None].to(device)
 
     def write(self, row, col, tile):
         """`tile` (1, C, h, w) at rows from `row`, columns from `col`."""
-        channels, height, width = tile.shape[1:]
-        if tile.is_contiguous():
-            tile = tile.view(channels, -1).t().contiguous().view(height, width, channels)
-        else:
-            tile = tile[0].permute(1, 2, 0).contiguous()
-        array = tile.cpu().numpy()
-        rows, cols = (row, row + height), (col, col + width)
+        array = tile[0].cpu().numpy()
+        rows, cols = (row, row + array.shape[1]), (col, col + array.shape[2])
         for offset, run in self.runs(rows, cols, array):
+            run = np.ascontiguousarray(run)  # (a copy only where the tile was cropped)
             if os.pwrite(self.fd, run, offset) != run.nbytes:
                 raise OSError(errno.ENOSPC, f'short write to {self.path}')
 
@@ -546,18 +540,23 @@ class DiskStore:
 class TemporaryStores:
     """A temporary folder in `tmp_dir` (default: the system's) holding the DiskStores of
     one image; the folder and everything in it are removed at the end, also on an error or
-    a stop signal (which the Test script turns into an exception)."""
+    a stop signal (which the Test script turns into an exception). Maps of at most
+    `in_memory` values (the deepest layers' of a not too large image) stay in memory."""
 
     PREFIX = 'pix2pixCC-tiles-'
 
-    def __init__(self, tmp_dir=None):
+    def __init__(self, tmp_dir=None, in_memory=0, device=None):
         self.tmp_dir, self.folder, self.stores = tmp_dir, None, []
+        self.in_memory, self.device = in_memory, device
 
     def __enter__(self):
         self.folder = tempfile.mkdtemp(prefix=self.PREFIX, dir=self.tmp_dir)
         return self
 
     def new(self, shape):
+        """A store of a (C, H, W) map."""
+        if math.prod(shape) <= self.in_memory:
+            return MemoryStore(torch.empty((1, *shape), device=self.device))
         path = os.path.join(self.folder, f'{len(self.stores)}.f32')
         try:
             self.stores.append(DiskStore(path, shape))
@@ -588,10 +587,17 @@ def level_of(full_height, height):
     return max(0, round(math.log2(full_height / height)))
 
 
+def tile_rows(shape, side):
+    """The rows of a tile of a (C, H, W) map: the tiles span whole rows (so that each is one
+    run per channel in its store) and hold as many pixels as a `side` x `side` square."""
+    return max(1, min(shape[1], side * side // shape[2]))
+
+
 def tiles(shape, side):
-    """[(rows, columns)] of the tiles of side `side` covering a (C, H, W) map."""
-    return [((r, min(r + side, shape[1])), (c, min(c + side, shape[2])))
-            for r in range(0, shape[1], side) for c in range(0, shape[2], side)]
+    """[(rows, columns)] of the tiles covering a (C, H, W) map (`tile_rows`)."""
+    height = tile_rows(shape, side)
+    return [((row, min(row + height, shape[1])), (0, shape[2]))
+            for row in range(0, shape[1], height)]
 
 
 def read_tile(store, rows, cols, device):
@@ -646,35 +652,38 @@ def tiled_generate(G, input, tile_size, precision=None, tmp_dir=None, desc=None)
 
 
 def tiled_sample(steps, input, tile_size, precision, tmp_dir, desc):
-    device, height = input.device, input.shape[2]
-    shapes = [step_output_shape(steps[0], input.shape[1:])]
-    for step in steps[1:]:
-        shapes.append(step_output_shape(step, shapes[-1]))
-    sides = [tile_side(tile_size, level_of(height, shape[1])) for shape in shapes]
+    """`tiled_generate` of one sample (1, C, H, W): each step from the store of its input
+    (the input image first) into a new store (the output tensor last); a store is closed
+    (its file removed) once no step reads it any more."""
+    device, shapes = input.device, [shape for _, _, shape in shapes_along(steps,
+                                                                           input.shape[1:])]
+    sides = [tile_side(tile_size, level_of(input.shape[2], shape[1])) for shape in shapes]
     total = sum(len(tiles(shape, side)) * (2 if step.block_end else 1)
                 for step, shape, side in zip(steps, shapes, sides, strict=True))
-    with TemporaryStores(tmp_dir) as stores, \
+    # Maps of at most a quarter of a full-resolution tile's values stay in memory: the
+    # residual blocks' of images up to about 2 x tile_size, which are read and written most.
+    in_memory = tile_size * tile_size * shapes[0][0] // 4
+    with TemporaryStores(tmp_dir, in_memory, device) as stores, \
             tqdm(total=total, desc=desc, unit='tile', leave=False, disable=None,
                  delay=PROGRESS_DELAY) as bar:
         source, block_input = MemoryStore(input.float()), None
-        for index, (step, shape, side) in enumerate(zip(steps, shapes, sides, strict=True)):
-            if step.block_start:
-                block_input = source
-            last = index == len(steps) - 1
-            target = MemoryStore(input.new_empty((1, *shape), dtype=torch.float32)) if last \
-                else stores.new(shape)
-            moments = ChannelMoments() if uses_image_statistics(step.norm) else None
-            try:
+        try:
+            for index, (step, shape, side) in enumerate(zip(steps, shapes, sides,
+                                                            strict=True)):
+                block_input = source if step.block_start else block_input
+                target = stores.new(shape) if index < len(steps) - 1 else \
+                    MemoryStore(input.new_empty((1, *shape), dtype=torch.float32))
+                moments = ChannelMoments() if uses_image_statistics(step.norm) else None
                 run_step(step, source, target, side, device, precision, moments, bar)
-            except OSError as error:
-                raise temporary_disk_error(stores.folder, error) from None
-            target.transform = Pointwise(step.norm, step.act, moments, device)
-            if step.block_end:
-                add_block_input(target, block_input, side, device, bar)
-                block_input.close()
-            if source is not block_input:
-                source.close()
-            source = target
+                target.transform = Pointwise(step.norm, step.act, moments, device)
+                if step.block_end:
+                    add_block_input(target, block_input, side, device, bar)
+                    block_input.close()
+                if source is not block_input:
+                    source.close()
+                source = target
+        except OSError as error:  # a full disk, or a store that cannot be read back
+            raise temporary_disk_error(stores.folder, error) from None
         return source.tensor
 
 
@@ -709,10 +718,10 @@ def whole_image_bytes(steps, shape):
     return (2 * peak + math.prod(shape) + math.prod(shapes[-1][2])) * FLOAT_BYTES
 
 
-def tile_extent(conv, axis, length, out_length, side):
-    """The convolution input rows of an inner output tile of `side` rows (the second)."""
-    start = min(side, out_length - 1)
-    first, end, _ = conv_input_range(conv, axis, length, start, min(start + side, out_length))
+def tile_extent(conv, length, out_length, rows):
+    """The convolution input rows of an inner output tile of `rows` rows (the second)."""
+    start = min(rows, out_length - 1)
+    first, end, _ = conv_input_range(conv, 0, length, start, min(start + rows, out_length))
     return end - first
 
 
@@ -722,12 +731,10 @@ def tiled_bytes(steps, shape, tile_size):
     (the read tile and its padded form twice, the output three times) and statistics."""
     peak, shapes = 0, shapes_along(steps, shape)
     for step, (source, middle, output) in zip(steps, shapes, strict=True):
-        side = tile_side(tile_size, level_of(shape[1], output[1]))
-        tile_in = source[0] * math.prod(
-            tile_extent(step.conv, axis, middle[axis + 1], output[axis + 1], side)
-            for axis in (0, 1))
-        tile_out = output[0] * min(side, output[1]) * min(side, output[2])
-        # (float64 statistics: a chunk of the output tile, twice the bytes)
+        rows = tile_rows(output, tile_side(tile_size, level_of(shape[1], output[1])))
+        tile_in = source[0] * tile_extent(step.conv, middle[1], output[1], rows) * middle[2]
+        tile_out = output[0] * rows * output[2]
+        # (float64 statistics on a GPU: a chunk of the output tile, twice the bytes)
         peak = max(peak, 4 * tile_in + 3 * tile_out + 2 * min(ChannelMoments.CHUNK, tile_out))
     return (peak + math.prod(shape) + math.prod(shapes[-1][2])) * FLOAT_BYTES
 

@@ -82,15 +82,16 @@ def test_tiles_give_the_whole_image_output(norm, padding, trans_conv, channels, 
     assert os.listdir(tmp_path) == []  # the temporary folder is gone
 
 
-def test_a_batch_and_a_tile_larger_than_the_deep_layers(tiled_calls):
-    """Each sample with its own statistics; tiles of 32 px cover the deepest layers at once
-    (their tile side is 16) and the image in 2 x 3 tiles."""
+@pytest.mark.parametrize('tile_size', [32, 64])
+def test_a_batch_and_larger_tiles(tile_size, tiled_calls):
+    """Each sample with its own statistics; tiles that cover the deepest layers at once,
+    and (64) keep their maps in memory."""
     G, opt = random_generator()
     x = torch.randn(2, 1, HEIGHT, WIDTH)
     with torch.inference_mode():
         whole = pix2pixCC_Test.generate(G, x, opt.n_downsample)
-        tiled = pix2pixCC_Test.generate(G, x, opt.n_downsample, tile_size=32)
-    assert tiled_calls == [32]
+        tiled = pix2pixCC_Test.generate(G, x, opt.n_downsample, tile_size=tile_size)
+    assert tiled_calls == [tile_size]
     assert_same_output(tiled[0], whole[0])
     assert_same_output(tiled[1], whole[1])
 
