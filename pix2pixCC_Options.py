@@ -189,9 +189,10 @@ class BaseOption:
         # Full-resolution images (README "Full-resolution images"): the Test script and
         # --val_during_train.
         add('checking', '--tile_size', type=int, default=0,
-            help='translate images larger than N x N in tiles of N pixels, with the '
-                 'whole-image result in bounded memory; a multiple of 2**n_downsample (0: '
-                 'whole images, or tiles when a whole image would not fit in memory)')
+            help='translate images larger than N x N in tiles of N x N pixels (bands of '
+                 'whole rows), with the whole-image result in bounded memory; a multiple of '
+                 '2**n_downsample (0: whole images, or tiles when a whole image would not '
+                 'fit in memory)')
         add('checking', '--tmp_dir', type=str, default=None,
             help="folder of the temporary files of tiled inference, removed at the end "
                  "(None: the system's temporary folder)")

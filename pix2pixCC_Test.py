@@ -577,9 +577,10 @@ def temporary_disk_error(folder, error):
 
 
 def tile_side(tile_size, level):
-    """The side of a tile at `level` (the map is 2**level times smaller than the image):
-    tile_size at full resolution, then halved every second level, where the channels have
-    grown fourfold, so that a tile holds at most as many values at every level."""
+    """The side of the square whose pixels a tile at `level` holds (the map is 2**level
+    times smaller than the image): tile_size at full resolution, then halved every second
+    level, where the channels have grown fourfold, so that a tile holds at most as many
+    values at every level."""
     return max(1, tile_size >> ((level + 1) // 2))
 
 
@@ -643,7 +644,7 @@ def add_block_input(target, block_input, side, device, bar):
 
 def tiled_generate(G, input, tile_size, precision=None, tmp_dir=None, desc=None):
     """G on a (B, C, H, W) input whose H and W are multiples of 2**n_downsample, in tiles
-    of `tile_size` pixels at full resolution: the output of G(input) (to float rounding;
+    of tile_size x tile_size pixels (`tiles`): the output of G(input) (to float rounding;
     README "Full-resolution images"), holding only tiles in memory besides the input and
     the output. Returns (B, target_ch, H, W) float32 on the input's device."""
     steps = generator_steps(G)
