@@ -205,8 +205,8 @@ def test_the_temporary_folder_goes_after_an_error(run, monkeypatch, capsys):
 
 
 def test_the_temporary_folder_goes_after_sigterm(run):
-    """A Test run stopped by SIGTERM while it works in tiles: exit 128 + 15, one line, and
-    nothing left in --tmp_dir."""
+    """A Test run stopped by SIGTERM while it works in tiles: exit 128 + 15, a line saying
+    so, and nothing left in --tmp_dir."""
     os.makedirs('tmp')
     np.save('in/img_2.npy', field(1, size=256, seed=2)[0])  # slow enough to be caught
     process = subprocess.Popen(
@@ -219,9 +219,8 @@ def test_the_temporary_folder_goes_after_sigterm(run):
     process.send_signal(signal.SIGTERM)
     _, err = process.communicate(timeout=60)
     assert process.returncode == 128 + signal.SIGTERM, err
-    assert err.strip().endswith('stopped by SIGTERM; every output written before it is '
-                                'complete'), err
-    assert 'Traceback' not in err
+    lines = err.strip().splitlines()
+    assert 'stopped by SIGTERM' in lines[-1] and 'Traceback' not in err, err
     assert os.listdir('tmp') == []
 
 
