@@ -186,6 +186,16 @@ class BaseOption:
         add('checking', '--check_pairing', boolean=True, default=True,
             help='stop when input and target file names show a wrong pairing (training '
                  'pairs; in the Test script, --input_dir_test with --target_dir_test)')
+        # Full-resolution images (README "Full-resolution images"): the Test script and
+        # --val_during_train.
+        add('checking', '--tile_size', type=int, default=0,
+            help='translate images larger than N x N in tiles of N x N pixels (bands of '
+                 'whole rows), with the whole-image result in bounded memory; a multiple of '
+                 '2**n_downsample (0: whole images, or tiles when a whole image would not '
+                 'fit in memory)')
+        add('checking', '--tmp_dir', type=str, default=None,
+            help="folder of the temporary files of tiled inference, removed at the end "
+                 "(None: the system's temporary folder)")
 
         add('training hyper-parameters', '--batch_size', type=int, default=1, in_test='hidden',
             help='samples per iteration')
@@ -335,7 +345,8 @@ class BaseOption:
     COUNTS = ('input_ch', 'target_ch', 'batch_size', 'n_D', 'n_gf', 'n_df', 'report_freq',
               'save_freq', 'display_freq')
     NON_NEGATIVE = ('n_downsample', 'n_residual', 'n_CC', 'n_workers', 'padding_size',
-                    'max_rotation_angle', 'n_epochs_decay', 'keep_states', 'crop_size')
+                    'max_rotation_angle', 'n_epochs_decay', 'keep_states', 'crop_size',
+                    'tile_size')
 
     def validate(self, opt):
         """Reject option values that cannot work, with a one-line message naming the option."""
@@ -355,9 +366,15 @@ class BaseOption:
             if getattr(opt, name, 0) < 0:  # (some are training options only)
                 yield f"--{name} must not be negative, got {getattr(opt, name)}"
         stride = 2 ** opt.n_downsample
-        if opt.crop_size % stride:  # the generator's stride (the data check: image sizes)
-            yield (f"--crop_size must be a multiple of {stride} (2**--n_downsample), got "
-                   f"{opt.crop_size}")
+        # The generator's stride; the Test script knows the run's --n_downsample only once
+        # it has taken the run's options (`adopt`, which checks again).
+        for name in ('crop_size', 'tile_size') if self.channels_known else ('crop_size',):
+            if getattr(opt, name) % stride:
+                yield (f"--{name} must be a multiple of {stride} (2**--n_downsample), got "
+                       f"{getattr(opt, name)}")
+        if opt.tmp_dir is not None and not os.path.isdir(opt.tmp_dir):
+            yield (f"--tmp_dir {opt.tmp_dir} is not a folder; give an existing folder with "
+                   f"room for the temporary tiles")
         if min(opt.metric_bins) < 1:
             yield f"--metric_bins must be positive integers, got {opt.metric_bins}"
         yield from region_problems(opt)
@@ -479,7 +496,7 @@ DATA_OPTIONS = ('data_format_input', 'data_format_target', 'logscale_input', 'lo
 # dataset_name: the run folder is always the one the command line names (or the default),
 # so a run folder copied under another name is resumed there, never in the original.
 NOT_RESUMED = ('latest_iter', 'gpu_ids', 'is_train', 'eps', 'checkpoint_dir', 'model_dir',
-               'image_dir', 'verbose', 'target_header', 'dataset_name')
+               'image_dir', 'verbose', 'target_header', 'dataset_name', 'tile_size', 'tmp_dir')
 
 
 class TrainOption(BaseOption):

@@ -8,6 +8,7 @@ writes ./checkpoints/<dataset_name>/Image/Test/<iteration>/<name>_AI.<data_forma
 """
 import contextlib
 import difflib
+import errno
 import fnmatch
 import functools
 import io
@@ -15,12 +16,15 @@ import json
 import math
 import os
 import re
+import shutil
 import sys
+import tempfile
 import warnings
 from typing import NamedTuple
 
 import numpy as np
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 from astropy import units as u
 from astropy.utils.exceptions import AstropyWarning
@@ -28,14 +32,14 @@ from astropy.wcs import WCS
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from pix2pixCC_Networks import Generator, correlation
+from pix2pixCC_Networks import Generator, Mish, ResidualBlock, correlation
 from pix2pixCC_Options import (DATA_OPTIONS, FITS_FORMATS, NETWORK_OPTIONS, TestOption,
                                UserError, channel_values, run_main)
 from pix2pixCC_Pipeline import (LEFT_OUT_INPUT_CARD, ORIGIN_CARD, STORAGE_CARD, WCS_KEY,
                                 CustomDataset, Scaling, check_pairing, data_unit,
                                 generated_header, read_array, read_fits_header, scaled_unit,
                                 stored_size, write_array)
-from pix2pixCC_Utils import (GracefulStop, Precision, StopRequested, atomic_path,
+from pix2pixCC_Utils import (GracefulStop, Precision, StopRequested, atomic_path, bare,
                              checkpoint_path, fit_state_dict, float32_weights,
                              ignore_stop_signals, load_model_file, load_state_dict, make_dirs,
                              memory_format, model_file_record, prepare_network, read_json,
@@ -44,17 +48,45 @@ from pix2pixCC_Utils import (GracefulStop, Precision, StopRequested, atomic_path
                              weights_sha256, write_csv, write_json)
 
 
-def generate(G, input, n_downsample, precision=None):
+def generate(G, input, n_downsample, precision=None, tile_size=0, tmp_dir=None, desc=None):
     """G on a (B, C, H, W) input of any H, W: padded (edge values) to a multiple of
-    2**n_downsample, which the network's strides need, and cropped back."""
+    2**n_downsample, which the network's strides need, and cropped back.
+
+    tile_size: when the image is larger, run it in tiles of that many pixels with the same
+    result (`tiled_generate`, temporary files in `tmp_dir`); desc: the title of a progress
+    bar, shown when the image takes more than a few seconds.
+    """
     multiple = 2 ** n_downsample
     height, width = input.shape[-2:]
     pad_h, pad_w = -height % multiple, -width % multiple
     if pad_h or pad_w:
         input = F.pad(input, (0, pad_w, 0, pad_h), mode='replicate')
-    with precision.autocast() if precision is not None else contextlib.nullcontext():
-        output = G(input)
+    if tile_size and max(input.shape[-2:]) > tile_size:
+        output = tiled_generate(G, input, tile_size, precision, tmp_dir, desc)
+    else:
+        with precision.autocast() if precision is not None else contextlib.nullcontext(), \
+                layer_progress(G, desc):
+            output = G(input)
     return output[..., :height, :width].float()
+
+
+@contextlib.contextmanager
+def layer_progress(G, desc):
+    """A progress bar over G's layers titled `desc`, shown when the pass takes more than
+    PROGRESS_DELAY seconds (none without `desc`, or for a compiled G, which runs no
+    per-layer hooks)."""
+    if desc is None or hasattr(G, '_orig_mod'):
+        yield
+        return
+    layers = list(bare(G).model)
+    with tqdm(total=len(layers), desc=desc, unit='layer', leave=False, disable=None,
+              delay=PROGRESS_DELAY) as bar:
+        handles = [layer.register_forward_hook(lambda *_: bar.update()) for layer in layers]
+        try:
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
 
 
 def output_header(opt, input_path, iteration):
@@ -125,7 +157,7 @@ def load_generator(opt, path, device, state=None):
 
 
 def translate(G, dataset, out_dir, opt, device, iteration, precision=None, panels=False,
-              disks=None, stop=None):
+              disks=None, stop=None, sizes=None):
     """Run G on every item of a test `dataset` and write `<name>_AI.<fmt>` into `out_dir`.
 
     When the dataset has targets, returns one metrics row per file, in file order (see
@@ -134,8 +166,11 @@ def translate(G, dataset, out_dir, opt, device, iteration, precision=None, panel
     record (test_run.json) is written first (see `take_folder`). With --skip_existing the
     files whose outputs are complete are left alone (`complete_outputs`) and their metrics
     come from the outputs read back. `stop` (a GracefulStop): a stop signal ends the run
-    after the file in progress (`stop_if_asked`).
+    after the file in progress (`stop_if_asked`). sizes: the tile size of each file
+    (`tile_sizes`, which is asked when None).
     """
+    if sizes is None:
+        sizes = tile_sizes(opt, dataset.input_paths, device)
     make_dirs(out_dir)
     take_folder(out_dir, run_record(opt, dataset, iteration, precision, panels))
     scaling = Scaling.from_options(opt, 'target')
@@ -152,7 +187,8 @@ def translate(G, dataset, out_dir, opt, device, iteration, precision=None, panel
                 loader, desc=f'iteration {iteration}', unit='file', disable=None, leave=False),
                 strict=True), start=len(kept) + 1):
             batch = input[None].to(device, memory_format=memory_format(device))
-            output = generate(G, batch, opt.n_downsample, precision)
+            output = generate(G, batch, opt.n_downsample, precision, sizes[index], opt.tmp_dir,
+                              desc=name)
             data = scaling.inverse(output[0].cpu().numpy())
             header = write_output(output_path(out_dir, name, opt), data, opt,
                                   dataset.input_paths[index], iteration)
@@ -256,6 +292,668 @@ def stop_if_asked(stop, done, total, folder):
     if stop is not None and stop.signum is not None:
         raise StopRequested(stop.signum, f"after {done} of {total} file(s) in {folder}; the "
                                          f"same command with --skip_existing continues")
+
+
+# ----------------------------------------------------------------------------------------
+# Full-resolution images: exact tiled inference (README "Full-resolution images")
+# ----------------------------------------------------------------------------------------
+
+# The generator runs layer by layer over tiles of the whole (padded) image. Each layer's raw
+# output goes to a file-backed store; what follows it (normalisation and activation) is
+# applied when the next layer reads a tile, InstanceNorm with the whole image's per-channel
+# mean and variance, accumulated in float64 over the tiles of the pass that wrote the store.
+# Each tile is read with the halo its convolution needs, and at the image border with the
+# padding the whole image gets, so every output pixel is the whole-image one.
+
+PAD_MODES = {nn.ReflectionPad2d: 'reflect', nn.ReplicationPad2d: 'replicate',
+             nn.ZeroPad2d: 'constant'}  # (as F.pad names them)
+# Set to a number of bytes, the memory a whole-image pass may use (instead of what the
+# machine has free): README "Full-resolution images".
+MEMORY_LIMIT_VARIABLE = 'PIX2PIXCC_MEMORY_LIMIT'
+# An image slower than this (seconds) gets a progress bar of its layers or tiles.
+PROGRESS_DELAY = 5
+FLOAT_BYTES = 4  # stores and tiles are float32
+
+
+class Step(NamedTuple):
+    """One convolution of the generator and the layers around it.
+
+    pad: the padding layer before it, or None; upsample: the x2 bilinear upsampling before
+    that, or None; conv: Conv2d or ConvTranspose2d; norm, act: the normalisation and the
+    activation after it, or None; block_start / block_end: its input is a residual block's
+    input / the block's input is added to its (normalised) output.
+    """
+    conv: nn.Module
+    pad: nn.Module = None
+    upsample: nn.Module = None
+    norm: nn.Module = None
+    act: nn.Module = None
+    block_start: bool = False
+    block_end: bool = False
+
+
+def generator_steps(G):
+    """The Steps of a Generator (or of a wrapper of one), in order."""
+    return layer_steps(bare(G).model)
+
+
+def layer_steps(modules):
+    steps, before = [], {}
+    for module in modules:
+        if isinstance(module, ResidualBlock):
+            inner = layer_steps(module.block)
+            inner[0] = inner[0]._replace(block_start=True)
+            inner[-1] = inner[-1]._replace(block_end=True)
+            steps += inner
+        elif type(module) in PAD_MODES:
+            before['pad'] = module
+        elif isinstance(module, nn.Upsample) and module.mode == 'bilinear' and \
+                module.align_corners and module.scale_factor in (2, (2, 2), (2.0, 2.0)):
+            before['upsample'] = module
+        elif isinstance(module, (nn.Conv2d, nn.ConvTranspose2d)):
+            if tuple(module.dilation) != (1, 1) or module.padding_mode != 'zeros':
+                raise TypeError(f'tiled inference needs plain convolutions, not {module}')
+            steps.append(Step(module, **before))
+            before = {}
+        elif isinstance(module, nn.modules.batchnorm._NormBase) and steps and \
+                steps[-1].norm is None:
+            steps[-1] = steps[-1]._replace(norm=module)
+        elif isinstance(module, Mish) and steps and steps[-1].act is None:
+            steps[-1] = steps[-1]._replace(act=module)
+        else:
+            raise TypeError(f'tiled inference does not know the layer {module} here')
+    return steps
+
+
+def pad_widths(step, axis):
+    """(before, after) of the step's padding layer along `axis` (0: rows, 1: columns)."""
+    if step.pad is None:
+        return 0, 0
+    left, right, top, bottom = step.pad.padding
+    return (top, bottom) if axis == 0 else (left, right)
+
+
+def conv_output_length(conv, axis, length):
+    """The length along `axis` of `conv`'s output for an input of `length`."""
+    k, s, p = conv.kernel_size[axis], conv.stride[axis], conv.padding[axis]
+    if isinstance(conv, nn.ConvTranspose2d):
+        return (length - 1) * s - 2 * p + k + conv.output_padding[axis]
+    return (length + 2 * p - k) // s + 1
+
+
+def module_input_length(step, axis, length):
+    """The length of the convolution's input (after upsampling and padding) along `axis`
+    for a step input of `length`."""
+    before, after = pad_widths(step, axis)
+    return length * (2 if step.upsample is not None else 1) + before + after
+
+
+def step_output_shape(step, shape):
+    """(C, H, W) of the step's output for an input of (C, H, W) `shape`."""
+    return (step.conv.out_channels,
+            *(conv_output_length(step.conv, axis, module_input_length(step, axis, n))
+              for axis, n in enumerate(shape[1:])))
+
+
+def conv_input_range(conv, axis, length, start, stop):
+    """(first, end, crop): the convolution's input rows [first, end) (of `length`) from
+    which it computes output rows [start, stop) exactly, and the index of row `start` in
+    its output for that input.
+
+    Its own zero padding lies where the whole input's does at the borders, and elsewhere
+    only touches output rows before `crop` or after the tile, which are dropped.
+    """
+    k, s, p = conv.kernel_size[axis], conv.stride[axis], conv.padding[axis]
+    if isinstance(conv, nn.ConvTranspose2d):
+        # Output row o takes input rows (o + p - k + 1) / s ... (o + p) / s.
+        first = max(0, min(-(-(start + p - k + 1) // s), start // s))
+        end = min(length, (stop - 1 + p) // s + 1)
+        while end < length and (end - first - 1) * s - 2 * p + k + \
+                conv.output_padding[axis] < stop - first * s:
+            end += 1
+        return first, end, start - first * s
+    # Output row o takes input rows o * s - p ... o * s - p + k - 1.
+    first = max(0, (start - -(-p // s)) * s)
+    return first, min(length, (stop - 1) * s - p + k), start - first // s
+
+
+def padded_rows(rows, length, mode):
+    """(row of the unpadded map, weight) of each of `rows` (numpy, may lie outside
+    [0, length)) after padding of `mode` (F.pad's); the weight is 0 for zero padding."""
+    if mode == 'reflect':
+        rows = np.abs(rows)
+        rows = np.where(rows >= length, 2 * (length - 1) - rows, rows)
+    weight = (rows >= 0) & (rows < length) if mode == 'constant' else np.ones(rows.shape, bool)
+    return np.clip(rows, 0, length - 1), weight.astype(np.float32)
+
+
+def upsampled_rows(rows, length):
+    """The two rows of a map of `length` and their weights that x2 bilinear upsampling
+    with aligned corners (UpsamplingBilinear2d) mixes into each of `rows` of its output,
+    computed in float32 as PyTorch does."""
+    scale = np.float32((length - 1) / (2 * length - 1)) if length > 1 else np.float32(0)
+    source = scale * rows.astype(np.float32)
+    low = np.minimum(source.astype(np.int64), length - 1)
+    high = np.minimum(low + 1, length - 1)
+    weight = (source - low).astype(np.float32)
+    return low, high, np.float32(1) - weight, weight
+
+
+class AxisPlan(NamedTuple):
+    """How a tile's rows (or columns) are made from a step's input along one axis: read
+    rows [start, stop) of the input, then either pad them by (before, after) rows of the
+    step's padding (`pad`; where the tile reaches beyond the image) or, after an
+    upsampling, mix rows `low` and `high` of them with weights `w_low` and `w_high`
+    (`upsampling`, else None). `crop`: the first row of the convolution's output kept."""
+    start: int
+    stop: int
+    pad: tuple
+    upsampling: tuple
+    crop: int
+
+
+def pad_mode(step):
+    """The step's padding as F.pad's mode ('constant' also without a padding layer)."""
+    return PAD_MODES[type(step.pad)] if step.pad is not None else 'constant'
+
+
+def axis_plan(step, axis, length, start, stop, device):
+    """The AxisPlan of output rows [start, stop) of `step` whose input has `length` rows."""
+    first, end, crop = conv_input_range(step.conv, axis,
+                                        module_input_length(step, axis, length), start, stop)
+    before, _ = pad_widths(step, axis)
+    first, end = first - before, end - before  # rows of the map before its padding
+    if step.upsample is None:  # the rows read, padded at the image's border
+        read = max(first, 0), min(end, length)
+        return AxisPlan(*read, (read[0] - first, end - read[1]), None, crop)
+    rows, weight = padded_rows(np.arange(first, end), 2 * length, pad_mode(step))
+    low, high, w_low, w_high = upsampled_rows(rows, length)
+    read = int(low.min()), int(high.max()) + 1
+    upsampling = tuple(torch.as_tensor(values, device=device) for values in (
+        low - read[0], high - read[0], w_low * weight, w_high * weight))
+    return AxisPlan(*read, (0, 0), upsampling, crop)
+
+
+def upsample_rows(tile, plan, dim):
+    """The rows (dim 2) or columns (dim 3) of the upsampled and padded `tile` that `plan`
+    makes of it."""
+    low, high, w_low, w_high = plan.upsampling
+    shape = [1, 1, 1, 1]
+    shape[dim] = -1
+    return tile.index_select(dim, low) * w_low.view(shape) + \
+        tile.index_select(dim, high) * w_high.view(shape)
+
+
+def step_input(step, tile, row_plan, col_plan):
+    """The convolution's input tile from the `tile` read for it."""
+    if step.upsample is not None:
+        return upsample_rows(upsample_rows(tile, row_plan, 2), col_plan, 3)
+    padding = (*col_plan.pad, *row_plan.pad)
+    if not any(padding):
+        return tile
+    # F.pad, as the whole image's padding layer: the rows read reach the image's border
+    # wherever a tile is padded, so they are padded as the image is.
+    return F.pad(tile, padding, mode=pad_mode(step))
+
+
+class Pointwise:
+    """The normalisation and activation that follow a stored convolution output, applied
+    to a tile when the next layer reads it: (x - center) * scale + offset per channel,
+    then `act` (or None)."""
+
+    def __init__(self, norm=None, act=None, moments=None, device=None):
+        self.act, self.center = act, None
+        if norm is None:
+            return
+        if moments is not None:  # the whole image's statistics (InstanceNorm)
+            mean, var = moments.mean, moments.variance
+        else:  # running statistics (BatchNorm in eval mode)
+            mean, var = norm.running_mean.double(), norm.running_var.double()
+        scale = 1 / torch.sqrt(var.to(device) + norm.eps)
+        offset = torch.zeros_like(scale)
+        if norm.affine:
+            scale = scale * norm.weight.double().to(device)
+            offset = norm.bias.double().to(device)
+        self.center, self.scale, self.offset = (
+            value.float().view(1, -1, 1, 1) for value in (mean.to(device), scale, offset))
+
+    def __call__(self, tile):
+        """`tile` (1, C, h, w) float32, changed in place; returns the result."""
+        if self.center is not None:
+            tile.sub_(self.center).mul_(self.scale).add_(self.offset)
+        return self.act(tile) if self.act is not None else tile
+
+
+def uses_image_statistics(norm):
+    """Whether `norm` normalises by the statistics of what it is given (InstanceNorm; a
+    BatchNorm in training mode or without running statistics) rather than stored ones."""
+    return norm is not None and (norm.training or not norm.track_running_stats)
+
+
+class ChannelMoments:
+    """Per-channel mean and biased variance of a map seen tile by tile: each tile's, merged
+    in float64 by Chan et al.'s pairwise rule."""
+
+    CHUNK = 2 ** 22  # values converted to float64 at a time (GPU)
+
+    def __init__(self):
+        self.count, self.mean, self.m2 = 0, None, None
+
+    def add(self, tile):
+        """`tile`: (1, C, h, w) float32."""
+        n = tile.shape[2] * tile.shape[3]
+        if tile.device.type == 'cpu':
+            # BatchNorm's statistics kernel: two passes, accumulated in float64 on the CPU,
+            # 4x faster than var_mean (Welford) there.
+            mean, var = (value.double() for value in
+                         torch.batch_norm_update_stats(tile, None, None, 0.0))
+        else:
+            step = max(1, self.CHUNK // max(n, 1))
+            parts = [torch.var_mean(chunk.double(), dim=(0, 2, 3), correction=0)
+                     for chunk in tile.split(step, dim=1)]
+            var, mean = (torch.cat(values) for values in zip(*parts, strict=True))
+        if self.count == 0:
+            self.count, self.mean, self.m2 = n, mean, var * n
+            return
+        total = self.count + n
+        delta = mean - self.mean
+        self.mean = self.mean + delta * (n / total)
+        self.m2 = self.m2 + var * n + delta * delta * (self.count * n / total)
+        self.count = total
+
+    @property
+    def variance(self):
+        return self.m2 / self.count
+
+
+class MemoryStore:
+    """A (1, C, H, W) tensor read and written tile by tile like a DiskStore (the input
+    image, the generator's output, and the maps small enough to stay in memory:
+    `TemporaryStores.new`)."""
+
+    def __init__(self, tensor):
+        self.tensor, self.shape, self.transform = tensor, tuple(tensor.shape[1:]), None
+
+    def read(self, rows, cols, device):
+        tile = self.tensor[..., rows[0]:rows[1], cols[0]:cols[1]].to(device)
+        return tile.clone() if self.transform is not None else tile
+
+    def write(self, row, col, tile):
+        self.tensor[..., row:row + tile.shape[2], col:col + tile.shape[3]] = tile
+
+    def close(self):
+        self.tensor = None
+
+
+class DiskStore:
+    """A (C, H, W) float32 map in a file, channel after channel, read and written with
+    explicit reads and writes (never mapped), so that the process holds only the tiles it
+    works on. A tile that spans whole rows (as they all do: `tiles`) is one contiguous run
+    per channel. `transform`: the Pointwise the next layer applies to what it reads, or
+    None."""
+
+    def __init__(self, path, shape):
+        self.path, self.shape, self.transform = path, tuple(shape), None
+        self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+        if hasattr(os, 'posix_fallocate'):  # a full disk fails here, not half-way
+            try:
+                os.posix_fallocate(self.fd, 0, math.prod(self.shape) * FLOAT_BYTES)
+            except OSError:
+                self.close()
+                raise
+
+    def runs(self, rows, cols, array):
+        """(file offset, part of `array` (C, h, w)) of each contiguous run of the tile's
+        rows x columns."""
+        _, height, width = self.shape
+        if cols == (0, width):
+            return [((channel * height + rows[0]) * width * FLOAT_BYTES, plane.reshape(-1))
+                    for channel, plane in enumerate(array)]
+        return [(((channel * height + row) * width + cols[0]) * FLOAT_BYTES, line)
+                for channel, plane in enumerate(array)
+                for row, line in zip(range(*rows), plane, strict=True)]
+
+    def read(self, rows, cols, device):
+        """Rows [r0, r1) x columns [c0, c1) as a (1, C, h, w) float32 tensor on `device`."""
+        array = np.empty((self.shape[0], rows[1] - rows[0], cols[1] - cols[0]), np.float32)
+        for offset, run in self.runs(rows, cols, array):
+            if os.preadv(self.fd, [run], offset) != run.nbytes:
+                raise OSError(errno.EIO, f'short read from {self.path}')
+        return torch.from_numpy(array)[None].to(device)
+
+    def write(self, row, col, tile):
+        """`tile` (1, C, h, w) at rows from `row`, columns from `col`."""
+        array = tile[0].cpu().numpy()
+        rows, cols = (row, row + array.shape[1]), (col, col + array.shape[2])
+        for offset, run in self.runs(rows, cols, array):
+            run = np.ascontiguousarray(run)  # (a copy only where the tile was cropped)
+            if os.pwrite(self.fd, run, offset) != run.nbytes:
+                raise OSError(errno.ENOSPC, f'short write to {self.path}')
+
+    def close(self):
+        if self.fd is not None:
+            os.close(self.fd)
+            os.remove(self.path)
+            self.fd = None
+
+
+class TemporaryStores:
+    """A temporary folder in `tmp_dir` (default: the system's) holding the DiskStores of
+    one image; the folder and everything in it are removed at the end, also on an error or
+    a stop signal (which the Test script turns into an exception). Maps of at most
+    `in_memory` values (the deepest layers' of a not too large image) stay in memory."""
+
+    PREFIX = 'pix2pixCC-tiles-'
+
+    def __init__(self, tmp_dir=None, in_memory=0, device=None):
+        self.tmp_dir, self.folder, self.stores = tmp_dir, None, []
+        self.in_memory, self.device = in_memory, device
+
+    def __enter__(self):
+        self.folder = tempfile.mkdtemp(prefix=self.PREFIX, dir=self.tmp_dir)
+        return self
+
+    def new(self, shape):
+        """A store of a (C, H, W) map."""
+        if math.prod(shape) <= self.in_memory:
+            return MemoryStore(torch.empty((1, *shape), device=self.device))
+        path = os.path.join(self.folder, f'{len(self.stores)}.f32')
+        try:
+            self.stores.append(DiskStore(path, shape))
+        except OSError as error:
+            raise temporary_disk_error(self.folder, error) from None
+        return self.stores[-1]
+
+    def __exit__(self, *exc):
+        for store in self.stores:
+            with contextlib.suppress(OSError):
+                store.close()
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+
+def temporary_disk_error(folder, error):
+    return UserError(f"cannot write the temporary tiles in {folder}: "
+                     f"{error.strerror or error}; give --tmp_dir a folder with more room")
+
+
+def tile_side(tile_size, level):
+    """The side of the square whose pixels a tile at `level` holds (the map is 2**level
+    times smaller than the image): tile_size at full resolution, then halved every second
+    level, where the channels have grown fourfold, so that a tile holds at most as many
+    values at every level."""
+    return max(1, tile_size >> ((level + 1) // 2))
+
+
+def level_of(full_height, height):
+    return max(0, round(math.log2(full_height / height)))
+
+
+def tile_rows(shape, side):
+    """The rows of a tile of a (C, H, W) map: the tiles span whole rows (so that each is one
+    run per channel in its store) and hold as many pixels as a `side` x `side` square."""
+    return max(1, min(shape[1], side * side // shape[2]))
+
+
+def tiles(shape, side):
+    """[(rows, columns)] of the tiles covering a (C, H, W) map (`tile_rows`)."""
+    height = tile_rows(shape, side)
+    return [((row, min(row + height, shape[1])), (0, shape[2]))
+            for row in range(0, shape[1], height)]
+
+
+def read_tile(store, rows, cols, device):
+    tile = store.read(rows, cols, device)
+    return store.transform(tile) if store.transform is not None else tile
+
+
+def run_step(step, source, target, side, device, precision, moments, bar):
+    """Every tile of `step`'s output from `source` into `target`; the output's per-channel
+    moments into `moments` (or None)."""
+    plans = {}  # (axis, start, stop): the AxisPlan, the same for a row or column of tiles
+
+    def plan(axis, span):
+        if (axis, *span) not in plans:
+            plans[(axis, *span)] = axis_plan(step, axis, source.shape[axis + 1], *span, device)
+        return plans[(axis, *span)]
+
+    for rows, cols in tiles(target.shape, side):
+        row_plan, col_plan = plan(0, rows), plan(1, cols)
+        tile = step_input(step, read_tile(source, row_plan[:2], col_plan[:2], device),
+                          row_plan, col_plan)
+        tile = tile.contiguous(memory_format=memory_format(device))
+        with precision.autocast() if precision is not None else contextlib.nullcontext():
+            out = step.conv(tile)
+        del tile
+        out = out[..., row_plan.crop:row_plan.crop + rows[1] - rows[0],
+                  col_plan.crop:col_plan.crop + cols[1] - cols[0]].float()
+        if moments is not None:
+            moments.add(out)
+        target.write(rows[0], cols[0], out)
+        bar.update()
+
+
+def add_block_input(target, block_input, side, device, bar):
+    """A residual block's output, block input + normalised last convolution, into
+    `target` (tile by tile, in place)."""
+    for rows, cols in tiles(target.shape, side):
+        tile = read_tile(target, rows, cols, device)
+        target.write(rows[0], cols[0], tile.add_(read_tile(block_input, rows, cols, device)))
+        bar.update()
+    target.transform = None
+
+
+def tiled_generate(G, input, tile_size, precision=None, tmp_dir=None, desc=None):
+    """G on a (B, C, H, W) input whose H and W are multiples of 2**n_downsample, in tiles
+    of tile_size x tile_size pixels (`tiles`): the output of G(input) (to float rounding;
+    README "Full-resolution images"), holding only tiles in memory besides the input and
+    the output. Returns (B, target_ch, H, W) float32 on the input's device."""
+    steps = generator_steps(G)
+    return torch.cat([tiled_sample(steps, sample, tile_size, precision, tmp_dir, desc)
+                      for sample in input.split(1)])
+
+
+def tiled_sample(steps, input, tile_size, precision, tmp_dir, desc):
+    """`tiled_generate` of one sample (1, C, H, W): each step from the store of its input
+    (the input image first) into a new store (the output tensor last); a store is closed
+    (its file removed) once no step reads it any more."""
+    device, shapes = input.device, [shape for _, _, shape in shapes_along(steps,
+                                                                           input.shape[1:])]
+    sides = [tile_side(tile_size, level_of(input.shape[2], shape[1])) for shape in shapes]
+    total = sum(len(tiles(shape, side)) * (2 if step.block_end else 1)
+                for step, shape, side in zip(steps, shapes, sides, strict=True))
+    # Maps of at most a quarter of a full-resolution tile's values stay in memory: the
+    # residual blocks' of images up to about 2 x tile_size, which are read and written most.
+    in_memory = tile_size * tile_size * shapes[0][0] // 4
+    with TemporaryStores(tmp_dir, in_memory, device) as stores, \
+            tqdm(total=total, desc=desc, unit='tile', leave=False, disable=None,
+                 delay=PROGRESS_DELAY) as bar:
+        source, block_input = MemoryStore(input.float()), None
+        try:
+            for index, (step, shape, side) in enumerate(zip(steps, shapes, sides,
+                                                            strict=True)):
+                block_input = source if step.block_start else block_input
+                target = stores.new(shape) if index < len(steps) - 1 else \
+                    MemoryStore(input.new_empty((1, *shape), dtype=torch.float32))
+                moments = ChannelMoments() if uses_image_statistics(step.norm) else None
+                run_step(step, source, target, side, device, precision, moments, bar)
+                target.transform = Pointwise(step.norm, step.act, moments, device)
+                if step.block_end:
+                    add_block_input(target, block_input, side, device, bar)
+                    block_input.close()
+                if source is not block_input:
+                    source.close()
+                source = target
+        except OSError as error:  # a full disk, or a store that cannot be read back
+            raise temporary_disk_error(stores.folder, error) from None
+        return source.tensor
+
+
+# The choice between a whole image and tiles, before the first image (README
+# "Full-resolution images").
+
+
+def shapes_along(steps, shape):
+    """[(input, convolution input, output)] (C, H, W) shapes of each step for a (padded)
+    input of `shape`."""
+    shapes = []
+    for step in steps:
+        middle = (shape[0], *(module_input_length(step, axis, n)
+                              for axis, n in enumerate(shape[1:])))
+        output = step_output_shape(step, shape)
+        shapes.append((shape, middle, output))
+        shape = output
+    return shapes
+
+
+def whole_image_bytes(steps, shape):
+    """An estimate of the memory (bytes) of G on a whole (padded) image of (C, H, W)
+    `shape`: twice the largest sum of a layer's input, padded input and output (what a
+    convolution's working copies add), a residual block's input kept across the block, and
+    the input and output images."""
+    peak, block, shapes = 0, 0, shapes_along(steps, shape)
+    for step, (source, middle, output) in zip(steps, shapes, strict=True):
+        block = math.prod(source) if step.block_start else block
+        live = math.prod(source) + math.prod(middle) + math.prod(output)
+        peak = max(peak, live + (block if not step.block_start else 0))
+        block = 0 if step.block_end else block
+    return (2 * peak + math.prod(shape) + math.prod(shapes[-1][2])) * FLOAT_BYTES
+
+
+def tile_extent(conv, length, out_length, rows):
+    """The convolution input rows of an inner output tile of `rows` rows (the second)."""
+    start = min(rows, out_length - 1)
+    first, end, _ = conv_input_range(conv, 0, length, start, min(start + rows, out_length))
+    return end - first
+
+
+def tiled_bytes(steps, shape, tile_size):
+    """An estimate of the memory (bytes) of `tiled_generate` on a (padded) image of
+    (C, H, W) `shape`: the input and output images, and the largest tile's working copies
+    (the read tile and its padded form twice, the output three times) and statistics."""
+    peak, shapes = 0, shapes_along(steps, shape)
+    for step, (source, middle, output) in zip(steps, shapes, strict=True):
+        rows = tile_rows(output, tile_side(tile_size, level_of(shape[1], output[1])))
+        tile_in = source[0] * tile_extent(step.conv, middle[1], output[1], rows) * middle[2]
+        tile_out = output[0] * rows * output[2]
+        # (float64 statistics on a GPU: a chunk of the output tile, twice the bytes)
+        peak = max(peak, 4 * tile_in + 3 * tile_out + 2 * min(ChannelMoments.CHUNK, tile_out))
+    return (peak + math.prod(shape) + math.prod(shapes[-1][2])) * FLOAT_BYTES
+
+
+def disk_bytes(steps, shape):
+    """The temporary disk (bytes) of `tiled_generate` on a (padded) image of (C, H, W)
+    `shape`: the most that its stores hold at once (the input of a step, its output and a
+    residual block's input; the input and the last output are in memory)."""
+    peak, block, stored = 0, 0, 0  # stored: the current step input's store, 0 for memory
+    steps_shapes = list(zip(steps, shapes_along(steps, shape), strict=True))
+    for index, (step, (_, _, output)) in enumerate(steps_shapes):
+        block = stored if step.block_start else block
+        written = math.prod(output) if index < len(steps) - 1 else 0
+        peak = max(peak, stored + written + (block if not step.block_start else 0))
+        block = 0 if step.block_end else block
+        stored = written
+    return peak * FLOAT_BYTES
+
+
+def available_memory(device):
+    """The bytes a pass may use on `device`: $PIX2PIXCC_MEMORY_LIMIT when set, else the
+    MemAvailable of /proc/meminfo (CPU) or the device's free memory and what PyTorch's
+    allocator holds unused (CUDA); None when unknown (then a whole image is tried)."""
+    limit = os.environ.get(MEMORY_LIMIT_VARIABLE)
+    if limit:
+        try:
+            return int(float(limit))
+        except ValueError:
+            raise UserError(f"{MEMORY_LIMIT_VARIABLE}={limit!r} is not a number of bytes; "
+                            f"set it to e.g. 8e9, or unset it") from None
+    if device.type == 'cuda':
+        free, _ = torch.cuda.mem_get_info(device)
+        return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    try:
+        with open('/proc/meminfo') as f:
+            fields = dict(line.split(':', 1) for line in f)
+        return int(fields['MemAvailable'].split()[0]) * 1024
+    except (OSError, KeyError, ValueError):
+        return None
+
+
+def automatic_tile_size(steps, shape, multiple, memory):
+    """The tile size for a (padded) image of (C, H, W) `shape` when a whole-image pass does
+    not fit `memory` bytes: the largest power-of-two multiple of `multiple` below the image
+    whose tiles take at most half of it (leaving room for the stores' file cache), else the
+    smallest; 0 when the whole image fits or `memory` is None."""
+    if memory is None or whole_image_bytes(steps, shape) <= memory:
+        return 0
+    size = multiple
+    while 2 * size < max(shape[1:]) and tiled_bytes(steps, shape, 2 * size) <= memory / 2:
+        size *= 2
+    return size
+
+
+def gigabytes(n_bytes):
+    return f'{n_bytes / 1e9:.1f} GB'
+
+
+def padded_shape(channels, size, multiple):
+    """(C, H, W) of an input of `size` (H, W) padded to multiples of `multiple`."""
+    return (channels, *(n + -n % multiple for n in size))
+
+
+def tile_sizes(opt, input_paths, device, log=print):
+    """The tile size of each of `input_paths` (0: the whole image at once): --tile_size for
+    the inputs larger than it; without it, tiles for the inputs whose whole-image pass would
+    not fit in memory (`available_memory`, less the generator's weights on a GPU), with one
+    notice line. Raises UserError, before any output, when the tiled inputs' temporary
+    stores would not fit the free disk of --tmp_dir, or the smallest tiles the memory. Sizes
+    come from the files' headers, the layers from the options."""
+    with torch.device('meta'):  # (no memory)
+        G = Generator(opt)
+    steps = generator_steps(G)
+    multiple = 2 ** opt.n_downsample
+    shapes = [padded_shape(opt.input_ch, stored_size(path, opt.data_format_input,
+                                                     opt.input_ch), multiple)
+              for path in input_paths]
+    if opt.tile_size:
+        sizes = [opt.tile_size if max(shape[1:]) > opt.tile_size else 0 for shape in shapes]
+    else:
+        memory = available_memory(device)
+        # (The Test script asks before loading it; in training this counts it twice.)
+        if memory is not None and device.type == 'cuda':
+            memory -= sum(p.numel() for p in G.parameters()) * FLOAT_BYTES
+        chosen = {shape: automatic_tile_size(steps, shape, multiple, memory)
+                  for shape in set(shapes)}
+        sizes = [chosen[shape] for shape in shapes]
+    tiled = [index for index, size in enumerate(sizes) if size]
+    if not tiled:
+        return sizes
+    largest = max(tiled, key=lambda index: math.prod(shapes[index]))
+    name, shape = os.path.basename(input_paths[largest]), shapes[largest]
+    check_room_for_tiles(steps, shape, sizes[largest], name, opt.tmp_dir,
+                         None if opt.tile_size else memory)
+    if not opt.tile_size:
+        log(f"notice: a whole-image pass over {len(tiled)} of the {len(sizes)} input(s) "
+            f"(the largest {name}, {shape[1]}x{shape[2]}) needs about "
+            f"{gigabytes(whole_image_bytes(steps, shape))} of memory, more than the "
+            f"{gigabytes(memory)} available: translating {'it' if len(tiled) == 1 else 'them'}"
+            f" in tiles of {sizes[largest]} px, with the same result (--tile_size N sets it)")
+    return sizes
+
+
+def check_room_for_tiles(steps, shape, tile_size, name, tmp_dir, memory=None):
+    """UserError when the temporary stores of a (padded) image of (C, H, W) `shape` would
+    not fit the free disk of `tmp_dir`, or (with `memory`) its tiles that memory."""
+    tmp_dir = tmp_dir or tempfile.gettempdir()
+    need, free = disk_bytes(steps, shape), shutil.disk_usage(tmp_dir).free
+    if need > free:
+        raise UserError(f"translating {name} ({shape[1]}x{shape[2]}) in tiles needs "
+                        f"{gigabytes(need)} of temporary disk in {tmp_dir}, which has "
+                        f"{gigabytes(free)} free; give --tmp_dir a folder with more room")
+    need = tiled_bytes(steps, shape, tile_size)
+    if memory is not None and need > memory:
+        raise UserError(f"translating {name} ({shape[1]}x{shape[2]}) needs about "
+                        f"{gigabytes(need)} of memory even in tiles of {tile_size} px, more "
+                        f"than the {gigabytes(memory)} available; free memory or use a "
+                        f"larger machine")
 
 
 # ----------------------------------------------------------------------------------------
@@ -823,6 +1521,7 @@ def test(opt, option, model, stop):
     # Checked before any output: the metric that picks the best of several generators.
     key = selection_key(opt, metric_keys(opt, disks)) if disks is not None else None
     iterations = [opt.iteration] if model else iterations_asked_for(opt)
+    sizes = tile_sizes(opt, dataset.input_paths, device)  # whole images or tiles
 
     # Output folders: refused or emptied (--overwrite) before anything is written.
     record_of = functools.partial(run_record, opt, dataset, precision=precision,
@@ -840,7 +1539,7 @@ def test(opt, option, model, stop):
         G = load_generator(opt, opt.model or checkpoint_path(opt.model_dir, iteration, 'G'),
                            device, model['weights'] if model else None)
         rows = translate(G, dataset, folders[iteration], opt, device, iteration, precision,
-                         panels=opt.save_panels, disks=disks, stop=stop)
+                         panels=opt.save_panels, disks=disks, stop=stop, sizes=sizes)
         print(f"iteration {iteration}: {len(dataset)} file(s) written to {folders[iteration]}")
         if rows:
             by_iteration.append(write_metrics(rows, folders[iteration], iteration, opt))
