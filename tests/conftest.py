@@ -360,6 +360,21 @@ class Training:
             self.proc.wait()
 
 
+def run_in(root, argv):
+    """Run the Test script in `root` as a user would from there (in-process); its exit
+    status."""
+    import pix2pixCC_Test
+    from pix2pixCC_Options import run_main
+    here = os.getcwd()
+    os.chdir(root)
+    try:
+        return run_main(pix2pixCC_Test.main, ['--gpu_ids', '-1', '--n_workers', '0'] + argv)
+    except SystemExit as exit:  # (argparse's refusals)
+        return exit.code
+    finally:
+        os.chdir(here)
+
+
 def assert_ok(proc):
     assert proc.returncode == 0, f"exit {proc.returncode}\nstdout:\n{proc.stdout[-3000:]}\n" \
                                  f"stderr:\n{proc.stderr[-3000:]}"

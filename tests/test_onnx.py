@@ -14,11 +14,10 @@ import torch
 from astropy.io import fits
 
 import pix2pixCC_Test
-from conftest import (REPO, SAMPLE, SAMPLE_DATA, TINY, TINY_NETWORK, aia_cube_header,
-                      assert_ok, assert_usage_error, blocked, field, make_test_opt, run_script,
+from conftest import (REPO, SAMPLE, SAMPLE_DATA, TINY, TINY_NETWORK, aia_cube_header, assert_ok,
+                      assert_usage_error, blocked, field, make_test_opt, run_in, run_script,
                       run_train, write_user_file)
 from pix2pixCC_Networks import Generator, weights_init
-from pix2pixCC_Options import run_main
 
 TRANSLATE = os.path.join(REPO, 'deploy', 'onnx_translate.py')
 TOLERANCE = 1e-4  # of the output's range
@@ -122,19 +121,6 @@ def trained(tmp_path_factory):
     assert run_in(root, ['--dataset_name', RUN, '--iteration', str(STEP), '--export',
                          'onnx']) == 0
     return dict(root=root, model=root / 'checkpoints' / RUN / 'Export' / f'{RUN}_{STEP}.onnx')
-
-
-def run_in(root, argv):
-    """Run the Test script in `root` as a user would from there (in-process); its exit
-    status."""
-    here = os.getcwd()
-    os.chdir(root)
-    try:
-        return run_main(pix2pixCC_Test.main, ['--gpu_ids', '-1', '--n_workers', '0'] + argv)
-    except SystemExit as exit:  # (argparse's refusals)
-        return exit.code
-    finally:
-        os.chdir(here)
 
 
 def metadata(path):

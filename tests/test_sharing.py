@@ -14,8 +14,7 @@ from astropy.io import fits
 
 import pix2pixCC_Test
 from conftest import (RECORD, REPO, SAMPLE, SAMPLE_DATA, TINY, assert_ok, load, make_pairs,
-                      read_user_file, record_in, run_script, run_train, snapshot)
-from pix2pixCC_Options import run_main
+                      read_user_file, record_in, run_in, run_script, run_train, snapshot)
 from pix2pixCC_Pipeline import read_array, read_fits_header
 from pix2pixCC_Utils import weights_sha256
 
@@ -46,19 +45,6 @@ def trained(tmp_path_factory):
         '--n_workers', '0', '--input_dir_train', train_in, '--target_dir_train', train_tg],
         cwd=root))
     return dict(root=root, test=['--input_dir_test', test_in, '--target_dir_test', test_tg])
-
-
-def run_in(root, argv):
-    """Run the Test script in `root` as a user would from there (in-process); its exit
-    status."""
-    here = os.getcwd()
-    os.chdir(root)
-    try:
-        return run_main(pix2pixCC_Test.main, ['--gpu_ids', '-1', '--n_workers', '0'] + argv)
-    except SystemExit as exit:  # (argparse's refusals)
-        return exit.code
-    finally:
-        os.chdir(here)
 
 
 def exported(trained, *extra):
