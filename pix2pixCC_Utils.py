@@ -47,6 +47,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
+import torch.nn.functional as F
 from PIL import Image
 from torch.nn.parallel import DistributedDataParallel
 
@@ -211,6 +212,15 @@ def make_dirs(*folders):
 # ----------------------------------------------------------------------------------------
 # 2. Devices, precision and memory
 # ----------------------------------------------------------------------------------------
+
+
+# Large CPU tensors on transparent huge pages: at 1024x1024 every full-resolution feature map
+# (64 x 1024 x 1024 float32, 268 MB) is a fresh allocation that the kernel otherwise maps in
+# 4 KiB pages, one fault each, which took 0.09 s per map here against 0.01 s with 2 MiB
+# pages (BENCHMARKS.md, "The scatter path in inference"). PyTorch's allocator reads the
+# variable once, at the first allocation of the process, so it is set when this module is
+# imported (no drivers' module allocates a tensor before); a value the user set wins.
+os.environ.setdefault('THP_MEM_ALLOC_ENABLE', '1')
 
 
 def cpu_requested(opt):
@@ -1256,7 +1266,8 @@ def draw_validation_cc(axis, val_rows, keys):
 
 
 # ----------------------------------------------------------------------------------------
-# 8. The optional CPU GEMM path for the widest convolutions (performance only)
+# 8. The optional CPU GEMM paths for the widest and the thinnest convolutions (performance
+#    only)
 # ----------------------------------------------------------------------------------------
 
 
@@ -1274,10 +1285,87 @@ GEMM_CONV_MIN_WEIGHTS = 2 ** 20    # at least this many weights,
 
 GEMM_CONV_WEIGHTS_PER_PIXEL = 4096  # and at least this many weights per pixel take the path
 
+# At the other end, in inference at full resolution, oneDNN is slow where a layer has few
+# weights for its many pixels: the output layer (7x7, 64 -> 1 channel at 1024x1024) runs at
+# 5% of the CPU's matrix-product rate, since oneDNN computes output channels in blocks of 8
+# or 16; the largest transposed convolution (128 -> 64 at 512x512 -> 1024x1024) at 26-43%,
+# and its result is copied once more. Both are computed here as "every input pixel scatters
+# a kernel-sized patch": one matrix product gives each input pixel's patch values for all
+# output channels, (Cout*kh*kw, Cin) @ (Cin, pixels), and col2im (F.fold) adds the patches
+# at their places. A convolution is the scatter of its spatially flipped kernel. Done in
+# bands of input rows, so the patches never exceed SCATTER_BAND_BYTES. Only without autograd
+# (training keeps oneDNN and its backward); measurements in BENCHMARKS.md ("The scatter
+# path in inference").
+
+SCATTER_MAX_OUT_CHANNELS = 3       # a convolution with at most this many output channels,
+SCATTER_MAX_WEIGHTS_PER_PIXEL = 1  # a transposed one with at most this many weights per
+                                   # input pixel (only the largest of the default network)
+SCATTER_BAND_BYTES = 2 ** 22       # the patches of one band: about a core's share of cache
+
+
+def conv_pixels(x, kernel_size, stride, padding):
+    """Batch x output height x width of a convolution of x (B, C, H, W)."""
+    (kh, kw), (sh, sw), (ph, pw) = kernel_size, stride, padding
+    return x.shape[0] * ((x.shape[2] + 2 * ph - kh) // sh + 1) * \
+        ((x.shape[3] + 2 * pw - kw) // sw + 1)
+
+
+def fast_path_allowed(layer, x):
+    """Whether `x` may take one of this section's paths: float32 on the CPU, a contiguous
+    (B, C, H, W) input, outside autocast (oneDNN's bfloat16 kernels are the fast ones there)
+    and outside torch.compile (a compiled graph has its own convolution lowering)."""
+    return (x.device.type == 'cpu' and x.dtype == layer.weight.dtype == torch.float32
+            and x.dim() == 4 and not torch.is_autocast_enabled('cpu')
+            and not torch.compiler.is_compiling())
+
+
+def scatter_convolution(x, patches, bias, kernel_size, stride, padding, out_size):
+    """A (transposed) convolution of x (B, Cin, H, W) as scattered patches: (B, Cout, Ho, Wo).
+
+    patches: (Cout*kh*kw, Cin), row (o, di, dj) the weights with which an input pixel at
+    (i, j) adds to output (o, i*sh + di - ph, j*sw + dj - pw); outputs outside Ho x Wo are
+    dropped. This is ConvTranspose2d's arithmetic (padding <= kernel - 1, output_padding <
+    stride). bias: (Cout,) or None. Memory beyond the output: one band's patches.
+    """
+    batch, channels, height, width = x.shape
+    (kh, kw), sh, (ph, pw) = kernel_size, stride[0], padding
+    out_height, out_width = out_size
+    out = x.new_empty(batch, patches.shape[0] // (kh * kw), out_height, out_width)
+    fresh = (bias if bias is not None else out.new_zeros(out.shape[1])).view(-1, 1, 1)
+    rows = max(1, SCATTER_BAND_BYTES // (patches.shape[0] * width * x.element_size()))
+    for b in range(batch):
+        pixels = x[b].view(channels, height * width)
+        done = 0  # output rows [0, done) hold their bias and every band so far
+        for top in range(0, height, rows):
+            bottom = min(height, top + rows)
+            band_height = (bottom - top - 1) * sh + kh
+            band = F.fold((patches @ pixels[:, top * width:bottom * width])[None],
+                          (band_height, out_width), kernel_size, padding=(0, pw),
+                          stride=stride)[0]
+            first = top * sh - ph  # the output row of the band's first row
+            done = add_band(out[b], band, first, done, fresh)
+        out[b, :, done:] = fresh
+    return out
+
+
+def add_band(out, band, first, done, fresh):
+    """Add a band (Cout, rows, Wo) whose first row is output row `first` into out
+    (Cout, Ho, Wo): rows below `done` already hold earlier bands and are added to, the
+    others are written once with `fresh` (the bias) added. Returns the new `done`."""
+    end = min(out.shape[1], first + band.shape[1])
+    if first > done:  # rows no patch reaches (stride > kernel): the bias alone
+        out[:, done:first] = fresh
+        done = first
+    if first < done:
+        out[:, max(first, 0):done] += band[:, max(first, 0) - first:done - first]
+    if end > done:
+        torch.add(band[:, done - first:end - first], fresh, out=out[:, done:end])
+    return max(done, end)
 
 
 class GemmConv2d(nn.Conv2d):
-    """nn.Conv2d that computes im2col + matrix product where that is faster (see above).
+    """nn.Conv2d that computes im2col + matrix product, or scattered patches, where that is
+    faster (see above).
 
     `use_gemm_convolutions` turns a network's Conv2d layers into this class in place: a
     module is still called as a module (its hooks run), and its parameters and state_dict
@@ -1285,40 +1373,82 @@ class GemmConv2d(nn.Conv2d):
     """
 
     def forward(self, x):
+        if not fast_path_allowed(self, x):
+            return super().forward(x)
         if self.gemm_pays(x):
             return torch.ops.aten.thnn_conv2d(x, self.weight, list(self.kernel_size), self.bias,
                                               list(self.stride), list(self.padding))
+        if self.scatter_pays(x):
+            return self.scatter_forward(x)
         return super().forward(x)
 
     def gemm_pays(self, x):
-        if not (x.device.type == 'cpu' and x.dtype == self.weight.dtype == torch.float32
-                and x.dim() == 4):
-            return False
-        kh, kw = self.kernel_size
-        (sh, sw), (ph, pw) = self.stride, self.padding
-        pixels = x.shape[0] * ((x.shape[2] + 2 * ph - kh) // sh + 1) * \
-            ((x.shape[3] + 2 * pw - kw) // sw + 1)
+        pixels = conv_pixels(x, self.kernel_size, self.stride, self.padding)
         weights = self.weight.numel()
-        # Under bfloat16 autocast oneDNN's bfloat16 kernels are the fast ones; a compiled
-        # graph has its own convolution lowering.
         return (pixels <= GEMM_CONV_MAX_PIXELS and weights >= GEMM_CONV_MIN_WEIGHTS
-                and weights >= GEMM_CONV_WEIGHTS_PER_PIXEL * pixels
-                and not torch.is_autocast_enabled('cpu')
-                and not torch.compiler.is_compiling())
+                and weights >= GEMM_CONV_WEIGHTS_PER_PIXEL * pixels)
+
+    def scatter_pays(self, x):
+        """Few output channels, stride 1, without autograd, on a contiguous input."""
+        kernel = self.kernel_size
+        return (self.out_channels <= SCATTER_MAX_OUT_CHANNELS and tuple(self.stride) == (1, 1)
+                and all(p < k for p, k in zip(self.padding, kernel, strict=True))
+                and not torch.is_grad_enabled() and x.is_contiguous())
+
+    def scatter_forward(self, x):
+        """The convolution as the scatter of its flipped kernel (padding p becomes k-1-p)."""
+        (kh, kw), (ph, pw) = self.kernel_size, self.padding
+        patches = self.weight.flip(2, 3).permute(0, 2, 3, 1).reshape(-1, self.in_channels)
+        out_size = (x.shape[2] + 2 * ph - kh + 1, x.shape[3] + 2 * pw - kw + 1)
+        return scatter_convolution(x, patches, self.bias, self.kernel_size, (1, 1),
+                                   (kh - 1 - ph, kw - 1 - pw), out_size)
+
+
+class GemmConvTranspose2d(nn.ConvTranspose2d):
+    """nn.ConvTranspose2d that computes scattered patches where that is faster (see above):
+    the same module otherwise (parameters, state_dict keys, hooks)."""
+
+    def forward(self, x, output_size=None):
+        if output_size is None and fast_path_allowed(self, x) and self.scatter_pays(x):
+            return self.scatter_forward(x)
+        return super().forward(x, output_size)
+
+    def scatter_pays(self, x):
+        """Few weights for the input's pixels, without autograd, on a contiguous input."""
+        pixels = x.shape[0] * x.shape[2] * x.shape[3]
+        return (self.weight.numel() <= SCATTER_MAX_WEIGHTS_PER_PIXEL * pixels
+                and all(p < k for p, k in zip(self.padding, self.kernel_size, strict=True))
+                and not torch.is_grad_enabled() and x.is_contiguous())
+
+    def scatter_forward(self, x):
+        """The weights (Cin, Cout, kh, kw) are already the patches, transposed (no copy)."""
+        (kh, kw), (sh, sw), (ph, pw) = self.kernel_size, self.stride, self.padding
+        oph, opw = self.output_padding
+        out_size = ((x.shape[2] - 1) * sh - 2 * ph + kh + oph,
+                    (x.shape[3] - 1) * sw - 2 * pw + kw + opw)
+        patches = self.weight.view(self.in_channels, -1).t()
+        return scatter_convolution(x, patches, self.bias, self.kernel_size, self.stride,
+                                   self.padding, out_size)
+
+
+FAST_CLASSES = {nn.Conv2d: GemmConv2d, nn.ConvTranspose2d: GemmConvTranspose2d}
 
 
 def use_gemm_convolutions(module, enabled=True):
-    """Let every plain Conv2d of `module` take the GEMM path where it is faster (or, with
-    enabled=False, never). The class changes in place, nothing else."""
+    """Let every plain Conv2d and ConvTranspose2d of `module` take this section's paths
+    where they are faster (or, with enabled=False, never). The class changes in place,
+    nothing else."""
     if not hasattr(torch.ops.aten, 'thnn_conv2d'):
         return module
     for layer in module.modules():
-        plain = type(layer) is nn.Conv2d and layer.groups == 1 and \
-            tuple(layer.dilation) == (1, 1) and layer.padding_mode == 'zeros' and \
-            not isinstance(layer.padding, str)
-        if enabled and plain:
-            layer.__class__ = GemmConv2d
-        elif not enabled and type(layer) is GemmConv2d:
-            layer.__class__ = nn.Conv2d
+        if enabled and type(layer) in FAST_CLASSES and plain_layer(layer):
+            layer.__class__ = FAST_CLASSES[type(layer)]
+        elif not enabled and type(layer) in FAST_CLASSES.values():
+            layer.__class__ = layer.__class__.__bases__[0]
     return module
 
+
+def plain_layer(layer):
+    """One group, no dilation, zero padding given as numbers: what the paths compute."""
+    return (layer.groups == 1 and tuple(layer.dilation) == (1, 1)
+            and layer.padding_mode == 'zeros' and not isinstance(layer.padding, str))
