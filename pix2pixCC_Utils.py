@@ -214,15 +214,6 @@ def make_dirs(*folders):
 # ----------------------------------------------------------------------------------------
 
 
-# Large CPU tensors on transparent huge pages: at 1024x1024 every full-resolution feature map
-# (64 x 1024 x 1024 float32, 268 MB) is a fresh allocation that the kernel otherwise maps in
-# 4 KiB pages, one fault each, which took 0.09 s per map here against 0.01 s with 2 MiB
-# pages (BENCHMARKS.md, "The scatter path in inference"). PyTorch's allocator reads the
-# variable once, at the first allocation of the process, so it is set when this module is
-# imported (no drivers' module allocates a tensor before); a value the user set wins.
-os.environ.setdefault('THP_MEM_ALLOC_ENABLE', '1')
-
-
 def cpu_requested(opt):
     """--gpu_ids -1 (any negative index) asks for the CPU."""
     return any(int(i) < 0 for i in opt.gpu_ids.split(','))
@@ -1285,78 +1276,75 @@ GEMM_CONV_MIN_WEIGHTS = 2 ** 20    # at least this many weights,
 
 GEMM_CONV_WEIGHTS_PER_PIXEL = 4096  # and at least this many weights per pixel take the path
 
-# At the other end, in inference at full resolution, oneDNN is slow where a layer has few
-# weights for its many pixels: the output layer (7x7, 64 -> 1 channel at 1024x1024) runs at
-# 5% of the CPU's matrix-product rate, since oneDNN computes output channels in blocks of 8
-# or 16; the largest transposed convolution (128 -> 64 at 512x512 -> 1024x1024) at 26-43%,
-# and its result is copied once more. Both are computed here as "every input pixel scatters
-# a kernel-sized patch": one matrix product gives each input pixel's patch values for all
-# output channels, (Cout*kh*kw, Cin) @ (Cin, pixels), and col2im (F.fold) adds the patches
-# at their places. A convolution is the scatter of its spatially flipped kernel. Done in
-# bands of input rows, so the patches never exceed SCATTER_BAND_BYTES. Only without autograd
-# (training keeps oneDNN and its backward); measurements in BENCHMARKS.md ("The scatter
-# path in inference").
+# At the other end, in inference at full resolution, two kinds of layer run far below the
+# CPU's matrix-product rate in oneDNN: a convolution with few output channels (the output
+# layer, 7x7, 64 -> 1 channel at 1024x1024: 0.47 s of CPU time), since oneDNN computes output
+# channels in blocks of 8 or 16 whatever their number; and the largest transposed
+# convolution (128 -> 64 channels, 512x512 -> 1024x1024: 0.87 s), whose result oneDNN
+# leaves in another layout and PyTorch copies into a fresh 268 MB tensor. Both run here as
+# "every input pixel scatters a kernel-sized patch": one matrix product gives each input
+# pixel's patch for every output channel, (Cout*kh*kw, Cin) @ (Cin, pixels), and col2im
+# (F.fold) adds the patches at their places (0.12 s and 0.60 s). A convolution's patch is
+# its kernel flipped. It is done in bands of input rows, so the patches never exceed
+# SCATTER_BAND_BYTES. Only without autograd: training keeps oneDNN and its backward.
+# Measurements (one thread) in BENCHMARKS.md ("Inference at 1024x1024 on the CPU").
 
-SCATTER_MAX_OUT_CHANNELS = 3       # a convolution with at most this many output channels,
-SCATTER_MAX_WEIGHTS_PER_PIXEL = 1  # a transposed one with at most this many weights per
-                                   # input pixel (only the largest of the default network)
-SCATTER_BAND_BYTES = 2 ** 22       # the patches of one band: about a core's share of cache
-
-
-def conv_pixels(x, kernel_size, stride, padding):
-    """Batch x output height x width of a convolution of x (B, C, H, W)."""
-    (kh, kw), (sh, sw), (ph, pw) = kernel_size, stride, padding
-    return x.shape[0] * ((x.shape[2] + 2 * ph - kh) // sh + 1) * \
-        ((x.shape[3] + 2 * pw - kw) // sw + 1)
+SCATTER_MAX_OUT_CHANNELS = 3       # convolutions 64 -> 1, 3, 8 channels: 0.26x, 0.70x, 3.5x
+SCATTER_MAX_WEIGHTS_PER_PIXEL = 1  # transposed, weights per input pixel: 0.28 (0.69x), 4.5
+                                   # (0.94x), 72 (1.3x): only the largest takes it
+SCATTER_BAND_BYTES = 2 ** 22       # the patches of one band (1 to 16 MiB: within 5%)
 
 
 def fast_path_allowed(layer, x):
-    """Whether `x` may take one of this section's paths: float32 on the CPU, a contiguous
-    (B, C, H, W) input, outside autocast (oneDNN's bfloat16 kernels are the fast ones there)
-    and outside torch.compile (a compiled graph has its own convolution lowering)."""
+    """Whether `x` may take one of this section's paths: float32 on the CPU, a (B, C, H, W)
+    input, outside autocast (oneDNN's bfloat16 kernels are the fast ones there) and outside
+    torch.compile (a compiled graph has its own convolution lowering)."""
     return (x.device.type == 'cpu' and x.dtype == layer.weight.dtype == torch.float32
             and x.dim() == 4 and not torch.is_autocast_enabled('cpu')
             and not torch.compiler.is_compiling())
 
 
-def scatter_convolution(x, patches, bias, kernel_size, stride, padding, out_size):
-    """A (transposed) convolution of x (B, Cin, H, W) as scattered patches: (B, Cout, Ho, Wo).
+def scatter_possible(layer, x):
+    """What both scatter paths need: inference (no autograd), a contiguous input, padding
+    below the kernel and a stride no larger (so that every output row lies in a band)."""
+    return (not torch.is_grad_enabled() and x.is_contiguous()
+            and all(p < k and s <= k for p, k, s in
+                    zip(layer.padding, layer.kernel_size, layer.stride, strict=True)))
 
-    patches: (Cout*kh*kw, Cin), row (o, di, dj) the weights with which an input pixel at
+
+def scatter_patches(x, patches, bias, kernel_size, stride, padding, out_size):
+    """A transposed convolution of x (B, Cin, H, W), given as the patches each input pixel
+    scatters: (B, Cout, Ho, Wo) = out_size. x must be contiguous.
+
+    patches: (Cout*kh*kw, Cin); row (o, di, dj) holds the weights with which input pixel
     (i, j) adds to output (o, i*sh + di - ph, j*sw + dj - pw); outputs outside Ho x Wo are
-    dropped. This is ConvTranspose2d's arithmetic (padding <= kernel - 1, output_padding <
-    stride). bias: (Cout,) or None. Memory beyond the output: one band's patches.
+    dropped (ConvTranspose2d's arithmetic, padding < kernel, output_padding < stride <=
+    kernel). bias: (Cout,) or None. Memory beyond the output: one band's patches.
     """
     batch, channels, height, width = x.shape
-    (kh, kw), sh, (ph, pw) = kernel_size, stride[0], padding
-    out_height, out_width = out_size
-    out = x.new_empty(batch, patches.shape[0] // (kh * kw), out_height, out_width)
+    (kh, _), sh, ph = kernel_size, stride[0], padding[0]
+    out = x.new_empty(batch, patches.shape[0] // (kh * kernel_size[1]), *out_size)
     fresh = (bias if bias is not None else out.new_zeros(out.shape[1])).view(-1, 1, 1)
     rows = max(1, SCATTER_BAND_BYTES // (patches.shape[0] * width * x.element_size()))
     for b in range(batch):
         pixels = x[b].view(channels, height * width)
-        done = 0  # output rows [0, done) hold their bias and every band so far
+        done = 0  # output rows [0, done) hold the bias and the bands so far
         for top in range(0, height, rows):
             bottom = min(height, top + rows)
-            band_height = (bottom - top - 1) * sh + kh
             band = F.fold((patches @ pixels[:, top * width:bottom * width])[None],
-                          (band_height, out_width), kernel_size, padding=(0, pw),
-                          stride=stride)[0]
-            first = top * sh - ph  # the output row of the band's first row
-            done = add_band(out[b], band, first, done, fresh)
-        out[b, :, done:] = fresh
+                          ((bottom - top - 1) * sh + kh, out_size[1]), kernel_size,
+                          padding=(0, padding[1]), stride=stride)[0]
+            done = add_band(out[b], band, top * sh - ph, done, fresh)
+        out[b, :, done:] = fresh  # rows below every patch (output_padding > padding)
     return out
 
 
 def add_band(out, band, first, done, fresh):
-    """Add a band (Cout, rows, Wo) whose first row is output row `first` into out
+    """Add a band (Cout, rows, Wo) whose first row is output row `first` (<= done) into out
     (Cout, Ho, Wo): rows below `done` already hold earlier bands and are added to, the
-    others are written once with `fresh` (the bias) added. Returns the new `done`."""
+    others are written once, with `fresh` (the bias) added. Returns the new `done`."""
     end = min(out.shape[1], first + band.shape[1])
-    if first > done:  # rows no patch reaches (stride > kernel): the bias alone
-        out[:, done:first] = fresh
-        done = first
-    if first < done:
+    if max(first, 0) < done:
         out[:, max(first, 0):done] += band[:, max(first, 0) - first:done - first]
     if end > done:
         torch.add(band[:, done - first:end - first], fresh, out=out[:, done:end])
@@ -1383,25 +1371,27 @@ class GemmConv2d(nn.Conv2d):
         return super().forward(x)
 
     def gemm_pays(self, x):
-        pixels = conv_pixels(x, self.kernel_size, self.stride, self.padding)
+        """The widest convolutions at training sizes."""
+        (kh, kw), (sh, sw), (ph, pw) = self.kernel_size, self.stride, self.padding
+        pixels = x.shape[0] * ((x.shape[2] + 2 * ph - kh) // sh + 1) * \
+            ((x.shape[3] + 2 * pw - kw) // sw + 1)
         weights = self.weight.numel()
         return (pixels <= GEMM_CONV_MAX_PIXELS and weights >= GEMM_CONV_MIN_WEIGHTS
                 and weights >= GEMM_CONV_WEIGHTS_PER_PIXEL * pixels)
 
     def scatter_pays(self, x):
-        """Few output channels, stride 1, without autograd, on a contiguous input."""
-        kernel = self.kernel_size
+        """Few output channels, stride 1, in inference."""
         return (self.out_channels <= SCATTER_MAX_OUT_CHANNELS and tuple(self.stride) == (1, 1)
-                and all(p < k for p, k in zip(self.padding, kernel, strict=True))
-                and not torch.is_grad_enabled() and x.is_contiguous())
+                and scatter_possible(self, x))
 
     def scatter_forward(self, x):
-        """The convolution as the scatter of its flipped kernel (padding p becomes k-1-p)."""
+        """A stride-1 convolution is the transposed one of its flipped kernel, with padding
+        kernel - 1 - padding."""
         (kh, kw), (ph, pw) = self.kernel_size, self.padding
         patches = self.weight.flip(2, 3).permute(0, 2, 3, 1).reshape(-1, self.in_channels)
         out_size = (x.shape[2] + 2 * ph - kh + 1, x.shape[3] + 2 * pw - kw + 1)
-        return scatter_convolution(x, patches, self.bias, self.kernel_size, (1, 1),
-                                   (kh - 1 - ph, kw - 1 - pw), out_size)
+        return scatter_patches(x, patches, self.bias, self.kernel_size, (1, 1),
+                               (kh - 1 - ph, kw - 1 - pw), out_size)
 
 
 class GemmConvTranspose2d(nn.ConvTranspose2d):
@@ -1414,21 +1404,17 @@ class GemmConvTranspose2d(nn.ConvTranspose2d):
         return super().forward(x, output_size)
 
     def scatter_pays(self, x):
-        """Few weights for the input's pixels, without autograd, on a contiguous input."""
-        pixels = x.shape[0] * x.shape[2] * x.shape[3]
-        return (self.weight.numel() <= SCATTER_MAX_WEIGHTS_PER_PIXEL * pixels
-                and all(p < k for p, k in zip(self.padding, self.kernel_size, strict=True))
-                and not torch.is_grad_enabled() and x.is_contiguous())
+        """Few weights for the input's pixels, in inference."""
+        return (self.weight.numel() <= SCATTER_MAX_WEIGHTS_PER_PIXEL * x[0, 0].numel()
+                and scatter_possible(self, x))
 
     def scatter_forward(self, x):
-        """The weights (Cin, Cout, kh, kw) are already the patches, transposed (no copy)."""
+        """The weights (Cin, Cout, kh, kw) are the patches already, transposed (no copy)."""
         (kh, kw), (sh, sw), (ph, pw) = self.kernel_size, self.stride, self.padding
-        oph, opw = self.output_padding
-        out_size = ((x.shape[2] - 1) * sh - 2 * ph + kh + oph,
-                    (x.shape[3] - 1) * sw - 2 * pw + kw + opw)
-        patches = self.weight.view(self.in_channels, -1).t()
-        return scatter_convolution(x, patches, self.bias, self.kernel_size, self.stride,
-                                   self.padding, out_size)
+        out_size = ((x.shape[2] - 1) * sh - 2 * ph + kh + self.output_padding[0],
+                    (x.shape[3] - 1) * sw - 2 * pw + kw + self.output_padding[1])
+        return scatter_patches(x, self.weight.view(self.in_channels, -1).t(), self.bias,
+                               self.kernel_size, self.stride, self.padding, out_size)
 
 
 FAST_CLASSES = {nn.Conv2d: GemmConv2d, nn.ConvTranspose2d: GemmConvTranspose2d}

@@ -38,6 +38,10 @@ data      ours       CustomDataset.__getitem__ (float32, no interpolation at ang
 inference ours       pix2pixCC_Test.generate under torch.inference_mode (as Test does)
           ours+bf16  ours under bfloat16 autocast (--data_type 16)
           ours_cl    ours with channels_last weights and input
+          ours+plain ours with PyTorch's own kernels for every convolution (without the
+                     CPU paths of pix2pixCC_Utils section 8: shows their gain)
+          ours+nothp ours with THP_MEM_ALLOC_ENABLE=0 (large tensors on 4 KiB pages, not
+                     transparent huge pages: shows their gain); combines with +plain
 matmul    float32, bfloat16: one 4096 x 4096 matrix product (GFLOP/s of the machine's BLAS)
 """
 import argparse
@@ -219,6 +223,8 @@ def child_inference(args, variant):
     precision = utils.Precision(opt, device)
     torch.manual_seed(0)
     G = utils.prepare_network(Generator(opt).apply(weights_init).eval(), opt, device)
+    if 'plain' in modifiers:
+        utils.use_gemm_convolutions(G, enabled=False)
     layout = utils.memory_format(device)
     if base == 'ours_cl':
         layout = torch.channels_last
@@ -275,7 +281,8 @@ def variants(args, argv, parts):
         first = None
         for variant in names:
             quiet = wait_for_quiet(args.wait_quiet)
-            result = common.run_child(__file__, argv, part, variant, args.threads)
+            env = {'THP_MEM_ALLOC_ENABLE': '0'} if '+nothp' in variant else {}
+            result = common.run_child(__file__, argv, part, variant, args.threads, env=env)
             result['quiet_before'] = quiet
             result.update(part=part, variant=variant, size=size)
             results.append(result)
