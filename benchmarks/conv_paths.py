@@ -4,6 +4,7 @@ kernels (oneDNN) against the paths `pix2pixCC_Utils.prepare_network` gives them 
     OMP_NUM_THREADS=1 python benchmarks/conv_paths.py                 # 1024x1024, CPU time
     python benchmarks/conv_paths.py --size 1024 --repeats 7 --clock wall
     python benchmarks/conv_paths.py --band_bytes 1048576,4194304,16777216   # band sizes
+    OMP_NUM_THREADS=1 python benchmarks/conv_paths.py --whole 4    # whole images, A/B
 
 Each layer is built as the Generator builds it (default initialisation, fixed seed), given a
 random input of the shape it sees in a `--size` inference, and run under
@@ -14,6 +15,11 @@ other jobs share, time-slicing inflates wall times but not CPU time; run it with
 that the two measure the same). `path` says what the prepared layer runs: scatter (the
 scattered-patch path of README "Speed"), GEMM, or oneDNN as built. The largest difference
 between the two outputs is given relative to the output's range.
+
+With --whole N it instead runs N pairs of whole images through the Test script's generator
+(pix2pixCC_Test.load_generator, as benchmarks/profile_step.py --inference builds it), in one
+process, alternating: PyTorch's kernels everywhere (`use_gemm_convolutions(G, False)`), then
+the prepared paths; each image's CPU time (user + system: page faults included) and wall time.
 """
 import argparse
 import json
@@ -81,6 +87,38 @@ def compare(label, built, shape, repeats, clock):
             'difference_of_range': difference}
 
 
+def whole_images(args):
+    """--whole: alternate whole inferences without and with the CPU paths, one process."""
+    import os
+
+    import benchmark
+    import profile_step
+
+    import pix2pixCC_Utils
+    opt = benchmark.train_options(['--gpu_ids', '-1'], 'driver')
+    step, G = profile_step.inference_setup(argparse.Namespace(size=args.size, plain=False),
+                                           opt)
+    step()  # warm-up
+    times = {'plain': [], 'prepared': []}
+    for _ in range(args.whole):
+        for name in times:
+            pix2pixCC_Utils.use_gemm_convolutions(G, enabled=name == 'prepared')
+            before = os.times()
+            step()
+            after = os.times()
+            cpu = after.user - before.user + after.system - before.system
+            times[name].append((cpu, after.elapsed - before.elapsed))
+            print(f'{name:<9} cpu {cpu:7.2f} s   wall {after.elapsed - before.elapsed:7.2f} s',
+                  flush=True)
+    best = {name: [min(column) for column in zip(*rows, strict=True)]
+            for name, rows in times.items()}
+    print(f"best: plain cpu {best['plain'][0]:.2f} s wall {best['plain'][1]:.2f} s; prepared "
+          f"cpu {best['prepared'][0]:.2f} s wall {best['prepared'][1]:.2f} s; ratio cpu "
+          f"{best['prepared'][0] / best['plain'][0]:.3f} wall "
+          f"{best['prepared'][1] / best['plain'][1]:.3f}")
+    return {'times': times, 'best': best}
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     p.add_argument('--size', type=int, default=1024)
@@ -88,8 +126,17 @@ def main(argv=None):
     p.add_argument('--clock', choices=('cpu', 'wall'), default='cpu')
     p.add_argument('--band_bytes', default='',
                    help='comma-separated SCATTER_BAND_BYTES to try (default: the code\'s)')
+    p.add_argument('--whole', type=int, default=0, metavar='N',
+                   help='N pairs of whole images without and with the paths instead')
     p.add_argument('--json', help='write the rows to this file')
     args = p.parse_args(argv)
+    if args.whole:
+        result = whole_images(args)
+        if args.json:
+            with open(args.json, 'w') as f:
+                json.dump({'machine': common.machine(), 'config': vars(args)} | result, f,
+                          indent=2)
+        return 0
 
     import torch
 
