@@ -17,7 +17,9 @@
 6. The Manager and TensorBoard: `Manager` (report lines, loss log, previews, checkpoints,
    validation), `tensorboard_writer`.
 7. Figures: `save_panel` (input | real | generated | difference), `save_loss_curve`.
-8. The optional CPU GEMM path: `GemmConv2d`, `use_gemm_convolutions` (performance only).
+8. The optional CPU paths (performance only): `GemmConv2d` (im2col + GEMM for the widest
+   convolutions in training; scattered patches for the thinnest in inference),
+   `GemmConvTranspose2d`, `scatter_patches`, `use_gemm_convolutions`.
 
 The learning-rate schedule, the seed and when reports and saves fall due are in
 pix2pixCC_Train.py; the evaluation metrics are in pix2pixCC_Test.py; the CC as a loss is in
@@ -1291,7 +1293,9 @@ GEMM_CONV_WEIGHTS_PER_PIXEL = 4096  # and at least this many weights per pixel t
 
 SCATTER_MAX_OUT_CHANNELS = 3       # convolutions 64 -> 1, 3, 8 channels: 0.26x, 0.70x, 3.5x
 SCATTER_MAX_WEIGHTS_PER_PIXEL = 1  # transposed, weights per input pixel: 0.28 (0.69x), 4.5
-                                   # (0.94x), 72 (1.3x): only the largest takes it
+                                   # (0.94x), 72 (1.3x): only the largest takes it,
+SCATTER_TRANSPOSED_MAX_THREADS = 1  # and only in one thread: col2im runs in one, and with two
+                                    # on a shared machine it took 1.4-1.7x oneDNN's time
 SCATTER_BAND_BYTES = 2 ** 22       # the patches of one band (1 to 16 MiB: within 5%)
 
 
@@ -1404,8 +1408,9 @@ class GemmConvTranspose2d(nn.ConvTranspose2d):
         return super().forward(x, output_size)
 
     def scatter_pays(self, x):
-        """Few weights for the input's pixels, in inference."""
+        """Few weights for the input's pixels, in inference, on few threads."""
         return (self.weight.numel() <= SCATTER_MAX_WEIGHTS_PER_PIXEL * x[0, 0].numel()
+                and torch.get_num_threads() <= SCATTER_TRANSPOSED_MAX_THREADS
                 and scatter_possible(self, x))
 
     def scatter_forward(self, x):

@@ -310,6 +310,7 @@ def every_layer_scatters(monkeypatch, band_bytes=2 ** 22):
     """Let every transposed convolution take the scatter path, in bands of `band_bytes` of
     patches (the default: a small image in one band, one col2im per layer)."""
     monkeypatch.setattr(pix2pixCC_Utils, 'SCATTER_MAX_WEIGHTS_PER_PIXEL', float('inf'))
+    monkeypatch.setattr(pix2pixCC_Utils, 'SCATTER_TRANSPOSED_MAX_THREADS', 1024)
     monkeypatch.setattr(pix2pixCC_Utils, 'SCATTER_BAND_BYTES', band_bytes)
 
 
@@ -376,11 +377,21 @@ def test_the_scatter_path_is_for_inference_only(monkeypatch):
     assert calls.get(SCATTER_KERNEL, 0) == 1 + opt.n_downsample
 
 
-def test_at_1024_the_output_layer_and_the_largest_upsampling_scatter():
+@pytest.mark.parametrize('threads', [1, 2])
+def test_at_1024_the_output_layer_and_the_largest_upsampling_scatter(threads):
     """The default network at 1024x1024 (built without memory, on the 'meta' device): the
     scatter path is taken where it was measured faster than oneDNN (README "Speed"): by the
-    output layer and the last transposed convolution (128 -> 64 channels), not by the three
-    transposed convolutions before it, nor by the first layer."""
+    output layer, and in one thread by the last transposed convolution (128 -> 64 channels);
+    not by the three transposed convolutions before it, nor by the first layer."""
+    threads_before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        check_which_layers_scatter_at_1024(threads)
+    finally:
+        torch.set_num_threads(threads_before)
+
+
+def check_which_layers_scatter_at_1024(threads):
     opt = make_test_opt(n_gf=64, n_downsample=4, n_residual=1)
     with torch.device('meta'):
         G = prepare_network(Generator(opt), opt, torch.device('meta'))
@@ -392,7 +403,7 @@ def test_at_1024_the_output_layer_and_the_largest_upsampling_scatter():
 
     with torch.inference_mode():
         assert [pays(up, side) for up, side in zip(ups, (64, 128, 256, 512), strict=True)] \
-            == [False, False, False, True]
+            == [False, False, False, threads == 1]
         assert pays(output_layer, 1030) and not pays(first, 1030)
 
 
