@@ -1294,8 +1294,8 @@ GEMM_CONV_WEIGHTS_PER_PIXEL = 4096  # and at least this many weights per pixel t
 SCATTER_MAX_OUT_CHANNELS = 3       # convolutions 64 -> 1, 3, 8 channels: 0.26x, 0.70x, 3.5x
 SCATTER_MAX_WEIGHTS_PER_PIXEL = 1  # transposed, weights per input pixel: 0.28 (0.69x), 4.5
                                    # (0.94x), 72 (1.3x): only the largest takes it,
-SCATTER_TRANSPOSED_MAX_THREADS = 1  # and only in one thread: col2im runs in one, and with two
-                                    # on a shared machine it took 1.4-1.7x oneDNN's time
+SCATTER_TRANSPOSED_MAX_THREADS = 2  # and on at most 2 threads: col2im runs on one (0.70x
+                                    # with 1 and 2 threads on an idle machine)
 SCATTER_BAND_BYTES = 2 ** 22       # the patches of one band (1 to 16 MiB: within 5%)
 
 

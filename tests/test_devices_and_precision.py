@@ -377,11 +377,11 @@ def test_the_scatter_path_is_for_inference_only(monkeypatch):
     assert calls.get(SCATTER_KERNEL, 0) == 1 + opt.n_downsample
 
 
-@pytest.mark.parametrize('threads', [1, 2])
+@pytest.mark.parametrize('threads', [1, 3])
 def test_at_1024_the_output_layer_and_the_largest_upsampling_scatter(threads):
     """The default network at 1024x1024 (built without memory, on the 'meta' device): the
     scatter path is taken where it was measured faster than oneDNN (README "Speed"): by the
-    output layer, and in one thread by the last transposed convolution (128 -> 64 channels);
+    output layer, and on up to two threads by the last transposed convolution (128 -> 64);
     not by the three transposed convolutions before it, nor by the first layer."""
     threads_before = torch.get_num_threads()
     torch.set_num_threads(threads)
@@ -403,7 +403,7 @@ def check_which_layers_scatter_at_1024(threads):
 
     with torch.inference_mode():
         assert [pays(up, side) for up, side in zip(ups, (64, 128, 256, 512), strict=True)] \
-            == [False, False, False, threads == 1]
+            == [False, False, False, threads <= 2]
         assert pays(output_layer, 1030) and not pays(first, 1030)
 
 
