@@ -40,8 +40,6 @@ inference ours       pix2pixCC_Test.generate under torch.inference_mode (as Test
           ours_cl    ours with channels_last weights and input
           ours+plain ours with PyTorch's own kernels for every convolution (without the
                      CPU paths of pix2pixCC_Utils section 8: shows their gain)
-          ours+nothp ours with THP_MEM_ALLOC_ENABLE=0 (large tensors on 4 KiB pages, not
-                     transparent huge pages: shows their gain); combines with +plain
 matmul    float32, bfloat16: one 4096 x 4096 matrix product (GFLOP/s of the machine's BLAS)
 """
 import argparse
@@ -281,8 +279,7 @@ def variants(args, argv, parts):
         first = None
         for variant in names:
             quiet = wait_for_quiet(args.wait_quiet)
-            env = {'THP_MEM_ALLOC_ENABLE': '0'} if '+nothp' in variant else {}
-            result = common.run_child(__file__, argv, part, variant, args.threads, env=env)
+            result = common.run_child(__file__, argv, part, variant, args.threads)
             result['quiet_before'] = quiet
             result.update(part=part, variant=variant, size=size)
             results.append(result)

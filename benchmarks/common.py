@@ -237,12 +237,12 @@ def parts_of(args, known):
     return parts
 
 
-def run_child(script, argv, part, variant, threads, extra=(), env=None):
-    """`script argv --child part:variant extra` in its own process, with `env` added to this
-    one's environment: the JSON line it printed, or {'error': [its last line]}."""
+def run_child(script, argv, part, variant, threads, extra=()):
+    """`script argv --child part:variant extra` in its own process: the JSON line it printed,
+    or {'error': [its last line]}."""
     command = [sys.executable, os.path.abspath(script)] + argv + \
         ['--child', f'{part}:{variant}', *extra]
-    env = dict(os.environ, **(env or {}))
+    env = dict(os.environ)
     if threads:
         env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
     proc = subprocess.run(command, capture_output=True, text=True, env=env)
