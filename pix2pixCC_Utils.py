@@ -18,7 +18,9 @@
 6. The Manager and TensorBoard: `Manager` (report lines, loss log, previews, checkpoints,
    validation), `tensorboard_writer`.
 7. Figures: `save_panel` (input | real | generated | difference), `save_loss_curve`.
-8. The optional CPU GEMM path: `GemmConv2d`, `use_gemm_convolutions` (performance only).
+8. The optional CPU paths (performance only): `GemmConv2d` (im2col + GEMM for the widest
+   convolutions in training; scattered patches for the thinnest in inference),
+   `GemmConvTranspose2d`, `scatter_patches`, `use_gemm_convolutions`.
 
 The learning-rate schedule, the seed and when reports and saves fall due are in
 pix2pixCC_Train.py; the evaluation metrics are in pix2pixCC_Test.py; the CC as a loss is in
@@ -49,6 +51,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
+import torch.nn.functional as F
 from PIL import Image
 from torch.nn.parallel import DistributedDataParallel
 
@@ -1335,7 +1338,8 @@ def draw_validation_cc(axis, val_rows, keys):
 
 
 # ----------------------------------------------------------------------------------------
-# 8. The optional CPU GEMM path for the widest convolutions (performance only)
+# 8. The optional CPU GEMM paths for the widest and the thinnest convolutions (performance
+#    only)
 # ----------------------------------------------------------------------------------------
 
 
@@ -1353,10 +1357,86 @@ GEMM_CONV_MIN_WEIGHTS = 2 ** 20    # at least this many weights,
 
 GEMM_CONV_WEIGHTS_PER_PIXEL = 4096  # and at least this many weights per pixel take the path
 
+# At the other end, in inference at full resolution, two kinds of layer run far below the
+# CPU's matrix-product rate in oneDNN: a convolution with few output channels (the output
+# layer, 7x7, 64 -> 1 channel at 1024x1024: 0.47 s of CPU time), since oneDNN computes output
+# channels in blocks of 8 or 16 whatever their number; and the largest transposed
+# convolution (128 -> 64 channels, 512x512 -> 1024x1024: 0.87 s), whose result oneDNN
+# leaves in another layout and PyTorch copies into a fresh 268 MB tensor. Both run here as
+# "every input pixel scatters a kernel-sized patch": one matrix product gives each input
+# pixel's patch for every output channel, (Cout*kh*kw, Cin) @ (Cin, pixels), and col2im
+# (F.fold) adds the patches at their places (0.12 s and 0.60 s). A convolution's patch is
+# its kernel flipped. It is done in bands of input rows, so the patches never exceed
+# SCATTER_BAND_BYTES. Only without autograd: training keeps oneDNN and its backward.
+# Measurements (one thread) in BENCHMARKS.md ("Inference at 1024x1024 on the CPU").
+
+SCATTER_MAX_OUT_CHANNELS = 3       # convolutions 64 -> 1, 3, 8 channels: 0.26x, 0.70x, 3.5x
+SCATTER_MAX_WEIGHTS_PER_PIXEL = 1  # transposed, weights per input pixel: 0.28 (0.69x), 4.5
+                                   # (0.94x), 72 (1.3x): only the largest takes it,
+SCATTER_TRANSPOSED_MAX_THREADS = 2  # and on at most 2 threads: col2im runs on one (0.70x
+                                    # with 1 and 2 threads on an idle machine)
+SCATTER_BAND_BYTES = 2 ** 22       # the patches of one band (1 to 16 MiB: within 5%)
+
+
+def fast_path_allowed(layer, x):
+    """Whether `x` may take one of this section's paths: float32 on the CPU, a (B, C, H, W)
+    input, outside autocast (oneDNN's bfloat16 kernels are the fast ones there) and outside
+    torch.compile (a compiled graph has its own convolution lowering)."""
+    return (x.device.type == 'cpu' and x.dtype == layer.weight.dtype == torch.float32
+            and x.dim() == 4 and not torch.is_autocast_enabled('cpu')
+            and not torch.compiler.is_compiling())
+
+
+def scatter_possible(layer, x):
+    """What both scatter paths need: inference (no autograd), a contiguous input, padding
+    below the kernel and a stride no larger (so that every output row lies in a band)."""
+    return (not torch.is_grad_enabled() and x.is_contiguous()
+            and all(p < k and s <= k for p, k, s in
+                    zip(layer.padding, layer.kernel_size, layer.stride, strict=True)))
+
+
+def scatter_patches(x, patches, bias, kernel_size, stride, padding, out_size):
+    """A transposed convolution of x (B, Cin, H, W), given as the patches each input pixel
+    scatters: (B, Cout, Ho, Wo) = out_size. x must be contiguous.
+
+    patches: (Cout*kh*kw, Cin); row (o, di, dj) holds the weights with which input pixel
+    (i, j) adds to output (o, i*sh + di - ph, j*sw + dj - pw); outputs outside Ho x Wo are
+    dropped (ConvTranspose2d's arithmetic, padding < kernel, output_padding < stride <=
+    kernel). bias: (Cout,) or None. Memory beyond the output: one band's patches.
+    """
+    batch, channels, height, width = x.shape
+    (kh, _), sh, ph = kernel_size, stride[0], padding[0]
+    out = x.new_empty(batch, patches.shape[0] // (kh * kernel_size[1]), *out_size)
+    fresh = (bias if bias is not None else out.new_zeros(out.shape[1])).view(-1, 1, 1)
+    rows = max(1, SCATTER_BAND_BYTES // (patches.shape[0] * width * x.element_size()))
+    for b in range(batch):
+        pixels = x[b].view(channels, height * width)
+        done = 0  # output rows [0, done) hold the bias and the bands so far
+        for top in range(0, height, rows):
+            bottom = min(height, top + rows)
+            band = F.fold((patches @ pixels[:, top * width:bottom * width])[None],
+                          ((bottom - top - 1) * sh + kh, out_size[1]), kernel_size,
+                          padding=(0, padding[1]), stride=stride)[0]
+            done = add_band(out[b], band, top * sh - ph, done, fresh)
+        out[b, :, done:] = fresh  # rows below every patch (output_padding > padding)
+    return out
+
+
+def add_band(out, band, first, done, fresh):
+    """Add a band (Cout, rows, Wo) whose first row is output row `first` (<= done) into out
+    (Cout, Ho, Wo): rows below `done` already hold earlier bands and are added to, the
+    others are written once, with `fresh` (the bias) added. Returns the new `done`."""
+    end = min(out.shape[1], first + band.shape[1])
+    if max(first, 0) < done:
+        out[:, max(first, 0):done] += band[:, max(first, 0) - first:done - first]
+    if end > done:
+        torch.add(band[:, done - first:end - first], fresh, out=out[:, done:end])
+    return max(done, end)
 
 
 class GemmConv2d(nn.Conv2d):
-    """nn.Conv2d that computes im2col + matrix product where that is faster (see above).
+    """nn.Conv2d that computes im2col + matrix product, or scattered patches, where that is
+    faster (see above).
 
     `use_gemm_convolutions` turns a network's Conv2d layers into this class in place: a
     module is still called as a module (its hooks run), and its parameters and state_dict
@@ -1364,40 +1444,81 @@ class GemmConv2d(nn.Conv2d):
     """
 
     def forward(self, x):
+        if not fast_path_allowed(self, x):
+            return super().forward(x)
         if self.gemm_pays(x):
             return torch.ops.aten.thnn_conv2d(x, self.weight, list(self.kernel_size), self.bias,
                                               list(self.stride), list(self.padding))
+        if self.scatter_pays(x):
+            return self.scatter_forward(x)
         return super().forward(x)
 
     def gemm_pays(self, x):
-        if not (x.device.type == 'cpu' and x.dtype == self.weight.dtype == torch.float32
-                and x.dim() == 4):
-            return False
-        kh, kw = self.kernel_size
-        (sh, sw), (ph, pw) = self.stride, self.padding
+        """The widest convolutions at training sizes."""
+        (kh, kw), (sh, sw), (ph, pw) = self.kernel_size, self.stride, self.padding
         pixels = x.shape[0] * ((x.shape[2] + 2 * ph - kh) // sh + 1) * \
             ((x.shape[3] + 2 * pw - kw) // sw + 1)
         weights = self.weight.numel()
-        # Under bfloat16 autocast oneDNN's bfloat16 kernels are the fast ones; a compiled
-        # graph has its own convolution lowering.
         return (pixels <= GEMM_CONV_MAX_PIXELS and weights >= GEMM_CONV_MIN_WEIGHTS
-                and weights >= GEMM_CONV_WEIGHTS_PER_PIXEL * pixels
-                and not torch.is_autocast_enabled('cpu')
-                and not torch.compiler.is_compiling())
+                and weights >= GEMM_CONV_WEIGHTS_PER_PIXEL * pixels)
+
+    def scatter_pays(self, x):
+        """Few output channels, stride 1, in inference."""
+        return (self.out_channels <= SCATTER_MAX_OUT_CHANNELS and tuple(self.stride) == (1, 1)
+                and scatter_possible(self, x))
+
+    def scatter_forward(self, x):
+        """A stride-1 convolution is the transposed one of its flipped kernel, with padding
+        kernel - 1 - padding."""
+        (kh, kw), (ph, pw) = self.kernel_size, self.padding
+        patches = self.weight.flip(2, 3).permute(0, 2, 3, 1).reshape(-1, self.in_channels)
+        out_size = (x.shape[2] + 2 * ph - kh + 1, x.shape[3] + 2 * pw - kw + 1)
+        return scatter_patches(x, patches, self.bias, self.kernel_size, (1, 1),
+                               (kh - 1 - ph, kw - 1 - pw), out_size)
+
+
+class GemmConvTranspose2d(nn.ConvTranspose2d):
+    """nn.ConvTranspose2d that computes scattered patches where that is faster (see above):
+    the same module otherwise (parameters, state_dict keys, hooks)."""
+
+    def forward(self, x, output_size=None):
+        if output_size is None and fast_path_allowed(self, x) and self.scatter_pays(x):
+            return self.scatter_forward(x)
+        return super().forward(x, output_size)
+
+    def scatter_pays(self, x):
+        """Few weights for the input's pixels, in inference, on few threads."""
+        return (self.weight.numel() <= SCATTER_MAX_WEIGHTS_PER_PIXEL * x[0, 0].numel()
+                and torch.get_num_threads() <= SCATTER_TRANSPOSED_MAX_THREADS
+                and scatter_possible(self, x))
+
+    def scatter_forward(self, x):
+        """The weights (Cin, Cout, kh, kw) are the patches already, transposed (no copy)."""
+        (kh, kw), (sh, sw), (ph, pw) = self.kernel_size, self.stride, self.padding
+        out_size = ((x.shape[2] - 1) * sh - 2 * ph + kh + self.output_padding[0],
+                    (x.shape[3] - 1) * sw - 2 * pw + kw + self.output_padding[1])
+        return scatter_patches(x, self.weight.view(self.in_channels, -1).t(), self.bias,
+                               self.kernel_size, self.stride, self.padding, out_size)
+
+
+FAST_CLASSES = {nn.Conv2d: GemmConv2d, nn.ConvTranspose2d: GemmConvTranspose2d}
 
 
 def use_gemm_convolutions(module, enabled=True):
-    """Let every plain Conv2d of `module` take the GEMM path where it is faster (or, with
-    enabled=False, never). The class changes in place, nothing else."""
+    """Let every plain Conv2d and ConvTranspose2d of `module` take this section's paths
+    where they are faster (or, with enabled=False, never). The class changes in place,
+    nothing else."""
     if not hasattr(torch.ops.aten, 'thnn_conv2d'):
         return module
     for layer in module.modules():
-        plain = type(layer) is nn.Conv2d and layer.groups == 1 and \
-            tuple(layer.dilation) == (1, 1) and layer.padding_mode == 'zeros' and \
-            not isinstance(layer.padding, str)
-        if enabled and plain:
-            layer.__class__ = GemmConv2d
-        elif not enabled and type(layer) is GemmConv2d:
-            layer.__class__ = nn.Conv2d
+        if enabled and type(layer) in FAST_CLASSES and plain_layer(layer):
+            layer.__class__ = FAST_CLASSES[type(layer)]
+        elif not enabled and type(layer) in FAST_CLASSES.values():
+            layer.__class__ = layer.__class__.__bases__[0]
     return module
 
+
+def plain_layer(layer):
+    """One group, no dilation, zero padding given as numbers: what the paths compute."""
+    return (layer.groups == 1 and tuple(layer.dilation) == (1, 1)
+            and layer.padding_mode == 'zeros' and not isinstance(layer.padding, str))

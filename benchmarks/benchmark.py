@@ -38,6 +38,8 @@ data      ours       CustomDataset.__getitem__ (float32, no interpolation at ang
 inference ours       pix2pixCC_Test.generate under torch.inference_mode (as Test does)
           ours+bf16  ours under bfloat16 autocast (--data_type 16)
           ours_cl    ours with channels_last weights and input
+          ours+plain ours with PyTorch's own kernels for every convolution (without the
+                     CPU paths of pix2pixCC_Utils section 8: shows their gain)
 matmul    float32, bfloat16: one 4096 x 4096 matrix product (GFLOP/s of the machine's BLAS)
 """
 import argparse
@@ -219,6 +221,8 @@ def child_inference(args, variant):
     precision = utils.Precision(opt, device)
     torch.manual_seed(0)
     G = utils.prepare_network(Generator(opt).apply(weights_init).eval(), opt, device)
+    if 'plain' in modifiers:
+        utils.use_gemm_convolutions(G, enabled=False)
     layout = utils.memory_format(device)
     if base == 'ours_cl':
         layout = torch.channels_last

@@ -5,6 +5,7 @@
     python benchmarks/profile_step.py --size 256 --steps 2 --rows 15 --shapes
     python benchmarks/profile_step.py --inference --size 1024 --steps 1 --shapes
     python benchmarks/profile_step.py --inference --size 1024 --conv_rates
+    python benchmarks/profile_step.py --inference --size 1024 --conv_rates --plain
 
 Variants are those of benchmark.py (driver, with +modifiers). With --inference, the
 generator is the Test script's (pix2pixCC_Test.load_generator on a checkpoint of the default
@@ -16,7 +17,9 @@ backward, optimiser, the rest.
 With --conv_rates (inference only) it instead times each convolution of one image and gives
 its arithmetic rate (GFLOP/s, a multiply-add counted as 2) beside the best rate this machine
 reaches in a float32 matrix product of the same threads: how far any faster convolution
-kernel could take inference without changing its arithmetic.
+kernel could take inference without changing its arithmetic. A convolution that took the
+scatter path of pix2pixCC_Utils section 8 (matrix product + col2im) is marked [scatter];
+`--plain` runs every convolution on PyTorch's own kernels instead, for comparison.
 """
 import argparse
 import os
@@ -48,6 +51,9 @@ def inference_setup(args, opt):
     torch.manual_seed(0)
     torch.save(Generator(opt).apply(weights_init).state_dict(), path)
     G = pix2pixCC_Test.load_generator(opt, path, torch.device('cpu')).eval()
+    if args.plain:
+        import pix2pixCC_Utils
+        pix2pixCC_Utils.use_gemm_convolutions(G, enabled=False)
     x = torch.rand(1, opt.input_ch, args.size, args.size) * 2 - 1
 
     def step():
@@ -102,9 +108,10 @@ def conv_rates(args, opt):
         transposed = isinstance(module, torch.nn.ConvTranspose2d)
         flops[module] = conv_flops(module, input[0], output, transposed)
         kind = 'transposed ' if transposed else ''
+        path = ' [scatter]' if getattr(module, 'scatter_pays', lambda x: False)(input[0]) else ''
         label[module] = (f'{kind}{module.kernel_size[0]}x{module.kernel_size[1]} '
                          f'{module.in_channels}->{module.out_channels} '
-                         f'at {output.shape[-2]}x{output.shape[-1]}')
+                         f'at {output.shape[-2]}x{output.shape[-1]}{path}')
 
     hooks = [h for m in convs for h in (m.register_forward_pre_hook(before),
                                         m.register_forward_hook(after))]
@@ -123,14 +130,14 @@ def conv_rates(args, opt):
     ceiling = matmul_rate()
     print(f'# inference {args.size}x{args.size}, {torch.get_num_threads()} threads; '
           f'each convolution: best of {args.steps} after {args.warmup} warm-up')
-    print(f"{'convolution':<40}{'count':>6}{'s':>8}{'GFLOP':>9}{'GFLOP/s':>9}{'of mm':>7}")
+    print(f"{'convolution':<50}{'count':>6}{'s':>8}{'GFLOP':>9}{'GFLOP/s':>9}{'of mm':>7}")
     conv_seconds = conv_flops_total = 0
     for name, (count, s, f) in groups.items():
         conv_seconds += s
         conv_flops_total += f
-        print(f'{name:<40}{count:>6}{s:>8.3f}{f / 1e9:>9.1f}{f / s / 1e9:>9.1f}'
+        print(f'{name:<50}{count:>6}{s:>8.3f}{f / 1e9:>9.1f}{f / s / 1e9:>9.1f}'
               f'{f / s / 1e9 / ceiling:>7.0%}')
-    print(f"{'all convolutions':<40}{len(convs):>6}{conv_seconds:>8.3f}"
+    print(f"{'all convolutions':<50}{len(convs):>6}{conv_seconds:>8.3f}"
           f'{conv_flops_total / 1e9:>9.1f}{conv_flops_total / conv_seconds / 1e9:>9.1f}'
           f'{conv_flops_total / conv_seconds / 1e9 / ceiling:>7.0%}')
     print(f'float32 torch.mm, best of 1024/2048/4096 squares: {ceiling:.1f} GFLOP/s; '
@@ -151,12 +158,15 @@ def main(argv=None):
     p.add_argument('--shapes', action='store_true', help='group by input shapes')
     p.add_argument('--inference', action='store_true',
                    help="profile the Test script's generator on one image per step")
+    p.add_argument('--plain', action='store_true',
+                   help='with --inference: PyTorch\'s own kernels for every convolution (not '
+                        'the CPU paths of pix2pixCC_Utils section 8)')
     p.add_argument('--conv_rates', action='store_true',
                    help='with --inference: time each convolution and give its GFLOP/s '
                         "against this machine's float32 matrix-product rate")
     args = p.parse_args(argv)
-    if args.conv_rates and not args.inference:
-        p.error('--conv_rates needs --inference')
+    if (args.conv_rates or args.plain) and not args.inference:
+        p.error('--conv_rates and --plain need --inference')
 
     import torch
     from torch.profiler import ProfilerActivity, profile
@@ -206,7 +216,9 @@ def print_kinds(averages, total, args):
                  'copies': 0}
     for e in averages:
         if e.key in ('aten::mkldnn_convolution', 'aten::_slow_conv2d_forward',
-                     'aten::slow_conv_transpose2d', 'aten::_convolution'):
+                     'aten::slow_conv_transpose2d', 'aten::_convolution') or \
+                (args.inference and e.key in ('aten::mm', 'aten::col2im')):
+            # (the scatter path: a matrix product and col2im per band)
             # (oneDNN's transposed convolution runs inside aten::_convolution's own time)
             kinds['convolution forward'] += e.self_cpu_time_total
         elif args.inference and e.key in INFERENCE_KINDS:

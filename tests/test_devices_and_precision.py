@@ -7,6 +7,7 @@ and the wrappers that checkpoints never show. benchmarks/gpu_check.py, which che
 machine, is in test_benchmarks.py.
 """
 import copy
+import functools
 import math
 import os
 
@@ -294,6 +295,116 @@ def test_a_prepared_network_runs_the_hooks_a_user_adds():
     np.testing.assert_allclose(out.numpy(), out_plain.numpy(), rtol=1e-5, atol=1e-5)
     with torch.no_grad():  # the flipping hook changed the result: it really ran
         assert float((G(input) - out).abs().max()) > 1e-3
+
+
+# The scatter path of inference (README "Speed"): F.fold, i.e. aten's col2im, runs only there.
+SCATTER_KERNEL = 'aten::col2im'
+
+
+def relative_difference(output, reference):
+    """Largest absolute difference, in units of the reference's range."""
+    return float((output - reference).abs().max() / (reference.max() - reference.min()))
+
+
+def every_layer_scatters(monkeypatch, band_bytes=2 ** 22):
+    """Let every transposed convolution take the scatter path, in bands of `band_bytes` of
+    patches (the default: a small image in one band, one col2im per layer)."""
+    monkeypatch.setattr(pix2pixCC_Utils, 'SCATTER_MAX_WEIGHTS_PER_PIXEL', float('inf'))
+    monkeypatch.setattr(pix2pixCC_Utils, 'SCATTER_TRANSPOSED_MAX_THREADS', 1024)
+    monkeypatch.setattr(pix2pixCC_Utils, 'SCATTER_BAND_BYTES', band_bytes)
+
+
+@pytest.mark.parametrize('layer', [
+    torch.nn.Conv2d(8, 1, 7),                                    # the output layer
+    torch.nn.Conv2d(5, 3, 3, padding=1),                         # three targets
+    torch.nn.Conv2d(6, 2, (3, 5), padding=(2, 1), bias=False),
+    torch.nn.ConvTranspose2d(16, 8, 3, stride=2, padding=1, output_padding=1),  # upsampling
+    torch.nn.ConvTranspose2d(6, 3, 4, stride=2, padding=1),
+    torch.nn.ConvTranspose2d(4, 2, 3, stride=2, padding=0, output_padding=1),
+    torch.nn.ConvTranspose2d(3, 2, (3, 5), stride=(2, 3), padding=(1, 2), bias=False)],
+    ids=lambda layer: f'{type(layer).__name__}{tuple(layer.weight.shape)}')
+@pytest.mark.parametrize('band_bytes', [1, 4096, 2 ** 22])
+def test_scatter_path_gives_pytorchs_convolution(monkeypatch, layer, band_bytes):
+    """Thin and transposed convolutions in inference, on odd sizes and a batch of two, in
+    bands of one row, of a few rows and whole: PyTorch's result within 1e-5 of its range."""
+    every_layer_scatters(monkeypatch, band_bytes)
+    torch.manual_seed(0)
+    prepared = pix2pixCC_Utils.use_gemm_convolutions(copy.deepcopy(layer))
+    for shape in [(2, layer.in_channels, 13, 17), (1, layer.in_channels, 9, 8)]:
+        x = torch.randn(shape)
+        with torch.inference_mode():
+            reference = layer(x)
+            output, calls = profiled(functools.partial(prepared, x))
+        assert calls.get(SCATTER_KERNEL, 0) >= 1 and output.shape == reference.shape
+        assert output.is_contiguous()
+        assert relative_difference(output, reference) <= 1e-5
+
+
+@pytest.mark.parametrize('norm_type,trans_conv,channels', [
+    ('InstanceNorm2d', True, 1), ('InstanceNorm2d', False, 3), ('BatchNorm2d', True, 3),
+    ('BatchNorm2d', False, 1)])
+def test_generator_inference_on_the_scatter_path_matches_pytorch(monkeypatch, norm_type,
+                                                                 trans_conv, channels):
+    """The Test script's generator, placed as Test places it, on an odd-sized image: the same
+    output as the network as built, to 1e-5 of its range; the output layer and every
+    transposed convolution took the path."""
+    every_layer_scatters(monkeypatch)
+    opt = make_test_opt(norm_type=norm_type, trans_conv=trans_conv, input_ch=channels,
+                        target_ch=channels)
+    torch.manual_seed(0)
+    G = Generator(opt)  # PyTorch's initialisation: outputs of a range well above rounding
+    plain = copy.deepcopy(G).eval()
+    prepared = prepare_network(G, opt, CPU).eval()
+    x = torch.rand(1, channels, 37, 45) * 2 - 1
+    with torch.inference_mode():
+        reference = pix2pixCC_Test.generate(plain, x, opt.n_downsample)
+        output, calls = profiled(lambda: pix2pixCC_Test.generate(prepared, x, opt.n_downsample))
+    assert calls.get(SCATTER_KERNEL, 0) == 1 + (opt.n_downsample if trans_conv else 0)
+    assert relative_difference(output, reference) <= 1e-5
+
+
+def test_the_scatter_path_is_for_inference_only(monkeypatch):
+    """With autograd (training, and any forward a user differentiates) the layers keep
+    PyTorch's kernels and their backward."""
+    every_layer_scatters(monkeypatch)
+    opt = train_opt()
+    G, _, input, _ = models_and_data(opt)
+    prepare_network(G, opt, CPU)
+    _, calls = profiled(lambda: forward_backward(G, input))
+    assert SCATTER_KERNEL not in calls
+    with torch.no_grad():
+        _, calls = profiled(lambda: G(input))
+    assert calls.get(SCATTER_KERNEL, 0) == 1 + opt.n_downsample
+
+
+@pytest.mark.parametrize('threads', [1, 3])
+def test_at_1024_the_output_layer_and_the_largest_upsampling_scatter(threads):
+    """The default network at 1024x1024 (built without memory, on the 'meta' device): the
+    scatter path is taken where it was measured faster than oneDNN (README "Speed"): by the
+    output layer, and on up to two threads by the last transposed convolution (128 -> 64);
+    not by the three transposed convolutions before it, nor by the first layer."""
+    threads_before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        check_which_layers_scatter_at_1024(threads)
+    finally:
+        torch.set_num_threads(threads_before)
+
+
+def check_which_layers_scatter_at_1024(threads):
+    opt = make_test_opt(n_gf=64, n_downsample=4, n_residual=1)
+    with torch.device('meta'):
+        G = prepare_network(Generator(opt), opt, torch.device('meta'))
+    ups = [layer for layer in G.model if isinstance(layer, torch.nn.ConvTranspose2d)]
+    first, output_layer = G.model[1], G.model[-1]
+
+    def pays(layer, side):
+        return layer.scatter_pays(torch.empty(1, layer.in_channels, side, side, device='meta'))
+
+    with torch.inference_mode():
+        assert [pays(up, side) for up, side in zip(ups, (64, 128, 256, 512), strict=True)] \
+            == [False, False, False, threads <= 2]
+        assert pays(output_layer, 1030) and not pays(first, 1030)
 
 
 def test_bare_unwraps_compiled_and_parallel_wrappers():

@@ -25,6 +25,7 @@ from astropy.wcs import WCS
 
 import pix2pixCC_Test
 import pix2pixCC_Train
+import pix2pixCC_Utils
 from conftest import (AIA_PLACE_AND_TIME, INPUT_ONLY, NPY_DATA, RECORD, SAMPLE_DATA, TINY, H,
                       W, aia_cube_header, constant_generator_checkpoint, copy_sample, field,
                       make_pairs, make_test_opt, panel_text, read_user_file, record_in,
@@ -522,6 +523,7 @@ def test_generator_loaded_for_inference_gives_bit_identical_outputs(tmp_path, no
 
     plain = Generator(opt)
     plain.load_state_dict(torch.load(path, weights_only=True))
+    pix2pixCC_Utils.use_gemm_convolutions(plain)  # the same CPU kernels as Test's generator
     mapped = pix2pixCC_Test.load_generator(opt, path, torch.device('cpu'))
     x = torch.randn(2, 1, 32, 32)
     with torch.inference_mode():
