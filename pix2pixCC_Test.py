@@ -891,7 +891,8 @@ def automatic_tile_size(steps, shape, multiple, memory):
 
 
 def gigabytes(n_bytes):
-    return f'{n_bytes / 1e9:.1f} GB'
+    """A memory or disk size for a message: GB, or MB below 0.1 GB (not '0.0 GB')."""
+    return f'{n_bytes / 1e9:.1f} GB' if n_bytes >= 1e8 else f'{n_bytes / 1e6:.1f} MB'
 
 
 def padded_shape(channels, size, multiple):
