@@ -1368,7 +1368,7 @@ GEMM_CONV_WEIGHTS_PER_PIXEL = 4096  # and at least this many weights per pixel t
 # (F.fold) adds the patches at their places (0.12 s and 0.60 s). A convolution's patch is
 # its kernel flipped. It is done in bands of input rows, so the patches never exceed
 # SCATTER_BAND_BYTES. Only without autograd: training keeps oneDNN and its backward.
-# Measurements (one thread) in BENCHMARKS.md ("Inference at 1024x1024 on the CPU").
+# Measurements (one thread) in BENCHMARKS.md ("The scatter path").
 
 SCATTER_MAX_OUT_CHANNELS = 3       # convolutions 64 -> 1, 3, 8 channels: 0.26x, 0.70x, 3.5x
 SCATTER_MAX_WEIGHTS_PER_PIXEL = 1  # transposed, weights per input pixel: 0.28 (0.69x), 4.5
