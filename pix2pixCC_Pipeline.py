@@ -206,8 +206,9 @@ FITS_DTYPES = {8: '>u1', 16: '>i2', 32: '>i4', 64: '>i8', -32: '>f4', -64: '>f8'
 
 def fits_image_layout(path):
     """(data offset in bytes, numpy dtype, shape) of the image `read_fits` reads when it is
-    stored raw (uncompressed, no BSCALE/BZERO/BLANK), else None; parsed once per file and
-    version (`_fits_image_layout`), since parsing the header is most of a window's read."""
+    stored raw (uncompressed, no BSCALE/BZERO, no BLANK in integers), else None; parsed once
+    per file and version (`_fits_image_layout`), since parsing the header is most of a
+    window's read."""
     stat = os.stat(path)
     return _fits_image_layout(path, stat.st_mtime_ns, stat.st_size, stat.st_ino)
 
@@ -216,10 +217,13 @@ def fits_image_layout(path):
 def _fits_image_layout(path, mtime_ns, size, inode):
     with open_fits(path) as hdul:
         hdu = image_hdu(hdul, path)
-        scaled = any(card in hdu.header for card in ('BSCALE', 'BZERO', 'BLANK'))
+        bitpix = hdu.header['BITPIX']
+        # (BLANK only applies to integers: archive float files that carry it are raw)
+        scaled = any(card in hdu.header for card in ('BSCALE', 'BZERO')) or \
+            (bitpix > 0 and 'BLANK' in hdu.header)
         if isinstance(hdu, fits.CompImageHDU) or scaled:
             return None
-        return hdu.fileinfo()['datLoc'], FITS_DTYPES[hdu.header['BITPIX']], tuple(hdu.shape)
+        return hdu.fileinfo()['datLoc'], FITS_DTYPES[bitpix], tuple(hdu.shape)
 
 
 def read_fits_window(path, select):

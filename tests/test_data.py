@@ -281,9 +281,10 @@ def test_a_fits_file_rewritten_with_another_layout_is_read_anew(tmp_path):
 
 @pytest.mark.parametrize('dtype, cards', [
     ('>i2', {'BSCALE': 0.5, 'BZERO': 100.0}), ('>i2', {'BLANK': -32768}), ('>f8', {}),
-    ('uint8', {})])
+    ('uint8', {}), ('>f4', {'BLANK': -32768})])
 def test_fits_window_of_scaled_integers_equals_the_crop(tmp_path, dtype, cards):
-    """BSCALE/BZERO and BLANK apply to the section as to the whole image."""
+    """BSCALE/BZERO and BLANK apply to the section as to the whole image; raw data (BLANK
+    in a float image is ignored, as astropy ignores it) are read through a plain map."""
     rng = np.random.default_rng(4)
     data = rng.integers(0, 200, (40, 48)).astype(dtype)
     if 'BLANK' in cards:
@@ -293,6 +294,8 @@ def test_fits_window_of_scaled_integers_equals_the_crop(tmp_path, dtype, cards):
     path = str(tmp_path / 'a.fits')
     hdu.writeto(path)
     assert_windows_as_crops(path, 'fits', 1)
+    scaled = 'BSCALE' in cards or ('BLANK' in cards and np.dtype(dtype).kind in 'iu')
+    assert (pix2pixCC_Pipeline.fits_image_layout(path) is None) == scaled
 
 
 def test_compressed_fits_and_other_formats_windows_are_crops_of_the_whole(tmp_path):
