@@ -43,9 +43,10 @@ from pix2pixCC_Utils import (GracefulStop, Precision, StopRequested, atomic_path
                              checkpoint_path, fit_state_dict, float32_weights,
                              ignore_stop_signals, load_model_file, load_state_dict, make_dirs,
                              memory_format, model_file_record, prepare_network, read_json,
-                             release_mapped_weights_after_use, require_checkpoint, safe_load,
-                             save_panel, save_torch, saved_steps, select_device, silent,
-                             weights_sha256, write_csv, write_json)
+                             release_mapped_weights_after_use, require_checkpoint,
+                             reuse_freed_memory, safe_load, save_panel, save_torch,
+                             saved_steps, select_device, silent, weights_sha256, write_csv,
+                             write_json)
 
 
 def generate(G, input, n_downsample, precision=None, tile_size=0, tmp_dir=None, desc=None):
@@ -1510,6 +1511,8 @@ def test(opt, option, model, stop):
     # Without CUDA the default --gpu_ids 0 quietly runs on the CPU; a notice is for a GPU
     # asked for by name.
     device, _ = select_device(opt, print if 'gpu_ids' in option.explicit else silent)
+    if device.type == 'cpu':
+        reuse_freed_memory()  # each layer's output reuses the pages of the one before
     precision = Precision(opt, device)
     notice = precision.notice()
     if notice:

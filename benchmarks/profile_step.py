@@ -45,14 +45,15 @@ def inference_setup(args, opt):
 
     import torch
     import pix2pixCC_Test
+    import pix2pixCC_Utils
     from pix2pixCC_Networks import Generator, weights_init
     folder = tempfile.mkdtemp(prefix='p2pcc-profile-')
     path = os.path.join(folder, '1_G.pt')
     torch.manual_seed(0)
     torch.save(Generator(opt).apply(weights_init).state_dict(), path)
+    pix2pixCC_Utils.reuse_freed_memory()  # as the Test script does on the CPU
     G = pix2pixCC_Test.load_generator(opt, path, torch.device('cpu')).eval()
     if args.plain:
-        import pix2pixCC_Utils
         pix2pixCC_Utils.use_gemm_convolutions(G, enabled=False)
     x = torch.rand(1, opt.input_ch, args.size, args.size) * 2 - 1
 

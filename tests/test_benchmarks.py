@@ -1,9 +1,9 @@
 """The tools of benchmarks/, each run for real on a tiny network: benchmark.py (whose
 `driver` variant is the driver's own training step), side_by_side.py (given our own scripts
 as the "published" folder, since the published code cannot be downloaded here),
-precision_accuracy.py and profile_step.py, documented in README "Speed" and BENCHMARKS.md,
-and gpu_check.py, documented in README "CPU and GPU", which on a CPU runs the checks a CPU
-can make.
+precision_accuracy.py, profile_step.py and freed_memory.py, documented in README "Speed"
+and BENCHMARKS.md, and gpu_check.py, documented in README "CPU and GPU", which on a CPU runs
+the checks a CPU can make.
 """
 import argparse
 import json
@@ -28,6 +28,7 @@ BENCHMARK = os.path.join(REPO, 'benchmarks', 'benchmark.py')
 GPU_CHECK = os.path.join(REPO, 'benchmarks', 'gpu_check.py')
 SIDE_BY_SIDE = os.path.join(REPO, 'benchmarks', 'side_by_side.py')
 PRECISION = os.path.join(REPO, 'benchmarks', 'precision_accuracy.py')
+FREED_MEMORY = os.path.join(REPO, 'benchmarks', 'freed_memory.py')
 
 
 def fake_published(folder, device_line="device = torch.device('cuda:0')\n"):
@@ -224,3 +225,20 @@ def test_gpu_check_runs_its_checks_on_the_cpu(tmp_path):
         rows['float32 again']['detail']  # the CPU repeats a run exactly ...
     assert 'relative RMS difference from the uninterrupted run 0.00e+00' in \
         rows['resume']['detail']  # ... and a resumed one
+
+
+def test_freed_memory_compares_the_two_allocator_settings_in_fresh_processes(tmp_path):
+    """benchmarks/freed_memory.py (README "Speed"): both variants, each in its own process,
+    with the setting made in the one that asks for it only (on glibc)."""
+    out = tmp_path / 'f.json'
+    proc = run_script(FREED_MEMORY, ['--size', '64', '--images', '1', '--rounds', '1',
+                                     *TINY_NETWORK, '--json', out], tmp_path, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
+    assert 'reuse / plain time:' in proc.stdout
+    with open(out) as f:
+        runs = json.load(f)['results']['runs']
+    assert runs['plain'][0]['reused'] is False
+    glibc = sys.platform.startswith('linux') and os.confstr('CS_GNU_LIBC_VERSION') is not None
+    assert runs['reuse'][0]['reused'] is glibc
+    for variant in ('plain', 'reuse'):
+        assert runs[variant][0]['seconds'] > 0 and runs[variant][0]['peak_rss_mb'] > 0

@@ -12,6 +12,7 @@ import json
 import mmap
 import os
 import re
+import subprocess
 import sys
 import warnings
 from types import SimpleNamespace
@@ -578,6 +579,76 @@ def releases_by_layer(G, x, events):
 
 def own_tensors(layer):
     return [*layer.parameters(recurse=False), *layer.buffers(recurse=False)]
+
+
+# Pages faulted in by the last of five "images" of three "layers" each (an input, then each
+# layer's output, the one before freed after it), in a fresh Python, with or without
+# reuse_freed_memory first. (With it, the heap grows over the first two images, then stays.)
+LAYER_SIZES = (2 ** 23, 2 ** 24, 2 ** 22, 2 ** 23)  # floats: 32, 64, 16 and 32 MB
+PAGE_FAULTS = """
+import resource, sys, torch
+import pix2pixCC_Utils
+if sys.argv[1] == 'reuse':
+    assert pix2pixCC_Utils.reuse_freed_memory()
+for image in range(5):
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    x = torch.empty(2 ** 23).fill_(1.0)
+    for size in (2 ** 24, 2 ** 22, 2 ** 23):
+        y = torch.empty(size).fill_(1.0)
+        del x
+        x = y
+    del x, y
+print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+"""
+
+
+def glibc_mallopt():
+    return sys.platform.startswith('linux') and hasattr(ctypes.CDLL(None), 'mallopt') and \
+        os.confstr('CS_GNU_LIBC_VERSION') is not None
+
+
+@pytest.mark.skipif(not glibc_mallopt(), reason="glibc's mallopt")
+def test_cpu_inference_reuses_freed_memory_instead_of_faulting_in_new_pages(tmp_path):
+    """README "Speed": a full-resolution layer's output (tens of MB) reuses the memory the
+    layers before freed. Without the setting, glibc gives the memory of every such
+    allocation back to the kernel and each image faults in its pages again; with it, almost
+    none."""
+    pages = sum(LAYER_SIZES) * 4 // mmap.PAGESIZE
+    env = {k: v for k, v in os.environ.items()
+           if k != 'GLIBC_TUNABLES' and not k.startswith('MALLOC_')}
+    env['PYTHONPATH'] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    faults = {}
+    for mode in ('plain', 'reuse'):
+        proc = subprocess.run([sys.executable, '-c', PAGE_FAULTS, mode], capture_output=True,
+                              text=True, env=env, cwd=tmp_path, timeout=120)
+        assert proc.returncode == 0, proc.stderr
+        faults[mode] = int(proc.stdout.split()[-1])
+    assert faults['plain'] > pages // 2, faults  # the baseline: every page again
+    assert faults['reuse'] < pages // 20, faults
+
+
+@pytest.mark.parametrize('name, value', [('GLIBC_TUNABLES', 'glibc.malloc.trim_threshold=0'),
+                                         ('MALLOC_MMAP_MAX_', '65536'),
+                                         ('LD_PRELOAD', '/usr/lib/libjemalloc.so.2')])
+def test_a_users_own_malloc_settings_are_left_alone(monkeypatch, name, value):
+    monkeypatch.setenv(name, value)
+    calls = []
+    monkeypatch.setattr(pix2pixCC_Utils.ctypes, 'CDLL',
+                        lambda name: SimpleNamespace(mallopt=lambda *a: calls.append(a) or 1))
+    assert pix2pixCC_Utils.reuse_freed_memory() is False
+    assert calls == []
+
+
+def test_the_test_script_reuses_freed_memory_on_the_cpu(in_tmp, monkeypatch):
+    calls = []
+    monkeypatch.setattr(pix2pixCC_Test, 'reuse_freed_memory', lambda: calls.append(1))
+    os.makedirs('inputs')
+    np.save('inputs/a.npy', np.zeros((32, 32), np.float32))
+    flags = ['--dataset_name', 'mem', '--data_format_input', 'npy', '--data_format_target',
+             'npy', '--input_dir_test', 'inputs', '--n_workers', '0']
+    constant_generator_checkpoint(make_test_opt(*flags), 0.5)
+    assert pix2pixCC_Test.main(TINY + flags + ['--iteration', '3']) == 0
+    assert calls == [1]
 
 
 @pytest.mark.skipif(not sys.platform.startswith('linux'), reason='madvise of mapped files: Linux')
