@@ -44,9 +44,9 @@ from pix2pixCC_Utils import (GracefulStop, Precision, StopRequested, atomic_path
                              ignore_stop_signals, load_model_file, load_state_dict, make_dirs,
                              memory_format, model_file_record, prepare_network, read_json,
                              release_mapped_weights_after_use, require_checkpoint,
-                             reuse_freed_memory, safe_load, save_panel, save_torch,
-                             saved_steps, select_device, silent, weights_sha256, write_csv,
-                             write_json)
+                             return_freed_memory, reuse_freed_memory, safe_load, save_panel,
+                             save_torch, saved_steps, select_device, silent, weights_sha256,
+                             write_csv, write_json)
 
 
 def generate(G, input, n_downsample, precision=None, tile_size=0, tmp_dir=None, desc=None):
@@ -784,6 +784,7 @@ def tiled_sample(steps, input, tile_size, precision, tmp_dir, desc):
                 if source is not block_input:
                     source.close()
                 source = target
+                return_freed_memory()  # the next layer's tiles have other shapes
         except OSError as error:  # a full disk, or a store that cannot be read back
             raise temporary_disk_error(stores.folder, error) from None
         return source.tensor

@@ -6,7 +6,8 @@
 2. Devices, precision and memory: `select_device`, `Precision` (mixed precision),
    `prepare_network` (placement, channels-last, torch.compile), `memory_format`,
    `release_mapped_weights_after_use` (inference holds a layer's weights only while it runs),
-   `reuse_freed_memory` (CPU inference reuses freed memory instead of faulting in new pages).
+   `reuse_freed_memory` (CPU inference reuses freed memory instead of faulting in new pages),
+   `return_freed_memory`.
 3. Distributed: `Distributed`, this process's place in a torchrun job.
 4. Checkpoints and the training state: file names (`checkpoint_path`, `state_path`,
    `saved_steps`, `newest_complete_step`), `safe_load` (never runs code), `load_state_dict`
@@ -20,7 +21,8 @@
    validation), `tensorboard_writer`.
 7. Figures: `save_panel` (input | real | generated | difference), `save_loss_curve`.
 8. The optional CPU paths (performance only): `GemmConv2d` (im2col + GEMM for the widest
-   convolutions in training; scattered patches for the thinnest in inference),
+   convolutions in training; scattered patches for the thinnest and Winograd's F(2x2, 3x3)
+   for the residual blocks' in inference),
    `GemmConvTranspose2d`, `scatter_patches`, `use_gemm_convolutions`.
 
 The learning-rate schedule, the seed and when reports and saves fall due are in
@@ -318,7 +320,7 @@ def memory_format(device):
 # glibc gives every allocation above 32 MB a mapping of its own and hands it back to the
 # kernel when it is freed. At full resolution nearly every layer's output is that large (64
 # channels at 1024x1024: 268 MB), so each layer of an inference faulted in fresh zeroed pages
-# for its output: 65,536 page faults for one such map, about a sixth of a 1024x1024 image's
+# for its output: 65,536 page faults for one such map; a quarter of a 1024x1024 image's
 # CPU time (README "Speed"). Told to keep freed memory in its heap, glibc gives the next
 # layer the pages the last one let go; the process's peak memory is what the pass holds at
 # once, as before, but it stays resident until the process ends.
@@ -326,6 +328,7 @@ GLIBC_M_TRIM_THRESHOLD, GLIBC_M_MMAP_MAX = -1, -4  # mallopt's parameters (mallo
 KEEP_FREED_BYTES = 2 ** 31 - 1  # free memory kept at the heap's top (mallopt takes an int)
 MALLOC_ENVIRONMENT = ('MALLOC_MMAP_MAX_', 'MALLOC_TRIM_THRESHOLD_', 'MALLOC_MMAP_THRESHOLD_',
                       'MALLOC_TOP_PAD_')
+freed_memory_kept = False  # whether reuse_freed_memory took effect in this process
 
 
 def reuse_freed_memory():
@@ -342,8 +345,20 @@ def reuse_freed_memory():
         return False
     mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
     # glibc's mallopt returns 1 on success (musl's stub returns 0: nothing to do there).
-    return (mallopt(GLIBC_M_MMAP_MAX, 0) == 1
-            and mallopt(GLIBC_M_TRIM_THRESHOLD, KEEP_FREED_BYTES) == 1)
+    global freed_memory_kept
+    freed_memory_kept = (mallopt(GLIBC_M_MMAP_MAX, 0) == 1
+                         and mallopt(GLIBC_M_TRIM_THRESHOLD, KEEP_FREED_BYTES) == 1)
+    return freed_memory_kept
+
+
+def return_freed_memory():
+    """Give the kept free memory back to the kernel (glibc's malloc_trim also releases the
+    free pages inside the heap), where reuse_freed_memory kept it. For the layers of a tiled
+    image: tiles of changing shapes leave the heap's free memory in pieces that later tiles
+    do not fit, so over a 4096x4096 image the kept memory grew to 3.4 GB; given back after
+    each layer, the next layer faults in one tile's pages and reuses them for the others."""
+    if freed_memory_kept:
+        ctypes.CDLL(None).malloc_trim(0)
 
 
 MADV_DONTNEED = 4  # Linux: drop these pages; a file-backed page is read again when touched
@@ -1370,8 +1385,8 @@ def draw_validation_cc(axis, val_rows, keys):
 
 
 # ----------------------------------------------------------------------------------------
-# 8. The optional CPU GEMM paths for the widest and the thinnest convolutions (performance
-#    only)
+# 8. The optional CPU paths for the widest, the thinnest and the residual blocks'
+#    convolutions (performance only)
 # ----------------------------------------------------------------------------------------
 
 
@@ -1400,7 +1415,11 @@ GEMM_CONV_WEIGHTS_PER_PIXEL = 4096  # and at least this many weights per pixel t
 # (F.fold) adds the patches at their places (0.12 s and 0.60 s). A convolution's patch is
 # its kernel flipped. It is done in bands of input rows, so the patches never exceed
 # SCATTER_BAND_BYTES. Only without autograd: training keeps oneDNN and its backward.
-# Measurements (one thread) in BENCHMARKS.md ("The scatter path").
+# Measurements (one thread) in BENCHMARKS.md ("The scatter path"). Much of the transposed
+# convolution's time was the fresh tensor's page faults: in a process that reuses freed
+# memory (section 2, as the Test script does) the scatter path takes 1.15x oneDNN's time
+# with one thread, 1.22x with two (0.06 s of a 1024x1024 image), but it still saves the
+# copy: 268 MB at the peak of a 1024x1024 image, 1 GB at 2048x2048, so it is kept.
 
 SCATTER_MAX_OUT_CHANNELS = 3       # convolutions 64 -> 1, 3, 8 channels: 0.26x, 0.70x, 3.5x
 SCATTER_MAX_WEIGHTS_PER_PIXEL = 1  # transposed, weights per input pixel: 0.28 (0.69x), 4.5
@@ -1466,6 +1485,118 @@ def add_band(out, band, first, done, fresh):
     return max(done, end)
 
 
+# The 3x3 convolutions of the residual blocks (1024 channels at 64x64 for a 1024x1024 image)
+# are 70% of an inference's arithmetic, and oneDNN already runs them near this CPU's peak. In
+# inference they run instead as Winograd's F(2x2, 3x3) (Lavin and Gray 2016, "Fast
+# Algorithms for Convolutional Neural Networks"): each 2x2 block of outputs from its 4x4
+# input patch with 16 multiplications per channel pair instead of 36, as 16 matrix products
+# (Cout, Cin) @ (Cin, blocks), one per position of the transformed patch. The transforms
+# only add and subtract, so the result differs from the direct one at the rounding level
+# (1e-6 of the output's magnitude, tested). The products go to oneDNN's matrix kernel
+# (torch.ops.mkldnn._linear_pointwise, what torch.compile uses on the CPU), which runs at
+# its convolutions' rate; torch.mm (MKL on AMD CPUs) is half as fast, so where this torch
+# lacks that kernel the path is not taken. Measurements in BENCHMARKS.md ("Winograd").
+
+WINOGRAD_MIN_WEIGHTS = 512 * 512  # Cin x Cout: 0.67x at 512 channels, 0.88-0.96x at 256,
+                                  # 1.3x at 128 (64x64 to 256x256 maps, 2 threads)
+WINOGRAD_MIN_PIXELS = 32 * 32      # output pixels: 0.70x at 32x32, 0.94x at 16x16
+WINOGRAD_BAND_BYTES = 2 ** 24      # the input of one band of output rows
+WINOGRAD_G = ((1.0, 0.0, 0.0), (0.5, 0.5, 0.5), (0.5, -0.5, 0.5), (0.0, 0.0, 1.0))
+
+
+@functools.cache
+def onednn_matmul():
+    """oneDNN's matrix product, a @ b.t() for (m, k) and (n, k) float32 matrices, or None
+    where this torch lacks it or it does not compute that (checked once, on small
+    integers)."""
+    matmul = getattr(torch.ops.mkldnn, '_linear_pointwise', None)
+    if matmul is None or not torch.backends.mkldnn.is_available():
+        return None
+    a, b = torch.arange(6.0).view(2, 3), torch.arange(12.0).view(4, 3)
+    try:
+        works = torch.equal(matmul(a, b.t().contiguous().t(), None, 'none', [], ''), a @ b.t())
+    except (RuntimeError, TypeError, NotImplementedError):
+        return None
+    return matmul if works else None
+
+
+def winograd_weights(weight):
+    """(Cout, Cin, 3, 3) -> (16, Cout, Cin): G g G^T of every kernel g, by its 4x4
+    positions."""
+    g = torch.tensor(WINOGRAD_G, dtype=weight.dtype)
+    return (torch.kron(g, g) @ weight.reshape(-1, 9).t()).view(16, *weight.shape[:2])
+
+
+def column_transforms(x, tiles_w):
+    """d B for the 4-column strip d at every even column of x (C, H, 2 tiles_w + 2), whose
+    rows are contiguous: (4, C, H, tiles_w). The columns are split into even and odd first,
+    so that every operation reads and writes contiguous rows."""
+    halves = x.unflatten(2, (tiles_w + 1, 2)).permute(3, 0, 1, 2).contiguous()
+    even0, odd0 = halves[0][..., :tiles_w], halves[1][..., :tiles_w]
+    even1, odd1 = halves[0][..., 1:], halves[1][..., 1:]
+    columns = x.new_empty(4, *x.shape[:2], tiles_w)
+    torch.sub(even0, even1, out=columns[0])  # B^T = [[1, 0, -1, 0], [0, 1, 1, 0],
+    torch.add(odd0, even1, out=columns[1])   #        [0, -1, 1, 0], [0, 1, 0, -1]]
+    torch.sub(even1, odd0, out=columns[2])
+    torch.sub(odd0, odd1, out=columns[3])
+    return columns
+
+
+def row_transform(columns, i, tiles_h):
+    """Row i of B^T (d B) for every 4x4 patch at even rows: (C, tiles_h, tiles_w)."""
+    r = [columns[:, k:k + 2 * tiles_h - 1:2] for k in range(4)]
+    return (r[0] - r[2], r[1] + r[2], r[2] - r[1], r[1] - r[3])[i]
+
+
+def winograd_conv(x, weight, bias, matmul):
+    """A 3x3 convolution, stride 1, no padding, of x (C, 2 th + 2, 2 tw + 2) contiguous:
+    (Cout, 2 th, 2 tw), in bands of output rows whose input takes at most
+    WINOGRAD_BAND_BYTES (so that what the transforms hold stays small beside the output)."""
+    tiles_h, tiles_w = (x.shape[1] - 2) // 2, (x.shape[2] - 2) // 2
+    U = winograd_weights(weight)
+    out = x.new_empty(weight.shape[0], 2 * tiles_h, 2 * tiles_w)
+    row_bytes = 2 * x.shape[0] * x.shape[2] * x.element_size()  # one row of 2x2 blocks
+    bands = -(-tiles_h * row_bytes // WINOGRAD_BAND_BYTES)
+    rows = -(-tiles_h // bands)  # of blocks, as even as the bands can be
+    for top in range(0, tiles_h, rows):
+        bottom = min(tiles_h, top + rows)
+        winograd_band(x[:, 2 * top:2 * bottom + 2], U, matmul, out[:, 2 * top:2 * bottom])
+    if bias is not None:
+        out += bias.view(-1, 1, 1)
+    return out
+
+
+def winograd_band(x, U, matmul, out):
+    """winograd_conv of one band x (C, 2 th + 2, 2 tw + 2) into out (Cout, 2 th, 2 tw): Y =
+    A^T [(G g G^T) (B^T d B)] A for every 2x2 output block. The products of a position are
+    added into the two rows of A^T M as they come, so that only those (twice the band's
+    output) are held besides the transformed columns."""
+    tiles_h, tiles_w = out.shape[1] // 2, out.shape[2] // 2
+    columns = column_transforms(x, tiles_w)
+    upper, lower = [None] * 4, [None] * 4  # A^T = [[1, 1, 1, 0], [0, 1, -1, -1]]
+    for i in range(4):
+        for j in range(4):
+            V = row_transform(columns[j], i, tiles_h).view(x.shape[0], -1)
+            M = matmul(U[4 * i + j], V.t(), None, 'none', [], '')
+            if i == 0:
+                upper[j] = M
+            elif i == 1:
+                upper[j] += M
+                lower[j] = M
+            elif i == 2:
+                upper[j] += M
+                lower[j] -= M
+            else:
+                lower[j] -= M
+    blocks = out.unflatten(1, (tiles_h, 2)).unflatten(3, (tiles_w, 2))
+    for a, rows in enumerate((upper, lower)):
+        s = [m.view(-1, tiles_h, tiles_w) for m in rows]
+        torch.add(s[0], s[1], out=blocks[:, :, a, :, 0])
+        blocks[:, :, a, :, 0] += s[2]
+        torch.sub(s[1], s[2], out=blocks[:, :, a, :, 1])
+        blocks[:, :, a, :, 1] -= s[3]
+
+
 class GemmConv2d(nn.Conv2d):
     """nn.Conv2d that computes im2col + matrix product, or scattered patches, where that is
     faster (see above).
@@ -1483,6 +1614,8 @@ class GemmConv2d(nn.Conv2d):
                                               list(self.stride), list(self.padding))
         if self.scatter_pays(x):
             return self.scatter_forward(x)
+        if self.winograd_pays(x):
+            return self.winograd_forward(x)
         return super().forward(x)
 
     def gemm_pays(self, x):
@@ -1498,6 +1631,29 @@ class GemmConv2d(nn.Conv2d):
         """Few output channels, stride 1, in inference."""
         return (self.out_channels <= SCATTER_MAX_OUT_CHANNELS and tuple(self.stride) == (1, 1)
                 and scatter_possible(self, x))
+
+    def winograd_pays(self, x):
+        """3x3, stride 1, many channels and pixels, in inference, with oneDNN's matrix
+        product at hand."""
+        (ph, pw) = self.padding
+        pixels = (x.shape[2] + 2 * ph - 2) * (x.shape[3] + 2 * pw - 2)
+        return (tuple(self.kernel_size) == (3, 3) and tuple(self.stride) == (1, 1)
+                and not torch.is_grad_enabled() and pixels >= WINOGRAD_MIN_PIXELS
+                and self.in_channels * self.out_channels >= WINOGRAD_MIN_WEIGHTS
+                and onednn_matmul() is not None)
+
+    def winograd_forward(self, x):
+        """Zero padding, and one more row or column where the output's is odd (cropped
+        after), then winograd_conv for every image of the batch."""
+        (ph, pw) = self.padding
+        out_h, out_w = x.shape[2] + 2 * ph - 2, x.shape[3] + 2 * pw - 2
+        if ph or pw or out_h % 2 or out_w % 2:
+            x = F.pad(x, (pw, pw + out_w % 2, ph, ph + out_h % 2))
+        x, matmul = x.contiguous(), onednn_matmul()
+        out = winograd_conv(x[0], self.weight, self.bias, matmul)[None] if len(x) == 1 else \
+            torch.stack([winograd_conv(image, self.weight, self.bias, matmul) for image in x])
+        return out if out.shape[2:] == (out_h, out_w) else \
+            out[:, :, :out_h, :out_w].contiguous()
 
     def scatter_forward(self, x):
         """A stride-1 convolution is the transposed one of its flipped kernel, with padding

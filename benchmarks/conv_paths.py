@@ -9,11 +9,13 @@ kernels (oneDNN) against the paths `pix2pixCC_Utils.prepare_network` gives them 
 Each layer is built as the Generator builds it (default initialisation, fixed seed), given a
 random input of the shape it sees in a `--size` inference, and run under
 torch.inference_mode twice: as built (nn.Conv2d / nn.ConvTranspose2d) and as prepared
-(`use_gemm_convolutions`). The two alternate, `--repeats` times; the figure is each one's
-best time, by default the CPU time of this process (`time.process_time`: on a machine that
-other jobs share, time-slicing inflates wall times but not CPU time; run it with one thread so
-that the two measure the same). `path` says what the prepared layer runs: scatter (the
-scattered-patch path of README "Speed"), GEMM, or oneDNN as built. The largest difference
+(`use_gemm_convolutions`). The two alternate, `--repeats` times, in a process that reuses
+freed memory as the Test script does (README "Speed"); the figure is each one's best time,
+by default the CPU time of this process (`time.process_time`: on a machine that other jobs
+share, time-slicing inflates wall times but not CPU time; run it with one thread so that the
+two measure the same). `path` says what the prepared layer runs: scatter (the
+scattered-patch path of README "Speed"), Winograd (its F(2x2, 3x3) path), GEMM, or oneDNN
+as built. The largest difference
 between the two outputs is given relative to the output's range.
 
 With --whole N it instead runs N pairs of whole images through the Test script's generator
@@ -30,13 +32,16 @@ import common  # noqa: F401 (puts the repository on sys.path)
 
 
 def layers(size, n_gf=64, n_downsample=4, input_ch=1, target_ch=1):
-    """(label, module, input shape) of the default generator's first layer, transposed
-    convolutions and output layer at a size x size inference."""
+    """(label, module, input shape) of the default generator's first layer, a residual
+    block's convolution, the transposed convolutions and the output layer at a size x size
+    inference."""
     import torch.nn as nn
     full = size + 6  # the 7x7 layers see the image padded by 3
     found = [('7x7 %d->%d at %d^2' % (input_ch, n_gf, size),
               nn.Conv2d(input_ch, n_gf, 7), (1, input_ch, full, full))]
     channels, side = n_gf * 2 ** n_downsample, size // 2 ** n_downsample
+    found.append((f'3x3 {channels}->{channels} at {side}^2 (residual block)',
+                  nn.Conv2d(channels, channels, 3), (1, channels, side + 2, side + 2)))
     for _ in range(n_downsample):
         found.append((f'transposed 3x3 {channels}->{channels // 2} at {2 * side}^2',
                       nn.ConvTranspose2d(channels, channels // 2, 3, 2, 1, 1),
@@ -53,6 +58,8 @@ def path_of(layer, x):
         return 'GEMM'
     if hasattr(layer, 'scatter_pays') and layer.scatter_pays(x):
         return 'scatter'
+    if hasattr(layer, 'winograd_pays') and layer.winograd_pays(x):
+        return 'Winograd'
     return 'oneDNN'
 
 
@@ -122,6 +129,7 @@ def whole_images(args):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     p.add_argument('--size', type=int, default=1024)
+    p.add_argument('--n_gf', type=int, default=64, help="the generator's first channels")
     p.add_argument('--repeats', type=int, default=5)
     p.add_argument('--clock', choices=('cpu', 'wall'), default='cpu')
     p.add_argument('--band_bytes', default='',
@@ -141,6 +149,7 @@ def main(argv=None):
     import torch
 
     import pix2pixCC_Utils
+    pix2pixCC_Utils.reuse_freed_memory()  # as the Test script does on the CPU
     clock = time.process_time if args.clock == 'cpu' else time.perf_counter
     bands = [int(b) for b in args.band_bytes.split(',') if b] or \
         [pix2pixCC_Utils.SCATTER_BAND_BYTES]
@@ -151,7 +160,7 @@ def main(argv=None):
     rows = []
     for band in bands:
         pix2pixCC_Utils.SCATTER_BAND_BYTES = band
-        for label, module, shape in layers(args.size):
+        for label, module, shape in layers(args.size, args.n_gf):
             row = compare(label, module, shape, args.repeats, clock) | {'band_bytes': band}
             rows.append(row)
             print(f"{label:<42}{band:>9}{row['path']:>9}{row['built_s']:>9.3f}"

@@ -18,8 +18,10 @@ With --conv_rates (inference only) it instead times each convolution of one imag
 its arithmetic rate (GFLOP/s, a multiply-add counted as 2) beside the best rate this machine
 reaches in a float32 matrix product of the same threads: how far any faster convolution
 kernel could take inference without changing its arithmetic. A convolution that took the
-scatter path of pix2pixCC_Utils section 8 (matrix product + col2im) is marked [scatter];
-`--plain` runs every convolution on PyTorch's own kernels instead, for comparison.
+scatter path of pix2pixCC_Utils section 8 (matrix product + col2im) is marked [scatter], one
+that took its Winograd path [winograd] (its GFLOP are those of the direct convolution, so
+its rate can exceed the CPU's); `--plain` runs every convolution on PyTorch's own kernels
+instead, for comparison.
 """
 import argparse
 import os
@@ -90,6 +92,15 @@ def matmul_rate(repeats=5):
     return best
 
 
+def conv_path(module, x):
+    """' [scatter]' or ' [winograd]' where the layer takes that path of pix2pixCC_Utils
+    section 8 (from the same checks the layer makes), else ''."""
+    for name in ('scatter', 'winograd'):
+        if getattr(module, f'{name}_pays', lambda x: False)(x):
+            return f' [{name}]'
+    return ''
+
+
 def conv_rates(args, opt):
     """Each convolution of one inference: its time (forward hooks, best of --steps images
     after --warmup) and GFLOP/s, grouped by (kind, channels, kernel, output size)."""
@@ -109,7 +120,7 @@ def conv_rates(args, opt):
         transposed = isinstance(module, torch.nn.ConvTranspose2d)
         flops[module] = conv_flops(module, input[0], output, transposed)
         kind = 'transposed ' if transposed else ''
-        path = ' [scatter]' if getattr(module, 'scatter_pays', lambda x: False)(input[0]) else ''
+        path = conv_path(module, input[0])
         label[module] = (f'{kind}{module.kernel_size[0]}x{module.kernel_size[1]} '
                          f'{module.in_channels}->{module.out_channels} '
                          f'at {output.shape[-2]}x{output.shape[-1]}{path}')

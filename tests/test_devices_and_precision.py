@@ -407,6 +407,106 @@ def check_which_layers_scatter_at_1024(threads):
         assert pays(output_layer, 1030) and not pays(first, 1030)
 
 
+# The Winograd path of inference (README "Speed"): oneDNN's matrix product, 16 per image and
+# layer, runs only there.
+WINOGRAD_KERNEL = 'mkldnn::_linear_pointwise'
+needs_onednn_matmul = pytest.mark.skipif(pix2pixCC_Utils.onednn_matmul() is None,
+                                         reason="this torch lacks oneDNN's matrix product")
+
+
+def every_3x3_layer_takes_winograd(monkeypatch):
+    monkeypatch.setattr(pix2pixCC_Utils, 'WINOGRAD_MIN_WEIGHTS', 1)
+    monkeypatch.setattr(pix2pixCC_Utils, 'WINOGRAD_MIN_PIXELS', 1)
+
+
+@needs_onednn_matmul
+@pytest.mark.parametrize('layer', [
+    torch.nn.Conv2d(16, 12, 3),                          # after a reflection or replication pad
+    torch.nn.Conv2d(8, 8, 3, padding=1),                 # --padding_type zero
+    torch.nn.Conv2d(6, 5, 3, padding=(0, 1), bias=False)],
+    ids=lambda layer: f'{tuple(layer.weight.shape)}-{layer.padding}')
+@pytest.mark.parametrize('band_bytes', [1, 2 ** 24])
+def test_winograd_path_gives_pytorchs_convolution(monkeypatch, layer, band_bytes):
+    """3x3 convolutions in inference, on odd and even sizes and a batch of two, in bands of
+    one row of 2x2 blocks and whole: PyTorch's result within 1e-5 of its range,
+    contiguous, with 16 matrix products per image and band."""
+    every_3x3_layer_takes_winograd(monkeypatch)
+    monkeypatch.setattr(pix2pixCC_Utils, 'WINOGRAD_BAND_BYTES', band_bytes)
+    torch.manual_seed(0)
+    prepared = pix2pixCC_Utils.use_gemm_convolutions(copy.deepcopy(layer))
+    for shape in [(2, layer.in_channels, 13, 17), (1, layer.in_channels, 10, 8),
+                  (1, layer.in_channels, 3, 4)]:
+        x = torch.randn(shape)
+        with torch.inference_mode():
+            reference = layer(x)
+            output, calls = profiled(functools.partial(prepared, x))
+        bands = 1 if band_bytes > 1 else -(-reference.shape[2] // 2)  # rows of blocks
+        assert calls.get(WINOGRAD_KERNEL, 0) == 16 * shape[0] * bands
+        assert output.shape == reference.shape and output.is_contiguous()
+        assert relative_difference(output, reference) <= 1e-5
+
+
+@needs_onednn_matmul
+@pytest.mark.parametrize('norm_type,padding_type', [
+    ('InstanceNorm2d', 'reflection'), ('BatchNorm2d', 'zero'), ('InstanceNorm2d', 'replication')])
+def test_generator_inference_on_the_winograd_path_matches_pytorch(monkeypatch, norm_type,
+                                                                  padding_type, tmp_path):
+    """The Test script's generator on an odd-sized image, whole and in tiles: the output of
+    the network as built, to 1e-5 of its range; both convolutions of every residual block
+    (and no other layer) took the path."""
+    every_3x3_layer_takes_winograd(monkeypatch)
+    opt = make_test_opt(norm_type=norm_type, padding_type=padding_type, n_residual=2)
+    torch.manual_seed(0)
+    G = Generator(opt)
+    plain = copy.deepcopy(G).eval()
+    prepared = prepare_network(G, opt, CPU).eval()
+    x = torch.rand(1, 1, 37, 45) * 2 - 1
+    with torch.inference_mode():
+        reference = pix2pixCC_Test.generate(plain, x, opt.n_downsample)
+        output, calls = profiled(lambda: pix2pixCC_Test.generate(prepared, x, opt.n_downsample))
+        tiled = pix2pixCC_Test.generate(prepared, x, opt.n_downsample, tile_size=16,
+                                        tmp_dir=str(tmp_path))
+    assert calls.get(WINOGRAD_KERNEL, 0) == 16 * 2 * opt.n_residual
+    assert relative_difference(output, reference) <= 1e-5
+    assert relative_difference(tiled, reference) <= 1e-5
+
+
+@needs_onednn_matmul
+def test_the_winograd_path_is_for_inference_only(monkeypatch):
+    every_3x3_layer_takes_winograd(monkeypatch)
+    opt = train_opt()
+    G, _, input, _ = models_and_data(opt)
+    prepare_network(G, opt, CPU)
+    _, calls = profiled(lambda: forward_backward(G, input))
+    assert WINOGRAD_KERNEL not in calls
+    with torch.no_grad():
+        _, calls = profiled(lambda: G(input))
+    assert calls.get(WINOGRAD_KERNEL, 0) == 16 * 2 * opt.n_residual
+
+
+@needs_onednn_matmul
+def test_at_1024_the_residual_blocks_take_winograd_and_no_other_layer():
+    """The default network at 1024x1024 (on the 'meta' device): the 3x3 convolutions of the
+    residual blocks (1024 channels at 64x64) take the Winograd path, where it was measured
+    faster than oneDNN (README "Speed"); so would the 512-channel ones of --n_gf 32, not
+    those at 16x16 (a 256x256 image) nor any other layer."""
+    opt = make_test_opt(n_gf=64, n_downsample=4, n_residual=1)
+    with torch.device('meta'):
+        G = prepare_network(Generator(opt), opt, torch.device('meta'))
+
+    def pays(layer, side):
+        return layer.winograd_pays(torch.empty(1, layer.in_channels, side, side, device='meta'))
+
+    convs = [m for m in G.modules() if type(m) is pix2pixCC_Utils.GemmConv2d]
+    block = [m for m in convs if m.in_channels == m.out_channels == 1024]
+    with torch.inference_mode():
+        assert len(block) == 2 and all(pays(m, 66) for m in block)
+        assert not any(pays(m, 18) for m in block)
+        assert not any(pays(m, side) for m in convs if m not in block for side in (66, 1030))
+        assert pays(pix2pixCC_Utils.use_gemm_convolutions(
+            torch.nn.Conv2d(512, 512, 3).to('meta')), 66)
+
+
 def test_bare_unwraps_compiled_and_parallel_wrappers():
     G = Generator(train_opt())
     wrapped = torch.compile(torch.nn.DataParallel(G))
