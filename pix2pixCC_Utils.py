@@ -326,6 +326,7 @@ def memory_format(device):
 # once, as before, but it stays resident until the process ends.
 GLIBC_M_TRIM_THRESHOLD, GLIBC_M_MMAP_MAX = -1, -4  # mallopt's parameters (malloc.h)
 KEEP_FREED_BYTES = 2 ** 31 - 1  # free memory kept at the heap's top (mallopt takes an int)
+KEEP_BETWEEN_LAYERS_BYTES = 2 ** 31  # free memory a tiled image keeps from layer to layer
 MALLOC_ENVIRONMENT = ('MALLOC_MMAP_MAX_', 'MALLOC_TRIM_THRESHOLD_', 'MALLOC_MMAP_THRESHOLD_',
                       'MALLOC_TOP_PAD_')
 freed_memory_kept = False  # whether reuse_freed_memory took effect in this process
@@ -351,14 +352,32 @@ def reuse_freed_memory():
     return freed_memory_kept
 
 
-def return_freed_memory():
+class MallocInfo(ctypes.Structure):
+    """glibc's struct mallinfo2 (malloc.h, glibc 2.33 and later)."""
+    _fields_ = [(name, ctypes.c_size_t) for name in (
+        'arena', 'ordblks', 'smblks', 'hblks', 'hblkhd', 'usmblks', 'fsmblks', 'uordblks',
+        'fordblks', 'keepcost')]
+
+
+def return_freed_memory(keep=KEEP_BETWEEN_LAYERS_BYTES):
     """Give the kept free memory back to the kernel (glibc's malloc_trim also releases the
-    free pages inside the heap), where reuse_freed_memory kept it. For the layers of a tiled
-    image: tiles of changing shapes leave the heap's free memory in pieces that later tiles
-    do not fit, so over a 4096x4096 image the kept memory grew to 3.4 GB; given back after
-    each layer, the next layer faults in one tile's pages and reuses them for the others."""
-    if freed_memory_kept:
-        ctypes.CDLL(None).malloc_trim(0)
+    free pages inside the heap) when more than `keep` bytes of it are free, where
+    reuse_freed_memory kept it. Asked after every layer of a tiled image, whose tiles change
+    shape from layer to layer and may leave the heap's free memory in pieces later tiles do
+    not fit: a bound on what a tiled image keeps. Given back after every layer, the peak of
+    a 4096x4096 image fell from 2.5 to 2.2 GB, but each layer faulted its tiles' pages in
+    again (2048x2048: 1.44x the whole image's time instead of 1.22x); above 2 GB it is a
+    safety valve that those images do not reach. Returns whether it was given back."""
+    if not freed_memory_kept:
+        return False
+    libc = ctypes.CDLL(None)
+    mallinfo2 = getattr(libc, 'mallinfo2', None)
+    if mallinfo2 is not None:
+        mallinfo2.restype = MallocInfo
+        if mallinfo2().fordblks <= keep:
+            return False
+    libc.malloc_trim(0)
+    return True
 
 
 MADV_DONTNEED = 4  # Linux: drop these pages; a file-backed page is read again when touched
@@ -1619,7 +1638,11 @@ class GemmConv2d(nn.Conv2d):
         return super().forward(x)
 
     def gemm_pays(self, x):
-        """The widest convolutions at training sizes."""
+        """The widest convolutions at training sizes, in training (with autograd): in
+        inference oneDNN or the Winograd path is faster (at 32x32, 1024 channels: GEMM
+        2x oneDNN's time; BENCHMARKS.md, "Winograd")."""
+        if not torch.is_grad_enabled():
+            return False
         (kh, kw), (sh, sw), (ph, pw) = self.kernel_size, self.stride, self.padding
         pixels = x.shape[0] * ((x.shape[2] + 2 * ph - kh) // sh + 1) * \
             ((x.shape[3] + 2 * pw - kw) // sw + 1)

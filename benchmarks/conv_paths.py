@@ -130,6 +130,12 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     p.add_argument('--size', type=int, default=1024)
     p.add_argument('--n_gf', type=int, default=64, help="the generator's first channels")
+    p.add_argument('--glibc_defaults', action='store_true',
+                   help="leave malloc's settings alone (as a training process does), instead "
+                        'of reusing freed memory as the Test script does')
+    p.add_argument('--any_winograd', action='store_true',
+                   help='let every 3x3 convolution take the Winograd path, whatever its '
+                        'size (to see where it pays)')
     p.add_argument('--repeats', type=int, default=5)
     p.add_argument('--clock', choices=('cpu', 'wall'), default='cpu')
     p.add_argument('--band_bytes', default='',
@@ -149,7 +155,10 @@ def main(argv=None):
     import torch
 
     import pix2pixCC_Utils
-    pix2pixCC_Utils.reuse_freed_memory()  # as the Test script does on the CPU
+    if not args.glibc_defaults:
+        pix2pixCC_Utils.reuse_freed_memory()  # as the Test script does on the CPU
+    if args.any_winograd:
+        pix2pixCC_Utils.WINOGRAD_MIN_WEIGHTS = pix2pixCC_Utils.WINOGRAD_MIN_PIXELS = 0
     clock = time.process_time if args.clock == 'cpu' else time.perf_counter
     bands = [int(b) for b in args.band_bytes.split(',') if b] or \
         [pix2pixCC_Utils.SCATTER_BAND_BYTES]

@@ -627,6 +627,51 @@ def test_cpu_inference_reuses_freed_memory_instead_of_faulting_in_new_pages(tmp_
     assert faults['reuse'] < pages // 20, faults
 
 
+GIVE_BACK = """
+import sys, torch
+import pix2pixCC_Utils
+
+def resident_mb():
+    with open('/proc/self/status') as f:
+        return next(int(line.split()[1]) for line in f if line.startswith('VmRSS')) / 1024
+
+assert pix2pixCC_Utils.reuse_freed_memory()
+tile = torch.empty(2 ** 24).fill_(1.0)  # 64 MB
+kept = torch.ones(1000)                 # allocated after it: the tile's memory is not the top
+del tile
+before = resident_mb()
+assert not pix2pixCC_Utils.return_freed_memory(keep=2 ** 27)  # 64 MB free: kept
+assert pix2pixCC_Utils.return_freed_memory(keep=2 ** 25)
+print(before - resident_mb())
+"""
+
+
+@pytest.mark.skipif(not glibc_mallopt(), reason="glibc's mallopt")
+def test_tiled_images_give_freed_memory_back_after_each_layer(tmp_path, monkeypatch):
+    """README "Full-resolution images": the memory a layer's tiles freed, kept by the
+    setting above, goes back to the kernel before the next layer (whose tiles have other
+    shapes) when more than a limit of it is free, so that a tiled image's memory stays
+    bounded: a freed 64 MB tile below live memory stays under a limit of 128 MB and leaves
+    the process's resident set under one of 32 MB; and the tiled pass asks after every
+    layer."""
+    env = {k: v for k, v in os.environ.items()
+           if k != 'GLIBC_TUNABLES' and not k.startswith('MALLOC_')}
+    env['PYTHONPATH'] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.run([sys.executable, '-c', GIVE_BACK], capture_output=True, text=True,
+                          env=env, cwd=tmp_path, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert float(proc.stdout.split()[-1]) > 48  # MB
+
+    calls = []
+    monkeypatch.setattr(pix2pixCC_Test, 'return_freed_memory', lambda: calls.append(1))
+    opt = make_test_opt()
+    G = Generator(opt).eval()
+    with torch.inference_mode():
+        pix2pixCC_Test.generate(G, torch.rand(1, 1, 40, 48), opt.n_downsample, tile_size=16,
+                                tmp_dir=str(tmp_path))
+    assert len(calls) == len(pix2pixCC_Test.generator_steps(G))
+
+
 @pytest.mark.parametrize('name, value', [('GLIBC_TUNABLES', 'glibc.malloc.trim_threshold=0'),
                                          ('MALLOC_MMAP_MAX_', '65536'),
                                          ('LD_PRELOAD', '/usr/lib/libjemalloc.so.2')])
