@@ -1511,14 +1511,14 @@ def add_band(out, band, first, done, fresh):
 # input patch with 16 multiplications per channel pair instead of 36, as 16 matrix products
 # (Cout, Cin) @ (Cin, blocks), one per position of the transformed patch. The transforms
 # only add and subtract, so the result differs from the direct one at the rounding level
-# (1e-6 of the output's magnitude, tested). The products go to oneDNN's matrix kernel
-# (torch.ops.mkldnn._linear_pointwise, what torch.compile uses on the CPU), which runs at
-# its convolutions' rate; torch.mm (MKL on AMD CPUs) is half as fast, so where this torch
-# lacks that kernel the path is not taken. Measurements in BENCHMARKS.md ("Winograd").
+# (5e-7 of the output's range measured, within 1e-5 tested). The products go to oneDNN's
+# matrix kernel (torch.ops.mkldnn._linear_pointwise, what torch.compile uses on the CPU),
+# which runs at its convolutions' rate; torch.mm (MKL on AMD CPUs) is half as fast, so where
+# this torch lacks that kernel the path is not taken. Measurements in BENCHMARKS.md ("Winograd").
 
-WINOGRAD_MIN_WEIGHTS = 512 * 512  # Cin x Cout: 0.67x at 512 channels, 0.88-0.96x at 256,
-                                  # 1.3x at 128 (64x64 to 256x256 maps, 2 threads)
-WINOGRAD_MIN_PIXELS = 32 * 32      # output pixels: 0.70x at 32x32, 0.94x at 16x16
+WINOGRAD_MIN_WEIGHTS = 512 * 512  # Cin x Cout: 0.67x at 1024 channels, 0.76-0.88x at 512,
+                                  # 1.04x at 256, 1.5x at 128 (64x64 to 256x256 maps)
+WINOGRAD_MIN_PIXELS = 32 * 32      # output pixels: 0.77x at 32x32, 1.2x at 16x16
 WINOGRAD_BAND_BYTES = 2 ** 24      # the input of one band of output rows
 WINOGRAD_G = ((1.0, 0.0, 0.0), (0.5, 0.5, 0.5), (0.5, -0.5, 0.5), (0.0, 0.0, 1.0))
 
@@ -1532,8 +1532,9 @@ def onednn_matmul():
     if matmul is None or not torch.backends.mkldnn.is_available():
         return None
     a, b = torch.arange(6.0).view(2, 3), torch.arange(12.0).view(4, 3)
+    b = b.t().contiguous().t()  # a transposed view, as winograd_band passes it
     try:
-        works = torch.equal(matmul(a, b.t().contiguous().t(), None, 'none', [], ''), a @ b.t())
+        works = torch.equal(matmul(a, b, None, 'none', [], ''), a @ b.t())
     except (RuntimeError, TypeError, NotImplementedError):
         return None
     return matmul if works else None
