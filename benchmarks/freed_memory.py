@@ -5,14 +5,14 @@ and peak memory per image of the Test script's generator.
     python benchmarks/freed_memory.py --size 2048 --images 2 --rounds 2 --json out.json
 
 Each measurement is a fresh process (an allocator's state lasts a process's life): it
-writes nothing, builds the generator as the Test script loads it (pix2pixCC_Test.
-load_generator on a checkpoint of the default initialisation, in a temporary folder), with
-or without `pix2pixCC_Utils.reuse_freed_memory()` first, translates one image to warm up,
-then --images images, and reports the median time per image, the minor page faults per
-image (getrusage's ru_minflt: pages the kernel mapped in and zeroed for the process) and
-the process's peak RSS. The two variants alternate, --rounds times each; the table gives
-each variant's median over the rounds. "others" is the share of the CPUs other processes
-used meanwhile (timings above 10% are not to be trusted).
+builds the generator as benchmarks/profile_step.py --inference does (the Test script's
+load_generator on a checkpoint of the default initialisation, in a temporary folder removed
+at the end), with or without `pix2pixCC_Utils.reuse_freed_memory()` first, translates one
+image to warm up, then --images images, and reports the median time per image, the minor
+page faults per image (getrusage's ru_minflt: pages the kernel mapped in and zeroed for the
+process) and the process's peak RSS. The two variants alternate, --rounds times each; the
+table gives each variant's median over the rounds. "others" is the share of the CPUs other
+processes used meanwhile (timings above 10% are not to be trusted).
 """
 import argparse
 import json
@@ -21,7 +21,6 @@ import resource
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 
 # common also puts the repository on sys.path, for the pix2pixCC_* modules
@@ -34,33 +33,26 @@ def measure(args):
     """The child's side: one variant, printed as one JSON line."""
     import torch
 
-    import pix2pixCC_Test
     import benchmark
-    from pix2pixCC_Networks import Generator, weights_init
-    from pix2pixCC_Utils import reuse_freed_memory
+    import pix2pixCC_Utils
+    import profile_step
     network = [item for name, _ in NETWORK_DEFAULTS
                for item in (f'--{name}', str(getattr(args, name)))]
     opt = benchmark.train_options(['--gpu_ids', '-1', *network], 'driver')
-    reused = reuse_freed_memory() if args.child == 'reuse' else False
-    with tempfile.TemporaryDirectory(prefix='p2pcc-freed-') as folder:
-        path = os.path.join(folder, '1_G.pt')
-        torch.manual_seed(0)
-        torch.save(Generator(opt).apply(weights_init).state_dict(), path)
-        G = pix2pixCC_Test.load_generator(opt, path, torch.device('cpu')).eval()
-        x = torch.rand(1, opt.input_ch, args.size, args.size) * 2 - 1
-        times, faults = [], []
-        with torch.inference_mode():
-            for i in range(args.images + 1):  # the first warms up
-                before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-                start = time.perf_counter()
-                pix2pixCC_Test.generate(G, x, opt.n_downsample)
-                if i:
-                    times.append(time.perf_counter() - start)
-                    faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+    step, _ = profile_step.inference_setup(argparse.Namespace(size=args.size, plain=False), opt,
+                                           reuse_freed_memory=args.child == 'reuse')
+    times, faults = [], []
+    for i in range(args.images + 1):  # the first warms up
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        start = time.perf_counter()
+        step()
+        if i:
+            times.append(time.perf_counter() - start)
+            faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
     print(json.dumps({'seconds': statistics.median(times), 'times': times,
                       'page_faults': statistics.median(faults), 'faults': faults,
-                      'peak_rss_mb': peak_rss_mb(),
-                      'reused': reused, 'torch_threads': torch.get_num_threads()}))
+                      'peak_rss_mb': peak_rss_mb(), 'reused': pix2pixCC_Utils.freed_memory_kept,
+                      'torch_threads': torch.get_num_threads()}))
     return 0
 
 

@@ -19,7 +19,7 @@ its arithmetic rate (GFLOP/s, a multiply-add counted as 2) beside the best rate 
 reaches in a float32 matrix product of the same threads: how far any faster convolution
 kernel could take inference without changing its arithmetic. A convolution that took the
 scatter path of pix2pixCC_Utils section 8 (matrix product + col2im) is marked [scatter], one
-that took its Winograd path [winograd] (its GFLOP are those of the direct convolution, so
+that took its Winograd path [Winograd] (its GFLOP are those of the direct convolution, so
 its rate can exceed the CPU's); `--plain` runs every convolution on PyTorch's own kernels
 instead, for comparison.
 """
@@ -30,6 +30,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import benchmark  # noqa: E402
 import common  # noqa: E402
+import conv_paths  # noqa: E402
 
 
 INFERENCE_KINDS = {'aten::mish': 'Mish', 'aten::mish_': 'Mish',
@@ -40,9 +41,13 @@ INFERENCE_KINDS = {'aten::mish': 'Mish', 'aten::mish_': 'Mish',
                    'aten::copy_': 'copies', 'aten::clone': 'copies', 'aten::contiguous': 'copies'}
 
 
-def inference_setup(args, opt):
+def inference_setup(args, opt, reuse_freed_memory=True):
     """One image through the Test script's generator (loaded as Test loads it): the step
-    and the generator."""
+    and the generator. The process reuses freed memory as the Test script does on the CPU,
+    unless `reuse_freed_memory` is False. The checkpoint's folder goes when the process
+    ends (the generator's weights are mapped from the file until then)."""
+    import atexit
+    import shutil
     import tempfile
 
     import torch
@@ -50,10 +55,12 @@ def inference_setup(args, opt):
     import pix2pixCC_Utils
     from pix2pixCC_Networks import Generator, weights_init
     folder = tempfile.mkdtemp(prefix='p2pcc-profile-')
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
     path = os.path.join(folder, '1_G.pt')
     torch.manual_seed(0)
     torch.save(Generator(opt).apply(weights_init).state_dict(), path)
-    pix2pixCC_Utils.reuse_freed_memory()  # as the Test script does on the CPU
+    if reuse_freed_memory:
+        pix2pixCC_Utils.reuse_freed_memory()
     G = pix2pixCC_Test.load_generator(opt, path, torch.device('cpu')).eval()
     if args.plain:
         pix2pixCC_Utils.use_gemm_convolutions(G, enabled=False)
@@ -92,15 +99,6 @@ def matmul_rate(repeats=5):
     return best
 
 
-def conv_path(module, x):
-    """' [scatter]' or ' [winograd]' where the layer takes that path of pix2pixCC_Utils
-    section 8 (from the same checks the layer makes), else ''."""
-    for name in ('scatter', 'winograd'):
-        if getattr(module, f'{name}_pays', lambda x: False)(x):
-            return f' [{name}]'
-    return ''
-
-
 def conv_rates(args, opt):
     """Each convolution of one inference: its time (forward hooks, best of --steps images
     after --warmup) and GFLOP/s, grouped by (kind, channels, kernel, output size)."""
@@ -120,7 +118,8 @@ def conv_rates(args, opt):
         transposed = isinstance(module, torch.nn.ConvTranspose2d)
         flops[module] = conv_flops(module, input[0], output, transposed)
         kind = 'transposed ' if transposed else ''
-        path = conv_path(module, input[0])
+        path = conv_paths.path_of(module, input[0])
+        path = '' if path == 'oneDNN' else f' [{path}]'
         label[module] = (f'{kind}{module.kernel_size[0]}x{module.kernel_size[1]} '
                          f'{module.in_channels}->{module.out_channels} '
                          f'at {output.shape[-2]}x{output.shape[-1]}{path}')

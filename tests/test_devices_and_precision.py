@@ -363,20 +363,6 @@ def test_generator_inference_on_the_scatter_path_matches_pytorch(monkeypatch, no
     assert relative_difference(output, reference) <= 1e-5
 
 
-def test_the_scatter_path_is_for_inference_only(monkeypatch):
-    """With autograd (training, and any forward a user differentiates) the layers keep
-    PyTorch's kernels and their backward."""
-    every_layer_scatters(monkeypatch)
-    opt = train_opt()
-    G, _, input, _ = models_and_data(opt)
-    prepare_network(G, opt, CPU)
-    _, calls = profiled(lambda: forward_backward(G, input))
-    assert SCATTER_KERNEL not in calls
-    with torch.no_grad():
-        _, calls = profiled(lambda: G(input))
-    assert calls.get(SCATTER_KERNEL, 0) == 1 + opt.n_downsample
-
-
 @pytest.mark.parametrize('threads', [1, 3])
 def test_at_1024_the_output_layer_and_the_largest_upsampling_scatter(threads):
     """The default network at 1024x1024 (built without memory, on the 'meta' device): the
@@ -471,17 +457,25 @@ def test_generator_inference_on_the_winograd_path_matches_pytorch(monkeypatch, n
     assert relative_difference(tiled, reference) <= 1e-5
 
 
-@needs_onednn_matmul
-def test_the_winograd_path_is_for_inference_only(monkeypatch):
-    every_3x3_layer_takes_winograd(monkeypatch)
+@pytest.mark.parametrize('every_layer_takes_it, kernel, calls_without_autograd', [
+    (every_layer_scatters, SCATTER_KERNEL, lambda opt: 1 + opt.n_downsample),
+    pytest.param(every_3x3_layer_takes_winograd, WINOGRAD_KERNEL,
+                 lambda opt: 16 * 2 * opt.n_residual, marks=needs_onednn_matmul)],
+    ids=['scatter', 'winograd'])
+def test_the_inference_paths_are_for_inference_only(monkeypatch, every_layer_takes_it, kernel,
+                                                    calls_without_autograd):
+    """With autograd (training, and any forward a user differentiates) the layers keep
+    PyTorch's kernels and their backward; without it they take the scatter path (the
+    transposed convolutions) and the Winograd path (the residual blocks')."""
+    every_layer_takes_it(monkeypatch)
     opt = train_opt()
     G, _, input, _ = models_and_data(opt)
     prepare_network(G, opt, CPU)
     _, calls = profiled(lambda: forward_backward(G, input))
-    assert WINOGRAD_KERNEL not in calls
+    assert kernel not in calls
     with torch.no_grad():
         _, calls = profiled(lambda: G(input))
-    assert calls.get(WINOGRAD_KERNEL, 0) == 16 * 2 * opt.n_residual
+    assert calls.get(kernel, 0) == calls_without_autograd(opt)
 
 
 @needs_onednn_matmul

@@ -602,6 +602,18 @@ print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 """
 
 
+def python_with_glibc_defaults(code, *args, cwd):
+    """The last word `code` prints, run by a fresh Python (which imports this repository)
+    with none of the caller's malloc settings."""
+    env = {k: v for k, v in os.environ.items()
+           if k != 'GLIBC_TUNABLES' and not k.startswith('MALLOC_')}
+    env['PYTHONPATH'] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.run([sys.executable, '-c', code, *args], capture_output=True,
+                          text=True, env=env, cwd=cwd, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout.split()[-1]
+
+
 def glibc_mallopt():
     return sys.platform.startswith('linux') and hasattr(ctypes.CDLL(None), 'mallopt') and \
         os.confstr('CS_GNU_LIBC_VERSION') is not None
@@ -614,15 +626,8 @@ def test_cpu_inference_reuses_freed_memory_instead_of_faulting_in_new_pages(tmp_
     allocation back to the kernel and each image faults in its pages again; with it, almost
     none."""
     pages = sum(LAYER_SIZES) * 4 // mmap.PAGESIZE
-    env = {k: v for k, v in os.environ.items()
-           if k != 'GLIBC_TUNABLES' and not k.startswith('MALLOC_')}
-    env['PYTHONPATH'] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    faults = {}
-    for mode in ('plain', 'reuse'):
-        proc = subprocess.run([sys.executable, '-c', PAGE_FAULTS, mode], capture_output=True,
-                              text=True, env=env, cwd=tmp_path, timeout=120)
-        assert proc.returncode == 0, proc.stderr
-        faults[mode] = int(proc.stdout.split()[-1])
+    faults = {mode: int(python_with_glibc_defaults(PAGE_FAULTS, mode, cwd=tmp_path))
+              for mode in ('plain', 'reuse')}
     assert faults['plain'] > pages // 2, faults  # the baseline: every page again
     assert faults['reuse'] < pages // 20, faults
 
@@ -654,13 +659,7 @@ def test_tiled_images_give_freed_memory_back_after_each_layer(tmp_path, monkeypa
     bounded: a freed 64 MB tile below live memory stays under a limit of 128 MB and leaves
     the process's resident set under one of 32 MB; and the tiled pass asks after every
     layer."""
-    env = {k: v for k, v in os.environ.items()
-           if k != 'GLIBC_TUNABLES' and not k.startswith('MALLOC_')}
-    env['PYTHONPATH'] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    proc = subprocess.run([sys.executable, '-c', GIVE_BACK], capture_output=True, text=True,
-                          env=env, cwd=tmp_path, timeout=120)
-    assert proc.returncode == 0, proc.stderr
-    assert float(proc.stdout.split()[-1]) > 48  # MB
+    assert float(python_with_glibc_defaults(GIVE_BACK, cwd=tmp_path)) > 48  # MB
 
     calls = []
     monkeypatch.setattr(pix2pixCC_Test, 'return_freed_memory', lambda: calls.append(1))
