@@ -1,16 +1,14 @@
-"""Paired-file data pipeline: reading, scaling (and its inverse), augmentation, writing.
+"""Paired-file data pipeline: reading, scaling (and its inverse), augmentation, checks.
 
 Data flow of one file:  read (one reader per format) -> C x H x W float32 -> `Scaling.forward`
 (clean NaN/Inf -> clip -> log10 -> normalise to [-1, 1] at the saturation limits) -> augment
-(training only). Generated data go back through `Scaling.inverse` and one writer per format.
+(training only). Generated data go back through `Scaling.inverse` and one writer per format
+(machinery/products.py, with the rules of a generated FITS header).
 """
 import contextlib
-import datetime
 import functools
 import glob
-import math
 import os
-import re
 import warnings
 from dataclasses import dataclass
 
@@ -18,13 +16,12 @@ import numpy as np
 import tifffile
 import torch
 from astropy.io import fits
-from astropy.wcs import WCS
 from PIL import Image
 from scipy.ndimage import rotate
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
+from machinery.products import FITS_IDENTITY_CARDS, channel_axis
 from pix2pixCC_Options import FITS_FORMATS, FORMAT_FAMILIES, UserError, channel_values
-from pix2pixCC_Utils import ignore_stop_signals
 
 # ----------------------------------------------------------------------------------------
 # Reading: each reader returns the array as stored; `to_chw` arranges the channels.
@@ -109,6 +106,23 @@ def read_fits_header(path):
         return image_hdu(hdul, path).header.copy()
 
 
+def target_identity(path, data_format):
+    """{card: value} of the FITS_IDENTITY_CARDS in the target file `path` ({} for formats
+    other than FITS): what training records (as `target_header`) for the Test's headers."""
+    if data_format not in FITS_FORMATS:
+        return {}
+    header = read_fits_header(path)
+    return {key: header[key] for key in FITS_IDENTITY_CARDS
+            if key in header and isinstance(header[key], (str, int, float, bool))}
+
+
+def file_unit(path, data_format):
+    """The BUNIT of a FITS file, else None (other formats carry no unit)."""
+    if data_format not in FITS_FORMATS:
+        return None
+    return read_fits_header(path).get('BUNIT') or None
+
+
 READERS = {'png': read_image, 'jpg': read_image, 'jpeg': read_image,
            'tif': read_tiff, 'tiff': read_tiff, 'npy': read_npy,
            'fits': read_fits, 'fts': read_fits, 'fit': read_fits}
@@ -136,15 +150,6 @@ def chw_layout(shape, channels, path, channels_last=False):
         raise UserError(f"{path}: shape {shape} has no axis of {channels} channel(s); "
                         f"set --input_ch/--target_ch to the number of channels in the files")
     return shape, axis
-
-
-def channel_axis(shape, channels, channels_last=False):
-    """The axis of a 3-D `shape` that holds the `channels`: the first, unless the last is
-    (`channels_last`, or only the last has that length); None when neither has."""
-    first, last = shape[0] == channels, shape[-1] == channels
-    if last and (channels_last or not first):
-        return 2
-    return 0 if first else None
 
 
 def to_chw(array, channels, path, channels_last=False, window=None):
@@ -304,8 +309,6 @@ def size_mismatch(input_path, size, target_path, target_size):
     """The UserError for an input and its target of different heights or widths."""
     return UserError(f"{input_path} is {size[0]}x{size[1]} but its target {target_path} is "
                      f"{target_size[0]}x{target_size[1]}")
-
-
 
 
 def extensions_of(data_format):
@@ -593,584 +596,3 @@ class CustomDataset(Dataset):
         x, y = random_rotation([x, y], self.opt.max_rotation_angle, generator)
         x, y = random_pad_and_crop([x, y], self.opt.padding_size, generator)
         return torch.from_numpy(np.ascontiguousarray(x)), torch.from_numpy(np.ascontiguousarray(y))
-
-
-# ----------------------------------------------------------------------------------------
-# Checks of a whole dataset before training: a bad file fails in seconds, not hours.
-# ----------------------------------------------------------------------------------------
-
-
-NO_VALUES = {'counted': 0, 'outside': 0, 'inside_other': 0, 'min': np.inf, 'max': -np.inf}
-
-
-def value_summary(array, own, other=None):
-    """For each channel c of a C x H x W `array`, counts that tell whether its values suit
-    its scaling `own.channel(c)` (see `check_dataset`).
-
-    Each is {'counted' (the finite values that the scaling maps by their value, see
-    `Scaling.by_value`), 'outside' (those beyond its limits), 'inside_other' (those within
-    the limits of `other.channel(c)`, the other side's scaling; 0 without `other`), 'min',
-    'max' (of all finite values)}.
-    """
-    return [channel_summary(channel, own.channel(c),
-                            other.channel(c) if other is not None else None)
-            for c, channel in enumerate(array)]
-
-
-def channel_summary(values, own, other):
-    """`value_summary` of one channel's `values`, with the Scalings `own` and `other`."""
-    finite = values[np.isfinite(values)]
-    if finite.size == 0:
-        return dict(NO_VALUES)
-    counted = own.by_value(finite)
-    inside_other = 0 if other is None else \
-        int(np.count_nonzero((counted >= other.lower) & (counted <= other.upper)))
-    return {'counted': int(counted.size),
-            'outside': int(np.count_nonzero((counted < own.lower) | (counted > own.upper))),
-            'inside_other': inside_other, 'min': float(finite.min()), 'max': float(finite.max())}
-
-
-def add_summary(total, summary):
-    """Add one file's `channel_summary` to `total` (the same kind of dict)."""
-    for key in ('counted', 'outside', 'inside_other'):
-        total[key] += summary[key]
-    total['min'], total['max'] = min(total['min'], summary['min']), \
-        max(total['max'], summary['max'])
-
-
-class _FileSummaries(Dataset):
-    """Item i: for each side of pair `pairs[i]` (default: pair i), its (height, width), its
-    NaN/Inf count and its `value_summary`, read with the training readers."""
-
-    def __init__(self, dataset, pairs=None):
-        self.dataset = dataset
-        self.pairs = range(len(dataset)) if pairs is None else pairs
-
-    def __len__(self):
-        return len(self.pairs)
-
-    def __getitem__(self, item):
-        d, index = self.dataset, self.pairs[item]
-        # The swapped-folder check compares channel c with the other side's channel c; with
-        # other channel counts, swapped folders already fail on the channel count.
-        comparable = d.opt.input_ch == d.opt.target_ch
-        summary = {}
-        for side, paths, fmt, ch, own, other in (
-                ('input', d.input_paths, d.opt.data_format_input, d.opt.input_ch,
-                 d.input_scaling, d.target_scaling),
-                ('target', d.target_paths, d.opt.data_format_target, d.opt.target_ch,
-                 d.target_scaling, d.input_scaling)):
-            if paths is None:
-                continue
-            array = read_array(paths[index], fmt, ch)
-            summary[side] = (array.shape[1:], int(array.size - np.isfinite(array).sum()),
-                             value_summary(array, own, other if comparable else None))
-        return summary
-
-
-# Share of a channel's counted values (`value_summary`) beyond its saturation limits above
-# which the limits are probably not those of the data (a few saturated pixels are normal;
-# most are not).
-OUTSIDE_SHARE_WARNING = 0.2
-
-
-def scaling_warnings(values, dataset):
-    """Lines that warn about limits that do not fit the data; [] when the scaling looks right.
-
-    `values`: {'input': totals, 'target': totals}, each a list of one channel's totals of
-    `value_summary` over every file. A channel warns when more than OUTSIDE_SHARE_WARNING of
-    its counted values (finite, and positive with log scale) lie outside its limits: one line
-    per such channel, naming the channel when its side has several.
-    The folders look swapped when, besides, each channel's values lie (all but that share)
-    within the limits of the *other* side's channel: a magnetogram in the input folder fits
-    the target's +-3000 G, and the EUV images in the target folder fit the input's 1..200.
-    """
-    scalings = {'input': dataset.input_scaling, 'target': dataset.target_scaling}
-
-    def limits(side):
-        """The side's limits, once when its channels share them, else one per channel."""
-        return ', '.join(dict.fromkeys(
-            f"[{scalings[side].channel(c).lower:g}, {scalings[side].channel(c).upper:g}]"
-            for c in range(len(values[side]))))
-
-    def observed(side):
-        """The side's range of values, over all its channels."""
-        return (f"{min(channel['min'] for channel in values[side]):.4g} to "
-                f"{max(channel['max'] for channel in values[side]):.4g}")
-
-    warned = [(side, c) for side, channels in values.items() for c, v in enumerate(channels)
-              if v['counted'] and v['outside'] > OUTSIDE_SHARE_WARNING * v['counted']]
-    if warned and len(values) == 2 and all(
-            v['counted'] and v['inside_other'] >= (1 - OUTSIDE_SHARE_WARNING) * v['counted']
-            for channels in values.values() for v in channels):
-        return [(f"warning: the input and target folders look swapped: the input values "
-                 f"({observed('input')}) fit the target limits {limits('target')} and the "
-                 f"target values ({observed('target')}) the input limits {limits('input')}; "
-                 f"check --input_dir_train and --target_dir_train")]
-    return [outside_warning(side, c, len(values[side]), values[side][c],
-                            scalings[side].channel(c)) for side, c in warned]
-
-
-def outside_warning(side, c, channels, values, scaling):
-    """The line for channel `c` (of `channels`) of `side` whose `values` (totals of
-    `value_summary`) lie mostly outside the limits of its `scaling`."""
-    name = f'{side} channel {c}' if channels > 1 else side
-    several = ' (one value for every channel, or one per channel)' if channels > 1 else ''
-    return (f"warning: {100 * values['outside'] / values['counted']:.0f}% of the {name} values "
-            f"lie outside the saturation limits [{scaling.lower:g}, {scaling.upper:g}] "
-            f"(observed range {values['min']:.4g} to {values['max']:.4g}); set "
-            f"--saturation_lower_limit_{side} and --saturation_upper_limit_{side} to the range "
-            f"that matters{several}")
-
-
-def check_training_size(path, size, multiple, crop_size=0):
-    """Raise UserError when the image of `path`, of `size`, cannot be trained on: smaller
-    than --crop_size, or (whole images) not multiples of `multiple` (the generator's
-    stride; a window has the size of --crop_size, which is a multiple)."""
-    if crop_size and min(size) < crop_size:
-        raise UserError(f"{path} is {size[0]}x{size[1]}, smaller than --crop_size {crop_size}; "
-                        f"lower --crop_size or use larger images")
-    if not crop_size and multiple > 1 and (size[0] % multiple or size[1] % multiple):
-        raise UserError(f"{path} is {size[0]}x{size[1]}, but the network needs height and "
-                        f"width that are multiples of {multiple} (2**--n_downsample); crop or "
-                        f"pad the data, or lower --n_downsample")
-
-
-# With --crop_size, the pairs whose files the check reads whole for its warnings: the first,
-# the last and evenly spread between (README "What happens when…").
-CHECK_SAMPLE = 5
-
-
-def sample_pairs(n, k=CHECK_SAMPLE):
-    """Up to `k` of the indices 0..n-1: the first, the last and evenly spread between."""
-    return sorted({round(i * (n - 1) / max(k - 1, 1)) for i in range(k)})
-
-
-def checked_pairs(dataset, crop_size):
-    """The pairs `check_dataset` reads whole: every pair, or with --crop_size and formats
-    whose windows are read alone (WINDOW_READERS), a sample (`sample_pairs`), as training
-    then never reads a whole file and the check should not either (README "Your own data",
-    Windows). None: every pair."""
-    formats = (dataset.opt.data_format_input, dataset.opt.data_format_target)
-    if crop_size and all(fmt in WINDOW_READERS for fmt in formats):
-        return sample_pairs(len(dataset))
-    return None
-
-
-def check_sizes_from_headers(dataset, multiple, crop_size, progress=None):
-    """Check every pair's height and width from its files' headers (`CustomDataset.pair_size`,
-    which also refuses a truncated FITS or npy file) against the training's needs
-    (`check_training_size`); returns the first pair's size."""
-    pairs = range(len(dataset))
-    for index in progress(pairs) if progress is not None else pairs:
-        check_training_size(dataset.input_paths[index], dataset.pair_size(index), multiple,
-                            crop_size)
-    return dataset.pair_size(0)
-
-
-def check_dataset(dataset, multiple, n_workers=0, log=print, progress=None, crop_size=0):
-    """Read every file once and check what training needs; raise UserError on the first problem.
-
-    Checks: readable, channel count, input/target height and width equal, height and width
-    multiples of `multiple` (the generator's stride), or at least `crop_size` (--crop_size)
-    when training takes windows (`check_training_size`). NaN/Inf values are counted and reported
-    in one line per side that has any (`nonfinite_warning`; the scaling replaces them).
-    Limits that do not fit the data (a large share of a channel's values outside them, or
-    folders that look swapped) are warned about in one line each (`scaling_warnings`).
-    With --crop_size and npy or FITS data (`checked_pairs`), the sizes are checked from every
-    file's header and the values (NaN/Inf, limits) from a sample of CHECK_SAMPLE pairs.
-    Returns the (height, width) of the first pair.
-    """
-    pairs = checked_pairs(dataset, crop_size)
-    first_size = None
-    if pairs is not None:
-        first_size = check_sizes_from_headers(dataset, multiple, crop_size, progress)
-    loader = DataLoader(_FileSummaries(dataset, pairs), batch_size=None, num_workers=n_workers,
-                        worker_init_fn=ignore_stop_signals)
-    if progress is not None:
-        loader = progress(loader)
-    paths = {'input': dataset.input_paths, 'target': dataset.target_paths}
-    nonfinite = {}  # side: [values, files, first file]
-    totals = {}
-    for item, summary in enumerate(loader):
-        index = item if pairs is None else pairs[item]
-        size = summary['input'][0]
-        if 'target' in summary and summary['target'][0] != size:
-            raise size_mismatch(dataset.input_paths[index], size, dataset.target_paths[index],
-                                summary['target'][0])
-        check_training_size(dataset.input_paths[index], size, multiple, crop_size)
-        for side, (_, bad, values) in summary.items():
-            if bad:
-                count = nonfinite.setdefault(side, [0, 0, paths[side][index]])
-                count[0] += bad
-                count[1] += 1
-            for total, channel in zip(totals.setdefault(side, [dict(NO_VALUES) for _ in values]),
-                                      values, strict=True):
-                add_summary(total, channel)
-        first_size = first_size or size
-    for side, (n_values, n_files, first) in sorted(nonfinite.items()):  # input, then target
-        sampled = '' if pairs is None else \
-            f" (in {len(pairs)} of the {len(dataset)} pairs: --crop_size checks a sample)"
-        log(nonfinite_warning(side, n_values, n_files, first,
-                              getattr(dataset, f'{side}_scaling'), len(totals[side])) + sampled)
-    for line in scaling_warnings(totals, dataset):
-        log(line)
-    return first_size
-
-
-def nonfinite_warning(side, n_values, n_files, first, scaling, channels=1):
-    """The line that reports the NaN/Inf values of one side (input or target) and what the
-    `scaling` of its `channels` channels makes of them: the side and file are named, as they
-    are where to look."""
-    logs = {scaling.channel(c).log for c in range(channels)}
-    if logs == {True}:
-        nan = 'the lower limit'
-    elif logs == {False}:
-        nan = '0'
-    else:
-        nan = 'the lower limit in log-scaled channels and 0 in the others'
-    return (f"warning: {n_values} NaN/Inf value(s) in {n_files} {side} file(s) (first: "
-            f"{first}); NaN becomes {nan}, +Inf the upper and -Inf the lower limit")
-
-
-# YYYYMMDD, optionally followed by hhmm[ss]; separators - _ : T allowed; a time group must not
-# run into further digits (so the 0304 of '..._0000_0304' is not read as seconds).
-TIMESTAMP = re.compile(r'(\d{4})[-_]?(\d{2})[-_]?(\d{2})'
-                       r'(?:[T_-]?(\d{2})[:_-]?(\d{2})(?:[:_-]?(\d{2})(?!\d))?(?!\d))?')
-
-
-def name_time(path):
-    """The date/time written in a file name (YYYYMMDD[_hhmm[ss]] and similar), or None."""
-    match = TIMESTAMP.search(os.path.basename(path))
-    if not match:
-        return None
-    parts = [int(p) if p else 0 for p in match.groups()]
-    try:
-        return datetime.datetime(*parts)
-    except ValueError:
-        return None
-
-
-# Names can mislead (a timestamp in the name that is not the observation's time): the user
-# may know the pairing is right.
-SKIP_PAIRING = '; --check_pairing False skips this check'
-
-
-def check_pairing(input_paths, target_paths):
-    """Raise UserError when the pairing by sorted name visibly joins the wrong files.
-
-    Input i pairs with target i. When both sides use the same names, pair i must have the same
-    name; when every name holds a date/time, target i must be the target closest in time to
-    input i. Names that share neither tell nothing and pass.
-    """
-    inputs, targets = ([os.path.splitext(os.path.basename(p))[0] for p in paths]
-                       for paths in (input_paths, target_paths))
-    shared = set(inputs) & set(targets)
-    if len(shared) >= len(inputs) / 2:
-        for i, (a, b) in enumerate(zip(inputs, targets, strict=True)):
-            if a != b:
-                raise UserError(f"pair {i}: input {input_paths[i]} would be paired with target "
-                                f"{target_paths[i]} (files pair by sorted name); a file with the "
-                                f"same name is missing on one side{SKIP_PAIRING}")
-        return
-    input_times = [name_time(p) for p in input_paths]
-    target_times = [name_time(p) for p in target_paths]
-    if None in input_times or None in target_times:
-        return
-    for i, time in enumerate(input_times):
-        offset = abs(target_times[i] - time)
-        rivals = [j for j in range(len(target_times))
-                  if j != i and abs(target_times[j] - time) <= offset]
-        if offset and rivals:  # another target is as close or closer: the pairing is a guess
-            raise UserError(f"pair {i}: input {input_paths[i]} ({time}) would be paired with "
-                            f"target {target_paths[i]} ({target_times[i]}), but "
-                            f"{target_paths[rivals[0]]} is as close in time; a file is missing "
-                            f"on one side (files pair by sorted name){SKIP_PAIRING}")
-
-
-# ----------------------------------------------------------------------------------------
-# Writing generated data in the target's format and physical units.
-# ----------------------------------------------------------------------------------------
-
-# Cards that describe how a header's data are stored: those of the written float32 array are
-# astropy's own.
-FITS_STORAGE_CARDS = ('SIMPLE', 'XTENSION', 'BITPIX', 'NAXIS', 'EXTEND', 'PCOUNT', 'GCOUNT',
-                      'BSCALE', 'BZERO', 'BLANK', 'CHECKSUM', 'DATASUM', 'EXTNAME')
-# Cards of the input that describe its exposure, calibration, values, processing or file
-# rather than its place and time (README "Output files"): on a generated map they would be
-# false (sunpy would report an HMI-like map from AIA with AIA's 2 s exposure and level 1).
-# Regular expressions, matched against whole keywords. Decided card by card from real AIA,
-# HMI (full disk, SHARP, synoptic), MDI, EIT, SECCHI (EUVI, COR1, HI), LASCO, EUI, SWAP, SUVI,
-# IRIS, Hinode, GONG, KCor and PUNCH headers. Kept: place, time and observer (DATE-OBS, T_OBS,
-# HGLN_OBS, DSUN_OBS, RSUN_OBS, CAR_ROT, ...), the WCS, what was observed (OBJECT, SCI_OBJ)
-# and instrument registers that only that instrument's software reads (AIA's AI*, AGT*,
-# temperatures): they stay with the rest of the input's record of its observation.
-FITS_INPUT_ONLY_CARDS = (
-    # exposure
-    'EXPTIME', 'XPOSURE', 'EXPSDEV', 'INT_TIME', 'EXPCMD', r'EXP\d', 'EXPMIN', 'EXPMAX',
-    'EXPDUR', 'EXPMODE', 'SHUTCLS', 'AECMODE', 'AECTYPE', 'AECDELAY', 'IMG_TYPE',
-    # calibration: how the input's values relate to the light on its detector
-    'DN_GAIN', 'EFF_AREA', 'EFF_AR_V', 'PIXLUNIT', 'CALVER64', 'CAL_FSN', 'FLAT_REC',
-    'BIASMEAN', 'BIASSDEV', 'GAINCMD', 'GAINMODE',
-    # statistics of the input's values (HMI has a second set: DATAMIN2 ...)
-    r'DATA(MIN|MAX|MEAN|MEDN|MDN|AVG|CENT|RMS|SIG|SKEW|KURT|VALS|ZER|SAT)',
-    r'DATA(MIN|MAX|MEA|MED|RMS|SKE|KUR)2', r'DATAP\d\d', 'DATASIGN', 'MISSVALS', 'TOTVALS',
-    'SATVALS', 'NSATPIX', 'DSATVAL', 'DSATMIN', 'PERCENTD', 'NSPIKES', 'NMISSING', 'MISSING',
-    'OSCNMEAN', 'OSCNRMS', r'IMG_(MIN|MAX|AVG|MEAN|DEV|SDEV)',
-    r'IMG(MIN|MAX|MN|RMS|VAR|SKW|KUR|ADV)\d\d', r'TD(MIN|MAX|MEAN|MEDN|RMS|SKEW|KURT|VALS)\d+',
-    r'TDP\d\d_\d+',
-    # processing level, quality, software
-    'LVL_NUM', 'LEVEL', 'DATA_LEV', 'F_LEVEL', 'QUALITY', r'QUALLEV\d', 'QUAL_S', 'BLD_VERS',
-    r'BLDVER\d+', r'CODEVER\d*', 'PIPEVRSN', 'VERSION', 'VERS_SW', 'CREATOR', 'DATE_DP',
-    # the input file and its archive record
-    'DATE', 'FILENAME', 'FILEORIG', 'FILE_RAW', 'FILEVRSN', 'F_NAME', 'F_VER', 'PARENT',
-    'SOURCE', 'DATASRC', 'DATA_SRC', 'FSN', 'ASQFSN', 'AIAHFSN', 'AIMGFSN', 'RECNUM', 'DRMS_ID',
-    'HEADSUM',
-)
-# Cards that say what the data are (quantity, unit, instrument, passband). A generated map is
-# the targets' kind of data seen with the input's geometry and time, so these come from the
-# training targets and never from the input (an EUV input's WAVELNTH on a magnetogram is
-# wrong). ORIGIN is set to pix2pixCC.
-FITS_IDENTITY_CARDS = ('BUNIT', 'BTYPE', 'TELESCOP', 'INSTRUME', 'DETECTOR', 'OBSRVTRY',
-                       'CONTENT', 'WAVELNTH', 'WAVEUNIT', 'WAVE_STR', 'WAVEMIN', 'WAVEMAX',
-                       'FILTER')
-INPUT_ONLY_CARD = re.compile('|'.join(FITS_INPUT_ONLY_CARDS))
-# The input cards a generated header leaves out (`describes_the_input`), and the cards of how
-# a file stores its data, which `write_fits` leaves to astropy: as patterns, so that the ONNX
-# export can carry them to deploy/onnx_translate.py, which writes the same headers without
-# this module (README "Sharing a model and running it elsewhere").
-LEFT_OUT_INPUT_CARD = re.compile('|'.join([*map(re.escape, FITS_IDENTITY_CARDS + ('ORIGIN',)),
-                                           INPUT_ONLY_CARD.pattern]))
-STORAGE_CARD = re.compile('|'.join(['NAXIS.*', *FITS_STORAGE_CARDS]))
-# The ORIGIN card (value, comment) of every generated FITS file.
-ORIGIN_CARD = ('pix2pixCC', 'generated by pix2pixCC (Jeong et al. 2022)')
-# Keywords of a FITS world coordinate description (FITS standard 4.0, section 8), primary or
-# alternate (a final letter A-Z).
-WCS_CARD = re.compile(r'(WCSAXES|WCSNAME|CTYPE\d+|CUNIT\d+|CRVAL\d+|CDELT\d+|CRPIX\d+|CROTA\d+|'
-                      r'CNAME\d+|CRDER\d+|CSYER\d+|(PC|CD|PV|PS)\d+_\d+|LONPOLE|LATPOLE|RADESYS|'
-                      r'EQUINOX|RESTFRQ|RESTFREQ|RESTWAV|SPECSYS|SSYSOBS|SSYSSRC|VELOSYS|ZSOURCE|'
-                      r'VELANGL)[A-Z]?')
-
-
-def target_identity(path, data_format):
-    """{card: value} of the FITS_IDENTITY_CARDS in the target file `path` ({} for formats
-    other than FITS): what training records (as `target_header`) for the Test's headers."""
-    if data_format not in FITS_FORMATS:
-        return {}
-    header = read_fits_header(path)
-    return {key: header[key] for key in FITS_IDENTITY_CARDS
-            if key in header and isinstance(header[key], (str, int, float, bool))}
-
-
-def file_unit(path, data_format):
-    """The BUNIT of a FITS file, else None (other formats carry no unit)."""
-    if data_format not in FITS_FORMATS:
-        return None
-    return read_fits_header(path).get('BUNIT') or None
-
-
-def data_unit(opt):
-    """The targets' physical unit: --target_unit, else the BUNIT recorded from the targets,
-    else None."""
-    return getattr(opt, 'target_unit', None) or \
-        (getattr(opt, 'target_header', None) or {}).get('BUNIT') or None
-
-
-def scaled_unit(unit, save_scale):
-    """BUNIT of data multiplied by `save_scale`: `unit` divided by it, so that values times
-    BUNIT stay the same physical quantity (README "Output files"). Values in G times 1000 are
-    in units of 10**-3 G, the FITS standard's way of writing a power of ten, which astropy
-    reads in its FITS and generic formats; another factor is written as a number ('0.4 G'),
-    which astropy's generic format (and sunpy) reads. None when there is no unit."""
-    if not unit or save_scale == 1:
-        return unit
-    exponent = round(math.log10(abs(save_scale)))
-    if save_scale > 0 and math.isclose(save_scale, 10.0 ** exponent, rel_tol=1e-12):
-        return f'10**{-exponent} {unit}'
-    return f'{1 / save_scale!r} {unit}'
-
-
-def describes_the_input(keyword):
-    """Whether an input card is left out of a generated map's header: the input's identity
-    (FITS_IDENTITY_CARDS), ORIGIN, and its exposure, calibration, values, processing and file
-    (FITS_INPUT_ONLY_CARDS)."""
-    return bool(LEFT_OUT_INPUT_CARD.fullmatch(keyword))
-
-
-def image_plane_axes(header, channels):
-    """FITS axis numbers [x, y] of the image plane of a file with `channels` channels, as
-    `read_array` reads it: beyond 3 axes, the axes of length 1 are dropped; of 3, the channel
-    axis is the one `channel_axis` finds."""
-    naxis = header.get('NAXIS', 0)
-    axes = [(i, header.get(f'NAXIS{i}', 1)) for i in range(naxis, 0, -1)]  # numpy's order
-    if len(axes) > 3:
-        axes = [(i, length) for i, length in axes if length != 1]
-    if len(axes) == 3:  # (a file that read_array accepted has a channel axis)
-        axes.pop(channel_axis([length for _, length in axes], channels) or 0)
-    return sorted(i for i, _ in axes) if len(axes) == 2 else [1, 2]
-
-
-WCS_KEY = re.compile(WCS_CARD.pattern[:-len('[A-Z]?')] + '(?P<key>[A-Z]?)')
-
-
-def world_descriptions(header):
-    """astropy's WCS of every world coordinate description in `header` (primary and
-    alternates, by the key letters of its WCS cards); a description astropy cannot read is
-    left out, as no reader could use it.
-
-    Each is read with `WCS(header, key=...)`: astropy 8.0's `find_all_wcs` corrupts the
-    heap, and a Test run that called it per file crashed after about 40 files (README
-    "Sharing a model and running it elsewhere")."""
-    keys = sorted({match['key'] or ' ' for match in map(WCS_KEY.fullmatch, header) if match})
-    descriptions = []
-    with warnings.catch_warnings():
-        warnings.simplefilter('ignore')  # astropy's notes on what it fixes in archive headers
-        for key in keys:
-            try:
-                descriptions.append(WCS(header, key=key))
-            except (ValueError, KeyError):
-                continue
-    return descriptions
-
-
-def product_wcs(wcs, plane, channels):
-    """`wcs` restricted to the FITS axes `plane` (the image plane) and, for several target
-    channels, given a third axis whose world coordinate is the channel index: 0, 1, ... as
-    in the metrics' ch0_, ch1_ (README "Output files")."""
-    sub = wcs.sub(plane + [0] * (channels > 1))  # 0: a new linear axis
-    if channels > 1:
-        sub.wcs.ctype[2], sub.wcs.cname[2] = 'CHANNEL', 'target channel'
-        sub.wcs.crpix[2], sub.wcs.crval[2], sub.wcs.cdelt[2] = 1.0, 0.0, 1.0
-    return sub
-
-
-def with_product_wcs(header, plane, channels):
-    """`header` (the input's cards) with a WCS for the axes of the generated data: the
-    input's image plane (its FITS axes `plane`) and, when `channels` > 1, a channel axis
-    (`product_wcs`).
-
-    The input's WCS cards stay as they are when they already describe exactly those axes (a
-    2-D input, one target channel). Otherwise each of its descriptions is rewritten by
-    astropy: the wavelength axis of a C x H x W EUV cube would stay on a 2-D magnetogram, where
-    astropy and sunpy cannot use it. A description whose image plane is not separable from
-    its other axes has no WCS of its own and is left out. Cards astropy adds beside the WCS
-    (MJD-OBS, observer) are added only where the input has none.
-    """
-    if not any(WCS_CARD.fullmatch(key) for key in header):
-        return header
-    descriptions = world_descriptions(header)
-    if channels == 1 and plane == [1, 2] and all(wcs.wcs.naxis == 2 for wcs in descriptions):
-        return header
-    out = fits.Header([card for card in header.cards if not WCS_CARD.fullmatch(card.keyword)])
-    with warnings.catch_warnings():
-        warnings.simplefilter('ignore')  # astropy's notes on the cards it writes
-        for wcs in descriptions:
-            try:
-                cards = product_wcs(wcs, plane, channels).to_header(relax=True, key=wcs.wcs.alt)
-            except ValueError:
-                continue
-            out.extend(card for card in cards.cards if card.keyword not in out)
-    return out
-
-
-def generated_header(input_header, identity, unit, history, input_channels=1, channels=1):
-    """Header of a generated FITS file.
-
-    input_header: the input's header (place, time, observer, WCS) or None; the cards that
-    `describes_the_input` are dropped, and its WCS is made that of the generated data's axes
-    (`with_product_wcs`; input_channels: the input's channel count, channels: the generated
-    data's). identity: the targets' identity cards ({} when they have none). unit: BUNIT
-    (None: the targets' own, if any). history: HISTORY lines.
-    """
-    header = fits.Header()
-    if input_header is not None:
-        header.extend(card for card in input_header.cards
-                      if not describes_the_input(card.keyword))
-        header = with_product_wcs(header, image_plane_axes(input_header, input_channels),
-                                  channels)
-    for key, value in identity.items():
-        header[key] = value
-    if unit:
-        header['BUNIT'] = unit
-    header['ORIGIN'] = ORIGIN_CARD
-    for line in history:
-        header.add_history(line)
-    return header
-
-
-def write_fits(path, data, header=None, history=(), compress=False, quantize_step=None, **_):
-    """float32 FITS; `header` (e.g. from `generated_header`) is copied except the cards of
-    how its data were stored (STORAGE_CARD). With `compress`, tile-compressed
-    (`compressed_hdus`)."""
-    hdu = fits.PrimaryHDU(data.astype(np.float32))
-    if header is not None:
-        hdu.header.extend(card for card in header.cards
-                          if not STORAGE_CARD.fullmatch(card.keyword))
-    for line in history:
-        hdu.header.add_history(line)
-    hdus = compressed_hdus(hdu, quantize_step) if compress else fits.HDUList([hdu])
-    hdus.writeto(path, overwrite=True)
-
-
-def compressed_hdus(hdu, quantize_step=None):
-    """The image of `hdu` as a tile-compressed FITS extension behind an empty primary HDU
-    (the FITS tiled-image convention, which astropy, sunpy and cfitsio read as an image).
-
-    Without `quantize_step`: lossless (GZIP_2, the float32 bytes shuffled and gzipped).
-    With it: the values are rounded to multiples of `quantize_step` (in the file's unit,
-    BUNIT) with subtractive dithering, so every value is within quantize_step / 2 of the
-    original, and the integers RICE_1-compressed; the dither seed comes from the data, so the
-    same data give the same file. A HISTORY line states the step. NaN stay NaN either way.
-    """
-    header = hdu.header.copy()
-    if quantize_step is None:
-        settings = dict(compression_type='GZIP_2', quantize_level=0)
-    else:
-        unit = header.get('BUNIT')
-        header.add_history(f"pix2pixCC: values rounded to a step of {quantize_step:g}"
-                           f"{f' {unit}' if unit else ''} (dithered; error <= step/2)")
-        settings = dict(compression_type='RICE_1', quantize_level=-quantize_step,
-                        quantize_method=2, dither_seed=-1)  # SUBTRACTIVE_DITHER_2, checksum
-    return fits.HDUList([fits.PrimaryHDU(),
-                         fits.CompImageHDU(hdu.data, header=header, **settings)])
-
-
-def write_npy(path, data, **_):
-    np.save(path, data.astype(np.float32))
-
-
-def write_tiff(path, data, **_):
-    tifffile.imwrite(path, data.astype(np.float32), photometric='minisblack')
-
-
-def write_image(path, data, upper_limit=255, **_):
-    """Integer PNG/JPEG: rounded and clipped; 16-bit PNG when the data range exceeds 8 bits."""
-    sixteen_bit = upper_limit > 255 and path.lower().endswith('.png')
-    dtype, top = (np.uint16, 65535) if sixteen_bit else (np.uint8, 255)
-    pixels = np.clip(np.rint(data), 0, top).astype(dtype)
-    if pixels.ndim == 3:
-        if sixteen_bit and pixels.shape[0] > 1:
-            raise UserError(f"{path}: Pillow cannot write multi-channel 16-bit PNG; "
-                            f"use --data_format_target tif or npy")
-        pixels = np.moveaxis(pixels, 0, -1)
-        if pixels.shape[-1] == 1:
-            pixels = pixels[..., 0]
-        elif pixels.shape[-1] not in (3, 4):
-            raise UserError(f"{path}: {pixels.shape[-1]} channels cannot be saved as an image; "
-                            f"use --data_format_target tif or npy")
-    Image.fromarray(pixels).save(path)
-
-
-WRITERS = {'png': write_image, 'jpg': write_image, 'jpeg': write_image,
-           'tif': write_tiff, 'tiff': write_tiff, 'npy': write_npy,
-           'fits': write_fits, 'fts': write_fits, 'fit': write_fits}
-
-
-def write_array(path, data, data_format, **kwargs):
-    """Write C x H x W physical data; one channel is written as H x W.
-
-    kwargs: `header`/`history`/`compress`/`quantize_step` (FITS), `upper_limit` (PNG bit
-    depth).
-    """
-    data = data[0] if data.ndim == 3 and data.shape[0] == 1 else data
-    WRITERS[data_format](path, data, **kwargs)

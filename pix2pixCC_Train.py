@@ -17,18 +17,22 @@ import torch
 from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
+from machinery.distributed import Distributed
+from machinery.evaluation import check_test_pairs, summarize, target_disks
+from machinery.files import (WriteError, make_dirs, options_record, read_json, silent, write_csv,
+                             write_json)
+from machinery.products import data_unit
+from machinery.run_safety import GracefulStop, RunLock, ignore_stop_signals, signal_name
+from machinery.translation import translate
 from pix2pixCC_Networks import Discriminator, Generator, Loss, count_parameters, weights_init
 from pix2pixCC_Options import NOT_RESUMED, BaseOption, TrainOption, UserError, run_main
-from pix2pixCC_Pipeline import (CustomDataset, Scaling, check_dataset, check_pairing, data_unit,
-                                file_unit, target_identity)
-from pix2pixCC_Test import check_test_pairs, summarize, target_disks, translate
-from pix2pixCC_Utils import (Distributed, GracefulStop, Manager, Precision, RunLock, WriteError,
-                             bare, checkpoint_path, cpu_requested, ignore_stop_signals,
-                             load_state_dict, make_dirs, memory_format, newest_complete_step,
-                             options_record, prepare_network, read_json, require_checkpoint,
-                             require_tensorboard, rng_states, safe_load, saved_steps,
-                             set_rng_states, silent, signal_name, state_path,
-                             supersede_newer_checkpoints, write_csv, write_json)
+from machinery.data_checks import check_dataset, check_pairing
+from pix2pixCC_Pipeline import CustomDataset, Scaling, file_unit, target_identity
+from pix2pixCC_Utils import (Manager, Precision, bare, checkpoint_path, cpu_requested,
+                             load_state_dict, memory_format, newest_complete_step,
+                             prepare_network, require_checkpoint, require_tensorboard,
+                             rng_states, safe_load, saved_steps, set_rng_states, state_path,
+                             supersede_newer_checkpoints)
 
 
 class EpochSampler(DistributedSampler):

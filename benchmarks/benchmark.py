@@ -35,11 +35,11 @@ train     driver     the driver's own step: pix2pixCC_Train.train_step with
 data      ours       CustomDataset.__getitem__ (float32, no interpolation at angle 0)
           loader     DataLoader over CustomDataset as the Train driver builds it
                      (--n_workers workers, persistent), per sample, steady state
-inference ours       pix2pixCC_Test.generate under torch.inference_mode (as Test does)
+inference ours       machinery.translation.generate under torch.inference_mode (as Test does)
           ours+bf16  ours under bfloat16 autocast (--data_type 16)
           ours_cl    ours with channels_last weights and input
           ours+plain ours with PyTorch's own kernels for every convolution (without the
-                     CPU paths of pix2pixCC_Utils section 8: shows their gain)
+                     CPU paths of machinery/fast_conv.py: shows their gain)
 matmul    float32, bfloat16: one 4096 x 4096 matrix product (GFLOP/s of the machine's BLAS)
 """
 import argparse
@@ -68,6 +68,7 @@ def training_setup(variant, opt, device, size):
     step on fixed random data of size x size and returns (loss_D, loss_G) detached."""
     import torch
     import pix2pixCC_Utils as utils
+    from machinery.fast_conv import use_gemm_convolutions
     from pix2pixCC_Networks import Discriminator, Generator, Loss, weights_init
     from pix2pixCC_Train import make_optimizer, train_step
     base, modifiers = parse_train_variant(variant)
@@ -81,7 +82,7 @@ def training_setup(variant, opt, device, size):
     G, D = utils.prepare_network(G, opt, device), utils.prepare_network(D, opt, device)
     if 'onednn' in modifiers:
         for module in (G, D):
-            utils.use_gemm_convolutions(module, enabled=False)
+            use_gemm_convolutions(module, enabled=False)
     optimisers = [make_optimizer(m.parameters(), opt) for m in (G, D)]
     layout = utils.memory_format(device)
     if 'cl' in modifiers:
@@ -210,9 +211,10 @@ def child_data(args, variant):
 def child_inference(args, variant):
     import torch
     import pix2pixCC_Utils as utils
+    from machinery.fast_conv import use_gemm_convolutions
     from pix2pixCC_Networks import Generator, weights_init
     from pix2pixCC_Options import TestOption
-    from pix2pixCC_Test import generate
+    from machinery.translation import generate
     base, *modifiers = variant.split('+')
     extra = ['--data_type', '16'] if 'bf16' in modifiers else []
     opt = TestOption().parse(network_argv(args) + ['--data_size', str(args.inference_size)]
@@ -222,7 +224,7 @@ def child_inference(args, variant):
     torch.manual_seed(0)
     G = utils.prepare_network(Generator(opt).apply(weights_init).eval(), opt, device)
     if 'plain' in modifiers:
-        utils.use_gemm_convolutions(G, enabled=False)
+        use_gemm_convolutions(G, enabled=False)
     layout = utils.memory_format(device)
     if base == 'ours_cl':
         layout = torch.channels_last

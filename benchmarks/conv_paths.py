@@ -19,7 +19,7 @@ as built. The largest difference
 between the two outputs is given relative to the output's range.
 
 With --whole N it instead runs N pairs of whole images through the Test script's generator
-(pix2pixCC_Test.load_generator, as benchmarks/profile_step.py --inference builds it), in one
+(machinery.translation.load_generator, as benchmarks/profile_step.py --inference builds it), in one
 process, alternating: PyTorch's kernels everywhere (`use_gemm_convolutions(G, False)`), then
 the prepared paths; each image's CPU time (user + system: page faults included) and wall time.
 """
@@ -69,11 +69,11 @@ def compare(label, built, shape, repeats, clock):
 
     import torch
 
+    import machinery.fast_conv
     import pix2pixCC_Networks
-    import pix2pixCC_Utils
     torch.manual_seed(0)
     pix2pixCC_Networks.weights_init(built)
-    prepared = pix2pixCC_Utils.use_gemm_convolutions(copy.deepcopy(built))
+    prepared = machinery.fast_conv.use_gemm_convolutions(copy.deepcopy(built))
     x = torch.rand(shape) * 2 - 1
     best = {'built': float('inf'), 'prepared': float('inf')}
     with torch.inference_mode():
@@ -101,7 +101,7 @@ def whole_images(args):
     import benchmark
     import profile_step
 
-    import pix2pixCC_Utils
+    import machinery.fast_conv
     opt = benchmark.train_options(['--gpu_ids', '-1'], 'driver')
     step, G = profile_step.inference_setup(argparse.Namespace(size=args.size, plain=False),
                                            opt)
@@ -109,7 +109,7 @@ def whole_images(args):
     times = {'plain': [], 'prepared': []}
     for _ in range(args.whole):
         for name in times:
-            pix2pixCC_Utils.use_gemm_convolutions(G, enabled=name == 'prepared')
+            machinery.fast_conv.use_gemm_convolutions(G, enabled=name == 'prepared')
             before = os.times()
             step()
             after = os.times()
@@ -154,21 +154,22 @@ def main(argv=None):
 
     import torch
 
-    import pix2pixCC_Utils
+    import machinery.fast_conv
+    import machinery.memory
     if not args.glibc_defaults:
-        pix2pixCC_Utils.reuse_freed_memory()  # as the Test script does on the CPU
+        machinery.memory.reuse_freed_memory()  # as the Test script does on the CPU
     if args.any_winograd:
-        pix2pixCC_Utils.WINOGRAD_MIN_WEIGHTS = pix2pixCC_Utils.WINOGRAD_MIN_PIXELS = 0
+        machinery.fast_conv.WINOGRAD_MIN_WEIGHTS = machinery.fast_conv.WINOGRAD_MIN_PIXELS = 0
     clock = time.process_time if args.clock == 'cpu' else time.perf_counter
     bands = [int(b) for b in args.band_bytes.split(',') if b] or \
-        [pix2pixCC_Utils.SCATTER_BAND_BYTES]
+        [machinery.fast_conv.SCATTER_BAND_BYTES]
     print(f'# {args.size}x{args.size}, {torch.get_num_threads()} threads, best {args.clock} '
           f'time of {args.repeats}, built (oneDNN) and prepared alternating')
     print(f"{'layer':<42}{'band':>9}{'path':>9}{'built s':>9}{'prepared s':>11}{'ratio':>7}"
           f"{'diff/range':>11}")
     rows = []
     for band in bands:
-        pix2pixCC_Utils.SCATTER_BAND_BYTES = band
+        machinery.fast_conv.SCATTER_BAND_BYTES = band
         for label, module, shape in layers(args.size, args.n_gf):
             row = compare(label, module, shape, args.repeats, clock) | {'band_bytes': band}
             rows.append(row)

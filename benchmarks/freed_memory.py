@@ -7,7 +7,7 @@ and peak memory per image of the Test script's generator.
 Each measurement is a fresh process (an allocator's state lasts a process's life): it
 builds the generator as benchmarks/profile_step.py --inference does (the Test script's
 load_generator on a checkpoint of the default initialisation, in a temporary folder removed
-at the end), with or without `pix2pixCC_Utils.reuse_freed_memory()` first, translates one
+at the end), with or without `machinery.memory.reuse_freed_memory()` first, translates one
 image to warm up, then --images images, and reports the median time per image, the minor
 page faults per image (getrusage's ru_minflt: pages the kernel mapped in and zeroed for the
 process) and the process's peak RSS. The two variants alternate, --rounds times each; the
@@ -34,7 +34,7 @@ def measure(args):
     import torch
 
     import benchmark
-    import pix2pixCC_Utils
+    import machinery.memory
     import profile_step
     network = [item for name, _ in NETWORK_DEFAULTS
                for item in (f'--{name}', str(getattr(args, name)))]
@@ -51,7 +51,7 @@ def measure(args):
             faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
     print(json.dumps({'seconds': statistics.median(times), 'times': times,
                       'page_faults': statistics.median(faults), 'faults': faults,
-                      'peak_rss_mb': peak_rss_mb(), 'reused': pix2pixCC_Utils.freed_memory_kept,
+                      'peak_rss_mb': peak_rss_mb(), 'reused': machinery.memory.freed_memory_kept,
                       'torch_threads': torch.get_num_threads()}))
     return 0
 

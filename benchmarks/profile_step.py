@@ -8,8 +8,8 @@
     python benchmarks/profile_step.py --inference --size 1024 --conv_rates --plain
 
 Variants are those of benchmark.py (driver, with +modifiers). With --inference, the
-generator is the Test script's (pix2pixCC_Test.load_generator on a checkpoint of the default
-initialisation) and the profiled work is pix2pixCC_Test.generate on one image. Prints the
+generator is the Test script's (machinery.translation.load_generator on a checkpoint of the default
+initialisation) and the profiled work is machinery.translation.generate on one image. Prints the
 operators sorted by their own CPU time (self time: a convolution's backward is counted once,
 not again in every autograd node above it), and a summary by kind: convolution forward /
 backward, optimiser, the rest.
@@ -18,7 +18,7 @@ With --conv_rates (inference only) it instead times each convolution of one imag
 its arithmetic rate (GFLOP/s, a multiply-add counted as 2) beside the best rate this machine
 reaches in a float32 matrix product of the same threads: how far any faster convolution
 kernel could take inference without changing its arithmetic. A convolution that took the
-scatter path of pix2pixCC_Utils section 8 (matrix product + col2im) is marked [scatter], one
+scatter path of machinery/fast_conv.py (matrix product + col2im) is marked [scatter], one
 that took its Winograd path [Winograd] (its GFLOP are those of the direct convolution, so
 its rate can exceed the CPU's); `--plain` runs every convolution on PyTorch's own kernels
 instead, for comparison.
@@ -51,8 +51,9 @@ def inference_setup(args, opt, reuse_freed_memory=True):
     import tempfile
 
     import torch
-    import pix2pixCC_Test
-    import pix2pixCC_Utils
+    import machinery.fast_conv
+    import machinery.memory
+    import machinery.translation
     from pix2pixCC_Networks import Generator, weights_init
     folder = tempfile.mkdtemp(prefix='p2pcc-profile-')
     atexit.register(shutil.rmtree, folder, ignore_errors=True)
@@ -60,15 +61,15 @@ def inference_setup(args, opt, reuse_freed_memory=True):
     torch.manual_seed(0)
     torch.save(Generator(opt).apply(weights_init).state_dict(), path)
     if reuse_freed_memory:
-        pix2pixCC_Utils.reuse_freed_memory()
-    G = pix2pixCC_Test.load_generator(opt, path, torch.device('cpu')).eval()
+        machinery.memory.reuse_freed_memory()
+    G = machinery.translation.load_generator(opt, path, torch.device('cpu')).eval()
     if args.plain:
-        pix2pixCC_Utils.use_gemm_convolutions(G, enabled=False)
+        machinery.fast_conv.use_gemm_convolutions(G, enabled=False)
     x = torch.rand(1, opt.input_ch, args.size, args.size) * 2 - 1
 
     def step():
         with torch.inference_mode():
-            pix2pixCC_Test.generate(G, x, opt.n_downsample)
+            machinery.translation.generate(G, x, opt.n_downsample)
 
     return step, G
 
@@ -171,7 +172,7 @@ def main(argv=None):
                    help="profile the Test script's generator on one image per step")
     p.add_argument('--plain', action='store_true',
                    help='with --inference: PyTorch\'s own kernels for every convolution (not '
-                        'the CPU paths of pix2pixCC_Utils section 8)')
+                        'the CPU paths of machinery/fast_conv.py)')
     p.add_argument('--conv_rates', action='store_true',
                    help='with --inference: time each convolution and give its GFLOP/s '
                         "against this machine's float32 matrix-product rate")

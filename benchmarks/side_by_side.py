@@ -52,7 +52,8 @@ def published_copy(source, folder, gpu_ids):
 
     The published code hard-codes 'cuda:0' (in Train, Test and the Loss). On a GPU that is the
     card it selects through CUDA_VISIBLE_DEVICES=--gpu_ids, so the copy is unchanged; on the
-    CPU each 'cuda:0' becomes 'cpu'.
+    CPU each 'cuda:0' becomes 'cpu'. A source with a machinery/ folder beside its scripts (a
+    copy of this repository, as the tests use) has that folder copied as it is.
     """
     os.makedirs(folder, exist_ok=True)
     replaced = 0
@@ -68,6 +69,9 @@ def published_copy(source, folder, gpu_ids):
             text = text.replace("'cuda:0'", "'cpu'")
         with open(os.path.join(folder, name), 'w') as f:
             f.write(text)
+    if os.path.isdir(os.path.join(source, 'machinery')):
+        shutil.copytree(os.path.join(source, 'machinery'), os.path.join(folder, 'machinery'),
+                        dirs_exist_ok=True, ignore=shutil.ignore_patterns('__pycache__'))
     if gpu_ids == '-1' and replaced == 0:
         raise SystemExit(f"{source}: no 'cuda:0' found to move to the CPU; is it "
                          f"the published code?")

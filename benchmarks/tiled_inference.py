@@ -136,12 +136,13 @@ def run_test(workdir, args, input_dir, output_dir, tmp_dir, extra, env):
 def whole_image_estimate(args, size):
     """The Test script's estimate (bytes) of a whole-image pass at size x size."""
     import torch
-    import pix2pixCC_Test
+    from machinery.tile_graph import tile_plan
+    from machinery.tile_memory import whole_image_bytes
     from pix2pixCC_Networks import Generator
     from pix2pixCC_Options import TestOption
     with torch.device('meta'):
-        G = Generator(TestOption().parse(network_argv(args)))
-    return pix2pixCC_Test.whole_image_bytes(pix2pixCC_Test.generator_steps(G), (1, size, size))
+        G = Generator(TestOption().parse(network_argv(args))).eval()
+    return whole_image_bytes(tile_plan(G), (1, size, size))
 
 
 def output_difference(workdir, size):
@@ -156,7 +157,7 @@ def output_difference(workdir, size):
 def measure(workdir, args, tmp_dir):
     """Every figure, by size and mode."""
     import torch
-    import pix2pixCC_Test
+    from machinery.tile_memory import available_memory
     env = dict(os.environ)
     small = write_input(workdir, 64)
     startup, *_ = run_test(workdir, args, small, os.path.join(workdir, 'out_64'), tmp_dir,
@@ -165,7 +166,7 @@ def measure(workdir, args, tmp_dir):
     for size in [int(size) for size in args.sizes.split(',')]:
         input_dir, figures = write_input(workdir, size), {}
         estimate = whole_image_estimate(args, size)
-        available = pix2pixCC_Test.available_memory(torch.device('cpu'))
+        available, _ = available_memory(torch.device('cpu'))
         modes = [('tiled', ['--tile_size', str(args.tile_size), '--tmp_dir', tmp_dir], env)]
         if args.skip_whole:
             figures['whole'] = {'skipped': '--skip_whole'}

@@ -7,9 +7,11 @@ The model is one that `pix2pixCC_Test.py --export onnx` wrote. For every <name>.
 .fit) in --input_dir, sorted by name, this writes OUT/<name>_AI.<ext>: the file that the
 Test script writes for that input, in the target's physical units, header included (the
 input's place, time and WCS, the targets' identity cards and unit, the same HISTORY lines),
-plus one HISTORY line that names this script and the ONNX Runtime version. Everything it
-needs comes from the model's metadata (its 'pix2pixCC' key): the scaling of each channel both
-ways, the size multiple, --save_scale, the unit and the rules of the header.
+plus one HISTORY line that names this script and the ONNX Runtime version. What is the
+model's comes from its metadata (its 'pix2pixCC' key): the scaling of each channel both ways,
+the size multiple, --save_scale, the unit, the targets' identity cards and the HISTORY lines.
+The rules of the header and the FITS writer are the Test script's own, machinery/products.py
+(the card patterns that the metadata also carries are not needed).
 
 1. Read the first HDU that holds an image, as C x H x W (H x W is one channel; a cube's
    channel axis is the first, unless only its last axis has the model's channel count).
@@ -19,15 +21,16 @@ ways, the size multiple, --save_scale, the unit and the rules of the header.
    hidden temporary name and rename it when complete.
 
 Needs onnxruntime, numpy and astropy only: no torch, and of this repository only
-pix2pixCC_Options (the one-line errors), which needs nothing but the standard library. The
-products are those of the Test script to the agreement of ONNX Runtime with PyTorch (1e-4 of
-the output range or better, checked at export); no metrics, panels or --compress here.
+pix2pixCC_Options (the one-line errors), which needs nothing but the standard library, and
+machinery/products.py (the products' header rules and writer), which needs numpy and astropy
+(neither imports torch). The products are those of the Test script to the agreement of ONNX
+Runtime with PyTorch (1e-4 of the output range or better, checked at export); no metrics,
+panels or --compress here.
 """
 import contextlib
 import glob
 import json
 import os
-import re
 import sys
 import warnings
 
@@ -43,13 +46,15 @@ try:
     import numpy as np
     import onnxruntime
     from astropy.io import fits
-    from astropy.wcs import WCS
 except ImportError as missing:  # one line, as for any other problem the user must fix
     print(f"onnx_translate.py: error: it needs onnxruntime, numpy and astropy ({missing.name} "
           f"is missing): pip install onnxruntime numpy astropy", file=sys.stderr)
     sys.exit(2)
 
-# The metadata layout this script reads (pix2pixCC_Test.py's ONNX_FORMAT and its version).
+# (after the check above: it needs numpy and astropy)
+from machinery.products import channel_axis, generated_header, write_array  # noqa: E402
+
+# The metadata layout this script reads (machinery/sharing.py's ONNX_FORMAT and its version).
 MODEL_FORMAT, MODEL_FORMAT_VERSION = 'pix2pixCC ONNX model', 1
 # The HISTORY line by which its products differ from the Test script's (one 80-column card).
 PROVENANCE = f'pix2pixCC: deploy/onnx_translate.py, ONNX Runtime {onnxruntime.__version__}'
@@ -188,98 +193,31 @@ def read_input(path, channels):
     return np.ascontiguousarray(np.moveaxis(data.reshape(shape), axis, 0), np.float32), header
 
 
-def channel_axis(shape, channels):
-    """The axis of a 3-D `shape` that holds the `channels`: the first, unless only the last
-    has that length; None when neither has."""
-    first, last = shape[0] == channels, shape[-1] == channels
-    if last and not first:
-        return 2
-    return 0 if first else None
-
-
 # ----------------------------------------------------------------------------------------
-# The products' headers: the Test script's rules, read from the metadata where they are data
+# The products' headers and files: the Test script's rules (machinery/products.py)
 # ----------------------------------------------------------------------------------------
 
 
 def product_header(input_header, record, input_name):
-    """The header the Test script gives the product of the input `input_name`: the input's
-    cards but those the rules leave out, a WCS of the product's axes, the targets' identity
-    cards, BUNIT, ORIGIN and the HISTORY lines; then this script's provenance line."""
+    """The header the Test script gives the product of the input `input_name`
+    (`generated_header`: the input's cards but those the rules leave out, a WCS of the
+    product's axes, the targets' identity cards, BUNIT, ORIGIN and the HISTORY lines), then
+    this script's provenance line."""
     rules = record['fits']
-    left_out = re.compile(rules['left_out_input_cards'])
-    header = fits.Header()
-    header.extend(card for card in input_header.cards if not left_out.fullmatch(card.keyword))
-    plane = image_plane_axes(input_header, record['input_channels'])
-    header = with_product_wcs(header, plane, record['target_channels'],
-                              re.compile(rules['wcs_cards']))
-    for key, value in rules['identity'].items():
-        header[key] = value
-    if rules['bunit']:
-        header['BUNIT'] = rules['bunit']
-    header['ORIGIN'] = tuple(rules['origin'])
-    for line in rules['history']:
-        header.add_history(line.replace(rules['input_file'], input_name))
-    header.add_history(PROVENANCE)
-    return header
+    history = [line.replace(rules['input_file'], input_name) for line in rules['history']]
+    return generated_header(input_header, rules['identity'], rules['bunit'],
+                            history + [PROVENANCE], input_channels=record['input_channels'],
+                            channels=record['target_channels'])
 
 
-def image_plane_axes(header, channels):
-    """FITS axis numbers [x, y] of the image plane of an input with `channels` channels."""
-    naxis = header.get('NAXIS', 0)
-    axes = [(i, header.get(f'NAXIS{i}', 1)) for i in range(naxis, 0, -1)]  # numpy's order
-    if len(axes) > 3:
-        axes = [(i, length) for i, length in axes if length != 1]
-    if len(axes) == 3:
-        axes.pop(channel_axis([length for _, length in axes], channels) or 0)
-    return sorted(i for i, _ in axes) if len(axes) == 2 else [1, 2]
-
-
-def with_product_wcs(header, plane, channels, wcs_card):
-    """`header` with a WCS of the product's axes: the input's image plane (FITS axes `plane`)
-    and, for several channels, a channel axis whose world coordinate is the channel index.
-    The input's WCS cards stay when they already describe those axes; each description is
-    rewritten by astropy otherwise (one it cannot separate is left out)."""
-    if not any(wcs_card.fullmatch(key) for key in header):
-        return header
-    keys = sorted({match['key'] or ' ' for match in map(wcs_card.fullmatch, header) if match})
-    with warnings.catch_warnings():
-        warnings.simplefilter('ignore')  # astropy's notes on archive headers and its cards
-        descriptions = []
-        for key in keys:
-            with contextlib.suppress(ValueError, KeyError):
-                descriptions.append(WCS(header, key=key))
-        if channels == 1 and plane == [1, 2] and all(w.wcs.naxis == 2 for w in descriptions):
-            return header
-        out = fits.Header([card for card in header.cards if not wcs_card.fullmatch(card.keyword)])
-        for wcs in descriptions:
-            try:
-                cards = product_wcs(wcs, plane, channels).to_header(relax=True, key=wcs.wcs.alt)
-            except ValueError:
-                continue
-            out.extend(card for card in cards.cards if card.keyword not in out)
-    return out
-
-
-def product_wcs(wcs, plane, channels):
-    """`wcs` restricted to the FITS axes `plane` and, for several channels, given a third
-    axis whose world coordinate is the channel index (0, 1, ...)."""
-    sub = wcs.sub(plane + [0] * (channels > 1))  # 0: a new linear axis
-    if channels > 1:
-        sub.wcs.ctype[2], sub.wcs.cname[2] = 'CHANNEL', 'target channel'
-        sub.wcs.crpix[2], sub.wcs.crval[2], sub.wcs.cdelt[2] = 1.0, 0.0, 1.0
-    return sub
-
-
-def write_product(path, data, header, storage_cards):
+def write_product(path, data, header):
     """float32 FITS (one channel as H x W) with `header` but the cards of how its data are
-    stored, under a hidden temporary name renamed to `path` when complete."""
-    hdu = fits.PrimaryHDU(data[0] if data.shape[0] == 1 else data)
-    hdu.header.extend(card for card in header.cards if not storage_cards.fullmatch(card.keyword))
+    stored (`write_array`, as the Test script writes it), under a hidden temporary name
+    renamed to `path` when complete."""
     folder, name = os.path.split(path)
     temporary = os.path.join(folder, f'.tmp-{os.getpid()}-{name}')
     try:
-        hdu.writeto(temporary, overwrite=True)
+        write_array(temporary, data, 'fits', header=header)
         os.replace(temporary, path)
     finally:
         with contextlib.suppress(OSError):
@@ -316,13 +254,11 @@ def main(argv=None):
     paths = list_inputs(args.input_dir)
     os.makedirs(args.output_dir, exist_ok=True)
     pending = pending_inputs(paths, args.output_dir, record, args.skip_existing, args.overwrite)
-    storage_cards = re.compile(record['fits']['storage_cards'])
     for path in pending:
         data, input_header = read_input(path, record['input_channels'])
         product = translate_array(session, record, data)
         header = product_header(input_header, record, os.path.basename(path))
-        write_product(product_path(args.output_dir, path, record), product, header,
-                      storage_cards)
+        write_product(product_path(args.output_dir, path, record), product, header)
     print(f"{len(pending)} file(s) written to {args.output_dir}"
           f"{f' ({len(paths) - len(pending)} kept)' if len(pending) < len(paths) else ''} with "
           f"run {record['run']}, step {record['step']}")

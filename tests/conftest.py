@@ -395,7 +395,8 @@ def assert_usage_error(proc, *fragments):
 
 def checked_lines(*argv):
     """The lines check_dataset logs for the training folders in argv (TINY + argv)."""
-    from pix2pixCC_Pipeline import CustomDataset, check_dataset
+    from machinery.data_checks import check_dataset
+    from pix2pixCC_Pipeline import CustomDataset
     lines = []
     check_dataset(CustomDataset(train_opt(*argv)), 4, log=lines.append)
     return lines
@@ -404,7 +405,7 @@ def checked_lines(*argv):
 def drawn_panel(monkeypatch, path, *args, **kwargs):
     """Save a panel with `save_panel(path, *args, **kwargs)` and return its matplotlib
     figure (to read the titles, colour limits and bars it was drawn with)."""
-    from pix2pixCC_Utils import save_panel
+    from machinery.figures import save_panel
     return drawn_figure(monkeypatch, save_panel, path, *args, **kwargs)
 
 

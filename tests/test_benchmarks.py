@@ -32,10 +32,13 @@ FREED_MEMORY = os.path.join(REPO, 'benchmarks', 'freed_memory.py')
 
 
 def fake_published(folder, device_line="device = torch.device('cuda:0')\n"):
-    """Our six scripts in `folder`, with a hard-coded CUDA device as the published code has."""
+    """Our six scripts and their machinery/ in `folder`, with a hard-coded CUDA device as the
+    published code has."""
     os.makedirs(folder)
     for name in side_by_side.PUBLISHED_SCRIPTS:
         shutil.copy(os.path.join(REPO, name), folder)
+    shutil.copytree(os.path.join(REPO, 'machinery'), os.path.join(folder, 'machinery'),
+                    ignore=shutil.ignore_patterns('__pycache__'))
     with open(os.path.join(folder, 'pix2pixCC_Utils.py'), 'a') as f:
         f.write(f'\nif False:\n    {device_line}')
     return folder

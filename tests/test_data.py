@@ -23,11 +23,12 @@ import pix2pixCC_Train
 from conftest import (ALL_FORMATS, RECORD, SAMPLE_DATA, TINY, H, W, checked_lines, copy_sample,
                       field, formats_and_limits, make_pairs, make_test_opt, read_user_file,
                       train_opt, write_pairs, write_user_file)
+from machinery.products import write_array
 from pix2pixCC_Options import UserError
-from pix2pixCC_Pipeline import (CHECK_SAMPLE, CustomDataset, Scaling, check_dataset,
-                                list_files, sample_pairs, random_pad_and_crop,
+from machinery.data_checks import CHECK_SAMPLE, check_dataset, sample_pairs
+from pix2pixCC_Pipeline import (CustomDataset, Scaling, list_files, random_pad_and_crop,
                                 random_rotation, random_window, read_array, read_fits,
-                                read_fits_header, stored_size, to_chw, write_array)
+                                read_fits_header, stored_size, to_chw)
 
 # ----------------------------------------------------------------------------------------
 # 1. Reading: every format, 1 and 3 channels

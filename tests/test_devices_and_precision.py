@@ -15,6 +15,8 @@ import numpy as np
 import pytest
 import torch
 
+import machinery.fast_conv
+from machinery import translation
 import pix2pixCC_Test
 import pix2pixCC_Train
 import pix2pixCC_Utils
@@ -309,9 +311,9 @@ def relative_difference(output, reference):
 def every_layer_scatters(monkeypatch, band_bytes=2 ** 22):
     """Let every transposed convolution take the scatter path, in bands of `band_bytes` of
     patches (the default: a small image in one band, one col2im per layer)."""
-    monkeypatch.setattr(pix2pixCC_Utils, 'SCATTER_MAX_WEIGHTS_PER_PIXEL', float('inf'))
-    monkeypatch.setattr(pix2pixCC_Utils, 'SCATTER_TRANSPOSED_MAX_THREADS', 1024)
-    monkeypatch.setattr(pix2pixCC_Utils, 'SCATTER_BAND_BYTES', band_bytes)
+    monkeypatch.setattr(machinery.fast_conv, 'SCATTER_MAX_WEIGHTS_PER_PIXEL', float('inf'))
+    monkeypatch.setattr(machinery.fast_conv, 'SCATTER_TRANSPOSED_MAX_THREADS', 1024)
+    monkeypatch.setattr(machinery.fast_conv, 'SCATTER_BAND_BYTES', band_bytes)
 
 
 @pytest.mark.parametrize('layer', [
@@ -329,7 +331,7 @@ def test_scatter_path_gives_pytorchs_convolution(monkeypatch, layer, band_bytes)
     bands of one row, of a few rows and whole: PyTorch's result within 1e-5 of its range."""
     every_layer_scatters(monkeypatch, band_bytes)
     torch.manual_seed(0)
-    prepared = pix2pixCC_Utils.use_gemm_convolutions(copy.deepcopy(layer))
+    prepared = machinery.fast_conv.use_gemm_convolutions(copy.deepcopy(layer))
     for shape in [(2, layer.in_channels, 13, 17), (1, layer.in_channels, 9, 8)]:
         x = torch.randn(shape)
         with torch.inference_mode():
@@ -357,8 +359,8 @@ def test_generator_inference_on_the_scatter_path_matches_pytorch(monkeypatch, no
     prepared = prepare_network(G, opt, CPU).eval()
     x = torch.rand(1, channels, 37, 45) * 2 - 1
     with torch.inference_mode():
-        reference = pix2pixCC_Test.generate(plain, x, opt.n_downsample)
-        output, calls = profiled(lambda: pix2pixCC_Test.generate(prepared, x, opt.n_downsample))
+        reference = translation.generate(plain, x, opt.n_downsample)
+        output, calls = profiled(lambda: translation.generate(prepared, x, opt.n_downsample))
     assert calls.get(SCATTER_KERNEL, 0) == 1 + (opt.n_downsample if trans_conv else 0)
     assert relative_difference(output, reference) <= 1e-5
 
@@ -396,13 +398,13 @@ def check_which_layers_scatter_at_1024(threads):
 # The Winograd path of inference (README "Speed"): oneDNN's matrix product, 16 per image and
 # layer, runs only there.
 WINOGRAD_KERNEL = 'mkldnn::_linear_pointwise'
-needs_onednn_matmul = pytest.mark.skipif(pix2pixCC_Utils.onednn_matmul() is None,
+needs_onednn_matmul = pytest.mark.skipif(machinery.fast_conv.onednn_matmul() is None,
                                          reason="this torch lacks oneDNN's matrix product")
 
 
 def every_3x3_layer_takes_winograd(monkeypatch):
-    monkeypatch.setattr(pix2pixCC_Utils, 'WINOGRAD_MIN_WEIGHTS', 1)
-    monkeypatch.setattr(pix2pixCC_Utils, 'WINOGRAD_MIN_PIXELS', 1)
+    monkeypatch.setattr(machinery.fast_conv, 'WINOGRAD_MIN_WEIGHTS', 1)
+    monkeypatch.setattr(machinery.fast_conv, 'WINOGRAD_MIN_PIXELS', 1)
 
 
 @needs_onednn_matmul
@@ -417,9 +419,9 @@ def test_winograd_path_gives_pytorchs_convolution(monkeypatch, layer, band_bytes
     one row of 2x2 blocks and whole: PyTorch's result within 1e-5 of its range,
     contiguous, with 16 matrix products per image and band."""
     every_3x3_layer_takes_winograd(monkeypatch)
-    monkeypatch.setattr(pix2pixCC_Utils, 'WINOGRAD_BAND_BYTES', band_bytes)
+    monkeypatch.setattr(machinery.fast_conv, 'WINOGRAD_BAND_BYTES', band_bytes)
     torch.manual_seed(0)
-    prepared = pix2pixCC_Utils.use_gemm_convolutions(copy.deepcopy(layer))
+    prepared = machinery.fast_conv.use_gemm_convolutions(copy.deepcopy(layer))
     for shape in [(2, layer.in_channels, 13, 17), (1, layer.in_channels, 10, 8),
                   (1, layer.in_channels, 3, 4)]:
         x = torch.randn(shape)
@@ -448,9 +450,9 @@ def test_generator_inference_on_the_winograd_path_matches_pytorch(monkeypatch, n
     prepared = prepare_network(G, opt, CPU).eval()
     x = torch.rand(1, 1, 37, 45) * 2 - 1
     with torch.inference_mode():
-        reference = pix2pixCC_Test.generate(plain, x, opt.n_downsample)
-        output, calls = profiled(lambda: pix2pixCC_Test.generate(prepared, x, opt.n_downsample))
-        tiled = pix2pixCC_Test.generate(prepared, x, opt.n_downsample, tile_size=16,
+        reference = translation.generate(plain, x, opt.n_downsample)
+        output, calls = profiled(lambda: translation.generate(prepared, x, opt.n_downsample))
+        tiled = translation.generate(prepared, x, opt.n_downsample, tile_size=16,
                                         tmp_dir=str(tmp_path))
     assert calls.get(WINOGRAD_KERNEL, 0) == 16 * 2 * opt.n_residual
     assert relative_difference(output, reference) <= 1e-5
@@ -491,13 +493,13 @@ def test_at_1024_the_residual_blocks_take_winograd_and_no_other_layer():
     def pays(layer, side):
         return layer.winograd_pays(torch.empty(1, layer.in_channels, side, side, device='meta'))
 
-    convs = [m for m in G.modules() if type(m) is pix2pixCC_Utils.GemmConv2d]
+    convs = [m for m in G.modules() if type(m) is machinery.fast_conv.GemmConv2d]
     block = [m for m in convs if m.in_channels == m.out_channels == 1024]
     with torch.inference_mode():
         assert len(block) == 2 and all(pays(m, 66) for m in block)
         assert not any(pays(m, 18) for m in block)
         assert not any(pays(m, side) for m in convs if m not in block for side in (66, 1030))
-        assert pays(pix2pixCC_Utils.use_gemm_convolutions(
+        assert pays(machinery.fast_conv.use_gemm_convolutions(
             torch.nn.Conv2d(512, 512, 3).to('meta')), 66)
 
 

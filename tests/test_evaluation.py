@@ -19,16 +19,17 @@ import pytest
 from PIL import Image
 from scipy import stats
 
+from machinery import evaluation, translation
 import pix2pixCC_Test
 from conftest import (NPY_DATA, REPO, SAMPLE, SAMPLE_DATA, TINY, assert_ok,
                       constant_generator_checkpoint,
                       copy_run, copy_sample, drawn_figure, drawn_panel, lin_ccc, logged_steps,
                       loss_rows, make_pairs, make_test_opt, panel_text, read_csv_rows,
                       run_command, run_dir, run_test, run_train)
+from machinery.figures import save_loss_curve, save_panel
 from pix2pixCC_Options import UserError
 from pix2pixCC_Pipeline import Scaling
-from pix2pixCC_Test import Disk, bin_mean, disk_from_header, image_metrics, metrics_table
-from pix2pixCC_Utils import save_loss_curve, save_panel
+from machinery.evaluation import Disk, bin_mean, disk_from_header, image_metrics, metrics_table
 
 BINS = [1, 2, 4, 8]
 PER_BIN = ('cc', 'ccc', 'rmse', 'mae')
@@ -287,22 +288,22 @@ def test_metrics_by_iteration_and_the_best_one(evaluated):
     ('cc_4x4', (64, 64), None),  # 256 points
     ('rmse_8x8', (256, 256), None)])
 def test_a_coarsely_binned_selection_metric_gets_a_note(key, size, note):
-    assert pix2pixCC_Test.coarse_binning_note(key, [(512, 512), size]) == note
+    assert evaluation.coarse_binning_note(key, [(512, 512), size]) == note
 
 
 def test_the_best_iteration_is_named_for_the_full_resolution_cc_too(tmp_path, capsys):
     rows = [{'iteration': 2, 'disk_cc_1x1': 0.7, 'disk_rmse_8x8': 30.0},
             {'iteration': 4, 'disk_cc_1x1': 0.8, 'disk_rmse_8x8': 40.0}]
-    pix2pixCC_Test.write_best_iteration(rows, str(tmp_path), 'disk_rmse_8x8', [(128, 128)])
+    evaluation.write_best_iteration(rows, str(tmp_path), 'disk_rmse_8x8', [(128, 128)])
     lines = capsys.readouterr().out.splitlines()  # 256 points of 128x128: no note
     assert lines[0].startswith('best iteration by mean disk_rmse_8x8: 2 (30.0000); all in ')
     assert lines[1:] == ['best iteration by mean disk_cc_1x1: 4 (0.8000)']
-    pix2pixCC_Test.write_best_iteration(rows, str(tmp_path), 'disk_rmse_8x8', [(64, 64)])
+    evaluation.write_best_iteration(rows, str(tmp_path), 'disk_rmse_8x8', [(64, 64)])
     assert capsys.readouterr().out.splitlines()[1:] == [
         'note: disk_rmse_8x8 rests on at most 64 points per image (8x8 bins of 64x64); '
         'compare with the full-resolution line',
         'best iteration by mean disk_cc_1x1: 4 (0.8000)']
-    pix2pixCC_Test.write_best_iteration(rows, str(tmp_path), 'disk_cc_1x1', [(64, 64)])
+    evaluation.write_best_iteration(rows, str(tmp_path), 'disk_cc_1x1', [(64, 64)])
     lines = capsys.readouterr().out.splitlines()
     assert len(lines) == 1 and lines[0].startswith('best iteration by mean disk_cc_1x1: 4 (')
 
@@ -439,7 +440,7 @@ def test_the_loss_curve_shows_the_validation_cc(tmp_path, monkeypatch):
 def test_the_trainings_loss_curve_has_the_validation_panel(run, monkeypatch):
     """What the Manager draws: loss_log.csv and val_metrics.csv of the run (a validation
     with targets at every save)."""
-    from pix2pixCC_Utils import read_csv
+    from machinery.files import read_csv
     out = run['out']
     figure = drawn_figure(monkeypatch, save_loss_curve, out.parent / 'again.png',
                           read_csv(out / 'loss_log.csv'), read_csv(out / 'val_metrics.csv'))
@@ -588,7 +589,7 @@ def test_panel_axes_are_helioprojective_with_a_wcs(tmp_path, monkeypatch):
     figure = drawn_panel(monkeypatch, tmp_path / 'panel.png', input, real, real * 0.9,
                          Scaling(-3000, 3000), unit='G', data_format='fits',
                          input_scaling=input_scaling, input_unit='DN/s',
-                         wcs=pix2pixCC_Test.panel_wcs(header))
+                         wcs=translation.panel_wcs(header))
     image_axes = [axis for axis in figure.axes if axis.images]
     assert len(image_axes) == 4
     for axis in image_axes:
@@ -781,7 +782,7 @@ def test_the_disk_is_where_the_targets_wcs_puts_the_sun(cunit, radius_cards):
     assert abs(disk.x - (FRAME[1] - 1) / 2) > 2 and abs(disk.x - (21.3 - 1)) > 1
     assert distance_from_sun_centre_px(header, disk.x, disk.y) == pytest.approx(0, abs=1e-9)
     real, _ = sun_maps(header)
-    masks = pix2pixCC_Test.region_masks(real[0], 1, disk, 0.98, 100.0)
+    masks = evaluation.region_masks(real[0], 1, disk, 0.98, 100.0)
     for region, mask in expected_masks(header, 1, real[0], 0.98, 100.0).items():
         np.testing.assert_array_equal(masks[region], mask, err_msg=region)
     assert 0 < masks['disk_'].sum() < masks[''].sum()  # the disk is not the frame
@@ -843,7 +844,7 @@ def test_the_table_shows_each_region():
     header = disk_header()
     real, fake = sun_maps(header)
     row = image_metrics(real, fake, [1, 8], disk_from_header(header)[0], 0.98, 100.0)
-    table = metrics_table(pix2pixCC_Test.summarize([row]), [1, 8], unit='G')
+    table = metrics_table(evaluation.summarize([row]), [1, 8], unit='G')
     titles = [line for line in table.splitlines() if line.endswith(':')]
     assert titles == ['whole frame:', 'disk:', 'active (on disk):', 'quiet (on disk):'] * 2
     assert len(re.findall(r'^\s*0\s+8x8\s', table, re.MULTILINE)) == 4
@@ -978,12 +979,12 @@ def test_pixel_area_needs_dsun_and_cdelt_and_takes_cunit():
     header = {'DSUN_OBS': 1.5e11, 'CDELT1': 0.6, 'CDELT2': 0.6, 'CUNIT1': 'arcsec',
               'CUNIT2': 'arcsec'}
     side_cm = 1.5e13 * np.tan(np.radians(0.6 / 3600))  # ~4.36e7 cm: an AIA pixel
-    assert pix2pixCC_Test.pixel_area_cm2(header) == pytest.approx(side_cm ** 2, rel=1e-9)
+    assert evaluation.pixel_area_cm2(header) == pytest.approx(side_cm ** 2, rel=1e-9)
     in_degrees = dict(header, CDELT1=0.6 / 3600, CDELT2=0.6 / 3600)
     del in_degrees['CUNIT1'], in_degrees['CUNIT2']  # (degrees by default)
-    assert pix2pixCC_Test.pixel_area_cm2(in_degrees) == pytest.approx(side_cm ** 2, rel=1e-9)
+    assert evaluation.pixel_area_cm2(in_degrees) == pytest.approx(side_cm ** 2, rel=1e-9)
     for missing in ('DSUN_OBS', 'CDELT1', 'CDELT2'):
-        assert pix2pixCC_Test.pixel_area_cm2({k: v for k, v in header.items()
+        assert evaluation.pixel_area_cm2({k: v for k, v in header.items()
                                               if k != missing}) is None
 
 

@@ -24,17 +24,20 @@ from astropy import units as u
 from astropy.io import fits
 from astropy.wcs import WCS
 
+import machinery.fast_conv
+import machinery.memory
+from machinery import tiles, translation
+from machinery.tile_graph import tile_plan
 import pix2pixCC_Test
 import pix2pixCC_Train
-import pix2pixCC_Utils
 from conftest import (AIA_PLACE_AND_TIME, INPUT_ONLY, NPY_DATA, RECORD, SAMPLE_DATA, TINY, H,
                       W, aia_cube_header, constant_generator_checkpoint, copy_sample, field,
                       make_pairs, make_test_opt, panel_text, read_user_file, record_in,
                       snapshot, train_opt)
+from machinery.products import generated_header, write_array
 from pix2pixCC_Networks import Generator, weights_init
 from pix2pixCC_Options import run_main
-from pix2pixCC_Pipeline import (CustomDataset, generated_header, read_fits_header,
-                                write_array)
+from pix2pixCC_Pipeline import CustomDataset, read_fits_header
 
 # ----------------------------------------------------------------------------------------
 # 1. Every target format, in the target's units (a generator of known constant output)
@@ -491,7 +494,7 @@ def test_validation_replaces_the_outputs_of_a_generator_saved_anew(tmp_path, cap
     for name in ('old_AI.npy', 'old_panel.png', 'metrics.csv', 'notes.txt'):
         (folder / name).write_text('earlier')
     (folder / RECORD).write_text('{"iteration": 6}')
-    pix2pixCC_Test.translate(Generator(opt), CustomDataset(opt, split='test'), str(folder),
+    translation.translate(Generator(opt), CustomDataset(opt, split='test'), str(folder),
                              opt, torch.device('cpu'), 6)
     assert sorted(os.listdir(folder)) == ['img_000_AI.npy', 'img_001_AI.npy', 'notes.txt',
                                           RECORD]
@@ -524,8 +527,8 @@ def test_generator_loaded_for_inference_gives_bit_identical_outputs(tmp_path, no
 
     plain = Generator(opt)
     plain.load_state_dict(torch.load(path, weights_only=True))
-    pix2pixCC_Utils.use_gemm_convolutions(plain)  # the same CPU kernels as Test's generator
-    mapped = pix2pixCC_Test.load_generator(opt, path, torch.device('cpu'))
+    machinery.fast_conv.use_gemm_convolutions(plain)  # the same CPU kernels as Test's generator
+    mapped = translation.load_generator(opt, path, torch.device('cpu'))
     x = torch.randn(2, 1, 32, 32)
     with torch.inference_mode():
         expected = plain.eval()(x)
@@ -581,16 +584,17 @@ def own_tensors(layer):
     return [*layer.parameters(recurse=False), *layer.buffers(recurse=False)]
 
 
-# Pages faulted in by the last of five "images" of three "layers" each (an input, then each
+# Pages faulted in by the last of eight "images" of three "layers" each (an input, then each
 # layer's output, the one before freed after it), in a fresh Python, with or without
-# reuse_freed_memory first. (With it, the heap grows over the first two images, then stays.)
+# reuse_freed_memory first. (With it, the heap grows over the first two to six images, as
+# the process's earlier allocations left it, then stays.)
 LAYER_SIZES = (2 ** 23, 2 ** 24, 2 ** 22, 2 ** 23)  # floats: 32, 64, 16 and 32 MB
 PAGE_FAULTS = """
 import resource, sys, torch
-import pix2pixCC_Utils
+import machinery.memory
 if sys.argv[1] == 'reuse':
-    assert pix2pixCC_Utils.reuse_freed_memory()
-for image in range(5):
+    assert machinery.memory.reuse_freed_memory()
+for image in range(8):
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     x = torch.empty(2 ** 23).fill_(1.0)
     for size in (2 ** 24, 2 ** 22, 2 ** 23):
@@ -634,19 +638,19 @@ def test_cpu_inference_reuses_freed_memory_instead_of_faulting_in_new_pages(tmp_
 
 GIVE_BACK = """
 import sys, torch
-import pix2pixCC_Utils
+import machinery.memory
 
 def resident_mb():
     with open('/proc/self/status') as f:
         return next(int(line.split()[1]) for line in f if line.startswith('VmRSS')) / 1024
 
-assert pix2pixCC_Utils.reuse_freed_memory()
+assert machinery.memory.reuse_freed_memory()
 tile = torch.empty(2 ** 24).fill_(1.0)  # 64 MB
 kept = torch.ones(1000)                 # allocated after it: the tile's memory is not the top
 del tile
 before = resident_mb()
-assert not pix2pixCC_Utils.return_freed_memory(keep=2 ** 27)  # 64 MB free: kept
-assert pix2pixCC_Utils.return_freed_memory(keep=2 ** 25)
+assert not machinery.memory.return_freed_memory(keep=2 ** 27)  # 64 MB free: kept
+assert machinery.memory.return_freed_memory(keep=2 ** 25)
 print(before - resident_mb())
 """
 
@@ -662,13 +666,15 @@ def test_tiled_images_give_freed_memory_back_after_each_layer(tmp_path, monkeypa
     assert float(python_with_glibc_defaults(GIVE_BACK, cwd=tmp_path)) > 48  # MB
 
     calls = []
-    monkeypatch.setattr(pix2pixCC_Test, 'return_freed_memory', lambda: calls.append(1))
     opt = make_test_opt()
     G = Generator(opt).eval()
-    with torch.inference_mode():
-        pix2pixCC_Test.generate(G, torch.rand(1, 1, 40, 48), opt.n_downsample, tile_size=16,
-                                tmp_dir=str(tmp_path))
-    assert len(calls) == len(pix2pixCC_Test.generator_steps(G))
+    with torch.inference_mode():  # (the first tiled image of a network also checks its plan)
+        translation.generate(G, torch.rand(1, 1, 40, 48), opt.n_downsample, tile_size=16,
+                             tmp_dir=str(tmp_path))
+        monkeypatch.setattr(tiles, 'return_freed_memory', lambda: calls.append(1))
+        translation.generate(G, torch.rand(1, 1, 40, 48), opt.n_downsample, tile_size=16,
+                             tmp_dir=str(tmp_path))
+    assert len(calls) == len(tile_plan(G).ops)
 
 
 @pytest.mark.parametrize('name, value', [('GLIBC_TUNABLES', 'glibc.malloc.trim_threshold=0'),
@@ -677,9 +683,9 @@ def test_tiled_images_give_freed_memory_back_after_each_layer(tmp_path, monkeypa
 def test_a_users_own_malloc_settings_are_left_alone(monkeypatch, name, value):
     monkeypatch.setenv(name, value)
     calls = []
-    monkeypatch.setattr(pix2pixCC_Utils.ctypes, 'CDLL',
+    monkeypatch.setattr(machinery.memory.ctypes, 'CDLL',
                         lambda name: SimpleNamespace(mallopt=lambda *a: calls.append(a) or 1))
-    assert pix2pixCC_Utils.reuse_freed_memory() is False
+    assert machinery.memory.reuse_freed_memory() is False
     assert calls == []
 
 
@@ -711,10 +717,10 @@ def test_inference_gives_back_each_layers_mapped_weights_once_it_has_run(tmp_pat
     events = []
     with monkeypatch.context() as patch:
         patch.setattr(ctypes, 'CDLL', recording_madvise(events))
-        G = pix2pixCC_Test.load_generator(opt, path, torch.device('cpu')).eval()
+        G = translation.load_generator(opt, path, torch.device('cpu')).eval()
     with monkeypatch.context() as patch:
-        patch.setattr(pix2pixCC_Test, 'release_mapped_weights_after_use', lambda G, path: 0)
-        kept = pix2pixCC_Test.load_generator(opt, path, torch.device('cpu')).eval()
+        patch.setattr(translation, 'release_mapped_weights_after_use', lambda G, path: 0)
+        kept = translation.load_generator(opt, path, torch.device('cpu')).eval()
 
     page = mmap.PAGESIZE
     layers = [layer for layer in G.modules() if own_tensors(layer)]

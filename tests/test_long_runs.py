@@ -22,15 +22,16 @@ import numpy as np
 import pytest
 import torch
 
+import machinery.files
 import pix2pixCC_Train
 import pix2pixCC_Utils
 from conftest import (AUGMENT, NPY_DATA, TINY, TORCHRUN, TRAIN_SCRIPT, Training,
                       assert_identical_weights, assert_ok, assert_usage_error, copy_run, load,
                       logged_steps, loss_rows, model_dir, reported_steps, run_command, run_dir,
                       run_test, run_train, saved_steps_in, snapshot, train_opt)
+from machinery.files import atomic_path
 from pix2pixCC_Networks import Generator
 from pix2pixCC_Options import run_main
-from pix2pixCC_Utils import atomic_path
 
 # Six pairs, batch 1: one epoch at the full lr, then two decaying ones (18 steps); saves at
 # 4, 8, 12, 16 and the final 18.
@@ -526,11 +527,11 @@ def test_an_interrupted_checkpoint_save_keeps_the_previous_checkpoint(tmp_path, 
         f.write(before[:len(before) // 2])
         raise OSError(28, 'No space left on device')
 
-    monkeypatch.setattr(pix2pixCC_Utils.torch, 'save', dies_half_way)
+    monkeypatch.setattr(machinery.files.torch, 'save', dies_half_way)
     with torch.no_grad():
         for p in G.parameters():
             p.add_(1.0)
-    with pytest.raises(pix2pixCC_Utils.WriteError, match='4_G.pt: No space left on device'):
+    with pytest.raises(machinery.files.WriteError, match='4_G.pt: No space left on device'):
         pix2pixCC_Utils.save_state_dict(G, path)
     monkeypatch.undo()
     assert open(path, 'rb').read() == before

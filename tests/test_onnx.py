@@ -13,7 +13,7 @@ import pytest
 import torch
 from astropy.io import fits
 
-import pix2pixCC_Test
+from machinery import sharing
 from conftest import (REPO, SAMPLE, SAMPLE_DATA, TINY, TINY_NETWORK, aia_cube_header, assert_ok,
                       assert_usage_error, blocked, field, make_test_opt, run_in, run_script,
                       run_train, write_user_file)
@@ -48,7 +48,7 @@ def random_generator(opt, seed=0):
 
 
 def onnx_session(G, opt):
-    data = pix2pixCC_Test.onnx_graph(G, opt)
+    data = sharing.onnx_graph(G, opt)
     options = onnxruntime.SessionOptions()
     options.intra_op_num_threads = 1
     return onnxruntime.InferenceSession(data, options, providers=['CPUExecutionProvider'])

@@ -12,7 +12,7 @@ import pytest
 import torch
 from astropy.io import fits
 
-import pix2pixCC_Test
+from machinery import translation
 from conftest import (RECORD, REPO, SAMPLE, SAMPLE_DATA, TINY, assert_ok, load, make_pairs,
                       read_user_file, record_in, run_in, run_script, run_train, snapshot)
 from pix2pixCC_Pipeline import read_array, read_fits_header
@@ -211,7 +211,7 @@ def test_a_stopped_conversion_resumes_and_its_metrics_cover_every_file(archive, 
                                                                        monkeypatch, capsys,
                                                                        signum):
     assert run_in(tmp_path, archive + ['--output_dir', 'through']) == 0
-    write_output = pix2pixCC_Test.write_output
+    write_output = translation.write_output
 
     def signal_at_the_third(path, *args, **kwargs):
         header = write_output(path, *args, **kwargs)
@@ -219,7 +219,7 @@ def test_a_stopped_conversion_resumes_and_its_metrics_cover_every_file(archive, 
             os.kill(os.getpid(), signum)  # while the third file is in progress
         return header
 
-    monkeypatch.setattr(pix2pixCC_Test, 'write_output', signal_at_the_third)
+    monkeypatch.setattr(translation, 'write_output', signal_at_the_third)
     assert run_in(tmp_path, archive + ['--output_dir', 'stopped']) == 128 + signum
     line = one_error_line(capsys)
     assert f'stopped by {signal.Signals(signum).name} after 3 of 6 file(s)' in line
@@ -227,7 +227,7 @@ def test_a_stopped_conversion_resumes_and_its_metrics_cover_every_file(archive, 
     assert sorted(os.listdir(tmp_path / 'stopped')) == \
         ['img_000_AI.npy', 'img_001_AI.npy', 'img_002_AI.npy', RECORD]  # no metrics yet
 
-    monkeypatch.setattr(pix2pixCC_Test, 'write_output', write_output)
+    monkeypatch.setattr(translation, 'write_output', write_output)
     kept = snapshot(tmp_path / 'stopped')
     assert run_in(tmp_path, archive + ['--output_dir', 'stopped', '--skip_existing']) == 0
     assert '3 of 6 output(s)' in capsys.readouterr().out
@@ -327,7 +327,7 @@ def test_reading_the_world_coordinates_of_many_inputs_never_crashes(tmp_path):
         "import sys\n"
         f"sys.path.insert(0, {REPO!r})\n"
         "from astropy.io import fits\n"
-        "from pix2pixCC_Pipeline import world_descriptions\n"
+        "from machinery.products import world_descriptions\n"
         f"header = fits.getheader({os.path.join(SAMPLE, 'Test', 'Input', 'sun_0032.fits')!r})\n"
         "for key, value in (('CTYPE1A', 'HPLN-TAN'), ('CTYPE2A', 'HPLT-TAN'), ('CDELT1A', 1.0),"
         " ('CDELT2A', 1.0)):\n"

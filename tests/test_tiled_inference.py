@@ -16,6 +16,8 @@ import numpy as np
 import pytest
 import torch
 
+from machinery.tile_graph import tile_plan
+from machinery import tile_memory, tiles, translation
 import pix2pixCC_Test
 import pix2pixCC_Train
 from conftest import (NPY_DATA, REPO, SUBPROCESS_ENV, TEST_SCRIPT, TINY, TINY_NETWORK, field,
@@ -54,13 +56,13 @@ def random_generator(*argv):
 @pytest.fixture
 def tiled_calls(monkeypatch):
     """The tile sizes with which `tiled_generate` runs (so that a test knows tiles ran)."""
-    calls, tiled = [], pix2pixCC_Test.tiled_generate
+    calls, tiled = [], translation.tiled_generate
 
     def spy(G, input, tile_size, *args, **kwargs):
         calls.append(tile_size)
         return tiled(G, input, tile_size, *args, **kwargs)
 
-    monkeypatch.setattr(pix2pixCC_Test, 'tiled_generate', spy)
+    monkeypatch.setattr(translation, 'tiled_generate', spy)
     return calls
 
 
@@ -74,8 +76,8 @@ def test_tiles_give_the_whole_image_output(norm, padding, trans_conv, channels, 
                               str(channels))
     x = torch.randn(1, channels, HEIGHT, WIDTH)
     with torch.inference_mode():
-        whole = pix2pixCC_Test.generate(G, x, opt.n_downsample)
-        tiled = pix2pixCC_Test.generate(G, x, opt.n_downsample, tile_size=TILE,
+        whole = translation.generate(G, x, opt.n_downsample)
+        tiled = translation.generate(G, x, opt.n_downsample, tile_size=TILE,
                                         tmp_dir=str(tmp_path))
     assert tiled_calls == [TILE]
     assert_same_output(tiled, whole)
@@ -89,8 +91,8 @@ def test_a_batch_and_larger_tiles(tile_size, tiled_calls):
     G, opt = random_generator()
     x = torch.randn(2, 1, HEIGHT, WIDTH)
     with torch.inference_mode():
-        whole = pix2pixCC_Test.generate(G, x, opt.n_downsample)
-        tiled = pix2pixCC_Test.generate(G, x, opt.n_downsample, tile_size=tile_size)
+        whole = translation.generate(G, x, opt.n_downsample)
+        tiled = translation.generate(G, x, opt.n_downsample, tile_size=tile_size)
     assert tiled_calls == [tile_size]
     assert_same_output(tiled[0], whole[0])
     assert_same_output(tiled[1], whole[1])
@@ -99,7 +101,7 @@ def test_a_batch_and_larger_tiles(tile_size, tiled_calls):
 def test_an_image_no_larger_than_the_tile_runs_whole(tiled_calls):
     G, opt = random_generator()
     with torch.inference_mode():
-        pix2pixCC_Test.generate(G, torch.randn(1, 1, 30, 32), opt.n_downsample, tile_size=32)
+        translation.generate(G, torch.randn(1, 1, 30, 32), opt.n_downsample, tile_size=32)
     assert tiled_calls == []
 
 
@@ -146,15 +148,15 @@ def test_tiles_are_taken_when_a_whole_image_would_not_fit(run, tiled_calls, monk
                                                           capsys):
     assert pix2pixCC_Test.main(run + ['--output_dir', 'whole']) == 0
     opt = make_test_opt('--input_ch', '1')
-    steps = pix2pixCC_Test.generator_steps(Generator(opt))
-    need = pix2pixCC_Test.whole_image_bytes(steps, (1, 48, 72))
-    monkeypatch.setattr(pix2pixCC_Test, 'available_memory', lambda device: need - 1)
+    need = tile_memory.whole_image_bytes(tile_plan(Generator(opt).eval()), (1, 48, 72))
+    monkeypatch.setattr(tile_memory, 'available_memory', lambda device: (need - 1, 'a test'))
     capsys.readouterr()
     assert pix2pixCC_Test.main(run + ['--output_dir', 'tiled']) == 0
     notices = [line for line in capsys.readouterr().out.splitlines() if 'tiles' in line]
     assert len(notices) == 1, notices
     assert notices[0].startswith('notice: a whole-image pass over 2 of the 2 input(s)')
     assert 'in tiles of' in notices[0] and '--tile_size' in notices[0]
+    assert 'available (a test)' in notices[0]  # where the figure comes from
     assert len(tiled_calls) == 2 and tiled_calls[0] < 72
     for tiled, whole in zip(outputs('tiled'), outputs('whole'), strict=True):
         assert_same_output(tiled, whole)
@@ -162,22 +164,41 @@ def test_tiles_are_taken_when_a_whole_image_would_not_fit(run, tiled_calls, monk
 
 def test_the_memory_limit_comes_from_the_environment(monkeypatch):
     cpu = torch.device('cpu')
-    monkeypatch.setenv(pix2pixCC_Test.MEMORY_LIMIT_VARIABLE, '2e9')
-    assert pix2pixCC_Test.available_memory(cpu) == 2_000_000_000
-    monkeypatch.setenv(pix2pixCC_Test.MEMORY_LIMIT_VARIABLE, '2 GB')
+    monkeypatch.setenv(tile_memory.MEMORY_LIMIT_VARIABLE, '2e9')
+    assert tile_memory.available_memory(cpu) == (2_000_000_000, 'PIX2PIXCC_MEMORY_LIMIT')
+    monkeypatch.setenv(tile_memory.MEMORY_LIMIT_VARIABLE, '2 GB')
     with pytest.raises(UserError, match='PIX2PIXCC_MEMORY_LIMIT'):
-        pix2pixCC_Test.available_memory(cpu)
-    monkeypatch.delenv(pix2pixCC_Test.MEMORY_LIMIT_VARIABLE)
-    assert pix2pixCC_Test.available_memory(cpu) > 0  # MemAvailable
+        tile_memory.available_memory(cpu)
+    monkeypatch.delenv(tile_memory.MEMORY_LIMIT_VARIABLE)
+    memory, source = tile_memory.available_memory(cpu)
+    assert memory > 0 and source  # MemAvailable, or this machine's cgroup
+
+
+@pytest.mark.parametrize('version', ['v2', 'v1'])
+def test_a_cgroup_limit_below_the_free_memory_is_the_limit(tmp_path, monkeypatch, capsys,
+                                                           version):
+    """README "Full-resolution images": under SLURM's --mem or a container's limit, the
+    memory a pass may use is what the process's cgroup has left (limit - usage) when that is
+    less than the machine's MemAvailable, and the notice says where the figure came from."""
+    limit, usage = tmp_path / 'limit', tmp_path / 'usage'
+    limit.write_text(f'{3 * 2 ** 30}\n')
+    usage.write_text(f'{2 ** 30}\n')
+    monkeypatch.setattr(tile_memory, 'CGROUP_LIMITS', ((str(tmp_path / 'absent'), ''),
+                                                       (str(limit), str(usage))))
+    monkeypatch.delenv(tile_memory.MEMORY_LIMIT_VARIABLE, raising=False)
+    monkeypatch.setattr(tile_memory, 'meminfo_available', lambda: (64 * 2 ** 30, 'MemAvailable'))
+    assert tile_memory.available_memory(torch.device('cpu')) == (2 * 2 ** 30, str(limit))
+    limit.write_text('max\n' if version == 'v2' else f'{2 ** 63 - 4096}\n')  # no limit
+    assert tile_memory.available_memory(torch.device('cpu')) == (64 * 2 ** 30, 'MemAvailable')
 
 
 def test_too_little_temporary_disk_is_refused_before_any_output(run, monkeypatch, capsys):
-    usage = pix2pixCC_Test.shutil.disk_usage
+    usage = tile_memory.shutil.disk_usage
 
     def full(path):
         return usage(path)._replace(free=1000)
 
-    monkeypatch.setattr(pix2pixCC_Test.shutil, 'disk_usage', full)
+    monkeypatch.setattr(tile_memory.shutil, 'disk_usage', full)
     assert run_main(pix2pixCC_Test.main, run + ['--tile_size', str(TILE)]) == 2
     error = capsys.readouterr().err
     assert 'of temporary disk in' in error and 'give --tmp_dir a folder' in error
@@ -194,8 +215,8 @@ def test_the_temporary_folder_goes_after_an_error(run, monkeypatch, capsys):
             raise OSError(28, 'No space left on device')
         return write(store, row, col, tile)
 
-    write = pix2pixCC_Test.DiskStore.write
-    monkeypatch.setattr(pix2pixCC_Test.DiskStore, 'write', failing_write)
+    write = tiles.DiskStore.write
+    monkeypatch.setattr(tiles.DiskStore, 'write', failing_write)
     assert run_main(pix2pixCC_Test.main, run + ['--tile_size', str(TILE), '--tmp_dir',
                                                 'tmp']) == 2
     error = capsys.readouterr().err.strip()
