@@ -6,9 +6,11 @@ Data flow of one file:  read (one reader per format) -> C x H x W float32 -> `Sc
 (machinery/products.py, with the rules of a generated FITS header).
 """
 import contextlib
+import datetime
 import functools
 import glob
 import os
+import re
 import warnings
 from dataclasses import dataclass
 
@@ -501,6 +503,56 @@ def random_window(size, crop_size, generator=None):
     return top, left, crop_size
 
 
+# YYYYMMDD, optionally followed by hhmm[ss]; separators - _ : T allowed; a time group must not
+# run into further digits (so the 0304 of '..._0000_0304' is not read as seconds).
+TIMESTAMP = re.compile(r'(\d{4})[-_]?(\d{2})[-_]?(\d{2})'
+                       r'(?:[T_-]?(\d{2})[:_-]?(\d{2})(?:[:_-]?(\d{2})(?!\d))?(?!\d))?')
+
+
+def name_time(path):
+    """The date/time written in a file name (YYYYMMDD[_hhmm[ss]] and similar), or None."""
+    match = TIMESTAMP.search(os.path.basename(path))
+    if not match:
+        return None
+    parts = [int(p) if p else 0 for p in match.groups()]
+    try:
+        return datetime.datetime(*parts)
+    except ValueError:
+        return None
+
+
+def unpaired_files(input_paths, target_paths):
+    """Why the input and target files do not pair one to one, naming the files: the names
+    found on one side only (when both sides share names), or the times in the names that no
+    file of the other side is near (the nearest within a minute pairs), or that the two
+    sides' times do not overlap at all."""
+    def stem(path):
+        return os.path.splitext(os.path.basename(path))[0]
+
+    inputs, targets = {stem(p): p for p in input_paths}, {stem(p): p for p in target_paths}
+    if len(set(inputs) & set(targets)) >= min(len(inputs), len(targets)) / 2:
+        alone = [os.path.basename(inputs[n]) for n in sorted(set(inputs) - set(targets))] + \
+            [os.path.basename(targets[n]) for n in sorted(set(targets) - set(inputs))]
+        return f"without a partner of the same name: {', '.join(alone[:5])}" + \
+            (f' and {len(alone) - 5} more' if len(alone) > 5 else '')
+    times = [[name_time(p) for p in paths] for paths in (input_paths, target_paths)]
+    if any(None in side for side in times) or not all(times):
+        return None
+    (first_in, last_in), (first_tg, last_tg) = ((min(side), max(side)) for side in times)
+    if last_in < first_tg or last_tg < first_in:
+        return (f'the times in their names do not overlap: inputs {first_in:%Y-%m-%d %H:%M} to '
+                f'{last_in:%Y-%m-%d %H:%M}, targets {first_tg:%Y-%m-%d %H:%M} to '
+                f'{last_tg:%Y-%m-%d %H:%M}')
+    alone = [os.path.basename(path) for side, other, paths in (
+        (times[0], times[1], input_paths), (times[1], times[0], target_paths))
+        for time, path in zip(side, paths, strict=True)
+        if min(abs(time - t) for t in other) > datetime.timedelta(minutes=1)]
+    if not alone:
+        return None
+    return f"without a partner within a minute of the time in their names: " \
+        f"{', '.join(alone[:5])}" + (f' and {len(alone) - 5} more' if len(alone) > 5 else '')
+
+
 # ----------------------------------------------------------------------------------------
 # Dataset
 # ----------------------------------------------------------------------------------------
@@ -528,10 +580,12 @@ class CustomDataset(Dataset):
         if target_dir:
             self.target_paths = list_files(target_dir, opt.data_format_target, 'target')
             if len(self.input_paths) != len(self.target_paths):
+                unpaired = unpaired_files(self.input_paths, self.target_paths)
                 raise UserError(
                     f"{len(self.input_paths)} input files in '{input_dir}' but "
-                    f"{len(self.target_paths)} target files in '{target_dir}'; "
-                    f"input i pairs with target i, so the counts must be equal")
+                    f"{len(self.target_paths)} target files in '{target_dir}'"
+                    f"{f' ({unpaired})' if unpaired else ''}; input i pairs with target i, "
+                    f"so the counts must be equal")
 
     def __len__(self):
         return len(self.input_paths)

@@ -366,7 +366,37 @@ def load_model_file(path):
     if weights_sha256(record['weights']) != record['weights_sha256']:
         raise UserError(f"{path}: the weights do not match their SHA-256 (the file is "
                         f"damaged); copy or export it again")
+    problem = model_field_problem(record)
+    if problem:
+        raise UserError(f"{path} is not a model file this code wrote ({problem}); use a model "
+                        f"file made with --export model")
     return record
+
+
+# A run name is a folder's name (checkpoints/<run>/): it becomes one again (Export/, output
+# folders), so a shared model file's may not name a path elsewhere.
+RUN_NAME = re.compile(r'[^/\\\x00]+')
+
+
+def model_field_problem(record):
+    """What in a model file's record is not as --export model writes it (a shared model is
+    data from elsewhere: its run name becomes a folder name, its options and cards are
+    taken as given), else None."""
+    run, step = record['run'], record['step']
+    if not isinstance(run, str) or not RUN_NAME.fullmatch(run) or run.startswith('.'):
+        return f'its run name {run!r} is not a folder name'
+    if not isinstance(step, int) or isinstance(step, bool) or step < 0:
+        return f'its step {step!r} is not a number of samples'
+    if not isinstance(record['options'], dict) or not all(
+            isinstance(value, (str, int, float, bool, list, type(None)))
+            for value in record['options'].values()):
+        return 'its options are not a table of values'
+    header = record['target_header']
+    if header is not None and (not isinstance(header, dict) or not all(
+            isinstance(key, str) and isinstance(value, (str, int, float, bool, type(None)))
+            for key, value in header.items())):
+        return "its targets' cards are not FITS cards"
+    return None
 
 
 def float32_weights(state):

@@ -25,6 +25,7 @@ benchmarks/benchmark.py (which measures this repository's own variants; its old
 """
 import argparse
 import contextlib
+import json
 import os
 import shutil
 import statistics
@@ -78,24 +79,40 @@ def published_copy(source, folder, gpu_ids):
     return folder
 
 
+# On Linux a process's ru_maxrss keeps the high-water mark of the image it was exec'd from
+# (execve keeps the larger of the old and the new one), so a program started by this process,
+# which holds torch and built a generator, reported at least this process's RSS (2150 MB
+# where the Test script itself peaked at 1362 MB). A small launcher, itself started from
+# here, starts the measured program and reports the program's own ru_maxrss.
+LAUNCHER = """
+import json, os, subprocess, sys
+proc = subprocess.Popen(sys.argv[2:], stdout=subprocess.DEVNULL)
+_, status, usage = os.wait4(proc.pid, 0)
+with open(sys.argv[1], 'w') as f:
+    json.dump({'maxrss': usage.ru_maxrss}, f)
+sys.exit(os.waitstatus_to_exitcode(status))
+"""
+
+
 def whole_process(command, cwd, env):
     """Run one whole process; returns its wall seconds, peak RSS (MiB, ru_maxrss of the
-    process and the children it waited for, e.g. DataLoader workers) and the share of the
-    CPUs other processes used meanwhile. Raises RuntimeError with its last error line."""
+    process and the children it waited for, e.g. DataLoader workers, started through
+    LAUNCHER) and the share of the CPUs other processes used meanwhile. Raises RuntimeError
+    with its last error line."""
     monitor = common.Interference().start()
-    with tempfile.TemporaryFile('w+') as errors:
+    with tempfile.TemporaryFile('w+') as errors, \
+            tempfile.NamedTemporaryFile('r', suffix='.json') as usage:
         start = time.perf_counter()
-        proc = subprocess.Popen(command, cwd=cwd, env=env, stdout=subprocess.DEVNULL,
-                                stderr=errors)
-        _, status, usage = os.wait4(proc.pid, 0)
+        proc = subprocess.run([sys.executable, '-c', LAUNCHER, usage.name, *command], cwd=cwd,
+                              env=env, stdout=subprocess.DEVNULL, stderr=errors)
         seconds = time.perf_counter() - start
-        proc.returncode = os.waitstatus_to_exitcode(status)
         if proc.returncode != 0:
             errors.seek(0)
             lines = errors.read().strip().splitlines()
             raise RuntimeError(f"{' '.join(command[:2])} exited {proc.returncode}: "
                                f"{lines[-1] if lines else 'no output'}")
-    return {'seconds': seconds, 'peak_rss_mb': common.megabytes(usage.ru_maxrss),
+        maxrss = json.load(usage)['maxrss']
+    return {'seconds': seconds, 'peak_rss_mb': common.megabytes(maxrss),
             'interference': monitor.stop()}
 
 

@@ -601,18 +601,34 @@ def main(argv=None):
     inputs = [scan(folder, '--input_dir') for folder in opt.input_dir]
     pairs, skipped = match(targets, inputs, opt.input_dir, opt)
     split(pairs, set(opt.test_months), opt.gap_days)
-    check_geometry(pairs, opt)
     kept = [pair for pair in pairs if pair.split != 'dropped']
+    if not kept:  # nothing written: a corrected rerun into the same folder is not refused
+        raise UserError(no_pair_reason(pairs, skipped, opt))
+    check_geometry(pairs, opt)
     for done, pair in enumerate(kept, start=1):
         write_pair(pair, opt)
         if done % 100 == 0:
             print(f'prepared {done} of {len(kept)} pairs', flush=True)
     write_pairs_csv(os.path.join(opt.output_dir, 'pairs.csv'), pairs, skipped)
     print(summary(pairs, skipped, opt))
-    if not pairs:
-        raise UserError(f'no target in {opt.target_dir} has a partner in every --input_dir '
-                        f'(see pairs.csv)')
     return 0
+
+
+def no_pair_reason(pairs, skipped, opt):
+    """The one line of a run that found no pair to write: why, with the commonest reasons
+    for skipping files and an example of each."""
+    if pairs:
+        return (f'every one of the {len(pairs)} pairs lies within --gap_days {opt.gap_days:g} '
+                f'of a --test_months month, so none was written; lower --gap_days')
+    reasons = {}
+    for s in skipped:
+        reasons.setdefault(f'{s.role}: {s.reason}', []).append(s)
+    common = sorted(reasons.items(), key=lambda item: -len(item[1]))[:3]
+    why = '; '.join(f'{len(files)} {reason} (e.g. {os.path.basename(files[0].observation.path)}'
+                    f'{": " + files[0].detail if files[0].detail else ""})'
+                    for reason, files in common)
+    return (f'no target in {opt.target_dir} has a partner in every --input_dir, so nothing was '
+            f'written{": " + why if why else ""}')
 
 
 if __name__ == '__main__':

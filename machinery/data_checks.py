@@ -3,16 +3,14 @@ file fails in seconds, not hours: every pair's size (from the headers where the 
 allows), NaN and infinite values, values beyond the saturation limits, and the pairing of
 input and target files by the times in their names.
 """
-import datetime
 import os
-import re
 
 import numpy as np
 from torch.utils.data import DataLoader, Dataset
 
 from machinery.run_safety import ignore_stop_signals
 from pix2pixCC_Options import UserError
-from pix2pixCC_Pipeline import WINDOW_READERS, read_array, size_mismatch
+from pix2pixCC_Pipeline import WINDOW_READERS, name_time, read_array, size_mismatch
 
 
 NO_VALUES = {'counted': 0, 'outside': 0, 'inside_other': 0, 'min': np.inf, 'max': -np.inf}
@@ -246,24 +244,6 @@ def nonfinite_warning(side, n_values, n_files, first, scaling, channels=1):
         nan = 'the lower limit in log-scaled channels and 0 in the others'
     return (f"warning: {n_values} NaN/Inf value(s) in {n_files} {side} file(s) (first: "
             f"{first}); NaN becomes {nan}, +Inf the upper and -Inf the lower limit")
-
-
-# YYYYMMDD, optionally followed by hhmm[ss]; separators - _ : T allowed; a time group must not
-# run into further digits (so the 0304 of '..._0000_0304' is not read as seconds).
-TIMESTAMP = re.compile(r'(\d{4})[-_]?(\d{2})[-_]?(\d{2})'
-                       r'(?:[T_-]?(\d{2})[:_-]?(\d{2})(?:[:_-]?(\d{2})(?!\d))?(?!\d))?')
-
-
-def name_time(path):
-    """The date/time written in a file name (YYYYMMDD[_hhmm[ss]] and similar), or None."""
-    match = TIMESTAMP.search(os.path.basename(path))
-    if not match:
-        return None
-    parts = [int(p) if p else 0 for p in match.groups()]
-    try:
-        return datetime.datetime(*parts)
-    except ValueError:
-        return None
 
 
 # Names can mislead (a timestamp in the name that is not the observation's time): the user

@@ -3,6 +3,8 @@ record (test_run.json) says what made its files; a run into a folder that holds 
 run's outputs is refused, or with --overwrite the files a Test run writes are removed first.
 """
 import fnmatch
+import functools
+import hashlib
 import json
 import os
 
@@ -28,8 +30,18 @@ METRIC_OPTIONS = ('metric_bins', 'disk_fraction', 'active_threshold', 'disk_cent
                   'disk_radius_px')
 
 
+# What only the evaluation beside the products depends on: the targets, the metric options
+# and panels. A run that differs from a folder's record in these alone makes the same
+# products: it may take the folder (its metrics and panels replace the earlier ones).
+EVALUATION_KEYS = ('target_dir', 'target_files')
+EVALUATION_OPTIONS = METRIC_OPTIONS + ('save_panels',)
+# The files of the evaluation, removed when the targets change (the metric files are
+# written anew by every run with targets).
+EVALUATION_PATTERNS = ('*_panel.png', 'metrics.csv', 'metrics_summary.json')
+
 # How the refusal names each part of a record that differs.
 RECORD_LABELS = {'run': 'run (--dataset_name)', 'iteration': 'iteration (--iteration)',
+                 'weights': "generator's weights (its checkpoint or model file changed)",
                  'input_dir': 'input folder (--input_dir_test)', 'input_files': 'input files',
                  'target_dir': 'target folder (--target_dir_test)',
                  'target_files': 'target files',
@@ -54,6 +66,8 @@ def run_record(opt, dataset, iteration, precision=None, panels=False):
         options.update(compress=True, quantize_step=opt.quantize_step)
     model = getattr(opt, 'model', None)
     record = {'run': os.path.abspath(model or opt.checkpoint_dir), 'iteration': iteration,
+              'weights': weights_of(model or os.path.join(opt.model_dir, f'{iteration}_G.pt'))
+              if iteration != -1 else None,
               'input_dir': os.path.abspath(opt.input_dir_test),
               'input_files': names(dataset.input_paths),
               'target_dir': os.path.abspath(opt.target_dir_test) if targets else None,
@@ -64,18 +78,41 @@ def run_record(opt, dataset, iteration, precision=None, panels=False):
     return json.loads(json.dumps(record))  # as it reads back from the file
 
 
-def earlier_outputs(folder):
-    """The files in `folder` that a Test run writes (OUTPUT_PATTERNS), sorted."""
+def weights_of(path):
+    """The SHA-256 of the generator file at `path` (a checkpoint or a model file), None
+    where there is none: what tells one generator's products from another's, also after a
+    resumed run saved a new checkpoint of the same step or a model file was exported anew
+    under the same name."""
+    try:
+        stat = os.stat(path)
+    except OSError:
+        return None
+    return file_sha256(path, stat.st_size, stat.st_mtime_ns, stat.st_ino)
+
+
+@functools.lru_cache(maxsize=64)
+def file_sha256(path, size, mtime_ns, inode):
+    """(cached while the file's size, time and inode stay the same)"""
+    digest = hashlib.sha256()
+    with open(path, 'rb') as f:
+        for block in iter(lambda: f.read(2 ** 22), b''):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def earlier_outputs(folder, patterns=OUTPUT_PATTERNS):
+    """The files in `folder` that a Test run writes (`patterns`), sorted."""
     if not os.path.isdir(folder):
         return []
     return sorted(entry.path for entry in os.scandir(folder) if entry.is_file() and
-                  any(fnmatch.fnmatch(entry.name, pattern) for pattern in OUTPUT_PATTERNS))
+                  any(fnmatch.fnmatch(entry.name, pattern) for pattern in patterns))
 
 
 def difference(folder, record):
     """None when `folder` may take the outputs of `record`'s run: it holds no Test outputs,
-    or those of the same run (the same command again writes the same files). Otherwise what
-    differs, in words for the refusal."""
+    or products the run would write the same (the same generator, inputs and options that
+    change the files; the evaluation beside them may differ). Otherwise what differs, in
+    words for the refusal."""
     if not earlier_outputs(folder):
         return None
     try:
@@ -87,23 +124,22 @@ def difference(folder, record):
     if earlier == record:
         return None
     changed = [RECORD_LABELS.get(key, key) for key in record
-               if key != 'options' and earlier.get(key) != record[key]]
-    # (METRIC_OPTIONS and --save_panels are recorded only with targets: a change of targets
-    # is named already.)
+               if key not in ('options',) + EVALUATION_KEYS and earlier.get(key) != record[key]]
     options = earlier.get('options') or {}
     changed += [f'--{name}' for name in sorted(set(options) & set(record['options']))
-                if options[name] != record['options'][name]]
-    return f"made with another {', '.join(changed) or RECORD}"
+                if name not in EVALUATION_OPTIONS and options[name] != record['options'][name]]
+    return f"made with another {', '.join(changed)}" if changed else None
 
 
-def remove_outputs(folder):
-    for path in earlier_outputs(folder):
+def remove_outputs(folder, patterns=OUTPUT_PATTERNS):
+    for path in earlier_outputs(folder, patterns):
         os.remove(path)
 
 
 def take_folder(folder, record, log=print):
     """Make `folder` hold the outputs of `record`'s run alone, writing the record before any
     output (a run stopped half-way leaves a recorded folder that the same command completes).
+    Panels and metrics of other targets go (they no longer describe the folder's products).
 
     The Test script has already refused a folder of another run, or emptied it for
     --overwrite; so outputs of another run are found here only by training's
@@ -114,29 +150,24 @@ def take_folder(folder, record, log=print):
     if reason:
         remove_outputs(folder)
         log(f"notice: removed the earlier outputs in {folder} ({reason})")
+    elif earlier_outputs(folder, EVALUATION_PATTERNS):
+        earlier = read_json(folder, RECORD) or {}
+        if any(earlier.get(key) != record[key] for key in EVALUATION_KEYS):
+            remove_outputs(folder, EVALUATION_PATTERNS)
     write_json(os.path.join(folder, RECORD), record)
-
-
-def numbered_folders(folder):
-    """The iterations of the <iteration>/ subfolders of `folder`."""
-    if not os.path.isdir(folder):
-        return []
-    return [int(entry.name) for entry in os.scandir(folder)
-            if entry.is_dir() and entry.name.isdigit()]
 
 
 def output_plan(opt, iterations):
     """(the folder of each iteration's outputs, the folder of a --iteration -1 run's
     metrics_by_iteration.csv or None). One iteration: straight into --output_dir (default
-    Image/Test/<iteration>); -1: into DIR/<iteration>/ (default DIR: Image/Test)."""
+    Image/Test/<iteration>); -1: into DIR/<iteration>/ (default DIR: Image/Test), for this
+    run's iterations only: another numbered folder of DIR (a year's products, another run's
+    step) is neither checked nor touched, also with --overwrite."""
     if opt.iteration != -1:
         return {opt.iteration: opt.output_dir or os.path.join(opt.image_dir,
                                                               str(opt.iteration))}, None
     top = opt.output_dir or opt.image_dir
-    # Every <iteration>/ of DIR belongs to the run that DIR records, with this run's
-    # generators or not: all are checked, and all are emptied by --overwrite.
-    every = sorted(set(iterations) | set(numbered_folders(top)))
-    return {iteration: os.path.join(top, str(iteration)) for iteration in every}, top
+    return {iteration: os.path.join(top, str(iteration)) for iteration in iterations}, top
 
 
 def claim_output_folders(opt, folders, record_of):

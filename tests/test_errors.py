@@ -113,7 +113,30 @@ def test_file_counts_differ(tmp_path, earlier_run):
     os.remove(os.path.join(target_dir, 'img_002.npy'))
     proc = train_in(tmp_path, input_dir, target_dir)
     assert_refused(proc, earlier_run, f"3 input files in '{input_dir}'",
-                   f"2 target files in '{target_dir}'", 'input i pairs with target i')
+                   f"2 target files in '{target_dir}'", 'input i pairs with target i',
+                   'without a partner of the same name: img_002.npy')
+
+
+def test_file_counts_differ_and_the_times_in_the_names_do_not_match(tmp_path, earlier_run):
+    """The unpaired files are named by the times in their names; a target folder months
+    off is said to be so, not a missing file."""
+    input_dir, target_dir = tmp_path / 'in', tmp_path / 'tg'
+    for folder, times in ((input_dir, ('20110101_0000', '20110101_0012', '20110101_0024')),
+                          (target_dir, ('20110601_0000', '20110601_0012'))):
+        os.makedirs(folder)
+        for when in times:
+            np.save(folder / f'sdo_{when}.npy', np.zeros((32, 32), np.float32))
+    proc = train_in(tmp_path, input_dir, target_dir)
+    assert_refused(proc, earlier_run, 'the times in their names do not overlap',
+                   'inputs 2011-01-01 00:00 to 2011-01-01 00:24',
+                   'targets 2011-06-01 00:00 to 2011-06-01 00:12')
+    os.remove(target_dir / 'sdo_20110601_0012.npy')
+    for when in ('20110101_0000', '20110101_0024'):
+        np.save(target_dir / f'hmi_{when}.npy', np.zeros((32, 32), np.float32))
+    os.remove(target_dir / 'sdo_20110601_0000.npy')
+    proc = train_in(tmp_path, input_dir, target_dir)
+    assert_refused(proc, earlier_run, 'without a partner within a minute',
+                   'sdo_20110101_0012.npy')
 
 
 def test_input_and_target_sizes_differ(tmp_path, earlier_run):

@@ -438,7 +438,7 @@ def test_output_dir_takes_one_generator_straight_and_every_one_in_subfolders(unt
     # The record: generator, inputs, targets and what changes the files.
     record = record_in('one')
     assert record == record_in('every/4')
-    assert record_in('every') == {**record, 'iteration': -1}
+    assert record_in('every') == {**record, 'iteration': -1, 'weights': None}
     assert (record['run'], record['iteration']) == (os.path.abspath('checkpoints/folders'), 4)
     assert (record['input_dir'], record['target_dir']) == tuple(
         os.path.abspath(folder) for folder in untrained[1::2])
@@ -742,3 +742,53 @@ def test_inference_gives_back_each_layers_mapped_weights_once_it_has_run(tmp_pat
     assert not_released == {}
     for output in outputs:
         assert torch.equal(output, expected)
+
+
+def test_overwrite_leaves_numbered_folders_of_no_generator_of_this_run_alone(untrained,
+                                                                            capsys):
+    """README "Output files": with --iteration -1 --output_dir DIR, the folders this run
+    owns are DIR and DIR/<iteration>/ of its generators; a year's products in DIR/2012/
+    are neither a reason to refuse nor emptied by --overwrite."""
+    other_dir, _ = make_pairs('b', 'npy', n=1, prefix='other')
+    year = FOLDER_FLAGS + ['--input_dir_test', other_dir, '--iteration', '2',
+                           '--output_dir', 'products/2012']
+    assert pix2pixCC_Test.main(year) == 0
+    kept = snapshot('products/2012')
+    every = FOLDER_FLAGS + untrained + ['--iteration', '-1', '--output_dir', 'products']
+    assert run_main(pix2pixCC_Test.main, every) == 0
+    assert run_main(pix2pixCC_Test.main, every + ['--overwrite']) == 0
+    assert snapshot('products/2012') == kept
+    assert sorted(name for name in os.listdir('products') if name.isdigit()) == \
+        ['2', '2012', '4']
+
+
+def test_a_checkpoint_saved_anew_is_another_generator(untrained, capsys):
+    """README "Output files": the record holds the generator file's SHA-256, so a folder made
+    with step 4 before a resumed run saved a new 4_G.pt (or a model file exported anew) is
+    refused, --skip_existing included, instead of keeping the old generator's products."""
+    command = FOLDER_FLAGS + untrained + ['--iteration', '4', '--output_dir', 'out']
+    assert pix2pixCC_Test.main(command) == 0
+    products = snapshot('out')
+    torch.manual_seed(1)
+    torch.save(Generator(train_opt()).state_dict(), 'checkpoints/folders/Model/4_G.pt')
+    capsys.readouterr()
+    assert run_main(pix2pixCC_Test.main, command + ['--skip_existing']) == 2
+    err = capsys.readouterr().err
+    assert "generator's weights" in err and '--overwrite' in err, err
+    assert snapshot('out') == products
+
+
+def test_panels_and_metrics_are_made_beside_the_same_products(untrained, capsys):
+    """README "Output files": the evaluation (targets, metric options, --save_panels) may
+    differ from the folder's record; the products stay, panels are added, metrics made anew:
+    the quick start's Test and then "Evaluating a model"'s --save_panels run in order."""
+    command = FOLDER_FLAGS + untrained + ['--iteration', '2', '--output_dir', 'out']
+    assert pix2pixCC_Test.main(command) == 0
+    products = {name: value for name, value in snapshot('out').items() if '_AI.' in name}
+    assert run_main(pix2pixCC_Test.main, command + ['--save_panels', '--skip_existing']) == 0
+    assert sorted(name for name in os.listdir('out') if name.endswith('_panel.png')) == \
+        ['img_000_panel.png', 'img_001_panel.png']
+    assert run_main(pix2pixCC_Test.main, command + ['--metric_bins', '1', '2']) == 0
+    assert {name: value[0] for name, value in snapshot('out').items() if '_AI.' in name} == \
+        {name: value[0] for name, value in products.items()}
+    assert record_in('out')['options']['metric_bins'] == [1, 2]

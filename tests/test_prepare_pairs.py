@@ -325,6 +325,22 @@ def test_bad_input_is_one_line_and_exit_status_2(tmp_path, capsys, make, extra, 
     assert not os.path.exists(tmp_path / 'out' / 'pairs.csv')
 
 
+def test_a_run_that_writes_no_pair_leaves_nothing_and_its_retry_runs(tmp_path, capsys):
+    """README "Preparing solar data": when no target has a partner within
+    --max_time_difference (here 30 minutes apart), the one line says why with an example,
+    nothing is written, and the rerun with a corrected option into the same folder runs."""
+    solar_map(tmp_path / 'in' / 'x.fits', time='2011-10-20T00:00:00')
+    solar_map(tmp_path / 'tg' / 'y.fits', time='2011-10-20T00:30:00')
+    argv = ['--input_dir', tmp_path / 'in', '--target_dir', tmp_path / 'tg', '--output_dir',
+            tmp_path / 'out', '--size', 16, '--disk_radius_px', 6]
+    assert prepare(*argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and 'nothing was written' in err[0] and 'y.fits' in err[0], err
+    assert not os.path.exists(tmp_path / 'out')
+    assert prepare(*argv, '--max_time_difference', 40) == 0
+    assert os.path.exists(tmp_path / 'out' / 'pairs.csv')
+
+
 def test_missing_dependencies_are_named_in_one_line(tmp_path):
     proc = run_script(SCRIPT, ['--help'], tmp_path, PYTHONPATH=blocked(tmp_path, 'scipy'))
     assert_usage_error(proc, 'scipy is missing', 'pip install -r requirements-prep.txt')

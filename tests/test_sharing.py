@@ -141,12 +141,18 @@ def damaged_copies(model, folder):
     torch.save({**record, 'weights': changed}, paths['hash mismatch'])
     paths['a checkpoint'] = folder / 'checkpoint.pt'
     torch.save(record['weights'], paths['a checkpoint'])
+    paths['a run name that is a path'] = folder / 'escape.pt'  # (it would name the folders)
+    torch.save({**record, 'run': '../../escape'}, paths['a run name that is a path'])
+    paths['a step that is no number'] = folder / 'step.pt'
+    torch.save({**record, 'step': '1; rm'}, paths['a step that is no number'])
     return paths
 
 
 @pytest.mark.parametrize('damage, words', [
     ('truncated', 'not a readable model file'), ('newer format', 'format version 2'),
-    ('hash mismatch', 'SHA-256'), ('a checkpoint', 'not a pix2pixCC model file')])
+    ('hash mismatch', 'SHA-256'), ('a checkpoint', 'not a pix2pixCC model file'),
+    ('a run name that is a path', "run name '../../escape' is not a folder name"),
+    ('a step that is no number', 'is not a number of samples')])
 def test_a_bad_model_file_is_refused_in_one_line(trained, tmp_path, capsys, damage, words):
     path = damaged_copies(exported(trained), tmp_path)[damage]
     assert run_in(tmp_path, ['--model', str(path), *trained['test']]) == 2
