@@ -4,6 +4,7 @@ No module here imports a driver (pix2pixCC_Train, pix2pixCC_Test).
 
 translation  a generator on images: load it for inference, one image whole or in tiles,
              every input of a dataset into its products (Test and training's validation)
+whole_image  the whole-image pass: the traced forward, writing in place where the graph allows
 tile_graph   what the tiled path computes: the network's forward traced and its calls sorted
 tiles        exact tiled inference: convolutions over tiles with halos, stores, statistics
 tile_memory  whole image or tiles: memory and disk estimates, the memory available (cgroups)

@@ -360,6 +360,8 @@ def test_generator_inference_on_the_scatter_path_matches_pytorch(monkeypatch, no
     x = torch.rand(1, channels, 37, 45) * 2 - 1
     with torch.inference_mode():
         reference = translation.generate(plain, x, opt.n_downsample)
+        translation.generate(prepared, x, opt.n_downsample)  # (a network's first image checks
+        # its in-place pass once, README "Speed": the next image is the one counted)
         output, calls = profiled(lambda: translation.generate(prepared, x, opt.n_downsample))
     assert calls.get(SCATTER_KERNEL, 0) == 1 + (opt.n_downsample if trans_conv else 0)
     assert relative_difference(output, reference) <= 1e-5
@@ -451,6 +453,8 @@ def test_generator_inference_on_the_winograd_path_matches_pytorch(monkeypatch, n
     x = torch.rand(1, 1, 37, 45) * 2 - 1
     with torch.inference_mode():
         reference = translation.generate(plain, x, opt.n_downsample)
+        translation.generate(prepared, x, opt.n_downsample)  # (a network's first image checks
+        # its in-place pass once, README "Speed": the next image is the one counted)
         output, calls = profiled(lambda: translation.generate(prepared, x, opt.n_downsample))
         tiled = translation.generate(prepared, x, opt.n_downsample, tile_size=16,
                                         tmp_dir=str(tmp_path))

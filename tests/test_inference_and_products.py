@@ -20,14 +20,15 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from astropy import units as u
 from astropy.io import fits
 from astropy.wcs import WCS
 
 import machinery.fast_conv
 import machinery.memory
-from machinery import tiles, translation
-from machinery.tile_graph import tile_plan
+from machinery import tiles, translation, whole_image
+from machinery.tile_graph import LayerTracer, tile_plan
 import pix2pixCC_Test
 import pix2pixCC_Train
 from conftest import (AIA_PLACE_AND_TIME, INPUT_ONLY, NPY_DATA, RECORD, SAMPLE_DATA, TINY, H,
@@ -792,3 +793,43 @@ def test_panels_and_metrics_are_made_beside_the_same_products(untrained, capsys)
     assert {name: value[0] for name, value in snapshot('out').items() if '_AI.' in name} == \
         {name: value[0] for name, value in products.items()}
     assert record_in('out')['options']['metric_bins'] == [1, 2]
+
+
+def test_the_whole_image_pass_writes_in_place_only_where_nothing_else_reads():
+    """README "Speed": the whole-image pass lets the normalisations and activations that
+    follow a fresh map write into it (the default generator's), never into the caller's
+    image or a value read again (a pre-activation block's input), with the forward's output;
+    a forward that cannot be traced runs as it is."""
+    opt = make_test_opt()
+    G = Generator(opt).eval()
+    x = torch.rand(1, 1, 40, 48)
+    kept = x.clone()
+    runner = whole_image.inference_runner(G, x, 2 ** opt.n_downsample)
+    assert runner is not G
+    module = torch.fx.GraphModule(G, LayerTracer().trace(G))
+    written = whole_image.in_place_calls(module)
+    assert sum(how == 'norm' for how in written.values()) == sum(
+        isinstance(layer, torch.nn.InstanceNorm2d) for layer in G.modules())
+    with torch.inference_mode():
+        got, expected = runner(x), G(x)
+    assert (got - expected).abs().max() <= 1e-5 * (expected.max() - expected.min())
+    assert torch.equal(x, kept)
+
+    class PreActivation(torch.nn.Module):  # x + conv(mish(x)): x is read again
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Conv2d(1, 1, 3, padding=1)
+
+        def forward(self, x):
+            y = self.conv(x)
+            return y + self.conv(F.mish(y))
+
+    module = torch.fx.GraphModule(PreActivation(), LayerTracer().trace(PreActivation()))
+    assert whole_image.in_place_calls(module) == {}
+
+    class Branching(torch.nn.Module):
+        def forward(self, x):
+            return x if float(x.mean()) > 0 else -x
+
+    branching = Branching()
+    assert whole_image.inference_runner(branching, x, 4) is branching
