@@ -221,9 +221,9 @@ def describe(node):
     if node.op == 'call_module':
         return f'{node.target} ({node.graph.owning_module.get_submodule(node.target)})'
     if node.op == 'call_function':
-        return getattr(node.target, '__qualname__', None) and \
-            f'{getattr(node.target, "__module__", "") or ""}.{node.target.__qualname__}'.lstrip(
-                '.').replace('_operator.', 'operator ') or str(node.target)
+        module = getattr(node.target, '__module__', None) or ''
+        name = getattr(node.target, '__qualname__', str(node.target))
+        return f'{module}.{name}' if module else name
     if node.op == 'call_method':
         return f'.{node.target}()'
     return f'{node.op} {node.target}'
