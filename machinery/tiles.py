@@ -686,3 +686,23 @@ def check_tiles_agree(G, plan, like, multiple):
         return (f'its tiles differ from the whole image by {difference:.2g} of the output\'s '
                 f'range on a test image')
     return None
+
+
+def convolve_in_bands(step, x, rows):
+    """The convolution of `step` (a ConvStep: its padding and upsampling included) over x
+    (B, C, H, W), computed in bands of `rows` output rows: each band from the input rows it
+    needs, padded at the image's border as the whole map is, so that the padded (or
+    upsampled) map itself is never made. The whole-image pass uses it for a large map
+    (machinery/whole_image.py)."""
+    shape = step.output_shape(tuple(x.shape[1:]))
+    out = x.new_empty((x.shape[0], *shape))
+    col_plan = axis_plan(step, 1, x.shape[3], 0, shape[2], x.device)
+    for start in range(0, shape[1], rows):
+        stop = min(start + rows, shape[1])
+        row_plan = axis_plan(step, 0, x.shape[2], start, stop, x.device)
+        band = step_input(step, x[:, :, row_plan.start:row_plan.stop,
+                                  col_plan.start:col_plan.stop], row_plan, col_plan)
+        result = step.run(band)
+        out[:, :, start:stop] = result[:, :, row_plan.crop:row_plan.crop + stop - start,
+                                       col_plan.crop:col_plan.crop + shape[2]]
+    return out

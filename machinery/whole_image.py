@@ -1,6 +1,7 @@
 """The whole-image pass in inference (README "Speed"): the network's forward, run call by call
 (torch.fx) with a normalisation or an activation writing into its input where the graph
-shows that nothing else reads that input.
+shows that nothing else reads that input, and with a convolution that a large padding layer
+alone feeds computed in bands of rows from the unpadded map (the padded copy is never made).
 
 At 1024x1024 every full-resolution normalisation and activation of the generator would
 otherwise allocate a new 268 MB map; on the CPU the heap that keeps freed memory for reuse
@@ -12,8 +13,8 @@ Which calls write in place is read from the traced graph, never from the layer: 
 must be a fresh map (the output of a convolution, padding, upsampling, normalisation or
 pointwise call, not the caller's image or a view) that has no other reader. Everything else
 runs as the network's forward runs it. A network whose forward cannot be traced, a float32
-run that differs on a small test image from the forward by more than float rounding, or any
-other precision, runs its forward itself (`inference_runner`).
+run that differs on a small test image (every padded map in bands) from the forward by more
+than float rounding, or any other precision, runs its forward itself (`inference_runner`).
 """
 import operator
 import weakref
@@ -23,7 +24,8 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
-from machinery.tile_graph import LayerTracer
+from machinery.tile_graph import PAD_LAYERS, ConvStep, LayerTracer
+from machinery.tiles import convolve_in_bands
 
 # Calls whose output is a new tensor, never a view of another value.
 FRESH_MODULES = (nn.Conv2d, nn.ConvTranspose2d, nn.ReflectionPad2d, nn.ReplicationPad2d,
@@ -36,6 +38,11 @@ IN_PLACE_FUNCTIONS = {F.mish, F.relu, F.leaky_relu, F.silu, F.elu}
 IN_PLACE_MODULES = {nn.Mish: F.mish, nn.ReLU: F.relu, nn.SiLU: F.silu}
 # How far the in-place pass may differ from the forward on the test image (of its range).
 AGREEMENT = 1e-5
+# A padding layer's output of at least this many bytes is not made: the convolution it feeds
+# alone runs in bands of BAND_VALUES input values (a 64-channel 1030x1030 copy at the
+# generator's output layer is 272 MB).
+BANDED_BYTES = 2 ** 26
+BAND_VALUES = 2 ** 22
 
 
 def instance_norm_(x, norm):
@@ -90,15 +97,54 @@ def in_place_calls(module):
     return written
 
 
+def banded_convolutions(module):
+    """{padding node name: the ConvStep of the convolution it alone feeds} (Conv2d with zero
+    padding_mode and numeric padding), whose padded map need not be made."""
+    steps = {}
+    for node in module.graph.nodes:
+        source = node.args[0] if node.args else None
+        if node.op != 'call_module' or not isinstance(source, fx.Node) or \
+                source.op != 'call_module' or len(source.users) != 1:
+            continue
+        conv, pad = module.get_submodule(node.target), module.get_submodule(source.target)
+        if not isinstance(conv, nn.Conv2d):  # (ConvTranspose2d is none)
+            continue
+        if type(pad) in PAD_LAYERS and conv.padding_mode == 'zeros' and \
+                not isinstance(conv.padding, str) and len(node.args) == 1:
+            steps[source.name] = ConvStep(conv, pad=(PAD_LAYERS[type(pad)], float(
+                getattr(pad, 'value', 0.0)), tuple(pad.padding)), zero_padding=tuple(conv.padding))
+    return steps
+
+
+class Unpadded:
+    """A padding layer's input, standing for its output, which its convolution reads in
+    bands (`banded_convolutions`)."""
+
+    def __init__(self, tensor, step):
+        self.tensor, self.step = tensor, step
+
+
 class InPlaceRunner(fx.Interpreter):
     """The traced forward, call by call (each value freed after its last reader), with the
-    calls of `written` writing into their input."""
+    calls of `written` writing into their input and the large padded maps of `banded` never
+    made."""
 
-    def __init__(self, module, written):
+    def __init__(self, module, written, banded=None):
         super().__init__(module)
-        self.written = written
+        self.written, self.banded = written, banded or {}
+        self.band_bytes, self.band_values = BANDED_BYTES, BAND_VALUES
 
     def run_node(self, node):
+        if node.name in self.banded:
+            x = self.fetch_args_kwargs_from_env(node)[0][0]
+            if x.numel() * x.element_size() >= self.band_bytes:
+                return Unpadded(x, self.banded[node.name])
+        if node.args and isinstance(node.args[0], fx.Node) and \
+                isinstance(self.env.get(node.args[0]), Unpadded):
+            source = self.env[node.args[0]]
+            x = source.tensor
+            rows = max(1, self.band_values // max(1, x.shape[0] * x.shape[1] * x.shape[3]))
+            return convolve_in_bands(source.step, x, rows)
         how = self.written.get(node.name)
         if how is None:
             return super().run_node(node)
@@ -129,18 +175,21 @@ def checked_runner(G, like, multiple):
         module = fx.GraphModule(G, LayerTracer().trace(G))
     except Exception:  # (not traceable: the forward runs as it is)
         return None
-    written = in_place_calls(module)
-    if not written:
+    written, banded = in_place_calls(module), banded_convolutions(module)
+    if not written and not banded:
         return None
-    runner = InPlaceRunner(module, written)
+    runner = InPlaceRunner(module, written, banded)
     generator = torch.Generator().manual_seed(0)
     x = torch.randn((1, like.shape[1], 3 * multiple, 3 * multiple),
                     generator=generator).to(like.device)
+    # (every padded map in bands of a few rows here, to check the bands too)
+    runner.band_bytes, runner.band_values = 0, x.shape[3] * 3
     with torch.inference_mode():
         expected = G(x).float()
         try:
             got = runner.run(x.clone()).float()
         except Exception:
             return None
+    runner.band_bytes, runner.band_values = BANDED_BYTES, BAND_VALUES
     span = float(expected.max() - expected.min()) or 1.0
     return runner if float((got - expected).abs().max()) <= AGREEMENT * span else None
