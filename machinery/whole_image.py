@@ -48,7 +48,7 @@ BAND_VALUES = 2 ** 22
 def instance_norm_(x, norm):
     """InstanceNorm (image statistics) of x (B, C, H, W) written into x: the per-channel
     mean and biased variance by BatchNorm's statistics kernel, then one fused pass."""
-    flat = x.view(1, x.shape[0] * x.shape[1], *x.shape[2:])
+    flat = x.reshape(1, x.shape[0] * x.shape[1], *x.shape[2:])  # (a view where it can be)
     mean, var = torch.batch_norm_update_stats(flat, None, None, 0.0)
     scale = torch.rsqrt(var + norm.eps)
     shift = -mean * scale
@@ -56,7 +56,7 @@ def instance_norm_(x, norm):
         weight, bias = norm.weight.repeat(x.shape[0]), norm.bias.repeat(x.shape[0])
         scale, shift = scale * weight, shift * weight + bias
     shape = (1, -1, 1, 1)
-    return torch.addcmul(shift.view(shape), flat, scale.view(shape), out=flat).view(x.shape)
+    return torch.addcmul(shift.view(shape), flat, scale.view(shape), out=flat).reshape(x.shape)
 
 
 def uses_image_statistics(norm):
