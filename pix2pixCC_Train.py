@@ -8,6 +8,7 @@ import contextlib
 import functools
 import os
 import random
+import re
 import shutil
 import sys
 from dataclasses import dataclass
@@ -283,7 +284,7 @@ def train(opt, state, cluster, device, gpu_ids, stop, log, given=()):
     target_scaling = Scaling.from_options(opt, 'target', save_scale=1.0)
     validation = functools.partial(validate, nets.G, val_dataset, opt, device, precision,
                                    target_disks(val_dataset, opt, log)
-                                   if val_dataset is not None else None)
+                                   if val_dataset is not None else None, log=progress.write)
     manager = Manager(opt, nets.G, nets.D, functools.partial(nets.training_state, opt),
                       target_scaling, data_unit(opt), log=progress.write,
                       input_scaling=Scaling.from_options(opt, 'input', save_scale=1.0),
@@ -495,19 +496,29 @@ def after_step(manager, opt, epoch, steps, n_samples, batch, terms, lr):
         manager.save(current_step, epoch)
 
 
-def validate(G, val_dataset, opt, device, precision, disks, step):
+def validate(G, val_dataset, opt, device, precision, disks, step, log=print):
     """Translate the test inputs with the generator of `step` (--val_during_train); with
     --target_dir_test, log their mean metrics (with the regions of the targets' `disks`) in
-    val_metrics.csv and return them."""
-    rows = translate(bare(G), val_dataset,
-                     os.path.join(opt.checkpoint_dir, 'Image', 'Test', str(step)),
-                     opt, device, step, precision, disks=disks)
-    if not rows:
+    val_metrics.csv and return them. One line in the log says where the outputs went and,
+    with targets, the mean CC of the first target channel."""
+    folder = os.path.join(opt.checkpoint_dir, 'Image', 'Test', str(step))
+    rows = translate(bare(G), val_dataset, folder, opt, device, step, precision, disks=disks)
+    means = {key: value['mean'] for key, value in summarize(rows).items()} if rows else None
+    log(validation_line(step, len(val_dataset), folder, means))
+    if means is None:
         return None
-    means = {key: value['mean'] for key, value in summarize(rows).items()}
     write_csv(os.path.join(opt.checkpoint_dir, 'val_metrics.csv'), [{'step': step, **means}],
               append=True)
     return means
+
+
+def validation_line(step, n_files, folder, means):
+    """'validation at step N: K file(s) in FOLDER[; mean cc_1x1 0.81, ...]': the CC of the
+    first target channel at every binning, over the whole frame and the disk where known."""
+    shown = [f"{key.replace('ch0_', '')} {value:.4f}" for key, value in (means or {}).items()
+             if re.fullmatch(r'(ch0_)?(disk_)?cc_\d+x\d+', key)]
+    return f"validation at step {step}: {n_files} file(s) in {folder}" + \
+        (f"; mean {', '.join(shown)}" if shown else '')
 
 
 if __name__ == '__main__':

@@ -619,6 +619,9 @@ def test_tensorboard_holds_losses_lr_panels_validation_and_options(data, tmp_pat
     run.proc.send_signal(signal.SIGTERM)
     code, out = run.finish()
     assert code == 143, out[-3000:]
+    # Each validation says so in the log, with the mean CC (README "Output files").
+    assert re.search(r'validation at step 4: \d+ file\(s\) in \S+; mean cc_1x1 -?\d\.\d{4}',
+                     out), out[-3000:]
     assert_ok(run_train(['--gpu_ids', '-1', '--latest_iter', '-1'], cwd=tmp_path))
 
     events = read_events(tmp_path)

@@ -379,6 +379,8 @@ def test_npy_run_checkpoints_reports_previews(npy_run):
 def test_val_during_train_writes_test_outputs_at_every_save(npy_run):
     test_dir = npy_run.out / 'Image' / 'Test'
     assert sorted(int(n) for n in os.listdir(test_dir)) == EXPECTED_SAVES
+    for step in EXPECTED_SAVES:  # one line each in the log
+        assert f'validation at step {step}: 3 file(s) in ' in npy_run.proc.stdout
     for step in EXPECTED_SAVES:
         assert sorted(os.listdir(test_dir / str(step))) == \
             [RECORD] + [f'val_{i:03d}_AI.npy' for i in range(3)]
