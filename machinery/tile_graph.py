@@ -342,12 +342,16 @@ def constant(module, node):
     return Constant(node.name, tensor)
 
 
+def uses_running_statistics(norm):
+    """Whether a BatchNorm or InstanceNorm normalises by stored statistics (eval mode with
+    running statistics): then it acts pixel by pixel."""
+    return norm.track_running_stats and not norm.training and norm.running_mean is not None
+
+
 def norm_op(node, norm):
     """BatchNorm or InstanceNorm: pointwise with running statistics (eval mode), a Norm with
     the image's own statistics."""
-    uses_running = norm.track_running_stats and not norm.training and \
-        norm.running_mean is not None
-    if uses_running:
+    if uses_running_statistics(norm):
         return pointwise(node, norm)
     if isinstance(norm, nn.modules.batchnorm._BatchNorm):
         raise CannotTile(f'{describe(node)} is in training mode (statistics of the batch)')

@@ -35,6 +35,7 @@ from machinery.memory import return_freed_memory
 from machinery.tile_graph import (CannotTile, Constant, Conv, Norm, Pointwise, level_of,
                                   tile_plan)
 from pix2pixCC_Options import UserError
+from pix2pixCC_Utils import bare, memory_format
 
 FLOAT_BYTES = 4  # stores and tiles are float32
 # An image slower than this (seconds) gets a progress bar of its layers or tiles.
@@ -576,8 +577,7 @@ class Run:
                                                  self.device)
             return plans[(axis, *span)]
 
-        # (what the network's layers get on each device: channels-last on a GPU)
-        layout = torch.channels_last if self.device.type == 'cuda' else torch.contiguous_format
+        layout = memory_format(self.device)  # (what the network's layers get on the device)
         for rows, cols in tiles(target.shape, self.sides[op.name]):
             row_plan, col_plan = plan(0, rows), plan(1, cols)
             tile = step_input(step, source.read(row_plan[:2], col_plan[:2], self.device),
@@ -652,7 +652,7 @@ def plan_or_reason(G):
 def checked_plan(G, input, multiple):
     """The TilePlan of G (or of the network a wrapper holds), checked once per network by
     `check_tiles_agree` on a small image like `input`; UserError when it cannot be tiled."""
-    G = bare_network(G)
+    G = bare(G)
     if G not in _checked:
         plan, reason = plan_or_reason(G)
         if plan is not None:
@@ -663,29 +663,31 @@ def checked_plan(G, input, multiple):
     return _checked[G]
 
 
-def bare_network(module):
-    """The module inside DataParallel/DistributedDataParallel and torch.compile wrappers."""
-    while hasattr(module, 'module') or hasattr(module, '_orig_mod'):
-        module = getattr(module, 'module', None) or module._orig_mod
-    return module
-
-
 def check_tiles_agree(G, plan, like, multiple):
     """None when the plan's tiles reproduce G's whole-image output on a small random image
     of 3 x 3 tiles of `multiple` pixels (like `like` in its channels and device), else why
     not: a guard against a call the plan reads differently from the network."""
-    size = 3 * multiple
-    generator = torch.Generator().manual_seed(0)
-    x = torch.randn((1, like.shape[1], size, size), generator=generator).to(like.device)
-    with torch.inference_mode():
-        whole = G(x).float()
-        tiled = run_plan(plan, x, size // 3)
-    span = float(whole.max() - whole.min()) or 1.0
-    difference = float((tiled - whole).abs().max()) / span
+    difference = difference_from_forward(G, lambda x: run_plan(plan, x, multiple), like,
+                                         multiple)
     if not difference <= AGREEMENT:
         return (f'its tiles differ from the whole image by {difference:.2g} of the output\'s '
                 f'range on a test image')
     return None
+
+
+def difference_from_forward(G, compute, like, multiple):
+    """The largest |compute(x) - G(x)| over the range of G(x), in inference, for a random
+    image x of 3 x 3 multiples of `multiple` pixels with the channels and device of `like`:
+    how a path that computes G another way (the tiles, the whole-image pass) is checked
+    once per network."""
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn((1, like.shape[1], 3 * multiple, 3 * multiple),
+                    generator=generator).to(like.device)
+    with torch.inference_mode():
+        expected = G(x).float()
+        got = compute(x.clone()).float()
+    span = float(expected.max() - expected.min()) or 1.0
+    return float((got - expected).abs().max()) / span
 
 
 def convolve_in_bands(step, x, rows):
