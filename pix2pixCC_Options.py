@@ -81,8 +81,8 @@ class BaseOption:
 
     is_train = True
     # Titles of the --help sections, in order; `add` names one of them.
-    GROUPS = ('data', 'network', 'augmentation', 'checking', 'training hyper-parameters',
-              'logging and saving', 'test')
+    GROUPS = ('data', 'SDOML stores', 'network', 'augmentation', 'checking',
+              'training hyper-parameters', 'logging and saving', 'test')
 
     def __init__(self):
         p = OneLineErrorParser()
@@ -129,6 +129,7 @@ class BaseOption:
             help="physical unit of the targets, e.g. G: BUNIT of generated FITS files and "
                  "the panels' label (None: BUNIT of the first FITS target)")
         add('data', '--n_workers', type=int, default=1, help='data-loading processes')
+        self.add_store_options()
 
         add('network', '--gpu_ids', type=str, default='0',
             help="GPU index, '-1' for the CPU, '0,1' for several GPUs")
@@ -254,6 +255,40 @@ class BaseOption:
         self.groups[group].add_argument(name, help=help, default=argparse.SUPPRESS, **kwargs)
         self.parser.option_names.append(name)
 
+    def add_store_options(self):
+        """Pairs from SDOMLv2 zarr stores instead of folders (README "Training on SDOML"):
+        paired by time, split into training and test by months."""
+        def add(name, **kwargs):
+            self.add('SDOML stores', name, **kwargs)
+
+        add('--sdoml_input', type=str, default=None, metavar='STORE',
+            help='SDOMLv2 zarr store of the inputs (a folder such as aia.zarr), instead of '
+                 'the input folders (None: folders)')
+        add('--sdoml_target', type=str, default=None, metavar='STORE',
+            help='SDOMLv2 store of the targets (such as hmi.zarr; may be the input store)')
+        add('--sdoml_input_arrays', type=str, nargs='+', default=None, metavar='ARRAY',
+            help='arrays of the input store that are the input channels, in order, e.g. '
+                 '171A 193A 304A')
+        add('--sdoml_target_arrays', type=str, nargs='+', default=['Bz'], metavar='ARRAY',
+            help='arrays of the target store that are the target channels, e.g. Bz or Bx By Bz')
+        add('--sdoml_start', type=str, default=None, metavar='TIME',
+            help='pairs whose target time (UTC, ISO: 2011-01-01 or 2011-01-01T12:00) is at '
+                 'or after this (None: the first frame)')
+        add('--sdoml_end', type=str, default=None, metavar='TIME',
+            help='pairs whose target time is before this (None: up to the last frame)')
+        add('--sdoml_tolerance', type=float, default=6.0, metavar='MINUTES',
+            help='largest time difference (minutes) between a target frame and the frame '
+                 'of each input passband')
+        add('--sdoml_test_months', type=int, nargs='*', default=None, metavar='MONTH',
+            help='months (1-12) of the target times that form the test split (Test, '
+                 '--val_during_train); the other pairs train (None: every pair trains, '
+                 'and the Test script takes every pair)')
+        add('--sdoml_gap_days', type=float, default=0.0, metavar='DAYS',
+            help='leave out of training the pairs within this many days of a test pair')
+        add('--sdoml_skip', type=str, default=None, metavar='FILE',
+            help="frames to leave out, one a line: 'TIME' (every array), 'ARRAY TIME' or "
+                 "'ARRAY YEAR/INDEX' (None: none)")
+
     def add_training_options(self):
         """The options of TrainOption (in TestOption: parsed, hidden, ignored)."""
         def add(group, name, **kwargs):
@@ -304,8 +339,23 @@ class BaseOption:
         self.explicit = set(given)
         opt = argparse.Namespace(**{**self.defaults, **given})
         opt.is_train = self.is_train
+        self.take_store_layout(opt)
         self.finish(opt)
         return opt
+
+    def take_store_layout(self, opt):
+        """With SDOML stores (--sdoml_input) the arrays are the channels and the data FITS
+        frames: --input_ch, --target_ch and the formats follow, unless given on the command
+        line (`store_problems` refuses a contradiction; also one met later, with the options
+        of a training run)."""
+        if not opt.sdoml_input:
+            return
+        for side in ('input', 'target'):
+            arrays = getattr(opt, f'sdoml_{side}_arrays')
+            if arrays and f'{side}_ch' not in self.explicit:
+                setattr(opt, f'{side}_ch', len(arrays))
+            if f'data_format_{side}' not in self.explicit:
+                setattr(opt, f'data_format_{side}', 'fits')
 
     def finish(self, opt):
         """Validate and set the derived options (eps, output folders)."""
@@ -351,7 +401,7 @@ class BaseOption:
     def validate(self, opt):
         """Reject option values that cannot work, with a one-line message naming the option."""
         opt.gpu_ids = opt.gpu_ids.replace(' ', '')
-        for problem in (*self.number_problems(opt),
+        for problem in (*self.number_problems(opt), *self.store_use_problems(opt),
                         *self.scaling_problems(opt, self.channels_known)):
             self.parser.error(problem)  # exits with the first
 
@@ -378,6 +428,27 @@ class BaseOption:
         if min(opt.metric_bins) < 1:
             yield f"--metric_bins must be positive integers, got {opt.metric_bins}"
         yield from region_problems(opt)
+
+    # The folders that SDOML stores replace (README "Training on SDOML").
+    FOLDER_OPTIONS = ('input_dir_train', 'target_dir_train', 'input_dir_test', 'target_dir_test')
+
+    def store_use_problems(self, opt):
+        """The SDOML options: none without --sdoml_input, no folders beside the stores, and
+        the rest of a run on stores (`store_problems`)."""
+        explicit = getattr(self, 'explicit', set())
+        if not self.channels_known:  # (the Test script: checked with the run's options)
+            return
+        if not opt.sdoml_input:
+            given = sorted(name for name in explicit
+                           if name.startswith('sdoml_') and getattr(opt, name) is not None)
+            if given:
+                yield f"--{given[0]} needs --sdoml_input STORE (the store of the inputs)"
+            return
+        folders = [name for name in self.FOLDER_OPTIONS if name in explicit]
+        if folders:
+            yield (f"--{folders[0]} names a folder, but --sdoml_input takes the pairs from "
+                   f"stores; give folders or stores, not both")
+        yield from store_problems(opt)
 
     @staticmethod
     def scaling_problems(opt, channels_known=True):
@@ -406,6 +477,37 @@ def region_problems(opt):
             0 < opt.disk_radius_px < math.inf and all(map(math.isfinite, opt.disk_center_px))):
         yield (f"--disk_center_px must be finite and --disk_radius_px positive, got "
                f"{as_argument(opt.disk_center_px)} and {opt.disk_radius_px:g}")
+
+
+def store_problems(opt):
+    """The SDOML options of a run on stores (README "Training on SDOML"): a target store and
+    arrays for both sides, as many as the channels, FITS data, the numbers."""
+    if not opt.sdoml_input_arrays:
+        yield ("--sdoml_input needs --sdoml_input_arrays: the arrays of the input channels, "
+               "e.g. 171A 193A 304A")
+    if not opt.sdoml_target:
+        yield ("--sdoml_input needs --sdoml_target STORE: pairs are made at the times of the "
+               "target frames (it may be the input store)")
+    for side in ('input', 'target'):
+        arrays, channels = getattr(opt, f'sdoml_{side}_arrays') or [], getattr(opt, f'{side}_ch')
+        if side == 'target' and not arrays:
+            yield "--sdoml_target_arrays needs one array or more, e.g. Bz"
+        if arrays and len(arrays) != channels:
+            yield (f"--sdoml_{side}_arrays names {len(arrays)} array(s) ({' '.join(arrays)}), "
+                   f"one a channel, but --{side}_ch is {channels}; leave out --{side}_ch, or "
+                   f"name {channels} array(s)")
+        if getattr(opt, f'data_format_{side}') not in FITS_FORMATS:
+            yield (f"--data_format_{side} {getattr(opt, f'data_format_{side}')}: SDOML frames "
+                   f"have FITS headers, and the products are FITS; leave out "
+                   f"--data_format_{side}")
+    if opt.sdoml_tolerance < 0 or opt.sdoml_gap_days < 0:
+        yield (f"--sdoml_tolerance and --sdoml_gap_days must not be negative, got "
+               f"{opt.sdoml_tolerance:g} and {opt.sdoml_gap_days:g}")
+    if any(not 1 <= month <= 12 for month in opt.sdoml_test_months or []):
+        yield f"--sdoml_test_months are months 1 to 12, got {as_argument(opt.sdoml_test_months)}"
+    if getattr(opt, 'val_during_train', False) and not opt.sdoml_test_months:
+        yield ("--val_during_train with SDOML stores translates the test split: give "
+               "--sdoml_test_months (the months of the test pairs)")
 
 
 def sharing_problems(opt, run_known=True):
@@ -491,12 +593,28 @@ DATA_OPTIONS = ('data_format_input', 'data_format_target', 'logscale_input', 'lo
                 'saturation_lower_limit_input', 'saturation_upper_limit_input',
                 'saturation_lower_limit_target', 'saturation_upper_limit_target',
                 'saturation_clip_input', 'saturation_clip_target', 'target_unit')
+# The SDOML options (README "Training on SDOML"): the Test script takes them from the
+# training run too, unless test folders are given (`store_options`).
+SDOML_OPTIONS = ('sdoml_input', 'sdoml_target', 'sdoml_input_arrays', 'sdoml_target_arrays',
+                 'sdoml_start', 'sdoml_end', 'sdoml_tolerance', 'sdoml_test_months',
+                 'sdoml_gap_days', 'sdoml_skip')
+
+
+def store_options(explicit):
+    """The SDOML options the Test script takes from the training run (those not given on
+    its command line, `explicit`): all, unless it names test folders."""
+    if explicit & {'input_dir_test', 'target_dir_test'}:
+        return ()
+    return SDOML_OPTIONS
+
+
 # Options of a training run that a resumed run does not take from the saved run.
-# target_header is read from the targets again at every start.
+# target_header and training_data are read from the data again at every start.
 # dataset_name: the run folder is always the one the command line names (or the default),
 # so a run folder copied under another name is resumed there, never in the original.
 NOT_RESUMED = ('latest_iter', 'gpu_ids', 'is_train', 'eps', 'checkpoint_dir', 'model_dir',
-               'image_dir', 'verbose', 'target_header', 'dataset_name', 'tile_size', 'tmp_dir')
+               'image_dir', 'verbose', 'target_header', 'training_data', 'dataset_name',
+               'tile_size', 'tmp_dir')
 
 
 class TrainOption(BaseOption):

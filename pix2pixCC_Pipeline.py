@@ -108,21 +108,21 @@ def read_fits_header(path):
         return image_hdu(hdul, path).header.copy()
 
 
-def target_identity(path, data_format):
-    """{card: value} of the FITS_IDENTITY_CARDS in the target file `path` ({} for formats
-    other than FITS): what training records (as `target_header`) for the Test's headers."""
-    if data_format not in FITS_FORMATS:
+def target_identity(headers):
+    """{card: value} of the FITS_IDENTITY_CARDS in the first of a target's `headers` (a
+    dataset's `headers('target', index)`; None, for formats other than FITS, gives {}):
+    what training records (as `target_header`) for the Test's headers."""
+    if not headers:
         return {}
-    header = read_fits_header(path)
+    header = headers[0]
     return {key: header[key] for key in FITS_IDENTITY_CARDS
             if key in header and isinstance(header[key], (str, int, float, bool))}
 
 
-def file_unit(path, data_format):
-    """The BUNIT of a FITS file, else None (other formats carry no unit)."""
-    if data_format not in FITS_FORMATS:
-        return None
-    return read_fits_header(path).get('BUNIT') or None
+def file_unit(headers):
+    """The BUNIT of the first of `headers` (a dataset's `headers(side, index)`), else None
+    (None: formats without cards, which carry no unit)."""
+    return (headers[0].get('BUNIT') or None) if headers else None
 
 
 READERS = {'png': read_image, 'jpg': read_image, 'jpeg': read_image,
@@ -564,6 +564,11 @@ class CustomDataset(Dataset):
     Training items are `(input, target)`, each a float32 tensor (C, H, W) normalised to
     [-1, 1] at the saturation limits. Test items are `(input, name)` where `name` is the
     input file name without extension.
+
+    What reads files is in `find_pairs`, the readers (`read_input`, `read_target`), the
+    sizes, `headers`, `input_source` and `record`, which machinery/sdoml_data.StoreDataset
+    replaces to serve the pairs of SDOML stores; the rest (scaling, windows, augmentation,
+    items) and every user of a dataset are the same for both.
     """
 
     def __init__(self, opt, split=None):
@@ -571,10 +576,17 @@ class CustomDataset(Dataset):
         self.split = split or ('train' if opt.is_train else 'test')
         self.input_scaling = Scaling.from_options(opt, 'input')
         self.target_scaling = Scaling.from_options(opt, 'target')
+        self.find_pairs()
+
+    def find_pairs(self):
+        """Set `input_paths` and `target_paths` (None without targets), the files of the
+        split's folders, and `input_dir` and `target_dir`, the folders."""
+        opt = self.opt
         if self.split == 'train':
             input_dir, target_dir = opt.input_dir_train, opt.target_dir_train
         else:  # test targets are optional: they enable the metrics
             input_dir, target_dir = opt.input_dir_test, getattr(opt, 'target_dir_test', None)
+        self.input_dir, self.target_dir = input_dir, target_dir or None
         self.input_paths = list_files(input_dir, opt.data_format_input, 'input')
         self.target_paths = None
         if target_dir:
@@ -598,10 +610,13 @@ class CustomDataset(Dataset):
         for index in range(len(self)):
             self.pair_size(index)
 
+    def read_input(self, index, window=None):
+        """Input i in physical units, C x H x W float32, as stored (NaN/Inf kept)."""
+        return read_array(self.input_paths[index], self.opt.data_format_input, self.opt.input_ch,
+                          window)
+
     def load_input(self, index, window=None):
-        array = read_array(self.input_paths[index], self.opt.data_format_input, self.opt.input_ch,
-                           window)
-        return self.input_scaling.forward(array)
+        return self.input_scaling.forward(self.read_input(index, window))
 
     def read_target(self, index, window=None):
         """Target i in physical units, C x H x W float32, as stored (NaN/Inf kept)."""
@@ -611,14 +626,50 @@ class CustomDataset(Dataset):
     def load_target(self, index, window=None):
         return self.target_scaling.forward(self.read_target(index, window))
 
+    def headers(self, side, index):
+        """The FITS header of each channel of file `index` of `side` ('input' or 'target'):
+        the file's, for every channel it holds; None for formats without cards."""
+        if getattr(self.opt, f'data_format_{side}') not in FITS_FORMATS:
+            return None
+        paths = self.input_paths if side == 'input' else self.target_paths
+        return [read_fits_header(paths[index])] * getattr(self.opt, f'{side}_ch')
+
+    def input_size(self, index):
+        """(height, width) of input i, from its file's header."""
+        return stored_size(self.input_paths[index], self.opt.data_format_input,
+                           self.opt.input_ch)
+
+    def target_size(self, index):
+        """(height, width) of target i, from its file's header."""
+        return stored_size(self.target_paths[index], self.opt.data_format_target,
+                           self.opt.target_ch)
+
     def pair_size(self, index):
         """(height, width) of pair i from its files' headers; UserError when they differ."""
-        input_path, target_path = self.input_paths[index], self.target_paths[index]
-        size = stored_size(input_path, self.opt.data_format_input, self.opt.input_ch)
-        target_size = stored_size(target_path, self.opt.data_format_target, self.opt.target_ch)
+        size, target_size = self.input_size(index), self.target_size(index)
         if size != target_size:
-            raise size_mismatch(input_path, size, target_path, target_size)
+            raise size_mismatch(self.input_paths[index], size, self.target_paths[index],
+                                target_size)
         return size
+
+    def kind(self):
+        """The data in a few words, for the start-up lines: 'fits -> fits'."""
+        return f'{self.opt.data_format_input} -> {self.opt.data_format_target}'
+
+    def input_source(self, index):
+        """What input i was made from, as a product's HISTORY names it: its file's name."""
+        return os.path.basename(self.input_paths[index])
+
+    def record(self):
+        """The inputs and targets as a Test output folder's record (test_run.json) names
+        them: the folders and the file names."""
+        def names(paths):
+            return [os.path.basename(path) for path in paths]
+        targets = self.target_paths is not None
+        return {'input_dir': os.path.abspath(self.input_dir),
+                'input_files': names(self.input_paths),
+                'target_dir': os.path.abspath(self.target_dir) if targets else None,
+                'target_files': names(self.target_paths) if targets else None}
 
     def window(self, index, generator):
         """The window of pair i that a training item takes (`random_window`), or None for

@@ -13,18 +13,18 @@ import sys
 
 from machinery.evaluation import (check_test_pairs, metric_keys, selection_key, target_disks,
                                   target_sizes, write_best_iteration, write_metrics)
+from machinery.data_profile import warn_unlike_training
 from machinery.files import make_dirs, read_json, silent
 from machinery.memory import reuse_freed_memory
 from machinery.outputs import claim_output_folders, output_plan, run_record, take_folder
 from machinery.run_safety import GracefulStop
-from machinery.sharing import export
-from machinery.tile_memory import tile_sizes
-from machinery.translation import load_generator, translate
+from machinery.sharing import adopt_model_file, export
+from machinery.sdoml_data import make_dataset
+from machinery.translation import input_tile_sizes, load_generator, translate
 from pix2pixCC_Options import (DATA_OPTIONS, NETWORK_OPTIONS, TestOption, UserError,
-                               run_main)
-from pix2pixCC_Pipeline import CustomDataset
-from pix2pixCC_Utils import (Precision, checkpoint_path, load_model_file, require_checkpoint,
-                             saved_steps, select_device)
+                               run_main, store_options)
+from pix2pixCC_Utils import (Precision, checkpoint_path, require_checkpoint, saved_steps,
+                             select_device)
 
 
 def require_run(opt):
@@ -93,13 +93,14 @@ def test(opt, option, model, stop):
         print(notice)
 
     # Data and checkpoints
-    dataset = CustomDataset(opt)
+    dataset = make_dataset(opt)  # the input files, or the test pairs of SDOML stores
     check_test_pairs(dataset, opt)
+    warn_unlike_training(getattr(opt, 'training_data', None), dataset)  # a user may mean it
     disks = target_disks(dataset, opt)
     # Checked before any output: the metric that picks the best of several generators.
     key = selection_key(opt, metric_keys(opt, disks)) if disks is not None else None
     iterations = [opt.iteration] if model else iterations_asked_for(opt)
-    sizes = tile_sizes(opt, dataset.input_paths, device)  # whole images or tiles
+    sizes = input_tile_sizes(opt, dataset, device)  # whole images or tiles
 
     # Output folders: refused or emptied (--overwrite) before anything is written.
     record_of = functools.partial(run_record, opt, dataset, precision=precision,
@@ -142,38 +143,32 @@ def note_ignored(option):
 
 def take_training_options(option, opt):
     """The network and data options of the training run (train_options.json) unless given
-    on the command line, and the targets' FITS identity cards (unit, instrument, ...) for
+    on the command line (and its SDOML stores, arrays and split, unless test folders are:
+    `store_options`), and the targets' FITS identity cards (unit, instrument, ...) for
     generated headers; for a run without that file (a run of the published code), a notice
     when the saturation limits are left at this script's defaults."""
     note_ignored(option)
     trained = read_json(opt.checkpoint_dir, 'train_options.json')
     # Also without the file: the per-channel scaling values are then counted against the
     # channels of the command line.
-    option.adopt(opt, trained or {}, NETWORK_OPTIONS + DATA_OPTIONS,
+    option.adopt(opt, trained or {}, NETWORK_OPTIONS + DATA_OPTIONS +
+                 store_options(option.explicit),
                  os.path.join(opt.checkpoint_dir, 'train_options.json'))
     if trained is None:
         notice = default_limits_notice(opt, option.explicit)
         if notice:
             print(notice)
     opt.target_header = (trained or {}).get('target_header')
+    opt.training_data = (trained or {}).get('training_data')
 
 
 def take_model_options(option, opt):
     """--model FILE: its run name and step (--dataset_name and --iteration, which may only
     repeat them), its network and data options (options given on the command line win, as
-    over train_options.json) and the targets' identity cards. Returns the file's record
-    (`load_model_file`)."""
+    over train_options.json) and the targets' identity cards (`adopt_model_file`). Returns
+    the file's record (`load_model_file`)."""
     note_ignored(option)
-    model = load_model_file(opt.model)
-    for name, value in (('dataset_name', model['run']), ('iteration', model['step'])):
-        if name in option.explicit and getattr(opt, name) != value:
-            raise UserError(f"--{name} {getattr(opt, name)} differs from the model file's: "
-                            f"{opt.model} holds run {model['run']}, step {model['step']}; "
-                            f"leave out --{name} (--output_dir chooses the output folder)")
-        setattr(opt, name, value)
-    option.adopt(opt, model['options'], NETWORK_OPTIONS + DATA_OPTIONS, opt.model)
-    opt.target_header = model['target_header']
-    return model
+    return adopt_model_file(option, opt)
 
 
 def iterations_asked_for(opt):

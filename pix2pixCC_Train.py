@@ -1,6 +1,8 @@
 """Training driver.
 
     python pix2pixCC_Train.py --input_dir_train DIR --target_dir_train DIR [options]
+    python pix2pixCC_Train.py --sdoml_input STORE --sdoml_target STORE
+        --sdoml_input_arrays 171A 193A 304A [--sdoml_target_arrays Bz] [options]
 
 writes ./checkpoints/<dataset_name>/{Model/<step>_G.pt, <step>_D.pt, Image/Train/...}.
 """
@@ -28,7 +30,9 @@ from machinery.translation import translate
 from pix2pixCC_Networks import Discriminator, Generator, Loss, count_parameters, weights_init
 from pix2pixCC_Options import NOT_RESUMED, BaseOption, TrainOption, UserError, run_main
 from machinery.data_checks import check_dataset, check_pairing
-from pix2pixCC_Pipeline import CustomDataset, Scaling, file_unit, target_identity
+from machinery.data_profile import dataset_profile
+from machinery.sdoml_data import keep_run_pairs, make_dataset, run_pairs
+from pix2pixCC_Pipeline import Scaling, file_unit, target_identity
 from pix2pixCC_Utils import (Manager, Precision, bare, checkpoint_path, cpu_requested,
                              load_state_dict, memory_format, newest_complete_step,
                              prepare_network, require_checkpoint, require_tensorboard,
@@ -178,10 +182,10 @@ def start_up_summary(opt, dataset, size, G, D, device, precision):
     run_line = (f"run: {opt.checkpoint_dir} ({run}; every option in "
                 f"{os.path.join(opt.checkpoint_dir, 'train_options.json')})")
     windows = f"; trained on {opt.crop_size}x{opt.crop_size} windows" if opt.crop_size else ''
-    data_line = (f"data: {len(dataset)} pairs of {size[0]}x{size[1]} px ({opt.data_format_input} "
-                 f"-> {opt.data_format_target}, {opt.input_ch} -> {opt.target_ch} channel(s)"
-                 f"{f', target unit {unit}' if unit else ''}) from {opt.input_dir_train} and "
-                 f"{opt.target_dir_train}{windows}")
+    data_line = (f"data: {len(dataset)} pairs of {size[0]}x{size[1]} px ({dataset.kind()}, "
+                 f"{opt.input_ch} -> {opt.target_ch} channel(s)"
+                 f"{f', target unit {unit}' if unit else ''}) from {dataset.input_dir} and "
+                 f"{dataset.target_dir}{windows}")
     network_line = (f"network: generator {count_parameters(G):,} parameters, discriminator "
                     f"{count_parameters(D):,}")
     no_cuda = ' (no CUDA GPU found)' if device.type == 'cpu' and not cpu_requested(opt) else ''
@@ -255,12 +259,13 @@ def train(opt, state, cluster, device, gpu_ids, stop, log, given=()):
         log(notice)
     cluster.on_main(lambda: make_dirs(opt.model_dir, opt.image_dir))
 
-    # Data
-    dataset = CustomDataset(opt)
+    # Data: paired files, or the pairs of SDOML stores (kept with the run: `run_pairs`)
+    pairs = run_pairs(opt, log)
+    dataset = make_dataset(opt, pairs=pairs)
     if opt.latest_iter >= last_step(opt, len(dataset)):
         log(nothing_left_to_train(opt, len(dataset)))
         return 0
-    val_dataset = CustomDataset(opt, split='test') if opt.val_during_train else None
+    val_dataset = make_dataset(opt, 'test', pairs) if opt.val_during_train else None
     if val_dataset is not None:  # (found at the first save, a mismatch would end the run)
         cluster.on_main(lambda: check_test_pairs(val_dataset, opt))
     size = prepare_data(dataset, opt, cluster, log, given)
@@ -273,6 +278,7 @@ def train(opt, state, cluster, device, gpu_ids, stop, log, given=()):
     if cluster.is_main:
         supersede_newer_checkpoints(opt.model_dir, opt.latest_iter, log)
         write_json(os.path.join(opt.checkpoint_dir, 'train_options.json'), options_record(opt))
+        keep_run_pairs(opt, pairs)
     if opt.verbose:
         log(BaseOption.describe(opt))
     log(start_up_summary(opt, dataset, size, nets.G, nets.D, device, precision))
@@ -288,7 +294,7 @@ def train(opt, state, cluster, device, gpu_ids, stop, log, given=()):
     manager = Manager(opt, nets.G, nets.D, functools.partial(nets.training_state, opt),
                       target_scaling, data_unit(opt), log=progress.write,
                       input_scaling=Scaling.from_options(opt, 'input', save_scale=1.0),
-                      input_unit=file_unit(dataset.input_paths[0], opt.data_format_input),
+                      input_unit=file_unit(dataset.headers('input', 0)),
                       validate=validation if val_dataset is not None else None,
                       active=cluster.is_main, resumed=state)
     return loop(opt, loader, len(dataset), nets, manager, progress, cluster, device, stop, log)
@@ -374,10 +380,12 @@ def nothing_left_to_train(opt, n_samples):
 def prepare_data(dataset, opt, cluster, log, given=()):
     """Record the first target's FITS identity cards (unit, instrument, ...) in the options,
     and so in train_options.json, for the headers the Test script writes; check every pair
-    (`check_data`, on the first process); refuse a new run where checkpoints are. Returns
-    the data's (height, width)."""
-    opt.target_header = target_identity(dataset.target_paths[0], opt.data_format_target)
+    (`check_data`, on the first process); record a profile of the data (`dataset_profile`);
+    refuse a new run where checkpoints are. Returns the data's (height, width)."""
+    opt.target_header = target_identity(dataset.headers('target', 0))
     size = cluster.on_main(lambda: check_data(dataset, opt, log, given))
+    # What the network is trained on, for the Test script's warnings about other data
+    opt.training_data = cluster.on_main(lambda: dataset_profile(dataset))
     steps = saved_steps(opt.model_dir, 'G')
     if opt.latest_iter == 0 and steps:
         raise UserError(f"{opt.model_dir} already holds checkpoints (steps "

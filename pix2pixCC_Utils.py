@@ -13,7 +13,8 @@
 
 What the drivers use that is not the method is in machinery/, one concern per module:
 - machinery/files.py: errors and files (`WriteError`, `atomic_path`, `save_torch`, JSON, CSV)
-- machinery/memory.py: memory (`reuse_freed_memory`, `release_mapped_weights_after_use`)
+- machinery/memory.py: memory (`reuse_freed_memory`, `release_mapped_weights_after_use`,
+  `take_snapshot`: the private copy that weights are mapped from)
 - machinery/distributed.py: several processes under torchrun (`Distributed`)
 - machinery/run_safety.py: run safety (`RunLock`, `GracefulStop`, `ignore_stop_signals`)
 - machinery/figures.py: figures (`save_panel`, `save_loss_curve`)
@@ -39,8 +40,9 @@ from PIL import Image
 
 from machinery.fast_conv import use_gemm_convolutions
 from machinery.figures import save_loss_curve, save_panel
-from machinery.files import (make_dirs, options_record, read_csv, save_image, save_torch,
-                             write_csv)
+from machinery.files import (make_dirs, options_record, plain_data, read_csv, save_image,
+                             save_torch, write_csv)
+from machinery.memory import take_snapshot
 from pix2pixCC_Options import UserError
 
 
@@ -234,15 +236,39 @@ def save_state_dict(module, path):
 def safe_load(path, mmap=False):
     """torch.load that can never run code: weights_only=True refuses pickled objects.
 
-    With `mmap`, the tensors are mapped from the file rather than read into memory of their
-    own (files in PyTorch's legacy format, which cannot be mapped, are read)."""
+    With `mmap`, the tensors are mapped from a private copy of the file rather than read
+    into memory of their own (`load_weights`)."""
+    if mmap:
+        return load_weights(path)[0]
+    return torch_load(path, path)
+
+
+def load_weights(path):
+    """(the object saved in `path`, read as `safe_load` reads it; the WeightsSnapshot it was
+    read from), with the tensors mapped from that snapshot: a private copy of the file taken
+    now (machinery/memory.py, `take_snapshot`), which nothing can change. Mapped from the
+    file itself, the tensors would change with it while the run goes on (their pages are
+    read again after each use: `release_mapped_weights_after_use`), and a truncated file
+    would end the process with SIGBUS. Files in PyTorch's legacy format, which cannot be
+    mapped, and copies where this system cannot map them (no /proc/self/fd) are read into
+    memory."""
+    snapshot = take_snapshot(path)
+    with snapshot.file:  # (a mapping keeps the copy; closed, one that is not goes)
+        source = snapshot.mappable or snapshot.file
+        return torch_load(source, path, mmap=snapshot.mappable is not None), snapshot
+
+
+def torch_load(source, path, mmap=False):
+    """torch.load of `source` (a path, or an open file) with weights_only=True; a UserError
+    naming `path` when it is not a file of plain tensors and numbers. A file that cannot be
+    mapped (PyTorch's legacy format) is read."""
     try:
         try:
-            return torch.load(path, map_location='cpu', weights_only=True, mmap=mmap)
+            return torch.load(source, map_location='cpu', weights_only=True, mmap=mmap)
         except RuntimeError as error:
             if not mmap or 'mmap' not in str(error):
                 raise
-            return torch.load(path, map_location='cpu', weights_only=True)
+            return torch.load(source, map_location='cpu', weights_only=True)
     except Exception as error:
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise UserError(f"cannot load {path} (only plain tensors and numbers are accepted): "
@@ -290,11 +316,17 @@ def mismatch_reason(state, module):
 def load_state_dict(module, path, assign=False):
     """Load a plain state_dict into `module`, strictly, with a one-line error on mismatch.
 
-    With `assign`, the module takes the checkpoint's tensors themselves, mapped from the file
-    (for a module built on the 'meta' device, which holds no memory): the weights are then
-    held once, not once in the module and once more in the loaded state_dict.
+    With `assign`, the module takes the checkpoint's tensors themselves, mapped from a private
+    copy of the file (`load_weights`; for a module built on the 'meta' device, which holds no
+    memory): the weights are then held once, not once in the module and once more in the
+    loaded state_dict. Returns that copy's WeightsSnapshot (None without `assign`).
     """
-    fit_state_dict(module, safe_load(path, mmap=assign), path, assign)
+    if not assign:
+        fit_state_dict(module, safe_load(path), path)
+        return None
+    state, snapshot = load_weights(path)
+    fit_state_dict(module, state, path, assign)
+    return snapshot
 
 
 def fit_state_dict(module, state, path, assign=False):
@@ -328,16 +360,19 @@ def weights_sha256(state):
     return digest.hexdigest()
 
 
-def model_file_record(state, step, run, options, target_header, bfloat16=False):
+def model_file_record(state, step, run, options, target_header, bfloat16=False,
+                      training_data=None):
     """What a model file holds: the generator's `state` (floating tensors in bfloat16 with
     `bfloat16`, half the size; float32 otherwise), the training `step`, the `run` name, the
-    network and data `options` and the targets' FITS identity cards, with the format, its
-    version and the weights' SHA-256."""
+    network and data `options`, the targets' FITS identity cards and the profile of the
+    training data (machinery/data_profile.py; None for a run of an older version), with the
+    format, its version and the weights' SHA-256."""
     if bfloat16:
         state = {key: value.to(torch.bfloat16) if value.is_floating_point() else value
                  for key, value in state.items()}
     return {'format': MODEL_FORMAT, 'format_version': MODEL_FORMAT_VERSION, 'step': int(step),
             'run': run, 'options': options, 'target_header': target_header,
+            'training_data': training_data,
             'weights_dtype': 'bfloat16' if bfloat16 else 'float32', 'weights': state,
             'weights_sha256': weights_sha256(state)}
 
@@ -345,14 +380,25 @@ def model_file_record(state, step, run, options, target_header, bfloat16=False):
 MODEL_FIELDS = ('step', 'run', 'options', 'target_header', 'weights', 'weights_sha256')
 
 
+class MappedWeights(dict):
+    """A state_dict whose tensors were read from `snapshot`, the private copy of their file
+    (`load_weights`): what `load_generator` gives back after use, and whose SHA-256 the
+    output folder's record takes (the weights that ran, whatever became of the file)."""
+
+    def __init__(self, state, snapshot):
+        super().__init__(state)
+        self.snapshot = snapshot
+
+
 def load_model_file(path):
-    """The record of the model file `path` (`model_file_record`), its weights mapped from the
-    file; UserError in one line for a file that is not one, a format version this code does
-    not read, or weights whose SHA-256 does not match (a damaged copy)."""
+    """The record of the model file `path` (`model_file_record`), its weights (MappedWeights)
+    mapped from a private copy of the file; UserError in one line for a file that is not one,
+    a format version this code does not read, or weights whose SHA-256 does not match (a
+    damaged copy)."""
     if not os.path.isfile(path):
         raise UserError(f"model file {path} does not exist; check --model")
     try:
-        record = safe_load(path, mmap=True)
+        record, snapshot = load_weights(path)
     except UserError as error:
         raise UserError(f"{path} is not a readable model file (damaged or incomplete; copy or "
                         f"export it again): {str(error).split(': ', 1)[-1]}") from None
@@ -370,6 +416,7 @@ def load_model_file(path):
     if problem:
         raise UserError(f"{path} is not a model file this code wrote ({problem}); use a model "
                         f"file made with --export model")
+    record['weights'] = MappedWeights(record['weights'], snapshot)
     return record
 
 
@@ -396,7 +443,10 @@ def model_field_problem(record):
             isinstance(key, str) and isinstance(value, (str, int, float, bool, type(None)))
             for key, value in header.items())):
         return "its targets' cards are not FITS cards"
+    if not plain_data(record.get('training_data')):
+        return "its profile of the training data is not a table of values"
     return None
+
 
 
 def float32_weights(state):

@@ -21,9 +21,10 @@ The rules of the header and the FITS writer are the Test script's own, machinery
    hidden temporary name and rename it when complete.
 
 Needs onnxruntime, numpy and astropy only: no torch, and of this repository only
-pix2pixCC_Options (the one-line errors), which needs nothing but the standard library, and
-machinery/products.py (the products' header rules and writer), which needs numpy and astropy
-(neither imports torch). The products are those of the Test script to the agreement of ONNX
+pix2pixCC_Options (the one-line errors), which needs nothing but the standard library,
+machinery/products.py (the products' header rules and writer) and machinery/data_profile.py
+(the warnings about inputs unlike the training data), which need numpy and astropy (none
+imports torch). The products are those of the Test script to the agreement of ONNX
 Runtime with PyTorch (1e-4 of the output range or better, checked at export); no metrics,
 panels or --compress here.
 """
@@ -52,6 +53,8 @@ except ImportError as missing:  # one line, as for any other problem the user mu
     sys.exit(2)
 
 # (after the check above: it needs numpy and astropy)
+from machinery.data_profile import (profile_differences, sample_indices,  # noqa: E402
+                                    side_profile)
 from machinery.products import channel_axis, generated_header, write_array  # noqa: E402
 
 # The metadata layout this script reads (machinery/sharing.py's ONNX_FORMAT and its version).
@@ -138,10 +141,15 @@ def physical(y, scaling, save_scale):
     return (x * save_scale).astype(np.float32)
 
 
+def normalised_input(record, data):
+    """Physical C x H x W input -> [-1, 1] at each channel's limits (`normalise`)."""
+    return np.stack([normalise(channel, scaling)
+                     for channel, scaling in zip(data, record['scaling']['input'], strict=True)])
+
+
 def translate_array(session, record, data):
     """Physical C x H x W input -> physical C' x H x W product (times --save_scale)."""
-    x = np.stack([normalise(channel, scaling)
-                  for channel, scaling in zip(data, record['scaling']['input'], strict=True)])
+    x = normalised_input(record, data)
     multiple = record['size_multiple']
     height, width = x.shape[-2:]
     x = np.pad(x, ((0, 0), (0, -height % multiple), (0, -width % multiple)), mode='edge')
@@ -248,10 +256,25 @@ def pending_inputs(paths, output_dir, record, skip_existing, overwrite):
     return paths
 
 
+def warn_unlike_training(record, paths):
+    """One warning line per kind of difference between the inputs (a sample of `paths`) and
+    the model's training data, as the Test script warns (machinery/data_profile.py)."""
+    if not record.get('training_data'):
+        return  # (a model exported by an older version)
+    samples = []
+    for index in sample_indices(len(paths)):
+        data, header = read_input(paths[index], record['input_channels'])
+        samples.append(([header] * record['input_channels'], normalised_input(record, data)))
+    for line in profile_differences(record['training_data'], {'input': side_profile(samples)},
+                                    {'input': paths[0]}):
+        print(line)
+
+
 def main(argv=None):
     args = parse(argv)
     session, record = load_model(args.model, args.threads)
     paths = list_inputs(args.input_dir)
+    warn_unlike_training(record, paths)
     os.makedirs(args.output_dir, exist_ok=True)
     pending = pending_inputs(paths, args.output_dir, record, args.skip_existing, args.overwrite)
     for path in pending:

@@ -11,8 +11,12 @@ tile_memory  whole image or tiles: memory and disk estimates, the memory availab
 evaluation   metrics after binning, flux, the solar disk and its regions, the best iteration
 outputs      output folders and their record (test_run.json): refusal and --overwrite
 sharing      --export model and --export onnx
+maps         sunpy maps from Python: a model file's generator on maps (load_model, translate)
 products     generated data in the target's format and units, FITS header rules (no torch)
 data_checks  checks of a whole dataset before training: sizes, NaN, limits, pairing by time
+data_profile what a network was trained on, and warnings about data unlike it (no torch)
+sdoml        SDOMLv2 zarr stores: frame times, headers, pairing by time, split, window reads
+sdoml_data   SDOML stores as a run's data: StoreDataset of their pairs, the run's pair list
 files        errors and files: WriteError, atomic writes, torch.save, images, JSON, CSV
 memory       CPU inference memory: freed memory reused and given back, weights released
 distributed  Distributed: this process's place in a torchrun job

@@ -8,9 +8,10 @@ import os
 import numpy as np
 from torch.utils.data import DataLoader, Dataset
 
+from machinery.data_profile import sample_indices
 from machinery.run_safety import ignore_stop_signals
 from pix2pixCC_Options import UserError
-from pix2pixCC_Pipeline import WINDOW_READERS, name_time, read_array, size_mismatch
+from pix2pixCC_Pipeline import WINDOW_READERS, name_time, size_mismatch
 
 
 NO_VALUES = {'counted': 0, 'outside': 0, 'inside_other': 0, 'min': np.inf, 'max': -np.inf}
@@ -53,7 +54,8 @@ def add_summary(total, summary):
 
 class _FileSummaries(Dataset):
     """Item i: for each side of pair `pairs[i]` (default: pair i), its (height, width), its
-    NaN/Inf count and its `value_summary`, read with the training readers."""
+    NaN/Inf count and its `value_summary`, read as training reads it (the dataset's
+    `read_input` and `read_target`: files or SDOML stores)."""
 
     def __init__(self, dataset, pairs=None):
         self.dataset = dataset
@@ -68,14 +70,12 @@ class _FileSummaries(Dataset):
         # other channel counts, swapped folders already fail on the channel count.
         comparable = d.opt.input_ch == d.opt.target_ch
         summary = {}
-        for side, paths, fmt, ch, own, other in (
-                ('input', d.input_paths, d.opt.data_format_input, d.opt.input_ch,
-                 d.input_scaling, d.target_scaling),
-                ('target', d.target_paths, d.opt.data_format_target, d.opt.target_ch,
-                 d.target_scaling, d.input_scaling)):
-            if paths is None:
+        for side, read, own, other in (
+                ('input', d.read_input, d.input_scaling, d.target_scaling),
+                ('target', d.read_target, d.target_scaling, d.input_scaling)):
+            if side == 'target' and d.target_paths is None:
                 continue
-            array = read_array(paths[index], fmt, ch)
+            array = read(index)
             summary[side] = (array.shape[1:], int(array.size - np.isfinite(array).sum()),
                              value_summary(array, own, other if comparable else None))
         return summary
@@ -156,7 +156,7 @@ CHECK_SAMPLE = 5
 
 def sample_pairs(n, k=CHECK_SAMPLE):
     """Up to `k` of the indices 0..n-1: the first, the last and evenly spread between."""
-    return sorted({round(i * (n - 1) / max(k - 1, 1)) for i in range(k)})
+    return sample_indices(n, k)
 
 
 def checked_pairs(dataset, crop_size):

@@ -18,9 +18,9 @@ from astropy.wcs import WCS
 from machinery.files import write_csv, write_json
 from machinery.products import data_unit
 from pix2pixCC_Networks import correlation
-from pix2pixCC_Options import FITS_FORMATS, UserError
+from pix2pixCC_Options import UserError
 from machinery.data_checks import check_pairing
-from pix2pixCC_Pipeline import read_fits_header, stored_size
+from machinery.data_profile import angular_radius, pixel_angle
 
 
 def bin_mean(x, k):
@@ -44,6 +44,71 @@ LOWER_IS_BETTER = ('rmse', 'mae')
 FLUX_METRICS = ('flux_unsigned_real', 'flux_unsigned_fake', 'flux_net_real', 'flux_net_fake')
 
 
+class SumNames(NamedTuple):
+    """How one kind of data names its four full-resolution sums: their keys (sum|real|,
+    sum|generated|, sum(real), sum(generated)) and the table's headings of the two pairs."""
+    keys: tuple
+    headings: tuple
+
+
+# The sums of a magnetic field (or flux) map are magnetic fluxes; these keys are those of
+# every record made before other units were named, and stay.
+FLUX_SUMS = SumNames(FLUX_METRICS, ('unsigned flux', 'net flux'))
+# The sums of any other quantity (an EUV image's DN/s, a temperature) are no flux.
+VALUE_SUMS = SumNames(('sum_abs_real', 'sum_abs_fake', 'sum_real', 'sum_fake'),
+                      ('sum of |value|', 'sum of values'))
+
+
+def parsed_unit(unit):
+    """astropy's reading of a unit string (a BUNIT or --target_unit), or None: no unit, or
+    one astropy cannot read."""
+    if not unit:
+        return None
+    try:
+        parsed = u.Unit(str(unit).strip(), parse_strict='silent')
+    except (ValueError, TypeError):
+        return None
+    return None if isinstance(parsed, u.UnrecognizedUnit) else parsed
+
+
+def unit_label(unit):
+    """How every label (the panels' colour bars, the tables, the notices) writes `unit`:
+    astropy's generic format, so that one unit reads the same whichever file or option it
+    came from ('DN/s' of an input's BUNIT and 'DN s-1' of a target's are both 'DN / s');
+    a string astropy cannot read, as it is; None for no unit."""
+    if not unit:
+        return None
+    parsed = parsed_unit(unit)
+    return str(unit).strip() if parsed is None else parsed.to_string()
+
+
+def pixel_sum_label(label):
+    """The unit of a sum over pixels of values in `label` (a `unit_label`): 'G px', and
+    '(DN / s) px' for a quotient, which 'DN / s px' would leave ambiguous."""
+    return f'({label}) px' if '/' in label else f'{label} px'
+
+
+def is_magnetic(unit):
+    """Whether `unit` measures a magnetic field (G, kG, T, Mx/cm2) or flux (Mx, Wb)."""
+    parsed = parsed_unit(unit)
+    return parsed is not None and (parsed.is_equivalent(u.G) or parsed.is_equivalent(u.Mx))
+
+
+def sum_names(unit):
+    """The names of the sums of maps in `unit`: FLUX_SUMS for a magnetic unit and for an
+    unknown one (npy or png targets without --target_unit, mostly magnetograms, keep the
+    names their records have), VALUE_SUMS for any other (DN/s, K, ...)."""
+    return VALUE_SUMS if unit and not is_magnetic(unit) else FLUX_SUMS
+
+
+class TargetPixel(NamedTuple):
+    """What the full-resolution sums need of a target's pixels: their unit (a BUNIT or
+    --target_unit; None when unknown), which names the sums (`sum_names`), and, for a map in
+    gauss, their area on the Sun in cm^2 (the flux in Mx too), else None."""
+    unit: str | None = None
+    area_cm2: float | None = None
+
+
 def binned_metrics(r, f, k):
     """CC, CCC, RMSE and MAE of the (finite) values r, f at binning k; NaN for fewer than 2
     values (a region that holds no data)."""
@@ -56,18 +121,20 @@ def binned_metrics(r, f, k):
             f'mae_{k}x{k}': float((r - f).abs().mean())}
 
 
-def flux_metrics(r, f, pixel_area=None):
-    """The unsigned and net flux of the (finite) full-resolution values r, f, in their unit
-    times pixels and, with the `pixel_area` in cm^2 of a map in gauss, in Mx (the same keys
-    with `_Mx`: G cm^2 = Mx)."""
+def sum_metrics(r, f, pixel=None):
+    """sum|x| and sum(x) of the (finite) full-resolution values r, f, in their unit times
+    pixels, named by the `pixel`'s unit (`sum_names`: the unsigned and net flux of a
+    magnetogram); with the `pixel`'s area in cm^2 (a map in gauss), the same in Mx (the same
+    keys with `_Mx`: G cm^2 = Mx)."""
+    pixel = pixel or TargetPixel()
+    names = sum_names(pixel.unit).keys
     if r.size < 2:
-        sums = dict.fromkeys(FLUX_METRICS, math.nan)
+        sums = dict.fromkeys(names, math.nan)
     else:
-        sums = {'flux_unsigned_real': float(np.abs(r).sum()),
-                'flux_unsigned_fake': float(np.abs(f).sum()),
-                'flux_net_real': float(r.sum()), 'flux_net_fake': float(f.sum())}
-    if pixel_area is not None:
-        sums.update({f'{key}_Mx': value * pixel_area for key, value in list(sums.items())})
+        sums = dict(zip(names, (float(np.abs(r).sum()), float(np.abs(f).sum()),
+                                float(r.sum()), float(f.sum())), strict=True))
+    if pixel.area_cm2 is not None:
+        sums.update({f'{key}_Mx': value * pixel.area_cm2 for key, value in list(sums.items())})
     return sums
 
 
@@ -87,28 +154,26 @@ def pixel_area_cm2(header):
     return float((sides[0] * sides[1]).to_value(u.cm ** 2))
 
 
-def pixel_angle(header, axis):
-    """The angle one pixel spans along FITS axis `axis`: |CDELTn| in CUNITn (degrees, the
-    FITS default, when CUNITn is absent)."""
-    return abs(float(header[f'CDELT{axis}'])) * \
-        u.Unit(str(header.get(f'CUNIT{axis}', 'deg')).strip())
+def target_pixel_area(opt, dataset, index):
+    """The TargetPixel of target `index` of `dataset`: the targets' unit and, when that is
+    the gauss and the target has a FITS header (the dataset's `headers`), its pixel area in
+    cm^2 (`pixel_area_cm2`; None otherwise): flux in Mx only where the unit and the area are
+    known."""
+    unit = data_unit(opt)
+    headers = dataset.headers('target', index) if is_gauss(unit) else None
+    if not headers:
+        return TargetPixel(unit)
+    return TargetPixel(unit, pixel_area_cm2(headers[0]))
 
 
-def target_pixel_area(opt, path):
-    """The pixel area in cm^2 of the FITS target `path` (`pixel_area_cm2`) when the targets
-    are in gauss, else None: flux in Mx only where the unit and the area are known."""
-    if opt.data_format_target not in FITS_FORMATS or not is_gauss(data_unit(opt)):
-        return None
-    return pixel_area_cm2(read_fits_header(path))
-
-
-def image_metrics(real, fake, bins, disk=None, fraction=0.98, threshold=None, pixel_area=None):
+def image_metrics(real, fake, bins, disk=None, fraction=0.98, threshold=None, pixel=None):
     """Metrics of one generated map against its target, both C x H x W in physical units.
 
     For every channel c and binning factor k: Pearson CC, concordance CC (the Inspector's own
-    `correlation`), RMSE and MAE; at full resolution the total unsigned flux sum|x| and the net
-    flux sum(x) of real and generated data, and with the `pixel_area` (cm^2) of a map in
-    gauss the same in Mx (`flux_metrics`). Pixels where the target is not finite are left
+    `correlation`), RMSE and MAE; at full resolution sum|x| and sum(x) of real and generated
+    data, named by the unit of the TargetPixel `pixel` (the unsigned and net flux of a
+    magnetogram), and with its area (cm^2) of a map in gauss the same in Mx
+    (`sum_metrics`). Pixels where the target is not finite are left
     out. Keys: `cc_8x8`, `rmse_1x1`, `flux_net_real`, ... for the whole frame and, with a
     `disk`, the same again for each region of `region_masks` with the region first
     (`disk_cc_8x8`, `active_rmse_1x1`, `quiet_flux_net_real`); several channels prefix every
@@ -125,7 +190,7 @@ def image_metrics(real, fake, bins, disk=None, fraction=0.98, threshold=None, pi
             for region, mask in region_masks(r, k or 1, disk, fraction, threshold).items():
                 keep = finite & mask
                 metrics = binned_metrics(r[keep], f[keep], k) if k else \
-                    flux_metrics(r[keep], f[keep], pixel_area)
+                    sum_metrics(r[keep], f[keep], pixel)
                 by_region.setdefault(region, {}).update(metrics)
         for region, metrics in by_region.items():
             row.update({f'{channel}{region}{key}': value for key, value in metrics.items()})
@@ -154,20 +219,22 @@ REGION_TITLES = {'': 'whole frame', 'disk_': 'disk', 'active_': 'active (on disk
 
 def metrics_table(summary, bins, channels=1, unit=None):
     """Two short text tables of the means: CC, CCC, RMSE, MAE per binning factor (and
-    channel), then the unsigned and net flux of real and generated data per channel; with
-    regions (disk, active, quiet), one block of rows per region under its title. A line
-    under each header gives the units (`unit`, e.g. 'G'; flux is a sum over pixels)."""
-    unit = unit or 'target units'
+    channel), then sum|x| and sum(x) of real and generated data per channel (the unsigned and
+    net flux of a magnetogram, `sum_names`); with regions (disk, active, quiet), one block of
+    rows per region under its title. A line under each header gives the units (`unit`, e.g.
+    'G', written by `unit_label`; a sum is over pixels)."""
+    names = sum_names(unit)
+    label = unit_label(unit) or 'target units'
     first = 'ch0_' if channels > 1 else ''
-    regions = [region for region in REGION_TITLES if f'{first}{region}flux_net_real' in summary]
+    regions = [region for region in REGION_TITLES if f'{first}{region}{names.keys[2]}' in summary]
 
     def title(region):
         return [f'{REGION_TITLES[region]}:'] if len(regions) > 1 else []
 
-    width = max(11, len(unit) + 2)  # a long unit (10**-3 G) widens its columns
+    width = max(11, len(label) + 2)  # a long unit (0.001 G km / s) widens its columns
     lines = [f"{'channel':>7} {'bin':>5} {'CC':>7} {'CCC':>7} {'RMSE':>{width}} "
              f"{'MAE':>{width}}",
-             f"{'':>29} {f'[{unit}]':>{width}} {f'[{unit}]':>{width}}"]
+             f"{'':>29} {f'[{label}]':>{width}} {f'[{label}]':>{width}}"]
     for region in regions:
         lines += title(region)
         for c in range(channels):
@@ -177,18 +244,19 @@ def metrics_table(summary, bins, channels=1, unit=None):
                                       for name in BINNED_METRICS)
                 lines.append(f"{c:>7} {f'{k}x{k}':>5} {cc:7.4f} {ccc:7.4f} {rmse:{width}.4g} "
                              f"{mae:{width}.4g}")
-    lines += flux_table(summary, regions, channels, '', f'[{unit} px]', title)
-    if f'{first}flux_net_real_Mx' in summary:
-        lines += flux_table(summary, regions, channels, '_Mx', '[Mx]', title)
+    lines += sums_table(summary, regions, channels, names, '', f'[{pixel_sum_label(label)}]',
+                        title)
+    if f'{first}{names.keys[2]}_Mx' in summary:
+        lines += sums_table(summary, regions, channels, names, '_Mx', '[Mx]', title)
     return '\n'.join(lines)
 
 
-def flux_table(summary, regions, channels, suffix, unit, title):
-    """The lines of the unsigned and net flux table of the flux keys ending in `suffix`
-    ('' in the target's unit times pixels, '_Mx' in Mx), with `unit` under each column."""
+def sums_table(summary, regions, channels, names, suffix, unit, title):
+    """The lines of the table of the sums `names` (SumNames) ending in `suffix` ('' in the
+    target's unit times pixels, '_Mx' in Mx), with `unit` under each column."""
     width = max(13, len(unit))
-    lines = ['', f"{'channel':>7} {'unsigned flux':^{2 * width + 1}} "
-                 f"{'net flux':^{2 * width + 1}}",
+    lines = ['', f"{'channel':>7} " + ' '.join(f'{heading:^{2 * width + 1}}'
+                                               for heading in names.headings),
              f"{'':>7} " + ' '.join(f'{name:>{width}}' for name in ('real', 'generated') * 2),
              f"{'':>7} " + ' '.join(f'{unit:>{width}}' for _ in range(4))]
     for region in regions:
@@ -196,7 +264,7 @@ def flux_table(summary, regions, channels, suffix, unit, title):
         for c in range(channels):
             prefix = f'ch{c}_' if channels > 1 else ''
             values = [summary.get(f'{prefix}{region}{name}{suffix}', {'mean': math.nan})['mean']
-                      for name in FLUX_METRICS]
+                      for name in names.keys]
             lines.append(f"{c:>7} " + ' '.join(f'{v:{width}.5g}' for v in values))
     return lines
 
@@ -292,16 +360,6 @@ def region_masks(binned_real, k, disk, fraction, threshold):
     return masks
 
 
-def angular_radius(header):
-    """The Sun's angular radius (an astropy Quantity) from RSUN_OBS (arcsec), or from RSUN_REF
-    and DSUN_OBS (m) as arcsin(RSUN_REF / DSUN_OBS); None without them."""
-    if 'RSUN_OBS' in header:
-        return float(header['RSUN_OBS']) * u.arcsec
-    if 'RSUN_REF' in header and 'DSUN_OBS' in header:
-        return np.arcsin(float(header['RSUN_REF']) / float(header['DSUN_OBS'])) * u.rad
-    return None
-
-
 def disk_from_header(header):
     """(Disk, None) from a FITS target's cards, or (None, what is missing): the centre is the
     pixel of helioprojective (0", 0") by the file's WCS, the radius the angular radius /
@@ -324,17 +382,26 @@ def disk_from_header(header):
 def target_disks(dataset, opt, log=print):
     """The Disk of each target of `dataset` (None where there is none), or None without
     targets: --disk_center_px/--disk_radius_px for every file when given, else each FITS
-    target's cards (`disk_from_header`). Targets without a disk get whole-frame metrics only,
-    and one line says so (never a guessed disk)."""
+    target's cards (`header_disks`). Targets without a disk get whole-frame metrics only,
+    and one line says so (never a guessed disk); with --active_threshold, one line per
+    region that is empty in some targets says why (`empty_region_notices`)."""
     if dataset.target_paths is None:
         return None
     if opt.disk_radius_px is not None:
-        return [Disk(*opt.disk_center_px, opt.disk_radius_px)] * len(dataset.target_paths)
-    if opt.data_format_target in FITS_FORMATS:
-        found = [disk_from_header(read_fits_header(path)) for path in dataset.target_paths]
+        disks = [Disk(*opt.disk_center_px, opt.disk_radius_px)] * len(dataset.target_paths)
     else:
-        found = [(None, f'{opt.data_format_target} files have no FITS cards')] * \
-            len(dataset.target_paths)
+        disks = header_disks(dataset, opt, log)
+    for line in empty_region_notices(dataset, opt, disks):
+        log(line)
+    return disks
+
+
+def header_disks(dataset, opt, log):
+    """The Disk of each target from its FITS cards (`disk_from_header`; None for other
+    formats), with one line on those that have none."""
+    headers = (dataset.headers('target', index) for index in range(len(dataset)))
+    found = [disk_from_header(header[0]) if header else
+             (None, f'{opt.data_format_target} files have no FITS cards') for header in headers]
     missing = [(path, reason) for path, (disk, reason) in zip(dataset.target_paths, found,
                                                               strict=True) if disk is None]
     if missing:
@@ -345,13 +412,77 @@ def target_disks(dataset, opt, log=print):
     return [disk for disk, _ in found]
 
 
+def empty_region_notices(dataset, opt, disks):
+    """With --active_threshold, one line for each region (active, quiet) and channel that
+    holds fewer than 2 pixels (so NaN metrics) in some targets whose disk holds more: in how
+    many files, and how the first one's on-disk values lie against the threshold. A threshold
+    in another unit than the targets' (100, meant as G, on an EUV image in DN/s) empties the
+    quiet region of every file, and its rows would otherwise be NaN without a word.
+
+    The regions are the targets' own, whatever the generator, so this is said once per run,
+    from the targets read here (at full resolution: the sums and the 1x1 metrics)."""
+    if opt.active_threshold is None or not disks:
+        return []
+    sparse = {}  # (region, channel) -> [(file, its on-disk |values|), ...]
+    with_disk = [index for index, disk in enumerate(disks) if disk is not None]
+    for index in with_disk:
+        real = dataset.read_target(index)
+        for key, values in sparse_regions(real, disks[index], opt.disk_fraction,
+                                          opt.active_threshold).items():
+            sparse.setdefault(key, []).append((dataset.target_paths[index], values))
+    return [empty_region_notice(region, channel if opt.target_ch > 1 else None, files,
+                                len(with_disk), opt.active_threshold, data_unit(opt))
+            for (region, channel), files in sparse.items()]
+
+
+def sparse_regions(real, disk, fraction, threshold):
+    """{(region prefix, channel): the finite on-disk |values| of that channel} of the active
+    and quiet regions of the target `real` (C x H x W) that hold fewer than 2 pixels while
+    its disk holds more."""
+    sparse = {}
+    for c, channel in enumerate(np.asarray(real, np.float64)):
+        masks = region_masks(channel, 1, disk, fraction, threshold)
+        finite = np.isfinite(channel)
+        if np.count_nonzero(masks['disk_'] & finite) < 2:
+            continue
+        for region in ('active_', 'quiet_'):
+            if np.count_nonzero(masks[region] & finite) < 2:
+                sparse[(region, c)] = np.abs(channel[masks['disk_'] & finite])
+    return sparse
+
+
+def empty_region_notice(region, channel, files, total, threshold, unit):
+    """The line of `empty_region_notices` on the `region` ('active_' or 'quiet_') of
+    `channel` (None with one channel), sparse in `files` ([(path, on-disk |values|)]) of
+    the `total` targets with a disk."""
+    label = unit_label(unit)
+    limit = f"--active_threshold {threshold:g}{f' {label}' if label else ''}"
+    path, values = files[0]
+    inside = np.count_nonzero(values >= threshold if region == 'active_' else values < threshold)
+    name = os.path.basename(path)
+    what = (f"the {region[:-1]} region{f' of channel {channel}' if channel is not None else ''}"
+            f" (on-disk pixels with |target| {'>=' if region == 'active_' else '<'} {limit})")
+    spread = (f"its on-disk |values| lie between {values.min():.4g} and {values.max():.4g}"
+              f"{f' {label}' if label else ''}")
+    if region == 'active_':
+        why = f"{'no' if not inside else 'only one'} on-disk pixel of {name} reaches it"
+        advice = ''
+    else:
+        why = (f"{'every' if not inside else 'all but one'} on-disk pixel of {name} "
+               f"{'is' if not inside else 'are'} at or above it")
+        advice = ("; for data that are not magnetograms choose a threshold in their unit, or "
+                  "leave --active_threshold off")
+    return (f"notice: {what} is empty in {len(files)} of {total} target file(s) with a disk, "
+            f"so their {region} metrics are NaN: {why} ({spread}){advice}")
+
+
 def metric_keys(opt, disks):
-    """The metric keys of this run's rows: those `image_metrics` gives for its channels, bins
-    and regions (on an empty map, so that the names are made in one place)."""
+    """The metric keys of this run's rows: those `image_metrics` gives for its channels, bins,
+    regions and unit (on an empty map, so that the names are made in one place)."""
     empty = np.zeros((opt.target_ch, 0, 0))
     disk = Disk(0.0, 0.0, 1.0) if disks and any(disks) else None
     return list(image_metrics(empty, empty, opt.metric_bins, disk, opt.disk_fraction,
-                              opt.active_threshold))
+                              opt.active_threshold, TargetPixel(data_unit(opt))))
 
 
 def aligned(rows):
@@ -377,8 +508,7 @@ def check_test_pairs(dataset, opt):
 
 def target_sizes(dataset, opt):
     """The (height, width) of every target, from the files' headers."""
-    return [stored_size(path, opt.data_format_target, opt.target_ch)
-            for path in dataset.target_paths]
+    return [dataset.target_size(index) for index in range(len(dataset))]
 
 
 def write_metrics(rows, folder, iteration, opt):

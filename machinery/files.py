@@ -136,19 +136,22 @@ def read_csv(path):
         return list(csv.DictReader(f))
 
 
+def plain_data(value):
+    """Whether `value` is JSON-like data: str, numbers, None, and lists, tuples and dicts
+    (of str keys) of such data."""
+    if isinstance(value, dict):
+        return all(isinstance(key, str) and plain_data(item) for key, item in value.items())
+    if isinstance(value, (list, tuple)):
+        return all(plain_data(item) for item in value)
+    return isinstance(value, (str, int, float, bool, type(None)))
+
+
 def options_record(opt):
     """The options as a JSON-able dict (what train_options.json and the state file hold):
-    scalars, and lists and dicts of scalars (--metric_bins, the targets' FITS cards)."""
-    scalar = (str, int, float, bool, type(None))
-
-    def plain(value):
-        if isinstance(value, (list, tuple)):
-            return all(isinstance(v, scalar) for v in value)
-        if isinstance(value, dict):
-            return all(isinstance(k, str) and isinstance(v, scalar) for k, v in value.items())
-        return isinstance(value, scalar)
+    those that are plain data (`plain_data`: --metric_bins, the targets' FITS cards, the
+    profile of the training data)."""
     return {key: list(value) if isinstance(value, tuple) else value
-            for key, value in vars(opt).items() if plain(value)}
+            for key, value in vars(opt).items() if plain_data(value)}
 
 
 def make_dirs(*folders):

@@ -1,13 +1,21 @@
 """Memory of CPU inference: a process that reuses the memory it frees instead of faulting in
 fresh pages for every layer (`reuse_freed_memory`, `return_freed_memory`), and a generator
-that holds a layer's weights mapped from its checkpoint only while that layer runs
-(`release_mapped_weights_after_use`). Performance only: the results are the same without.
+that holds a layer's weights, mapped from a private copy of its checkpoint (`take_snapshot`),
+only while that layer runs (`release_mapped_weights_after_use`). Performance only: the
+results are the same without.
 """
 import ctypes
 import functools
+import hashlib
+import io
 import mmap
 import os
+import re
+import shutil
 import sys
+import tempfile
+
+from pix2pixCC_Options import UserError
 
 
 # glibc gives every allocation above 32 MB a mapping of its own and hands it back to the
@@ -76,35 +84,154 @@ def return_freed_memory(keep=KEEP_BETWEEN_LAYERS_BYTES):
 MADV_DONTNEED = 4  # Linux: drop these pages; a file-backed page is read again when touched
 
 
-def mapped_ranges(path):
-    """The address ranges at which `path` is mapped into this process (Linux's
-    /proc/self/maps; empty elsewhere)."""
+# The weights a run maps come from a private copy of their file, taken as the run reads them.
+# Their pages are given back after each layer and read again from the file for the next
+# image (`release_mapped_weights_after_use`, below); mapped from the checkpoint or model file
+# itself, a file overwritten in place while a conversion runs (`cp`, `rsync --inplace`)
+# would change the products from then on, and one truncated would end the process with
+# SIGBUS. A copy without a name (O_TMPFILE, or created and unlinked) can be neither opened,
+# written nor truncated by anyone else. It goes on a disk, not into tmpfs, whose pages are
+# memory the kernel cannot drop (it would hold the weights for good, as reading them into
+# the process does).
+RAM_FILESYSTEMS = ('tmpfs', 'ramfs')
+# Bytes read, hashed and written at a time: small, as the heap keeps what the process frees
+# (`reuse_freed_memory`): 1 and 4 MB blocks raised the Test script's peak memory by 4 MB.
+COPY_BLOCK = 2 ** 16
+
+
+class WeightsSnapshot:
+    """The private copy of a weights file (`take_snapshot`): `file` (open until loaded),
+    `sha256` (of the bytes copied: the weights that run), `inode` (None for a copy in
+    memory) and `mappable`, the path that maps it (/proc/self/fd/N) or None where it cannot
+    be mapped (no /proc: then it is read from `file`)."""
+
+    def __init__(self, file, sha256):
+        self.file, self.sha256 = file, sha256
+        try:
+            fd = file.fileno()
+        except (OSError, io.UnsupportedOperation):  # (in memory)
+            self.inode = self.mappable = None
+            return
+        self.inode = os.fstat(fd).st_ino
+        proc = f'/proc/self/fd/{fd}'
+        self.mappable = proc if os.path.exists(proc) else None
+
+
+def take_snapshot(path):
+    """A private copy of the weights file `path` (a WeightsSnapshot), hashed as it is copied.
+
+    The file is copied once more when it changed during the copy (its size or times differ
+    afterwards); when it changed again, UserError in one line: it is still being written."""
+    for _ in range(2):
+        try:
+            with open(path, 'rb') as source:
+                before = file_state(os.fstat(source.fileno()))
+                copy = private_file(path, before[0])
+                try:
+                    size, sha256 = copy_and_hash(source, copy)
+                    copy.flush()
+                    copy.seek(0)  # (read from the start where it is not mapped)
+                except OSError as error:
+                    copy.close()
+                    raise UserError(f"cannot copy {path} to a private file for this run "
+                                    f"({getattr(copy, 'name', 'in memory')}): "
+                                    f"{error.strerror or error}") from None
+                after = file_state(os.fstat(source.fileno()))
+        except OSError as error:
+            raise UserError(f"cannot read {path}: {error.strerror or error}") from None
+        if before == after and size == after[0]:
+            return WeightsSnapshot(copy, sha256)
+        copy.close()
+    raise UserError(f"{path} changed while it was being read (it is still being written or "
+                    f"copied); wait until it is completely written, then run again")
+
+
+def file_state(stat):
+    """What changes when a file is written: its size and times."""
+    return stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns
+
+
+def copy_and_hash(source, destination):
+    """Copy the open file `source` into `destination`; (bytes copied, their SHA-256)."""
+    digest, size = hashlib.sha256(), 0
+    buffer = bytearray(COPY_BLOCK)
+    view = memoryview(buffer)
+    while count := source.readinto(buffer):
+        digest.update(view[:count])
+        destination.write(view[:count])
+        size += count
+    return size, digest.hexdigest()
+
+
+def private_file(path, size):
+    """An open file without a name for a copy of `path` (`size` bytes): in the folder of
+    `path`, else in the system's temporary folder, the first that is writable, not in
+    memory (tmpfs) and has room for twice the copy (it must not fill a disk others write
+    to); else in memory (io.BytesIO: the weights are then read into the process)."""
+    for folder in dict.fromkeys((os.path.dirname(os.path.abspath(path)),
+                                 tempfile.gettempdir())):
+        try:
+            if ram_backed(folder) or shutil.disk_usage(folder).free < 2 * size:
+                continue
+            return tempfile.TemporaryFile(dir=folder)
+        except OSError:  # (read-only, gone)
+            continue
+    return io.BytesIO()
+
+
+def ram_backed(folder):
+    """Whether `folder` is on a file system held in memory (tmpfs, ramfs): the mount that
+    holds it in /proc/self/mounts (False where there is none: not Linux)."""
+    try:
+        with open('/proc/self/mounts') as f:
+            mounts = [line.split()[1:3] for line in f if len(line.split()) > 2]
+    except OSError:
+        return False
+    real, best = os.path.realpath(folder), ('', '')
+    for point, kind in mounts:
+        point = re.sub(r'\\([0-7]{3})', lambda m: chr(int(m.group(1), 8)), point)  # \040
+        if (real == point or real.startswith(point.rstrip('/') + '/')) and \
+                len(point) > len(best[0]):
+            best = (point, kind)
+    return best[1] in RAM_FILESYSTEMS
+
+
+def mapped_ranges(snapshot):
+    """The address ranges at which the private copy `snapshot` (a WeightsSnapshot) is mapped
+    into this process (Linux's /proc/self/maps; empty elsewhere, or for a copy in memory).
+
+    Told by the copy's inode and by its having no name (`(deleted)`), not by its device:
+    on overlayfs (a container's /tmp) the device that /proc/self/maps shows can be the
+    underlying file system's, not the one stat gives."""
+    if snapshot is None or snapshot.inode is None:
+        return []
     try:
         with open('/proc/self/maps') as f:
             lines = f.read().splitlines()
     except OSError:
         return []
-    real, ranges = os.path.realpath(path), []
+    ranges = []
     for line in lines:
         fields = line.split(maxsplit=5)
-        if len(fields) == 6 and fields[5] == real:
+        if len(fields) == 6 and fields[4] == str(snapshot.inode) and \
+                fields[5].endswith(' (deleted)'):
             start, end = (int(value, 16) for value in fields[0].split('-'))
             ranges.append((start, end))
     return ranges
 
 
-def release_mapped_weights_after_use(G, path):
+def release_mapped_weights_after_use(G, snapshot):
     """After each layer of G has run, give the pages of its weights that are mapped from the
-    checkpoint `path` back to the operating system.
+    private copy `snapshot` of its checkpoint (`take_snapshot`) back to the operating system.
 
-    The weights stay in the OS's page cache (shared with any other process reading the file,
-    and reclaimable), and the next image maps them again from there. So the process holds a
-    layer's weights only while it runs: at 1024x1024 the full-resolution layers at the end,
-    where the activations peak, no longer sit on the 680 MB of residual-block weights.
-    Weights not mapped from the file (a legacy-format checkpoint, a GPU, bfloat16 copies) are
-    left alone. Returns the number of layers hooked.
+    The weights stay in the OS's page cache (reclaimable: the copy is on a disk), and the
+    next image maps them again from there. So the process holds a layer's weights only while
+    it runs: at 1024x1024 the full-resolution layers at the end, where the activations peak,
+    no longer sit on the 680 MB of residual-block weights. Weights not mapped from the copy
+    (a legacy-format checkpoint, a GPU, bfloat16 copies, a copy held in memory) are left
+    alone. Returns the number of layers hooked.
     """
-    ranges = mapped_ranges(path)
+    ranges = mapped_ranges(snapshot)
     if not ranges or not sys.platform.startswith('linux'):
         return 0
     madvise = ctypes.CDLL(None, use_errno=True).madvise

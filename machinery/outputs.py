@@ -42,21 +42,22 @@ EVALUATION_PATTERNS = ('*_panel.png', 'metrics.csv', 'metrics_summary.json')
 # How the refusal names each part of a record that differs.
 RECORD_LABELS = {'run': 'run (--dataset_name)', 'iteration': 'iteration (--iteration)',
                  'weights': "generator's weights (its checkpoint or model file changed)",
-                 'input_dir': 'input folder (--input_dir_test)', 'input_files': 'input files',
-                 'target_dir': 'target folder (--target_dir_test)',
+                 'input_dir': 'input folder (--input_dir_test, or --sdoml_input)',
+                 'input_files': 'input files',
+                 'target_dir': 'target folder (--target_dir_test, or --sdoml_target)',
                  'target_files': 'target files',
+                 'sdoml_pairs': 'SDOML pairs (their frames)',
                  'precision': 'precision (--data_type, --amp_dtype)'}
 
 
-def run_record(opt, dataset, iteration, precision=None, panels=False):
+def run_record(opt, dataset, iteration, precision=None, panels=False, weights=None):
     """What decides the outputs of one run into one folder, as its test_run.json holds it:
-    the generator (run folder, or --model file, and iteration; -1: every saved one), the
-    inputs and targets (folders and file names), the precision and every option that changes
-    the files (the metric options and panels only count when there are targets, the
-    compression when it is used)."""
-    def names(paths):
-        return [os.path.basename(path) for path in paths]
-
+    the generator (run folder, or --model file, and iteration; -1: every saved one; its
+    file's SHA-256: `weights`, that of the copy the generator was read from, else the
+    file's now), the inputs and targets (folders and file names), the precision and every
+    option that changes the files (the metric options and panels only count when there are
+    targets, the compression when it is used): the inputs and targets as the dataset's
+    `record` names them (folders and file names; SDOML stores and their pairs)."""
     targets = dataset.target_paths is not None
     options = {name: getattr(opt, name) for name in OUTPUT_OPTIONS}
     if targets:
@@ -66,12 +67,9 @@ def run_record(opt, dataset, iteration, precision=None, panels=False):
         options.update(compress=True, quantize_step=opt.quantize_step)
     model = getattr(opt, 'model', None)
     record = {'run': os.path.abspath(model or opt.checkpoint_dir), 'iteration': iteration,
-              'weights': weights_of(model or os.path.join(opt.model_dir, f'{iteration}_G.pt'))
-              if iteration != -1 else None,
-              'input_dir': os.path.abspath(opt.input_dir_test),
-              'input_files': names(dataset.input_paths),
-              'target_dir': os.path.abspath(opt.target_dir_test) if targets else None,
-              'target_files': names(dataset.target_paths) if targets else None,
+              'weights': None if iteration == -1 else weights or weights_of(
+                  model or os.path.join(opt.model_dir, f'{iteration}_G.pt')),
+              **dataset.record(),
               'precision': str(precision.dtype).replace('torch.', '')
               if precision is not None and precision.enabled else 'float32',
               'options': options}

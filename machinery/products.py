@@ -216,16 +216,23 @@ def generated_header(input_header, identity, unit, history, input_channels=1, ch
     return header
 
 
-def write_fits(path, data, header=None, history=(), compress=False, quantize_step=None, **_):
-    """float32 FITS; `header` (e.g. from `generated_header`) is copied except the cards of
-    how its data were stored (STORAGE_CARD). With `compress`, tile-compressed
-    (`compressed_hdus`)."""
+def fits_hdu(data, header=None, history=()):
+    """The float32 image `write_fits` writes, as a primary HDU: `header` (e.g. from
+    `generated_header`) is copied except the cards of how its data were stored
+    (STORAGE_CARD), which astropy writes for the float32 data. machinery/maps.py gives sunpy
+    this header."""
     hdu = fits.PrimaryHDU(data.astype(np.float32))
     if header is not None:
         hdu.header.extend(card for card in header.cards
                           if not STORAGE_CARD.fullmatch(card.keyword))
     for line in history:
         hdu.header.add_history(line)
+    return hdu
+
+
+def write_fits(path, data, header=None, history=(), compress=False, quantize_step=None, **_):
+    """float32 FITS (`fits_hdu`). With `compress`, tile-compressed (`compressed_hdus`)."""
+    hdu = fits_hdu(data, header, history)
     hdus = compressed_hdus(hdu, quantize_step) if compress else fits.HDUList([hdu])
     hdus.writeto(path, overwrite=True)
 

@@ -62,7 +62,8 @@ def export_model_file(opt, step, weights, source, path):
     (`model_file_record`) at `path`."""
     options = {name: getattr(opt, name) for name in NETWORK_OPTIONS + DATA_OPTIONS}
     record = model_file_record(weights, step, opt.dataset_name, options, opt.target_header,
-                               bfloat16=opt.export_dtype == 16)
+                               bfloat16=opt.export_dtype == 16,
+                               training_data=getattr(opt, 'training_data', None))
     if keep_existing_export(path, functools.partial(holds_model_record, record=record),
                             opt.overwrite):
         print(f"{path} already holds this export; left as it is")
@@ -79,7 +80,7 @@ def holds_model_record(path, record):
         existing = load_model_file(path)
     except UserError:
         return False
-    fields = ('weights_sha256', 'options', 'target_header', 'step', 'run')
+    fields = ('weights_sha256', 'options', 'target_header', 'training_data', 'step', 'run')
     return all(existing.get(field) == record[field] for field in fields)
 
 
@@ -93,6 +94,26 @@ def keep_existing_export(path, holds_this, overwrite):
         return True
     raise UserError(f"{path} already holds another export (other weights or options); add "
                     f"--overwrite to replace it, or move it away")
+
+
+def adopt_model_file(option, opt, log=print):
+    """The options of the model file --model (`opt.model`): its run name and step
+    (--dataset_name and --iteration, which may only repeat them), its network and data
+    options (options given explicitly to `option`, a TestOption, win, as over
+    train_options.json), the targets' identity cards and the profile of the training data.
+    Returns the file's record (`load_model_file`). The Test script's --model and
+    machinery/maps.py's `load_model` take a model file this way."""
+    model = load_model_file(opt.model)
+    for name, value in (('dataset_name', model['run']), ('iteration', model['step'])):
+        if name in option.explicit and getattr(opt, name) != value:
+            raise UserError(f"--{name} {getattr(opt, name)} differs from the model file's: "
+                            f"{opt.model} holds run {model['run']}, step {model['step']}; "
+                            f"leave out --{name} (--output_dir chooses the output folder)")
+        setattr(opt, name, value)
+    option.adopt(opt, model['options'], NETWORK_OPTIONS + DATA_OPTIONS, opt.model, log=log)
+    opt.target_header = model['target_header']
+    opt.training_data = model.get('training_data')
+    return model
 
 
 # The ONNX model (README "Sharing a model and running it elsewhere", ONNX): its tensors'
@@ -208,7 +229,8 @@ def onnx_record(opt, step, weights):
     channel's scaling both ways (`Scaling.record`) and --save_scale; the unit; what a FITS
     product's header takes (the targets' identity cards, BUNIT, ORIGIN, the HISTORY lines,
     the input cards left out, the WCS and storage cards); the network and data options, the
-    step, the run and the SHA-256 of the float32 weights."""
+    profile of the training data (machinery/data_profile.py), the step, the run and the
+    SHA-256 of the float32 weights."""
     unit = data_unit(opt)
     return {
         'format': ONNX_FORMAT, 'format_version': ONNX_FORMAT_VERSION,
@@ -229,6 +251,7 @@ def onnx_record(opt, step, weights):
                  'wcs_cards': WCS_KEY.pattern, 'storage_cards': STORAGE_CARD.pattern},
         'options': {name: getattr(opt, name)
                     for name in NETWORK_OPTIONS + DATA_OPTIONS + ('save_scale',)},
+        'training_data': getattr(opt, 'training_data', None),
         'weights_sha256': weights_sha256(weights)}
 
 

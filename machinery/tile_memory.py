@@ -173,21 +173,23 @@ def padded_shape(channels, size, multiple):
     return (channels, *(n + -n % multiple for n in size))
 
 
-def tile_sizes(opt, input_paths, device, log=print):
+def tile_sizes(opt, input_paths, device, log=print, image_sizes=None):
     """The tile size of each of `input_paths` (0: the whole image at once): --tile_size for
     the inputs larger than it; without it, tiles for the inputs whose whole-image pass would
     not fit in memory (`available_memory`, less the generator's weights on a GPU), with one
     notice line. Raises UserError, before any output, when --tile_size is asked of a network
     the tiled path cannot split, or when the tiled inputs' temporary stores would not fit
     the free disk of --tmp_dir, or the smallest tiles the memory. Sizes come from the files'
-    headers, the network from the options (built without memory)."""
+    headers (or `image_sizes`, (H, W) of each, where `input_paths` only name the images:
+    machinery/maps.py), the network from the options (built without memory)."""
     with torch.device('meta'):
         G = Generator(opt).eval()
     plan, reason = plan_or_reason(G)
     multiple = 2 ** opt.n_downsample
-    shapes = [padded_shape(opt.input_ch, stored_size(path, opt.data_format_input,
-                                                     opt.input_ch), multiple)
-              for path in input_paths]
+    if image_sizes is None:
+        image_sizes = [stored_size(path, opt.data_format_input, opt.input_ch)
+                       for path in input_paths]
+    shapes = [padded_shape(opt.input_ch, size, multiple) for size in image_sizes]
     if opt.tile_size:
         sizes = [opt.tile_size if max(shape[1:]) > opt.tile_size else 0 for shape in shapes]
         if plan is None and any(sizes):

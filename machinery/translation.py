@@ -29,7 +29,7 @@ from machinery.tiles import PROGRESS_DELAY, tiled_generate
 from machinery.whole_image import inference_runner
 from pix2pixCC_Networks import Generator
 from pix2pixCC_Options import FITS_FORMATS, channel_values
-from pix2pixCC_Pipeline import Scaling, read_array, read_fits_header
+from pix2pixCC_Pipeline import Scaling, read_array
 from pix2pixCC_Utils import (bare, fit_state_dict, float32_weights, load_state_dict,
                              memory_format, prepare_network)
 
@@ -80,21 +80,18 @@ def layer_progress(G, desc):
                 handle.remove()
 
 
-def output_header(opt, input_path, iteration):
-    """FITS header of the file generated from `input_path`: the input's geometry and time
-    (FITS inputs), the training targets' identity cards and unit (divided by --save_scale),
-    and the provenance."""
-    history = [line.replace(INPUT_FILE, os.path.basename(input_path))
-               for line in product_history(opt, iteration)]
-    input_header = input_fits_header(opt, input_path)
+def product_header(opt, input_header, input_name, iteration, input_channels=None,
+                   channels=None):
+    """FITS header of the product of the input named `input_name` (in its HISTORY) whose
+    header is `input_header` (None: none): the input's geometry and time, the training
+    targets' identity cards and unit (divided by --save_scale), and the provenance.
+    input_channels, channels: how many the input header's data and the product hold
+    (default --input_ch, --target_ch; machinery/maps.py: one 2-D map each)."""
+    history = [line.replace(INPUT_FILE, input_name) for line in product_history(opt, iteration)]
     return generated_header(input_header, getattr(opt, 'target_header', None) or {},
                             scaled_unit(data_unit(opt), opt.save_scale), history,
-                            input_channels=opt.input_ch, channels=opt.target_ch)
-
-
-def input_fits_header(opt, input_path):
-    """The header of a FITS input, else None."""
-    return read_fits_header(input_path) if opt.data_format_input in FITS_FORMATS else None
+                            input_channels=input_channels or opt.input_ch,
+                            channels=channels or opt.target_ch)
 
 
 def panel_wcs(header):
@@ -108,10 +105,10 @@ def panel_wcs(header):
     return wcs.celestial if wcs.has_celestial else None
 
 
-def panel_options(opt, input_path, header):
-    """What save_panel needs beside the data: the input's scaling and unit (its BUNIT, FITS
-    inputs only) and the WCS of the generated file's `header` (None for other formats)."""
-    input_header = input_fits_header(opt, input_path)
+def panel_options(opt, input_header, header):
+    """What save_panel needs beside the data: the input's scaling and unit (the BUNIT of its
+    `input_header`, FITS inputs only) and the WCS of the generated file's `header` (None for
+    other formats)."""
     return dict(input_scaling=Scaling.from_options(opt, 'input'),
                 input_unit=(input_header or {}).get('BUNIT') or None, wcs=panel_wcs(header))
 
@@ -122,18 +119,22 @@ def load_generator(opt, path, device, state=None):
     bfloat16.
 
     It is built on the 'meta' device (no memory) and given the checkpoint's tensors mapped
-    from the file, so its weights are held once while loading (774 MB for the default
-    network), not twice as with a built module plus a loaded state_dict.
+    from a private copy of the file (`load_weights`), so its weights are held once while
+    loading (774 MB for the default network), not twice as with a built module plus a loaded
+    state_dict, and stay those of the file as it was read. Its `weights_file_sha256` is that
+    copy's SHA-256 (None for `state` read otherwise), which the output folder's record takes.
     """
     with torch.device('meta'):
         G = Generator(opt)
     if state is None:
-        load_state_dict(G, path, assign=True)
+        snapshot = load_state_dict(G, path, assign=True)
     else:
+        snapshot = getattr(state, 'snapshot', None)  # (MappedWeights of load_model_file)
         fit_state_dict(G, float32_weights(state), path, assign=True)
+    G.weights_file_sha256 = snapshot.sha256 if snapshot is not None else None
     G = prepare_network(G, opt, device)
     if not opt.compile:  # (a compiled graph runs no per-layer Python hooks)
-        release_mapped_weights_after_use(G, path)
+        release_mapped_weights_after_use(G, snapshot)
     return G
 
 
@@ -148,12 +149,14 @@ def translate(G, dataset, out_dir, opt, device, iteration, precision=None, panel
     files whose outputs are complete are left alone (`complete_outputs`) and their metrics
     come from the outputs read back. `stop` (a GracefulStop): a stop signal ends the run
     after the file in progress (`stop_if_asked`). sizes: the tile size of each file
-    (`tile_sizes`, which is asked when None).
+    (`input_tile_sizes`, which is asked when None).
     """
     if sizes is None:
-        sizes = tile_sizes(opt, dataset.input_paths, device)
+        sizes = input_tile_sizes(opt, dataset, device)
     make_dirs(out_dir)
-    take_folder(out_dir, run_record(opt, dataset, iteration, precision, panels))
+    # The record names the weights that run: those of the file as load_generator read it.
+    take_folder(out_dir, run_record(opt, dataset, iteration, precision, panels,
+                                    getattr(bare(G), 'weights_file_sha256', None)))
     scaling = Scaling.from_options(opt, 'target')
     unit = data_unit(opt)
     kept = complete_outputs(dataset, out_dir, opt, panels)
@@ -167,12 +170,10 @@ def translate(G, dataset, out_dir, opt, device, iteration, precision=None, panel
         for done, (index, (input, name)) in enumerate(zip(pending, tqdm(
                 loader, desc=f'iteration {iteration}', unit='file', disable=None, leave=False),
                 strict=True), start=len(kept) + 1):
-            batch = input[None].to(device, memory_format=memory_format(device))
-            output = generate(G, batch, opt.n_downsample, precision, sizes[index], opt.tmp_dir,
-                              desc=name)
-            data = scaling.inverse(output[0].cpu().numpy())
-            header = write_output(output_path(out_dir, name, opt), data, opt,
-                                  dataset.input_paths[index], iteration)
+            data = product_data(G, input, scaling, opt, device, precision, sizes[index], name)
+            input_header = (dataset.headers('input', index) or [None])[0]  # (FITS, stores)
+            header = write_output(output_path(out_dir, name, opt), data, opt, input_header,
+                                  dataset.input_source(index), iteration)
 
             if dataset.target_paths is not None:
                 real = dataset.read_target(index)
@@ -183,10 +184,27 @@ def translate(G, dataset, out_dir, opt, device, iteration, precision=None, panel
                                generated, scaling, unit=unit, data_format=opt.data_format_target,
                                title=f'{os.path.basename(dataset.input_paths[index])}, '
                                      f'iteration {iteration}',
-                               **panel_options(opt, dataset.input_paths[index], header))
+                               **panel_options(opt, input_header, header))
             stop_if_asked(stop, done, len(dataset), out_dir)
     G.train(was_training)
     return aligned([rows[index] for index in sorted(rows)])
+
+
+def product_data(G, input, scaling, opt, device, precision=None, tile_size=0, desc=None):
+    """The product of one normalised C x H x W `input` (a tensor, as the dataset gives it):
+    G's output (`generate`, whole or in tiles of `tile_size`) mapped back by the target's
+    `scaling`, C x H x W float32 in physical units times --save_scale. Call it under
+    torch.inference_mode() with G in eval mode, as `translate` and machinery/maps.py do."""
+    batch = input[None].to(device, memory_format=memory_format(device))
+    output = generate(G, batch, opt.n_downsample, precision, tile_size, opt.tmp_dir, desc=desc)
+    return scaling.inverse(output[0].cpu().numpy())
+
+
+def input_tile_sizes(opt, dataset, device):
+    """`tile_sizes` of the inputs of `dataset`, their sizes from its `input_size` (the
+    files' headers, or the SDOML arrays' shapes)."""
+    return tile_sizes(opt, dataset.input_paths, device,
+                      image_sizes=[dataset.input_size(index) for index in range(len(dataset))])
 
 
 def output_path(out_dir, name, opt):
@@ -194,14 +212,15 @@ def output_path(out_dir, name, opt):
     return os.path.join(out_dir, f'{name}_AI.{opt.data_format_target}')
 
 
-def write_output(path, data, opt, input_path, iteration):
-    """Write the generated `data` (C x H x W, physical units times --save_scale) of
-    `input_path` to `path` atomically (a complete file has its final name), with its FITS
-    header (`output_header`, tile-compressed with --compress) or its PNG bit depth; returns
-    the header (None for other formats)."""
+def write_output(path, data, opt, input_header, input_name, iteration):
+    """Write the generated `data` (C x H x W, physical units times --save_scale) of the input
+    named `input_name` (`input_header`: its FITS header, None without) to `path` atomically
+    (a complete file has its final name), with its FITS header (`product_header`,
+    tile-compressed with --compress) or its PNG bit depth; returns the header (None for
+    other formats)."""
     extra = {'header': None}
     if opt.data_format_target in FITS_FORMATS:
-        extra['header'] = output_header(opt, input_path, iteration)
+        extra['header'] = product_header(opt, input_header, input_name, iteration)
         if getattr(opt, 'compress', False):  # (training's validation writes plain files)
             step = opt.quantize_step
             extra.update(compress=True,
@@ -220,7 +239,7 @@ def file_metrics(dataset, index, real, generated, opt, disks):
     return {'file': input_name(dataset.input_paths[index]), **image_metrics(
         real, generated, opt.metric_bins, disks[index] if disks else None,
         opt.disk_fraction, opt.active_threshold,
-        target_pixel_area(opt, dataset.target_paths[index]))}
+        target_pixel_area(opt, dataset, index))}
 
 
 def input_name(path):

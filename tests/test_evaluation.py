@@ -618,13 +618,13 @@ def test_the_input_colour_bar_is_in_the_inputs_units(tmp_path, monkeypatch):
                          Scaling(-3000, 3000), unit='G', data_format='fits',
                          input_scaling=input_scaling, input_unit='DN/s')
     drawn = next(axis for axis in figure.axes if axis.images).images[0]
-    assert drawn.colorbar.ax.get_ylabel() == 'DN/s'
+    assert drawn.colorbar.ax.get_ylabel() == 'DN / s'  # (unit_label: astropy's spelling)
     assert (drawn.norm.vmin, drawn.norm.vmax) == (1, 200)
     from astropy.io import fits
     physical = fits.getdata(os.path.join(SAMPLE, 'Test', 'Input', 'sun_0032.fits'))
     assert np.allclose(drawn.get_array(), physical, rtol=1e-5)
     _, description = panel_text(tmp_path / 'panel.png')
-    assert description.startswith('input in DN/s;')
+    assert description.startswith('input in DN / s;')
 
     # Two channels of different scalings, one linear; no unit known.
     two = np.stack([input[0], input[0] * 0.5])
@@ -648,7 +648,7 @@ def test_a_test_runs_panels_have_the_products_wcs_and_the_inputs_unit(constant_r
     assert len(figures) == 2
     for figure in figures:
         axes = [axis for axis in figure.axes if axis.images]
-        assert axes[0].images[0].colorbar.ax.get_ylabel() == 'DN/s'
+        assert axes[0].images[0].colorbar.ax.get_ylabel() == 'DN / s'
         assert 'helioprojective latitude' in axes[1].coords[1].get_axislabel()
 
 
@@ -1064,3 +1064,126 @@ def test_validation_during_training_has_the_disk_metrics(tmp_path):
                                   for key in metric_columns([1, 8], region, mx=True)]
     assert [int(row['step']) for row in rows] == [2]
     assert all(np.isfinite(float(rows[0][key])) for key in ('disk_cc_1x1', 'quiet_rmse_8x8'))
+
+
+# ----------------------------------------------------------------------------------------
+# 6. Targets that are not magnetograms; the panels' size and unit labels
+# ----------------------------------------------------------------------------------------
+
+def euv_targets(in_tmp):
+    """The constant run's EUV inputs (BUNIT DN/s, the sample's disk, 14 to 190 DN/s on it)
+    as their own targets: data that are not magnetograms."""
+    folder = in_tmp / 'EUVTarget'
+    os.makedirs(folder)
+    for path in sorted((in_tmp / 'Test' / 'Input').iterdir()):
+        os.symlink(path, folder / path.name)
+    return str(folder)
+
+
+def test_an_empty_quiet_region_is_explained_once_per_run(constant_run, in_tmp, capsys):
+    """--active_threshold 10 on EUV targets: every on-disk pixel is active, so the quiet
+    rows are NaN; one line (not one per file or per generator) says why and what to do."""
+    argv = constant_run + ['--target_dir_test', euv_targets(in_tmp), '--target_unit', 'DN/s',
+                           '--active_threshold', '10']
+    assert pix2pixCC_Test.main(argv) == 0  # both generators
+    notices = [line for line in capsys.readouterr().out.splitlines() if 'quiet' in line and
+               line.startswith('notice')]
+    assert len(notices) == 1, notices
+    for fragment in ('empty in 2 of 2', 'sun_0032.fits', '--active_threshold 10 DN / s',
+                     'quiet_', 'not magnetograms'):
+        assert fragment in notices[0], (fragment, notices[0])
+    _, rows = read_csv_rows(in_tmp / 'checkpoints' / 'disk' / 'Image' / 'Test' / '4' /
+                            'metrics.csv')
+    assert all(row['quiet_rmse_1x1'] == 'nan' and row['active_rmse_1x1'] != 'nan'
+               for row in rows)
+    # A threshold in the data's unit splits the disk: no notice.
+    assert pix2pixCC_Test.main(argv + ['--active_threshold', '30', '--overwrite']) == 0
+    assert 'notice' not in capsys.readouterr().out
+
+
+def test_sums_of_targets_that_are_not_magnetic_are_not_called_flux(constant_run, in_tmp,
+                                                                    capsys):
+    """Targets in DN/s: sum|x| and sum(x) are named for what they are, in the columns and
+    the table; a magnetic unit (and an unknown one) keeps the flux names."""
+    assert pix2pixCC_Test.main(constant_run + [
+        '--target_dir_test', euv_targets(in_tmp), '--target_unit', 'DN/s', '--iteration',
+        '4']) == 0
+    stdout = capsys.readouterr().out
+    columns, _ = read_csv_rows(in_tmp / 'checkpoints' / 'disk' / 'Image' / 'Test' / '4' /
+                               'metrics.csv')
+    sums = ['sum_abs_real', 'sum_abs_fake', 'sum_real', 'sum_fake']
+    assert columns == ['file'] + [key for region in ('', 'disk_') for key in
+                                  metric_columns(BINS, region)[:-4] + [region + name
+                                                                      for name in sums]]
+    assert 'flux' not in stdout and 'sum of |value|' in stdout and '[(DN / s) px]' in stdout
+    real, fake = np.ones((1, 4, 4)), np.full((1, 4, 4), -2.0)
+    for unit in ('G', 'Mx/cm2', 'kG', 'T', None):
+        assert metric_columns([1]) == list(image_metrics(
+            real, fake, [1], pixel=evaluation.TargetPixel(unit)))
+    row = image_metrics(real, fake, [1], pixel=evaluation.TargetPixel('DN/s'))
+    assert (row['sum_abs_real'], row['sum_abs_fake'], row['sum_real'], row['sum_fake']) == \
+        (16.0, 32.0, 16.0, -32.0)
+
+
+def drawn_map_scale(figure, path, size):
+    """How many pixels of the saved PNG each map pixel spans, in each image panel."""
+    with Image.open(path) as image:
+        width = image.size[0]
+    return [axis.get_position().width * width / size for axis in figure.axes if axis.images]
+
+
+def test_panels_draw_the_map_near_its_native_resolution(tmp_path, monkeypatch):
+    """A 512 px map fills about 512 px of each panel (not ~150 as a fixed figure size
+    gives); a 64 px map still gets a figure whose fonts and panels are readable."""
+    sizes, scales, fonts = {}, {}, {}
+    for size in (64, 512):
+        real = np.random.default_rng(0).uniform(-3000, 3000, (1, size, size))
+        path = tmp_path / f'{size}.png'
+        figure = drawn_panel(monkeypatch, path, real / 3000, real, real * 0.9,
+                             Scaling(-3000, 3000), unit='G')
+        with Image.open(path) as image:
+            sizes[size] = image.size
+        scales[size] = drawn_map_scale(figure, path, size)
+        dpi = sizes[size][0] / figure.get_figwidth()
+        fonts[size] = min(axis.title.get_fontsize() for axis in figure.axes if axis.images) \
+            * dpi / 72  # in pixels of the PNG
+    assert sizes[512][0] > 1.5 * sizes[64][0] and sizes[512][1] > 1.5 * sizes[64][1], sizes
+    assert min(scales[512]) >= 0.8 and max(scales[512]) <= 1.1, scales[512]
+    assert min(scales[64]) * 64 >= 160, scales[64]  # a small map is enlarged, not a stamp
+    assert fonts[64] >= 11 and fonts[512] > fonts[64], fonts
+
+
+def test_one_unit_is_labelled_alike_everywhere(tmp_path, monkeypatch):
+    """An input and a target in DN/s: both colour bars (and the PNG's description) spell
+    the unit the same way, astropy's; a string astropy cannot read is shown as it is."""
+    rng = np.random.default_rng(1)
+    real = rng.uniform(1, 200, (1, 16, 16))
+    input_scaling = Scaling(lower=1, upper=200, log=True)
+    figure = drawn_panel(monkeypatch, tmp_path / 'panel.png', input_scaling.forward(real),
+                         real, real, Scaling(1, 200, log=True), unit='DN/s',
+                         input_scaling=input_scaling, input_unit='DN/s')
+    labels = [axis.images[0].colorbar.ax.get_ylabel() for axis in figure.axes if axis.images]
+    assert labels == ['DN / s'] * 4
+    _, description = panel_text(tmp_path / 'panel.png')
+    assert description.startswith('input in DN / s; real, generated and difference in DN / s;')
+    assert evaluation.unit_label('DN s-1') == 'DN / s'
+    assert evaluation.unit_label('counts/pixel') == 'counts/pixel'
+    assert evaluation.unit_label(None) is None
+
+
+def test_an_empty_active_region_is_named_with_its_channel():
+    """A channel whose on-disk values all lie below the threshold has no active region: one
+    line names the channel and the first such file, none for the channel that has both."""
+    from types import SimpleNamespace
+    weak = np.full((16, 16), 5.0)
+    split = np.where(np.arange(16)[:, None] < 8, 500.0, -5.0) * np.ones((16, 16))
+    targets = {'a.fits': np.stack([split, weak]), 'b.fits': np.stack([split, weak * 2])}
+    dataset = SimpleNamespace(target_paths=[f'/data/{name}' for name in targets],
+                              read_target=lambda index: list(targets.values())[index])
+    opt = SimpleNamespace(active_threshold=100.0, disk_fraction=0.98, target_ch=2,
+                          target_unit='G')
+    lines = evaluation.empty_region_notices(dataset, opt, [Disk(7.5, 7.5, 8.0)] * 2)
+    assert lines == ['notice: the active region of channel 1 (on-disk pixels with |target| >= '
+                     '--active_threshold 100 G) is empty in 2 of 2 target file(s) with a disk, '
+                     'so their active_ metrics are NaN: no on-disk pixel of a.fits reaches it '
+                     '(its on-disk |values| lie between 5 and 5 G)']

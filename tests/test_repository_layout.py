@@ -148,4 +148,8 @@ def test_deploy_imports_only_the_torch_free_modules():
     """deploy/onnx_translate.py runs without torch: what it imports of the repository
     imports no torch either (its test runs it with torch blocked)."""
     imported = local_imports(os.path.join(REPO, 'deploy', 'onnx_translate.py'))
-    assert imported and imported <= {'machinery.products', 'pix2pixCC_Options'}, imported
+    assert imported and imported <= {'machinery.products', 'machinery.data_profile',
+                                     'pix2pixCC_Options'}, imported
+    for module in ('products', 'data_profile'):
+        assert not local_imports(os.path.join(REPO, 'machinery', f'{module}.py')) - \
+            {'pix2pixCC_Options'}, module
