@@ -113,7 +113,53 @@ def load_model(path, threads=0):
         raise UserError(f"{path} has metadata of format version {record.get('format_version')}"
                         f", but this script reads version {MODEL_FORMAT_VERSION}; use the "
                         f"pix2pixCC that exported it")
+    problem = metadata_problem(record)
+    if problem:
+        raise UserError(f"{path} is not an ONNX model this code exported ({problem}); use a "
+                        f"model made with pix2pixCC_Test.py --export onnx")
     return session, record
+
+
+def is_count(value):
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
+def is_number(value):
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def metadata_problem(record):
+    """What in the metadata this script uses is not as --export onnx writes it, else None: a
+    shared model is data from elsewhere, and its product extension becomes part of a path,
+    its cards part of every product's header."""
+    fits_rules, scaling = record.get('fits'), record.get('scaling')
+    if not all(is_count(record.get(key)) for key in ('input_channels', 'target_channels',
+                                                     'size_multiple')):
+        return 'its channel counts or size multiple are not counts'
+    if not isinstance(fits_rules, dict) or fits_rules.get('extension') not in FITS_FORMATS:
+        return 'its product extension is not one of ' + ', '.join(FITS_FORMATS)
+    if not isinstance(scaling, dict) or any(
+            not isinstance(scaling.get(side), list) or
+            len(scaling[side]) != record[f'{side}_channels'] or
+            not all(isinstance(channel, dict) and all(
+                is_number(channel.get(key)) for key in ('lower', 'upper', 'offset', 'scale',
+                                                        'nan')) for channel in scaling[side])
+            for side in ('input', 'target')):
+        return 'its scaling is not one set of numbers per channel'
+    if not is_number(record.get('save_scale')) or not all(
+            isinstance(name, str) for name in (record.get('input_name'),
+                                               record.get('output_name'))):
+        return 'its --save_scale or tensor names are not what the export writes'
+    cards = fits_rules.get('identity')
+    if not isinstance(cards, dict) or not all(
+            isinstance(key, str) and isinstance(value, (str, int, float, bool))
+            for key, value in cards.items()) or \
+            not isinstance(fits_rules.get('history'), list) or \
+            not all(isinstance(line, str) for line in fits_rules['history']) or \
+            not isinstance(fits_rules.get('input_file'), str) or \
+            not isinstance(fits_rules.get('bunit'), (str, type(None))):
+        return "its header cards are not FITS cards"
+    return None
 
 
 def normalise(x, scaling):

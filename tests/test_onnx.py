@@ -301,3 +301,27 @@ def test_the_translator_refuses_other_files_and_names_missing_packages(trained, 
                                   '--output_dir', tmp_path / 'out'], tmp_path,
                       PYTHONPATH=blocked(tmp_path, 'onnxruntime'))
     assert_usage_error(proc, 'onnxruntime is missing', 'pip install onnxruntime')
+
+
+@pytest.mark.parametrize('change, problem', [
+    (lambda r: r['fits'].update(extension='../../escape'), 'product extension'),
+    (lambda r: r.update(input_channels='1'), 'channel counts'),
+    (lambda r: r['scaling']['input'][0].update(scale='x'), 'scaling'),
+    (lambda r: r['fits']['identity'].update(BUNIT=['G']), 'header cards'),
+])
+def test_the_translator_refuses_metadata_it_did_not_write(trained, tmp_path, change, problem):
+    """A shared model is data from elsewhere: its extension (part of every product's path)
+    and cards are checked before anything is written."""
+    import onnx
+    model = onnx.load(str(trained['model']))
+    props = {prop.key: prop for prop in model.metadata_props}
+    record = json.loads(props['pix2pixCC'].value)
+    change(record)
+    props['pix2pixCC'].value = json.dumps(record)
+    edited = tmp_path / 'edited.onnx'
+    onnx.save(model, str(edited))
+    inputs = copy_sample_inputs(tmp_path / 'inputs', 1)
+    assert_usage_error(translate(['--model', edited, '--input_dir', inputs, '--output_dir',
+                                  tmp_path / 'out'], tmp_path, tmp_path),
+                       'not an ONNX model this code exported', problem)
+    assert not os.path.exists(tmp_path / 'out')
