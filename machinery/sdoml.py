@@ -258,7 +258,7 @@ class Store:
             held = ', '.join(sorted(self.root.keys())[:10]) or 'nothing'
             raise UserError(f'{self.location}: a zarr group, but no year groups (such as 2011) '
                             f'in it, so not an SDOMLv2 store; it holds: {held}')
-        self._arrays, self._attributes, self._times = {}, {}, {}
+        self._arrays, self._attributes, self._times, self._handles = {}, {}, {}, {}
 
     def arrays(self, year):
         """The names of the arrays of year group `year`."""
@@ -290,7 +290,12 @@ class Store:
             self.check_arrays([name])
             held = ' '.join(self.arrays(year)) if year in self.years else 'no such year group'
             raise UserError(f"{self.location}: no array '{name}' in year group {year} ({held})")
-        return self.root[year][name]
+        # Kept open: opening an array makes zarr read and parse its metadata, and a real
+        # store's attributes hold a year of header lists (40 MB: 1 s per opening), which
+        # every frame read would pay again (BENCHMARKS.md, Loading SDOML pairs).
+        if (name, year) not in self._handles:
+            self._handles[name, year] = self.root[year][name]
+        return self._handles[name, year]
 
     def frame_count(self, name, year, index=None):
         """The array's number of frames; a UserError if `index` is not one of them."""
