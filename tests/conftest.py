@@ -283,6 +283,17 @@ def roll_wcs_axes(header):
 # ----------------------------------------------------------------------------------------
 
 
+def load_script(path):
+    """The module of the repository's script at `path` (relative to the repository:
+    datasets/ and experiments/ are folders of scripts, not packages)."""
+    import importlib.util
+    name = os.path.splitext(os.path.basename(path))[0]
+    spec = importlib.util.spec_from_file_location(name, os.path.join(REPO, path))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def run_command(command, cwd, timeout=300, **env):
     """Run `command` in `cwd` with SUBPROCESS_ENV (plus `env`), capturing its output."""
     return subprocess.run([str(a) for a in command], cwd=str(cwd),

@@ -3,7 +3,6 @@ the statistics (one --quick run, 2 seeds x 2 objectives, checked against numpy a
 recomputed from its own per-seed rows) and the wording of its text (checked on hand-made
 numbers whose answer is known).
 """
-import importlib.util
 import json
 import os
 
@@ -11,7 +10,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from conftest import REPO, assert_ok, run_script, snapshot
+from conftest import REPO, assert_ok, load_script, run_script, snapshot
 
 SCRIPT = os.path.join(REPO, 'experiments', 'cc_ablation.py')
 README = os.path.join(REPO, 'README.md')
@@ -19,14 +18,7 @@ METRIC_KEYS = ('cc_1x1', 'cc_8x8', 'rmse_1x1', 'unsigned_flux_ratio', 'net_flux_
 OBJECTIVES = ('pix2pixCC', 'pix2pixHD_objective')
 
 
-def load_script():
-    spec = importlib.util.spec_from_file_location('cc_ablation', SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-ablation_script = load_script()
+ablation_script = load_script('experiments/cc_ablation.py')
 
 
 def file_state(path):

@@ -6,7 +6,6 @@ timestamps, input cubes of several folders, one-line errors, and sunpy's real AI
 test files prepared, trained on and tested with their targets, end to end.
 """
 import datetime
-import importlib.util
 import os
 import shutil
 
@@ -15,14 +14,12 @@ import pytest
 from astropy.io import fits
 from astropy.wcs import WCS
 
-from conftest import (REPO, TINY, assert_ok, assert_usage_error, blocked, read_csv_rows,
-                      run_script, run_test, run_train)
+from conftest import (REPO, TINY, assert_ok, assert_usage_error, blocked, load_script,
+                      read_csv_rows, run_script, run_test, run_train)
 from pix2pixCC_Options import run_main
 
 SCRIPT = os.path.join(REPO, 'datasets', 'prepare_pairs.py')
-spec = importlib.util.spec_from_file_location('prepare_pairs', SCRIPT)
-prepare_pairs = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(prepare_pairs)
+prepare_pairs = load_script('datasets/prepare_pairs.py')
 
 RSUN_REF = 695700000.0  # m, sunpy's
 # (astropy's note that it derived MJD-OBS from DATE-OBS when it reads these headers' WCS)

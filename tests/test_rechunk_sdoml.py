@@ -3,7 +3,6 @@ year groups, arrays, data and attributes in chunks of the frames asked for, zarr
 with Blosc zstd bit shuffle, and pairs as the original does; an existing DST, a SRC that is
 not a store and a bad --frames_per_chunk are one line and exit status 2, with nothing
 written."""
-import importlib.util
 import os
 import subprocess
 import sys
@@ -15,7 +14,8 @@ import pytest
 pytest.importorskip('zarr', reason='SDOMLv2 stores need zarr 3 (Python 3.11 or newer): '
                     'pip install -r requirements-sdoml.txt')
 
-from conftest import REPO, SUBPROCESS_ENV, assert_usage_error, snapshot  # noqa: E402
+from conftest import (REPO, SUBPROCESS_ENV, assert_usage_error, load_script,  # noqa: E402
+                      snapshot)
 from machinery import sdoml  # noqa: E402
 from pix2pixCC_Options import run_main  # noqa: E402
 
@@ -23,16 +23,8 @@ SCRIPT = os.path.join(REPO, 'datasets', 'rechunk_sdoml.py')
 AIA = ['171A', '193A', '304A']
 
 
-def load(name):
-    spec = importlib.util.spec_from_file_location(name, os.path.join(REPO, 'datasets',
-                                                                      name + '.py'))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-maker = load('make_sdoml_sample')
-script = load('rechunk_sdoml')
+maker = load_script('datasets/make_sdoml_sample.py')
+script = load_script('datasets/rechunk_sdoml.py')
 
 
 @pytest.fixture(scope='module')

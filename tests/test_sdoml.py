@@ -8,7 +8,6 @@ one line naming what is wrong, and stores never written to.
 """
 import dataclasses
 import datetime
-import importlib.util
 import json
 import os
 import sys
@@ -20,14 +19,11 @@ from astropy.io import fits
 pytest.importorskip('zarr', reason='SDOMLv2 stores need zarr 3 (Python 3.11 or newer): '
                     'pip install -r requirements-sdoml.txt')
 
-from conftest import REPO, snapshot  # noqa: E402
+from conftest import load_script, snapshot  # noqa: E402
 from machinery import sdoml  # noqa: E402
 from pix2pixCC_Options import UserError  # noqa: E402
 
-spec = importlib.util.spec_from_file_location(
-    'make_sdoml_sample', os.path.join(REPO, 'datasets', 'make_sdoml_sample.py'))
-maker = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(maker)
+maker = load_script('datasets/make_sdoml_sample.py')
 
 AIA = ['171A', '193A', '304A']
 HMI = ['Bx', 'By', 'Bz']

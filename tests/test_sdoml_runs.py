@@ -6,7 +6,6 @@ metrics from a store equal those from the files, with --skip_existing and in til
 arrays, frame attributes, windows and options are one line and exit status 2, with nothing
 written.
 """
-import importlib.util
 import json
 import os
 import subprocess
@@ -20,16 +19,14 @@ from astropy.io import fits
 pytest.importorskip('zarr', reason='SDOMLv2 stores need zarr 3 (Python 3.11 or newer): '
                     'pip install -r requirements-sdoml.txt')
 
-from conftest import (REPO, SUBPROCESS_ENV, TINY, TRAIN_SCRIPT,  # noqa: E402
+from conftest import (SUBPROCESS_ENV, TINY, TRAIN_SCRIPT,  # noqa: E402
                       assert_identical_weights, assert_ok, assert_usage_error, copy_run,
+                      load_script,
                       model_dir, record_in, run_dir, run_in, saved_steps_in, snapshot)
 from machinery import sdoml  # noqa: E402
 from pix2pixCC_Options import run_main  # noqa: E402
 
-spec = importlib.util.spec_from_file_location(
-    'make_sdoml_sample', os.path.join(REPO, 'datasets', 'make_sdoml_sample.py'))
-maker = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(maker)
+maker = load_script('datasets/make_sdoml_sample.py')
 
 AIA = ['171A', '193A', '304A']
 # 12 HMI frames, 1 November 2011 to 1 February 2012, 3 a day; one lacks its 304A frame: 11
