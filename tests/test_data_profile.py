@@ -13,8 +13,8 @@ import pytest
 from astropy.io import fits
 from scipy.ndimage import zoom
 
-from conftest import (REPO, SAMPLE, SAMPLE_DATA, TINY, assert_ok, run_command, run_in,
-                      run_train)
+from conftest import (REPO, SAMPLE, SAMPLE_DATA, TINY, assert_ok, copy_sample, run_command,
+                      run_in, run_train)
 from machinery.data_profile import (QUANTILE_DIFFERENCE, header_facts, profile_differences,
                                     side_profile)
 from pix2pixCC_Utils import model_field_problem
@@ -24,19 +24,11 @@ RUNS = itertools.count()  # each Test run writes into a folder of its own
 TRANSLATOR = os.path.join(REPO, 'deploy', 'onnx_translate.py')
 
 
-def copy_files(source, dest, n=None):
-    os.makedirs(dest, exist_ok=True)
-    for name in sorted(os.listdir(source))[:n]:
-        shutil.copy(os.path.join(source, name), dest)
-    return str(dest)
-
-
 @pytest.fixture(scope='module')
 def trained(tmp_path_factory):
     """A tiny run on 8 sample FITS pairs (step 8), its model file and its ONNX export."""
     root = tmp_path_factory.mktemp('profiled_run')
-    train_in = copy_files(os.path.join(SAMPLE, 'Train', 'Input'), root / 'Train' / 'Input', 8)
-    train_tg = copy_files(os.path.join(SAMPLE, 'Train', 'Target'), root / 'Train' / 'Target', 8)
+    train_in, train_tg, _ = copy_sample(root, n_train=8, n_test=0)
     assert_ok(run_train(TINY + SAMPLE_DATA + [
         '--dataset_name', RUN, '--n_epochs', '1', '--save_freq', str(STEP), '--seed', '1',
         '--n_workers', '0', '--input_dir_train', train_in, '--target_dir_train', train_tg],
